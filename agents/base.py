@@ -1,0 +1,78 @@
+"""The one interface the training loop drives: every strategy player implements it.
+
+The loop (``experiments/loop.py``) runs, for the whole budget::
+
+    obs, info = env.reset(seed=seed)                  # LASEnv(tensor_api=True)
+    while not done:
+        action = agent.act(obs, info)                 # (B, 3) long tensor of grid indices
+        obs, reward, done, _, info = env.step(action)
+        metrics = agent.learn(reward, info)           # learn when info["reward_computed"]
+
+``info`` is LASEnv's (torch tensors on the training device): before a step it says
+whether that step will carry the full reward (``reward_next_step``); after it, it holds
+the per-image rewards (``rewards``), the terms ``l1``/``l2``/``l3`` and whether they were
+computed (``reward_computed``). An agent is built by Hydra from its config's
+``_target_`` with the config's keys plus ``spec=AgentSpec(...)``, so a user's class
+outside this package works from the command line: ``agent._target_=my_module.MyAgent``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from las_env.grids import StrategyGrid
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """What an agent is told about the game it plays.
+
+    Attributes:
+        grid: the strategy grid; an action row is (step-size idx, iterations idx, epsilon idx).
+        observation_shape: (B, C, H, W) of each observation.
+        num_classes: classes of the target's task (the strategy does not see labels).
+        dataset: data set name ("digits", "cifar10", ...).
+        device: where observations live and actions must be put.
+        total_steps, steps_per_epoch: the episode's length.
+        seed: the run's seed, for the agent's own initialisation.
+    """
+
+    grid: StrategyGrid
+    observation_shape: tuple[int, int, int, int]
+    num_classes: int
+    dataset: str
+    device: torch.device
+    total_steps: int
+    steps_per_epoch: int
+    seed: int = 0
+
+
+@runtime_checkable
+class Agent(Protocol):
+    """A player of the attack-strategy side of LAS-AT.
+
+    Attributes:
+        reward_interval: k, the env computes the full reward (L2/L3) on every k-th step
+            only; an agent that learns every k steps sets it to k so nothing is wasted.
+    """
+
+    reward_interval: int
+
+    def act(self, observation: Tensor, info: dict[str, Any]) -> Tensor:
+        """The (B, 3) long tensor of grid indices for this batch, on ``observation.device``."""
+        ...
+
+    def learn(self, reward: Tensor, info: dict[str, Any]) -> dict[str, Any]:
+        """Called after every step with its reward and info. Returns metrics to log
+        (tensors are fine: the loop aggregates them on the device and logs coarsely)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the agent exactly (networks, optimisers, RNG)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -1,0 +1,32 @@
+"""LAS-AT as a Gymnasium environment.
+
+``import las_env`` registers ``"LAS-v0"``, so ``gymnasium.make("LAS-v0")`` builds a
+:class:`LASEnv` on the offline digits data (``gymnasium.make("las_env:LAS-v0")`` imports
+this package by itself).
+"""
+
+from gymnasium.envs.registration import register, registry
+
+from las_env.env import LASEnv, make_config
+from las_env.game import LASConfig, LASGame, StepOutcome
+from las_env.grids import StrategyGrid, grid_for, threat_model_for
+from las_env.reward import RewardConfig
+from las_env.target import OptimConfig
+
+__all__ = [
+    "LASEnv",
+    "LASGame",
+    "LASConfig",
+    "StepOutcome",
+    "StrategyGrid",
+    "RewardConfig",
+    "OptimConfig",
+    "make_config",
+    "grid_for",
+    "threat_model_for",
+]
+
+if "LAS-v0" not in registry:
+    # Not declared nondeterministic: on CPU a seeded episode is reproducible bit for bit.
+    # On CUDA, cuDNN's non-deterministic kernels can make episodes differ slightly.
+    register(id="LAS-v0", entry_point="las_env.env:LASEnv")

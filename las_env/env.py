@@ -1,0 +1,202 @@
+"""LASEnv: LAS-AT's adversarial-training step as a Gymnasium environment.
+
+The agent plays the strategy network: it sees the clean batch the target is about to be
+trained on and picks, per image, a PGD configuration. The environment attacks the batch
+with those settings, trains the target one SGD step on the examples, and pays the reward
+``L1 + alpha*L2 + beta*L3``. One episode is the target's whole training budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from las_env.data import ImageData
+from las_env.game import LASConfig, LASGame, StepOutcome
+from las_env.grids import StrategyGrid
+from las_env.reward import RewardConfig
+from las_env.target import OptimConfig
+
+
+def make_config(**kwargs: Any) -> LASConfig:
+    """A :class:`LASConfig` from keyword settings; ``optim``, ``reward`` and ``grid`` may be
+    given as dicts. Unknown keys raise a ValueError listing the valid ones."""
+    valid = {f.name for f in fields(LASConfig)}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise ValueError(f"Unknown LASEnv setting(s) {unknown}; valid settings: {sorted(valid)}.")
+    if isinstance(kwargs.get("optim"), dict):
+        kwargs["optim"] = OptimConfig(**kwargs["optim"])
+    if isinstance(kwargs.get("reward"), dict):
+        kwargs["reward"] = RewardConfig(**kwargs["reward"])
+    if isinstance(kwargs.get("grid"), dict):
+        kwargs["grid"] = StrategyGrid.from_config(kwargs["grid"])
+    return LASConfig(**kwargs)
+
+
+class LASEnv(gym.Env):
+    """The attack-strategy game of LAS-AT.
+
+    Observation (``Box(0, 1, (B, C, H, W), float32)``): the clean, augmented images of the
+    batch the next step trains the target on. Element ``[i, c, h, w]`` is channel ``c`` of
+    pixel ``(h, w)`` of image ``i``, in ``[0, 1]``. Labels are in ``info["labels"]``.
+
+    Action (``MultiDiscrete`` of shape ``(B, 3)``): for image ``i``, ``action[i, 0]`` indexes
+    the step-size grid, ``action[i, 1]`` the iterations grid and ``action[i, 2]`` the epsilon
+    grid (``env.grid`` holds the values).
+
+    Reward: the batch mean of the per-image rewards ``L1 + alpha*L2 + beta*L3``, computed on
+    every ``reward_interval``-th step only; ``info["reward_computed"]`` says whether this
+    step's reward is real (on the others it is 0.0 and L2/L3 were not paid for).
+
+    ``info`` after a step holds, per image (arrays of shape (B,)): ``rewards``, ``l1``,
+    ``l2``, ``l3``, ``adv_correct`` (target right on its adversarial example before the
+    update), ``step_size``, ``iterations``, ``epsilon`` (the physical settings used); and
+    scalars ``reward_computed``, ``adv_accuracy``, ``clean_accuracy`` and
+    ``probe_accuracy`` (of the updated target; NaN when not measured this step),
+    ``train_loss``, ``lr``, ``epoch``, ``step``, plus ``labels`` of the NEW observation.
+
+    With ``tensor_api=True`` observations and info arrays are torch tensors on the
+    training device (no host copies, no synchronisation); this is what the built-in
+    training loop uses on a GPU. The default returns NumPy, as Gymnasium expects.
+
+    Keyword settings are those of :class:`las_env.game.LASConfig` (``dataset``, ``model``,
+    ``batch_size``, ``epochs``, ``reward_interval``, ``optim``, ``reward``, ``device``, ...).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        config: LASConfig | None = None,
+        *,
+        data: ImageData | None = None,
+        tensor_api: bool = False,
+        **settings: Any,
+    ) -> None:
+        if config is not None and settings:
+            raise ValueError("Pass either config=LASConfig(...) or keyword settings, not both.")
+        self.config = config if config is not None else make_config(**settings)
+        self.game = LASGame(self.config, data)
+        self.tensor_api = tensor_api
+        self.grid = self.game.grid
+        d = self.game.data
+        b = self.config.batch_size
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(b, d.channels, d.image_size, d.image_size), dtype=np.float32)
+        self.action_space = spaces.MultiDiscrete(np.tile(np.array(self.grid.nvec, dtype=np.int64), (b, 1)))
+        self._nvec_np = np.array(self.grid.nvec, dtype=np.int64)
+
+    # ------------------------------------------------------------------ API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start a fresh target network and data order. The same ``seed`` gives the same
+        target initialisation, data order, augmentation and attack starts."""
+        super().reset(seed=seed)
+        game_seed = seed if seed is not None else int(self.np_random.integers(2**31 - 1))
+        self.game.reset(game_seed)
+        return self._observation(), self._batch_info()
+
+    def step(self, action):
+        action_t = self._validate(action)
+        outcome = self.game.play(action_t)
+        terminated = self.game.done
+        info = self._step_info(outcome)
+        reward = outcome.reward if self.tensor_api else float(outcome.reward)
+        return self._observation(), reward, terminated, False, info
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def unwrapped_game(self) -> LASGame:
+        return self.game
+
+    def _observation(self):
+        x = self.game.batch[0]
+        if self.tensor_api:
+            return x
+        return x.contiguous().cpu().numpy()
+
+    def _batch_info(self) -> dict[str, Any]:
+        y = self.game.batch[1]
+        return {
+            "labels": y if self.tensor_api else y.cpu().numpy(),
+            "epoch": self.game.epoch,
+            "step": self.game.step_index,
+            "reward_next_step": self.game.is_reward_step() if not self.game.done else False,
+        }
+
+    def _step_info(self, o: StepOutcome) -> dict[str, Any]:
+        nan = torch.full((), float("nan"), device=o.reward.device)
+
+        def mean(t):
+            return t.float().mean() if t is not None else nan
+
+        info: dict[str, Any] = {
+            "rewards": o.terms.total,
+            "l1": o.terms.l1,
+            "l2": o.terms.l2,
+            "l3": o.terms.l3,
+            "adv_correct": o.adv_correct,
+            "step_size": o.step_size,
+            "iterations": o.iterations,
+            "epsilon": o.epsilon,
+            "adv_accuracy": mean(o.adv_correct),
+            "clean_accuracy": mean(o.clean_correct),
+            "probe_accuracy": mean(o.probe_correct),
+            "train_loss": o.train_loss,
+        }
+        if not self.tensor_api:
+            info = {k: (v.cpu().numpy() if v.dim() else float(v)) for k, v in info.items()}
+        info.update(reward_computed=o.reward_computed, lr=o.lr)
+        info.update(self._batch_info())
+        info["step"] = o.step
+        info["epoch"] = o.epoch
+        return info
+
+    def _validate(self, action) -> torch.Tensor:
+        """Turn an action into a long tensor on the game's device, or raise ValueError
+        saying what is wrong. Validation happens before any state changes."""
+        expected = self.action_space.shape
+        if isinstance(action, torch.Tensor):
+            t = action
+        else:
+            try:
+                arr = np.asarray(action)
+            except Exception as e:  # ragged lists and the like
+                raise ValueError(f"Action could not be read as an array of shape {expected}: {e}") from None
+            if arr.dtype == object:
+                raise ValueError(f"Action must be an integer array of shape {expected}, got a ragged/object array.")
+            t = torch.from_numpy(arr) if arr.dtype.kind in "iubf" else None
+            if t is None:
+                raise ValueError(f"Action must be an integer array of shape {expected}, got dtype {arr.dtype}.")
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"Action has shape {tuple(t.shape)}; expected {expected} = (batch_size, 3): one "
+                f"(step-size index, iterations index, epsilon index) row per image."
+            )
+        if t.dtype.is_floating_point:
+            if torch.isnan(t).any():
+                raise ValueError("Action contains NaN; actions are integer grid indices.")
+            raise ValueError(f"Action dtype is {t.dtype}; actions are integer grid indices (use an integer dtype).")
+        if t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"Action dtype is {t.dtype}; actions are integer grid indices.")
+        t = t.to(device=self.game.device, dtype=torch.long)
+        nvec = self.game._nvec
+        bad = (t < 0) | (t >= nvec)
+        if bad.any():  # one small sync; the attack itself needs one per step anyway
+            row, col = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(
+                f"Action index out of range: action[{row}, {col}] = {int(t[row, col])}, but column {col} "
+                f"({('step_size', 'iterations', 'epsilon')[col]}) takes 0..{int(nvec[col]) - 1}."
+            )
+        return t
+
+    def state_dict(self) -> dict:
+        return {"game": self.game.state_dict(), "np_random": self.np_random.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.game.load_state_dict(state["game"])
+        self.np_random.bit_generator.state = state["np_random"]

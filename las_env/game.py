@@ -1,0 +1,291 @@
+"""One adversarial-training step of LAS-AT, without Gymnasium.
+
+:class:`LASGame` owns the data stream (resident on the training device, augmented there),
+the target network and its optimiser, and the reward. ``play(action)`` attacks the current
+batch with the per-image strategy, trains the target one step on the result, measures the
+reward when this step carries one, and moves to the next batch. :class:`las_env.env.LASEnv`
+is a thin Gymnasium wrapper over it; training loops that want no wrapper can drive it
+directly.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from las_env.attack import per_image_pgd
+from las_env.data import ImageData, augment_batch, load_dataset
+from las_env.grids import StrategyGrid, grid_for, threat_model_for
+from las_env.models import build_model
+from las_env.reward import RewardConfig, RewardTerms, probe_updated_target, reward_terms
+from las_env.target import OptimConfig, Precision, TargetTrainer, autocast
+
+DEFAULT_MODELS = {"digits": "small_cnn", "tiny-imagenet": "preact_resnet18"}
+
+
+@dataclass
+class LASConfig:
+    """Everything that defines the game.
+
+    Attributes:
+        dataset: "digits" (offline default), "cifar10", "cifar100", "svhn", "gtsrb", "tiny-imagenet".
+        data_root: folder holding the data sets (see ``las_env.data.load_dataset``).
+        model: target architecture; ``None`` takes small_cnn for digits, resnet18 otherwise.
+        batch_size: images per step (the observation's first dimension). The last partial
+            batch of an epoch is dropped so every observation has the same shape.
+        epochs: training budget; an episode is ``epochs * steps_per_epoch`` steps.
+        max_steps_per_epoch: cap on steps per epoch (benchmarks, smoke tests); ``None`` = all.
+        optim: the target's optimiser and schedule.
+        reward: the reward's terms and measure.
+        reward_interval: the full reward (with L2/L3) is computed on every k-th step only
+            (the agent's update interval); other steps report ``reward_computed=False``.
+        grid: the strategy grid; ``None`` takes the data set's default.
+        augment: random crop (pad 4) + flip on the device; ``None`` = on for 32x32 and larger.
+        device: "cpu", "cuda", "cuda:1", ... ("auto" picks cuda when available).
+        precision: "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler).
+        channels_last: NHWC memory format for conv speed on GPUs.
+    """
+
+    dataset: str = "digits"
+    data_root: str = "data"
+    model: str | None = None
+    batch_size: int = 64
+    epochs: int = 10
+    max_steps_per_epoch: int | None = None
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.05, schedule="cosine"))
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward_interval: int = 1
+    grid: StrategyGrid | None = None
+    augment: bool | None = None
+    device: str = "cpu"
+    precision: Precision = "fp32"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}.")
+        if self.reward_interval < 1:
+            raise ValueError(
+                f"reward_interval (the agent's update interval k) must be >= 1, got {self.reward_interval}."
+            )
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}.")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}.")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but CUDA is not available here; use device=cpu.")
+        if self.model is None:
+            self.model = DEFAULT_MODELS.get(self.dataset, "resnet18")
+        if self.grid is None:
+            self.grid = grid_for(self.dataset)
+
+
+@dataclass
+class StepOutcome:
+    """What one step of the game produced. Tensors stay on the training device.
+
+    Attributes:
+        reward: the batch reward, mean of ``terms.total`` (0-d); 0 when not computed.
+        reward_computed: whether this step paid for the full reward (L2/L3 included).
+        terms: per-image L1, L2, L3 and total reward (B,). L2/L3 are zeros when not computed.
+        adv_correct: target (before the update) right on each adversarial example (B,).
+        clean_correct: updated target right on each clean image (B,), or None when not measured.
+        probe_correct: updated target right under the probe attack (B,), or None.
+        train_loss: the target's mean training loss on this batch (0-d).
+        step_size, iterations, epsilon: the physical attack settings used, per image (B,).
+        step: index of this step in the episode (0-based); epoch: its epoch; lr: its learning rate.
+    """
+
+    reward: Tensor
+    reward_computed: bool
+    terms: RewardTerms
+    adv_correct: Tensor
+    clean_correct: Tensor | None
+    probe_correct: Tensor | None
+    train_loss: Tensor
+    step_size: Tensor
+    iterations: Tensor
+    epsilon: Tensor
+    step: int
+    epoch: int
+    lr: float
+
+
+class LASGame:
+    """The adversarial-training game of one target network over its whole budget."""
+
+    def __init__(self, config: LASConfig, data: ImageData | None = None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        data = data if data is not None else load_dataset(config.dataset, config.data_root)
+        self.data = data.to(self.device)
+        self.grid: StrategyGrid = config.grid
+        self.threat = threat_model_for(config.dataset)
+        self._grid_tables = self.grid.tables(self.device)
+        self._nvec = torch.tensor(self.grid.nvec, device=self.device)
+        n_train = self.data.x_train.shape[0]
+        if config.batch_size > n_train:
+            raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training images of {data.name}.")
+        per_epoch = n_train // config.batch_size
+        if config.max_steps_per_epoch is not None:
+            per_epoch = min(per_epoch, config.max_steps_per_epoch)
+        self.steps_per_epoch = per_epoch
+        self.total_steps = per_epoch * config.epochs
+        self.augment = config.augment if config.augment is not None else self.data.image_size >= 32
+        self.rng = torch.Generator(device=self.device)
+        self.target: torch.nn.Module | None = None
+        self.trainer: TargetTrainer | None = None
+        self.step_index = 0
+
+    # ----------------------------------------------------------------- episode
+    def reset(self, seed: int) -> None:
+        """A fresh target network, optimiser and data order, all derived from ``seed``."""
+        self.rng.manual_seed(seed)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            model = build_model(self.config.model, self.data.channels, self.data.num_classes)
+        model = model.to(self.device)
+        if self.config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.target = model
+        self.trainer = TargetTrainer(model, self.config.optim, self.total_steps, self.config.precision)
+        self.step_index = 0
+        self._new_epoch_order()
+        self._load_batch()
+
+    @property
+    def epoch(self) -> int:
+        """Epoch (0-based) of the current batch."""
+        return self.step_index // self.steps_per_epoch
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.total_steps
+
+    @property
+    def batch(self) -> tuple[Tensor, Tensor]:
+        """The clean images ``(B, C, H, W)`` and labels ``(B,)`` the next step trains on."""
+        return self._x, self._y
+
+    def _new_epoch_order(self) -> None:
+        self._order = torch.randperm(self.data.x_train.shape[0], generator=self.rng, device=self.device)
+
+    def _load_batch(self) -> None:
+        b = self.config.batch_size
+        i = self.step_index % self.steps_per_epoch
+        idx = self._order[i * b : (i + 1) * b]
+        x = self.data.x_train[idx]
+        if self.augment:
+            x = augment_batch(x, self.rng)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self._x, self._y = x, self.data.y_train[idx]
+
+    # -------------------------------------------------------------------- step
+    def action_values(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Physical (step size, iterations, epsilon) per image for an index action (B, 3)."""
+        steps, iters, eps = self._grid_tables
+        return steps[action[:, 0]], iters[action[:, 1]], eps[action[:, 2]]
+
+    def is_reward_step(self, step: int | None = None) -> bool:
+        """Whether step ``step`` (default: the next one) computes the full reward."""
+        step = self.step_index if step is None else step
+        return (step + 1) % self.config.reward_interval == 0
+
+    def play(self, action: Tensor) -> StepOutcome:
+        """Attack the current batch with ``action``, train the target one step, score it.
+
+        ``action`` is a long tensor (B, 3) on the game's device whose entries are valid
+        grid indices (``LASEnv`` validates what users send).
+        """
+        if self.target is None:
+            raise RuntimeError("Call reset(seed) before play().")
+        if self.done:
+            raise RuntimeError("The episode is over (the whole training budget is spent); call reset().")
+        cfg = self.config
+        x, y = self._x, self._y
+        step_size, iterations, epsilon = self.action_values(action)
+        with autocast(self.device, cfg.precision):
+            x_adv = per_image_pgd(self.target, x, y, epsilon, step_size, iterations, generator=self.rng)
+
+        reward_computed = self.is_reward_step()
+        lr = self.trainer.lr
+        probe = None
+        if reward_computed and cfg.reward.needs_updated_target and cfg.reward.w_hat == "deepcopy":
+            probe = self._probe(self._train_copy(x_adv, y, lr), x, y)
+        result = self.trainer.train_step(x_adv, y)
+        if reward_computed and cfg.reward.needs_updated_target and cfg.reward.w_hat == "this_step":
+            probe = self._probe(self.target, x, y)
+
+        terms = reward_terms(cfg.reward, result.loss, probe)
+        reward = terms.total.mean() if reward_computed else torch.zeros((), device=self.device)
+        outcome = StepOutcome(
+            reward=reward,
+            reward_computed=reward_computed,
+            terms=terms,
+            adv_correct=result.correct,
+            clean_correct=probe.clean_correct if probe is not None else None,
+            probe_correct=probe.probe_correct if probe is not None else None,
+            train_loss=result.loss.mean(),
+            step_size=step_size,
+            iterations=iterations,
+            epsilon=epsilon,
+            step=self.step_index,
+            epoch=self.epoch,
+            lr=lr,
+        )
+        self.step_index += 1
+        if not self.done:
+            if self.step_index % self.steps_per_epoch == 0:
+                self._new_epoch_order()
+            self._load_batch()
+        return outcome
+
+    def _probe(self, model: torch.nn.Module, x: Tensor, y: Tensor):
+        r = self.config.reward
+        eps = r.probe_epsilon if r.probe_epsilon is not None else self.threat.epsilon
+        step = r.probe_step_size if r.probe_step_size is not None else self.threat.step_size
+        return probe_updated_target(model, x, y, r, eps, step, generator=self.rng, precision=self.config.precision)
+
+    def _train_copy(self, x_adv: Tensor, y: Tensor, lr: float) -> torch.nn.Module:
+        # The authors' w_hat: a deep copy of the target, one fresh SGD step on the same examples.
+        w_hat = copy.deepcopy(self.target)
+        o = self.config.optim
+        opt = torch.optim.SGD(w_hat.parameters(), lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        w_hat.train()
+        with autocast(self.device, self.config.precision):
+            loss = F.cross_entropy(w_hat(x_adv).float(), y, label_smoothing=o.label_smoothing)
+        loss.backward()
+        opt.step()
+        return w_hat
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to continue the episode exactly where it is."""
+        return {
+            "target": self.target.state_dict(),
+            "trainer": self.trainer.state_dict(),
+            "step_index": self.step_index,
+            "rng": self.rng.get_state(),
+            "order": self._order,
+            "batch": (self._x, self._y),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.target is None:
+            self.reset(0)
+        self.target.load_state_dict(state["target"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.step_index = int(state["step_index"])
+        self.rng.set_state(state["rng"].cpu())
+        self._order = state["order"].to(self.device)
+        self._x, self._y = (t.to(self.device) for t in state["batch"])

@@ -1,0 +1,166 @@
+"""The attack-strategy space: the value grids an action indexes into.
+
+An action for one image is three integers ``(step-size index, iterations index,
+epsilon index)``; :class:`StrategyGrid` turns them into the physical PGD settings.
+All step sizes and epsilons are in pixel units (images live in ``[0, 1]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+ACTION_COLUMNS = ("step_size", "iterations", "epsilon")
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """The evaluation threat model of a data set: L-infinity ball of radius ``epsilon``.
+
+    ``step_size`` is the PGD step used by evaluation and by the L2 reward probe
+    (2/255 for CIFAR's 8/255, i.e. epsilon / 4).
+    """
+
+    epsilon: float
+    step_size: float
+    description: str
+
+
+@dataclass(frozen=True)
+class StrategyGrid:
+    """Per-parameter value grids. Index ``i`` of an action column selects ``values[i]``.
+
+    Attributes:
+        step_sizes: PGD step sizes (pixel units), one per step-size index.
+        iterations: PGD iteration counts, one per iterations index.
+        epsilons: L-infinity radii (pixel units), one per epsilon index.
+    """
+
+    step_sizes: tuple[float, ...]
+    iterations: tuple[int, ...]
+    epsilons: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        for name, values in zip(ACTION_COLUMNS, (self.step_sizes, self.iterations, self.epsilons)):
+            if len(values) == 0:
+                raise ValueError(
+                    f"The strategy grid for {name!r} is empty. Give at least one value, "
+                    f"e.g. grid.{name}=[...] on the command line."
+                )
+            bad = [v for v in values if not (v > 0) or v != v]
+            if bad:
+                raise ValueError(
+                    f"The strategy grid for {name!r} has non-positive values {bad}. "
+                    f"Every {name} must be > 0."
+                )
+        if any(int(v) != v for v in self.iterations):
+            raise ValueError(f"Iteration counts must be whole numbers, got {list(self.iterations)}.")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> StrategyGrid:
+        """Build from a mapping with keys ``step_sizes``, ``iterations``, ``epsilons``.
+
+        Each entry is either a list of values or ``{start, stop, scale}`` (inclusive integer
+        range multiplied by ``scale``, e.g. ``{start: 3, stop: 15, scale: 1/255}``).
+        """
+        missing = [k for k in ("step_sizes", "iterations", "epsilons") if k not in cfg]
+        if missing:
+            raise ValueError(f"Strategy grid config lacks {missing}; it needs step_sizes, iterations, epsilons.")
+        return cls(
+            step_sizes=tuple(float(v) for v in _expand(cfg["step_sizes"])),
+            iterations=tuple(int(v) for v in _expand(cfg["iterations"])),
+            epsilons=tuple(float(v) for v in _expand(cfg["epsilons"])),
+        )
+
+    @property
+    def nvec(self) -> tuple[int, int, int]:
+        """Number of choices per action column, as Gymnasium's ``MultiDiscrete`` wants it."""
+        return (len(self.step_sizes), len(self.iterations), len(self.epsilons))
+
+    def tables(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three grids as tensors on ``device`` (for on-device index lookups)."""
+        return (
+            torch.tensor(self.step_sizes, dtype=torch.float32, device=device),
+            torch.tensor(self.iterations, dtype=torch.long, device=device),
+            torch.tensor(self.epsilons, dtype=torch.float32, device=device),
+        )
+
+    def index_of(self, step_size: float, iterations: int, epsilon: float) -> tuple[int, int, int]:
+        """The action indices of the grid values closest to the given physical settings."""
+
+        def nearest(values: Sequence[float], v: float) -> int:
+            return min(range(len(values)), key=lambda i: abs(values[i] - v))
+
+        return (nearest(self.step_sizes, step_size), nearest(self.iterations, iterations), nearest(self.epsilons, epsilon))
+
+
+def _expand(spec) -> list[float]:
+    if isinstance(spec, Mapping):
+        start, stop = spec["start"], spec["stop"]
+        scale = _number(spec.get("scale", 1.0))
+        if stop < start:
+            raise ValueError(f"Grid range {dict(spec)} is empty: stop must be >= start.")
+        return [v * scale for v in range(int(start), int(stop) + 1)]
+    return [_number(v) for v in spec]
+
+
+def _number(v) -> float:
+    # Configs write fractions such as "8/255"; accept them without eval().
+    if isinstance(v, str) and "/" in v:
+        num, den = v.split("/")
+        return float(num) / float(den)
+    return float(v)
+
+
+def _range(start: int, stop: int, scale: float = 1.0) -> tuple[float, ...]:
+    return tuple(v * scale for v in range(start, stop + 1))
+
+
+# The authors' grids (SPEC section 2), in /255 units, inclusive.
+CIFAR10_GRID = StrategyGrid(_range(1, 5, 1 / 255), tuple(range(3, 15)), _range(3, 15, 1 / 255))
+CIFAR100_GRID = StrategyGrid(_range(1, 5, 1 / 255), tuple(range(3, 13)), _range(3, 15, 1 / 255))
+TINY_IMAGENET_GRID = CIFAR10_GRID
+# Digits (8x8, 17 grey levels): the evaluation radius is 0.2 (see the README's threat-model
+# section); the grid spans weak to strong attacks around it, as the CIFAR grid spans 3..15/255
+# around 8/255, with step sizes 0.02..0.1 and 1..8 iterations.
+DIGITS_GRID = StrategyGrid(
+    step_sizes=(0.02, 0.04, 0.06, 0.08, 0.10),
+    iterations=(1, 2, 3, 4, 5, 6, 7, 8),
+    epsilons=(0.05, 0.10, 0.15, 0.20, 0.25, 0.30),
+)
+
+GRIDS: dict[str, StrategyGrid] = {
+    "digits": DIGITS_GRID,
+    "cifar10": CIFAR10_GRID,
+    "cifar100": CIFAR100_GRID,
+    "svhn": CIFAR10_GRID,
+    "gtsrb": CIFAR10_GRID,
+    "tiny-imagenet": TINY_IMAGENET_GRID,
+}
+
+THREAT_MODELS: dict[str, ThreatModel] = {
+    "digits": ThreatModel(0.2, 0.05, "L-inf eps=0.2 (digits)"),
+    **{
+        name: ThreatModel(8 / 255, 2 / 255, "L-inf eps=8/255")
+        for name in ("cifar10", "cifar100", "svhn", "gtsrb", "tiny-imagenet")
+    },
+}
+
+# The fixed attack of PGD-AT (the `fixed` agent): 10 steps for CIFAR.
+FIXED_ITERATIONS: dict[str, int] = {"digits": 5, "cifar10": 10, "cifar100": 10, "svhn": 10, "gtsrb": 10, "tiny-imagenet": 10}
+
+
+def grid_for(dataset: str) -> StrategyGrid:
+    """The default strategy grid of a data set."""
+    if dataset not in GRIDS:
+        raise ValueError(f"No strategy grid for data set {dataset!r}; known: {sorted(GRIDS)}.")
+    return GRIDS[dataset]
+
+
+def threat_model_for(dataset: str) -> ThreatModel:
+    """The evaluation threat model of a data set."""
+    if dataset not in THREAT_MODELS:
+        raise ValueError(f"No threat model for data set {dataset!r}; known: {sorted(THREAT_MODELS)}.")
+    return THREAT_MODELS[dataset]

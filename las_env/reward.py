@@ -1,0 +1,139 @@
+"""The strategy's reward ``L1 + alpha * L2 + beta * L3`` (the paper's J), per image.
+
+- L1: the target's loss on the strategy's adversarial examples (before the update).
+- L2: robustness of the UPDATED target ``w_hat`` under a standard probe attack.
+- L3: clean performance of ``w_hat``.
+
+Two measures: ``"loss"`` follows the slides (L1 = CE, L2 = -CE(probe), L3 = -CE(clean));
+``"accuracy"`` follows the authors' code (L1 = CE clamped to [0, 10], L2 = probe
+accuracy, L3 = clean accuracy), with alpha = 4 and beta = 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from las_env.attack import eval_mode, pgd
+from las_env.target import Precision, autocast
+
+
+@dataclass
+class RewardConfig:
+    """Settings of the reward.
+
+    Attributes:
+        alpha, beta: weights of L2 and L3 (the authors' 4 and 2).
+        use_l1, use_l2, use_l3: switch each term (the Table 6 ablation). A switched-off
+            L2/L3 is not computed at all.
+        measure: "accuracy" (authors' code) or "loss" (slides).
+        l1_clamp: upper clamp of L1 in the "accuracy" measure (the authors' 10).
+        probe_iterations: PGD iterations of the L2 probe attack (PGD-10).
+        probe_epsilon, probe_step_size: the probe's radius and step; ``None`` takes the data
+            set's threat model (8/255 and 2/255 for CIFAR).
+        w_hat: "this_step" measures L2/L3 on the target as updated by the env's own training
+            step (free); "deepcopy" reproduces the authors, who train a deep copy of the
+            target one extra SGD step on the same examples and measure that.
+    """
+
+    alpha: float = 4.0
+    beta: float = 2.0
+    use_l1: bool = True
+    use_l2: bool = True
+    use_l3: bool = True
+    measure: Literal["accuracy", "loss"] = "accuracy"
+    l1_clamp: float = 10.0
+    probe_iterations: int = 10
+    probe_epsilon: float | None = None
+    probe_step_size: float | None = None
+    w_hat: Literal["this_step", "deepcopy"] = "this_step"
+
+    def __post_init__(self) -> None:
+        if self.measure not in ("accuracy", "loss"):
+            raise ValueError(f"reward.measure must be 'accuracy' or 'loss', got {self.measure!r}.")
+        if self.w_hat not in ("this_step", "deepcopy"):
+            raise ValueError(f"reward.w_hat must be 'this_step' or 'deepcopy', got {self.w_hat!r}.")
+        if self.probe_iterations < 1:
+            raise ValueError(f"reward.probe_iterations must be >= 1, got {self.probe_iterations}.")
+        if not (self.use_l1 or self.use_l2 or self.use_l3):
+            raise ValueError("All reward terms are switched off: enable at least one of use_l1, use_l2, use_l3.")
+
+    @property
+    def needs_updated_target(self) -> bool:
+        return self.use_l2 or self.use_l3
+
+
+@dataclass
+class UpdatedTargetProbe:
+    """Per-image measurements of ``w_hat`` on the training batch.
+
+    Attributes:
+        clean_loss, clean_correct: CE and correctness on the clean images (None if L3 off).
+        probe_loss, probe_correct: CE and correctness under the probe attack (None if L2 off).
+    """
+
+    clean_loss: Tensor | None
+    clean_correct: Tensor | None
+    probe_loss: Tensor | None
+    probe_correct: Tensor | None
+
+
+def probe_updated_target(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    cfg: RewardConfig,
+    epsilon: float,
+    step_size: float,
+    *,
+    generator: torch.Generator | None = None,
+    precision: Precision = "fp32",
+) -> UpdatedTargetProbe:
+    """Measure the updated target on the clean batch and under the probe attack."""
+    device = x.device
+    clean_loss = clean_correct = probe_loss = probe_correct = None
+    with eval_mode(model):
+        if cfg.use_l2:
+            with autocast(device, precision):
+                x_probe = pgd(model, x, y, epsilon, step_size, cfg.probe_iterations, generator=generator)
+        with torch.no_grad(), autocast(device, precision):
+            if cfg.use_l3:
+                logits = model(x).float()
+                clean_loss = F.cross_entropy(logits, y, reduction="none")
+                clean_correct = logits.argmax(1) == y
+            if cfg.use_l2:
+                logits = model(x_probe).float()
+                probe_loss = F.cross_entropy(logits, y, reduction="none")
+                probe_correct = logits.argmax(1) == y
+    return UpdatedTargetProbe(clean_loss, clean_correct, probe_loss, probe_correct)
+
+
+@dataclass
+class RewardTerms:
+    """Per-image reward and its terms, shape (B,). A switched-off term is zeros."""
+
+    l1: Tensor
+    l2: Tensor
+    l3: Tensor
+    total: Tensor
+
+
+def reward_terms(cfg: RewardConfig, adv_loss: Tensor, probe: UpdatedTargetProbe | None) -> RewardTerms:
+    """Combine the measurements into per-image rewards ``L1 + alpha*L2 + beta*L3``.
+
+    ``adv_loss`` is the target's per-image CE on the strategy's examples (L1's raw form).
+    With ``probe=None`` (a step that does not pay for the full reward) only L1 is set.
+    """
+    zeros = torch.zeros_like(adv_loss)
+    accuracy = cfg.measure == "accuracy"
+    l1 = (adv_loss.clamp(0, cfg.l1_clamp) if accuracy else adv_loss) if cfg.use_l1 else zeros
+    l2 = l3 = zeros
+    if probe is not None and cfg.use_l2:
+        l2 = probe.probe_correct.float() if accuracy else -probe.probe_loss
+    if probe is not None and cfg.use_l3:
+        l3 = probe.clean_correct.float() if accuracy else -probe.clean_loss
+    return RewardTerms(l1=l1, l2=l2, l3=l3, total=l1 + cfg.alpha * l2 + cfg.beta * l3)
