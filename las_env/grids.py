@@ -124,9 +124,10 @@ CIFAR100_GRID = StrategyGrid(_range(1, 5, 1 / 255), tuple(range(3, 13)), _range(
 TINY_IMAGENET_GRID = CIFAR10_GRID
 # Digits (8x8, 17 grey levels): the evaluation radius is 0.2 (see the README's threat-model
 # section); the grid spans weak to strong attacks around it, as the CIFAR grid spans 3..15/255
-# around 8/255, with step sizes 0.02..0.1 and 1..8 iterations.
+# around 8/255; the step sizes 0.025..0.125 hold the evaluation step 0.05 = eps/4 at
+# index 1, as CIFAR's 1..5/255 hold 2/255.
 DIGITS_GRID = StrategyGrid(
-    step_sizes=(0.02, 0.04, 0.06, 0.08, 0.10),
+    step_sizes=(0.025, 0.05, 0.075, 0.1, 0.125),
     iterations=(1, 2, 3, 4, 5, 6, 7, 8),
     epsilons=(0.05, 0.10, 0.15, 0.20, 0.25, 0.30),
 )

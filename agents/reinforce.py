@@ -1,0 +1,306 @@
+"""REINFORCE for LAS-AT's strategy network, in one file, to be read top to bottom.
+
+The strategy network p(a | x; theta) picks a PGD configuration per image. Its objective
+``J = E[L1 + alpha*L2 + beta*L3]`` is not differentiable in the (discrete) action, so it is
+maximised with the score-function (REINFORCE) estimator (the slides' Eq. for grad J)::
+
+    grad J  ~  mean_i( A_i * grad log p(a_i | x_i; theta) )
+
+Every ``k``-th environment step carries the full reward. On that step only, ``act``
+runs the network with autograd and keeps log p(a_i | x_i) and the entropy; on the other
+k-1 steps it samples under ``torch.no_grad()`` and keeps nothing (no graph, no memory).
+After the step, ``learn`` turns the per-image rewards into the credit ``A_i`` and takes
+one optimiser step.
+
+Two credit assignments (``credit=``):
+
+- ``"paper"``, exactly the authors' (SPEC section 2): ONE scalar per batch,
+  ``A_i = R = mean_j r_j``, no baseline; loss ``sum over heads of mean_i(-log p_h(a_ih) * R)``,
+  which equals ``mean_i(-log p(a_i) * R)`` since the joint log-prob is the sum over heads.
+  With the authors' SGD lr 1e-4, clip 1.0 and no entropy bonus, this is their update.
+- ``"per_image"`` (our default): each image is credited with its OWN reward minus a
+  baseline, ``A_i = (r_i - b) / s``. ``b`` is a running mean (EMA, ``baseline_momentum``)
+  of the batch-mean reward over past updates, initialised from the first batch's mean;
+  the b used on an update comes from earlier batches only, so it does not depend on
+  this batch's actions and the estimator stays unbiased. ``s`` (``normalize_advantages``)
+  is a running RMS of the advantages ``r_i - b`` (same EMA, the current batch included),
+  so one learning rate works whatever the reward's scale ("accuracy" rewards span ~0..16,
+  "loss" rewards are unbounded) and through training, as rewards drift.
+
+Why per-image credit: with one scalar per batch, image i's action is credited with the
+batch mean, of which its own reward is 1/B; the other B-1 images' rewards are noise
+for it, so the gradient's signal-to-noise ratio falls with the batch size. Subtracting
+a baseline removes the large common-mode term (rewards are all positive with the
+"accuracy" measure, so without one every sampled action is pushed up). The cost: per-image
+credit ignores the effect of image i's attack on OTHER images' L2/L3 through the shared
+target update (each a 1/B share); the paper's scalar keeps it, at a much larger variance.
+
+Both modes: optional entropy bonus ``- entropy_coef * H``, gradient-norm clipping to
+``grad_clip``, plain SGD (or Adam). The network runs in training mode throughout: its
+BatchNorm layers normalise with the batch's own statistics on every step, learning or not,
+so the actions of both kinds of step come from the same function.
+
+Reproducibility: the network is initialised from ``seed`` without touching the global RNG,
+and actions are sampled with the agent's own ``torch.Generator`` on the training device;
+``state_dict`` holds the network, optimiser, baseline statistics and generator state, so
+a resumed run samples exactly the actions the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from agents.base import AgentSpec
+from agents.strategy_net import StrategyNet
+
+Credit = Literal["paper", "per_image"]
+
+# The strategy backbone when none is given: the authors' ResNet-18 for CIFAR-like data,
+# the same small network as the target on 8x8 digits.
+DEFAULT_BACKBONES = {"digits": "small_cnn"}
+
+
+@dataclass
+class _Pending:
+    """What a learning step's ``act`` keeps for ``learn``: autograd-carrying (B,) tensors."""
+
+    actions: Tensor  # (B, 3) long, the sampled grid indices
+    log_prob: Tensor  # (B,) log p(a_i | x_i), summed over the three heads, with graph
+    entropy: Tensor  # (B,) entropy of p(. | x_i), summed over the heads, with graph
+
+
+class ReinforceAgent:
+    """The strategy player of LAS-AT, trained by REINFORCE every ``k`` steps.
+
+    Args:
+        spec: the game (grid, observation shape, device, seed).
+        k: update interval; also ``reward_interval``, so the env pays for L2/L3 only on the
+            steps this agent learns from (the authors' default 20, their best 40).
+        credit: ``"per_image"`` (per-image rewards minus a running baseline) or ``"paper"``
+            (one scalar reward per batch, no baseline: the authors' estimator).
+        lr: learning rate of the strategy network (authors: 1e-4).
+        optimizer: ``"sgd"`` (authors) or ``"adam"``.
+        momentum: SGD momentum (authors: 0); ignored by Adam.
+        weight_decay: L2 penalty passed to the optimiser (authors: 0).
+        entropy_coef: weight of the entropy bonus (authors: 0).
+        grad_clip: maximum gradient norm (authors: 1.0); ``0`` or ``None`` disables clipping.
+        baseline_momentum: EMA momentum of the baseline and of the advantage scale; the
+            baseline weighs the newest batch by ``1 - baseline_momentum``.
+        normalize_advantages: divide per-image advantages by their running RMS (per_image
+            credit only; the paper's credit is never rescaled).
+        backbone: strategy backbone name for :func:`las_env.models.build_model`; ``None``
+            takes ``small_cnn`` for digits and ``resnet18`` (the authors') otherwise.
+        zero_init_heads: start from the uniform strategy (see ``agents.strategy_net``).
+        seed: seed of the network's initialisation and of the sampling generator; ``None``
+            takes ``spec.seed``.
+
+    Attributes:
+        reward_interval: ``k``.
+        net: the :class:`StrategyNet`.
+        optimizer: its optimiser.
+        generator: the sampling RNG, on ``spec.device``.
+        baseline: 0-d tensor, running mean of batch rewards (subtracted with per_image credit).
+        advantage_sq: 0-d tensor, running mean of squared advantages (the scale ``s**2``).
+        updates: number of optimiser steps taken.
+    """
+
+    def __init__(
+        self,
+        spec: AgentSpec,
+        *,
+        k: int = 20,
+        credit: Credit = "per_image",
+        lr: float = 1e-4,
+        optimizer: Literal["sgd", "adam"] = "sgd",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        entropy_coef: float = 0.0,
+        grad_clip: float | None = 1.0,
+        baseline_momentum: float = 0.9,
+        normalize_advantages: bool = True,
+        backbone: str | None = None,
+        zero_init_heads: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        if int(k) != k or k < 1:
+            raise ValueError(f"k (the strategy's update interval) must be a whole number >= 1, got {k}.")
+        if credit not in ("paper", "per_image"):
+            raise ValueError(f"credit must be 'paper' or 'per_image', got {credit!r}.")
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
+        if not 0.0 <= baseline_momentum < 1.0:
+            raise ValueError(f"baseline_momentum must be in [0, 1), got {baseline_momentum}.")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}.")
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        self.reward_interval = int(k)
+        self.credit = credit
+        self.entropy_coef = float(entropy_coef)
+        self.grad_clip = float(grad_clip) if grad_clip else 0.0
+        self.baseline_momentum = float(baseline_momentum)
+        self.normalize_advantages = bool(normalize_advantages)
+        self.seed = int(spec.seed if seed is None else seed)
+        self.backbone = backbone or DEFAULT_BACKBONES.get(spec.dataset, "resnet18")
+
+        # The network's initialisation comes from the seed, leaving the global RNG as it was.
+        in_channels = spec.observation_shape[1]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            net = StrategyNet(self.backbone, in_channels, spec.grid.nvec, zero_init_heads=zero_init_heads)
+        self.net = net.to(self.device).train()
+
+        if optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                self.net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, weight_decay=weight_decay)
+
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.seed)
+
+        # Running statistics, on the device so updating them never synchronises.
+        self.baseline = torch.zeros((), device=self.device)
+        self.advantage_sq = torch.ones((), device=self.device)
+        self._stats_started = False  # the first update initialises them from its batch
+        self.updates = 0
+
+        self._epsilons = spec.grid.tables(self.device)[2]
+        self._pending: _Pending | None = None
+        self._warned_unmatched = False
+
+    # ------------------------------------------------------------------ act
+    def act(self, observation: Tensor, info: dict[str, Any]) -> Tensor:
+        """Sample a (step size, iterations, epsilon) index triple per image, ``(B, 3)`` long.
+
+        On the step that will carry the full reward (``info["reward_next_step"]``) the
+        forward pass keeps its autograd graph and the log-probabilities are stored for
+        ``learn``; on every other step it runs under ``torch.no_grad()`` and stores nothing.
+        """
+        x = torch.as_tensor(observation, device=self.device)
+        if info.get("reward_next_step", False):
+            # enable_grad: the graph is needed even if a caller runs act under no_grad.
+            with torch.enable_grad():
+                actions, log_prob, entropy = self.net.sample(x, self.generator)
+            self._pending = _Pending(actions, log_prob, entropy)
+        else:
+            with torch.no_grad():
+                actions, _, _ = self.net.sample(x, self.generator)
+            self._pending = None
+        return actions
+
+    # ---------------------------------------------------------------- learn
+    def learn(self, reward: Tensor, info: dict[str, Any]) -> dict[str, Any]:
+        """One REINFORCE update from the per-image rewards of a reward step.
+
+        Does nothing (returns ``{}``) unless ``info["reward_computed"]`` is true and the
+        preceding ``act`` kept log-probabilities. Returns detached 0-d tensors:
+        ``policy_loss`` (the REINFORCE term, without the entropy bonus), ``entropy`` (mean
+        per-image entropy of the joint strategy, nats), ``reward_mean``, ``reward_std``,
+        ``baseline`` (the value used on this update), ``advantage_scale`` (``s``; 1 when
+        not normalising), ``grad_norm`` (before clipping), ``step_size_idx``,
+        ``iterations_idx``, ``epsilon_idx`` (mean chosen index per head) and ``epsilon``
+        (mean chosen radius, pixel units).
+        """
+        pending, self._pending = self._pending, None  # the graph is used at most once
+        if not info.get("reward_computed", False):
+            return {}
+        if pending is None:
+            if not self._warned_unmatched:
+                warnings.warn(
+                    "ReinforceAgent.learn got a reward step it kept no log-probabilities for: the "
+                    f"env's reward_interval does not match the agent's k={self.reward_interval} "
+                    "(build the env with reward_interval=agent.reward_interval). Skipping it.",
+                    stacklevel=2,
+                )
+                self._warned_unmatched = True
+            return {}
+
+        rewards = torch.as_tensor(info["rewards"], device=self.device, dtype=torch.float32).detach()
+        batch_mean = rewards.mean()
+        m = self.baseline_momentum
+        if not self._stats_started:
+            self.baseline.copy_(batch_mean)
+        baseline_used = self.baseline.clone()
+
+        if self.credit == "paper":
+            # The authors: the batch's one scalar reward for every image, no baseline.
+            advantage = batch_mean.expand_as(rewards)
+            scale = torch.ones((), device=self.device)
+        else:
+            advantage = rewards - baseline_used
+            if self.normalize_advantages:
+                sq = advantage.square().mean()
+                if self._stats_started:
+                    self.advantage_sq.mul_(m).add_(sq, alpha=1 - m)
+                else:
+                    self.advantage_sq.copy_(sq)
+                # Floor: a batch whose rewards all equal the baseline has nothing to say.
+                scale = self.advantage_sq.sqrt().clamp_min(1e-6)
+                advantage = advantage / scale
+            else:
+                scale = torch.ones((), device=self.device)
+        # The baseline moves after use, so the one subtracted above saw only past batches.
+        if self._stats_started:
+            self.baseline.mul_(m).add_(batch_mean, alpha=1 - m)
+        self._stats_started = True
+
+        policy_loss = (-advantage * pending.log_prob).mean()
+        entropy = pending.entropy.mean()
+        loss = policy_loss - self.entropy_coef * entropy
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # max_norm=inf leaves the gradients as they are but still reports their norm.
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.net.parameters(), self.grad_clip if self.grad_clip > 0 else float("inf")
+        )
+        self.optimizer.step()
+        self.updates += 1
+
+        actions = pending.actions
+        return {
+            "policy_loss": policy_loss.detach(),
+            "entropy": entropy.detach(),
+            "reward_mean": batch_mean,
+            "reward_std": rewards.std(correction=0),
+            "baseline": baseline_used,
+            "advantage_scale": scale.detach(),
+            "grad_norm": grad_norm.detach(),
+            "step_size_idx": actions[:, 0].float().mean(),
+            "iterations_idx": actions[:, 1].float().mean(),
+            "epsilon_idx": actions[:, 2].float().mean(),
+            "epsilon": self._epsilons[actions[:, 2]].mean(),
+        }
+
+    # ---------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Network, optimiser, running statistics and the sampling generator's state."""
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "baseline": self.baseline.clone(),
+            "advantage_sq": self.advantage_sq.clone(),
+            "stats_started": self._stats_started,
+            "updates": self.updates,
+            "generator": self.generator.get_state(),
+            # For the record (not enforced on load): what produced this state.
+            "hparams": {"k": self.reward_interval, "credit": self.credit, "backbone": self.backbone},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.baseline.copy_(state["baseline"])
+        self.advantage_sq.copy_(state["advantage_sq"])
+        self._stats_started = bool(state["stats_started"])
+        self.updates = int(state["updates"])
+        self.generator.set_state(state["generator"].cpu())
+        self._pending = None
