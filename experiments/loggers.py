@@ -1,0 +1,181 @@
+"""Where a run reports: the console (plus ``log.txt`` in the run directory) and W&B.
+
+The training loop calls a :class:`Tracker` at a coarse rate only (every N steps and once
+per epoch, with host floats it already has), so a tracker never adds a device sync.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import string
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from experiments.errors import ConfigError
+from experiments.settings import LoggerSettings
+
+
+class Console:
+    """Prints lines above the progress bars (stdout) and appends them to ``log.txt``."""
+
+    def __init__(self, log_path: Path | None = None) -> None:
+        self.log_path = log_path
+
+    def print(self, text: str = "") -> None:
+        tqdm.write(text, file=sys.stdout)
+        sys.stdout.flush()
+        if self.log_path is not None:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(text + "\n")
+
+
+class Tracker(Protocol):
+    """An experiment tracker.
+
+    Attributes:
+        info: what the checkpoint's ``meta["wandb"]`` records (``None`` without W&B).
+    """
+
+    info: dict[str, Any] | None
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Scalars at global step ``step`` (number of training steps done)."""
+
+    def log_choices(self, choices: Mapping[str, tuple[Sequence[float], Sequence[int]]], step: int) -> None:
+        """Histograms of the chosen attack settings: name -> (grid values, counts)."""
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        """Final numbers of the run."""
+
+    def log_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
+        """The checkpoint file, as an artifact."""
+
+    def finish(self) -> None: ...
+
+
+class NullTracker:
+    """``logger=none``: nothing is tracked (the run directory still has every result)."""
+
+    info: dict[str, Any] | None = None
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_choices(self, choices: Mapping[str, tuple[Sequence[float], Sequence[int]]], step: int) -> None:
+        pass
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        pass
+
+    def log_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def new_run_id() -> str:
+    """A fresh W&B run id (8 lowercase letters/digits), chosen here so it can be saved in the
+    checkpoint before the first epoch ends."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _bin_edges(values: Sequence[float]) -> list[float]:
+    """Histogram edges that put each grid value in its own bin (midpoints between values)."""
+    v = [float(x) for x in values]
+    if len(v) == 1:
+        return [v[0] - 0.5, v[0] + 0.5]
+    mids = [(a + b) / 2 for a, b in zip(v, v[1:])]
+    return [v[0] - (mids[0] - v[0]), *mids, v[-1] + (v[-1] - mids[-1])]
+
+
+class WandbTracker:
+    """Weights & Biases, offline by default.
+
+    Every value is logged against ``global_step`` (a metric of its own, not W&B's internal
+    step), so a resumed run that re-logs epochs after the last checkpoint does not hit W&B's
+    "steps must increase" rule. The run's id is kept in the checkpoint: a resume continues the
+    same W&B run (``resume="allow"``).
+    """
+
+    def __init__(self, settings: LoggerSettings, run_dir: Path, config: Mapping[str, Any],
+                 run_id: str | None = None) -> None:
+        # Our top-level package is called `agents`, which W&B mistakes for an LLM-agents library
+        # and answers with an advert for its Weave tracer: irrelevant here.
+        os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
+        import wandb  # noqa: PLC0415 - only when W&B is asked for
+
+        self._wandb = wandb
+        run_id = run_id or new_run_id()
+        try:
+            self.run = wandb.init(
+                project=settings.project,
+                entity=settings.entity,
+                group=settings.group,
+                name=settings.run_name,
+                tags=list(settings.tags),
+                config=dict(config),
+                dir=str(run_dir),
+                mode=settings.mode,
+                id=run_id,
+                resume="allow",
+                job_type="train",
+                # console="off": W&B would otherwise wrap stdout, which fights the progress bars.
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+        except Exception as exc:  # noqa: BLE001 - report any W&B start failure as bad input
+            raise ConfigError(
+                f"W&B could not start in mode {settings.mode!r} ({type(exc).__name__}: {exc}). "
+                f"Use logger.mode=offline (no account or network needed) or logger=none."
+            ) from None
+        self.mode = settings.mode
+        self.log_checkpoints = settings.log_checkpoint
+        self.info = {"id": run_id, "project": settings.project, "group": settings.group,
+                     "mode": settings.mode, "dir": str(run_dir)}
+        if self.mode != "disabled":
+            self.run.define_metric("global_step")
+            self.run.define_metric("*", step_metric="global_step")
+
+    @property
+    def offline_dir(self) -> Path | None:
+        """The offline run folder to ``wandb sync`` (offline mode only)."""
+        if self.mode != "offline":
+            return None
+        return Path(self.run.dir).parent  # <run_dir>/wandb/offline-run-<time>-<id>
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.run.log({**metrics, "global_step": step})
+
+    def log_choices(self, choices: Mapping[str, tuple[Sequence[float], Sequence[int]]], step: int) -> None:
+        hist = {
+            f"choices/{name}": self._wandb.Histogram(np_histogram=(list(counts), _bin_edges(values)))
+            for name, (values, counts) in choices.items()
+        }
+        self.run.log({**hist, "global_step": step})
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        self.run.summary.update(dict(values))
+
+    def log_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
+        if not self.log_checkpoints or self.mode == "disabled":
+            return
+        artifact = self._wandb.Artifact(f"checkpoint-{self.info['id']}", type="model", metadata=dict(metadata))
+        artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def make_tracker(settings: LoggerSettings, run_dir: Path, config: Mapping[str, Any],
+                 previous: Mapping[str, Any] | None = None) -> Tracker:
+    """The tracker ``settings`` asks for; ``previous`` is the checkpoint's ``meta["wandb"]``."""
+    if settings.name == "none" or settings.mode == "disabled":
+        return NullTracker()
+    return WandbTracker(settings, run_dir, config, run_id=(previous or {}).get("id"))

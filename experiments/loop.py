@@ -1,0 +1,674 @@
+"""The training loop: LAS-AT from the first step to the results table, resumable at any epoch.
+
+:func:`train` is what ``experiments/run.py`` calls (tests and benchmarks call it directly).
+It drives any :class:`agents.base.Agent` exactly as ``agents/base.py`` describes::
+
+    obs, info = env.reset(seed=seed)                  # LASEnv(tensor_api=True)
+    while not done:
+        action = agent.act(obs, info)
+        obs, reward, done, _, info = env.step(action)
+        metrics = agent.learn(reward, info)
+
+and around it: per-epoch evaluation (clean and PGD accuracy on a test subset and a fixed train
+subset), per-epoch counts of the chosen attack settings, an atomic checkpoint after every epoch,
+the final evaluation, results as JSON and Markdown, PNG plots, and the tracker (W&B).
+
+The hot loop never waits for the device: step metrics are summed into device tensors and read
+back once per ``log_every_steps`` steps and at the end of each epoch; the histograms of chosen
+settings are one ``index_add_`` per step, on the device.
+
+Resume: the checkpoint holds the env (target, optimiser, schedule position, data order, RNG),
+the agent's state, and the loop's (history, epoch, global RNG states; the W&B run id is in ``meta``). On CPU
+a run stopped after any epoch and resumed ends with exactly the metrics of an uninterrupted run
+(``metrics.json`` is byte-identical; ``tests/test_run.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from agents.base import Agent, AgentSpec
+from experiments import plots
+from experiments.errors import ConfigError
+from experiments.loggers import Console, Tracker, WandbTracker, make_tracker
+from experiments.settings import RunSettings
+from las_env.checkpoint import FORMAT, atomic_save, load_checkpoint
+from las_env.data import DatasetNotFoundError, ImageData, load_dataset
+from las_env.env import LASEnv
+from las_env.evaluation import (
+    AttackResult,
+    atomic_write_text,
+    attack_spec,
+    evaluate,
+    export_state_dict,
+    format_eps,
+    format_table,
+    robust_accuracy,
+)
+from las_env.grids import ACTION_COLUMNS, ThreatModel, threat_model_for
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_FORMAT = "las-at/metrics/v1"
+RESULTS_FORMAT = "las-at/results/v1"
+TRAIN_SUBSET_SEED = 20220601
+"""Seed of the fixed train-subset choice: the same images for every run, whatever its seed."""
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns (everything is also written to ``run_dir``).
+
+    Attributes:
+        completed: False when the run stopped early (``stop_after_epochs``); resumable.
+        final: the final evaluation, one result per attack (empty when not completed).
+        table: the printed Markdown results table.
+        files: name -> path of what the run wrote.
+    """
+
+    run_dir: Path
+    completed: bool
+    epochs_done: int
+    history: list[dict[str, Any]]
+    final: list[AttackResult] = field(default_factory=list)
+    table: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    wandb_offline_dir: Path | None = None
+
+
+# ----------------------------------------------------------------------------- game setup
+
+
+def episode_shape(n_train: int, batch_size: int, epochs: int, max_steps_per_epoch: int | None) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)`` of an episode, as :class:`las_env.game.LASGame` counts
+    them (the last partial batch of an epoch is dropped). The agent needs them before the env
+    exists, since the env's reward interval is the agent's ``k``."""
+    per_epoch = n_train // batch_size
+    if max_steps_per_epoch is not None:
+        per_epoch = min(per_epoch, max_steps_per_epoch)
+    return per_epoch, per_epoch * epochs
+
+
+def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, AgentSpec]:
+    """The agent (from its factory) and the env paying the full reward every ``agent.reward_interval`` steps.
+
+    Raises:
+        ConfigError: the agent rejects its settings, or is not an :class:`Agent`.
+    """
+    cfg = settings.env
+    n_train = data.x_train.shape[0]
+    if cfg.batch_size > n_train:
+        raise ConfigError(f"data.batch_size={cfg.batch_size} exceeds the {n_train} training images of {data.name}.")
+    per_epoch, total = episode_shape(n_train, cfg.batch_size, cfg.epochs, cfg.max_steps_per_epoch)
+    spec = AgentSpec(
+        grid=cfg.grid,
+        observation_shape=(cfg.batch_size, data.channels, data.image_size, data.image_size),
+        num_classes=data.num_classes,
+        dataset=cfg.dataset,
+        device=torch.device(cfg.device),
+        total_steps=total,
+        steps_per_epoch=per_epoch,
+        seed=settings.seed,
+    )
+    try:
+        agent = settings.agent(spec)
+    except (ValueError, TypeError) as exc:
+        target = getattr(settings.agent, "target", settings.agent_name)
+        raise ConfigError(f"The agent {target} rejected its settings: {exc}") from None
+    if not isinstance(agent, Agent):
+        raise ConfigError(
+            f"{type(agent).__name__} is not an agent: it needs reward_interval, act, learn, state_dict "
+            f"and load_state_dict (agents/base.py)."
+        )
+    k = agent.reward_interval
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"{type(agent).__name__}.reward_interval={k!r}: it must be a whole number >= 1.")
+    env = LASEnv(config=replace(cfg, reward_interval=k), data=data, tensor_api=True)
+    if (env.game.steps_per_epoch, env.game.total_steps) != (per_epoch, total):  # guards episode_shape
+        raise RuntimeError("episode_shape() disagrees with LASGame about the episode's length.")
+    return env, agent, spec
+
+
+def current_observation(env: LASEnv) -> tuple[Tensor, dict[str, Any]]:
+    """The observation and info of the env's current batch (after ``load_state_dict``).
+
+    LASEnv has no public accessor for them outside ``reset``/``step``; this reads them the way
+    ``reset`` returns them.
+    """
+    return env._observation(), env._batch_info()  # noqa: SLF001
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class StepMeter:
+    """Running sums of per-step scalars, kept on the device so adding never synchronises.
+
+    ``flush`` reads every sum back in one transfer and resets; the loop calls it every
+    ``log_every_steps`` steps and at the end of each epoch.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor] = {}
+        self._host: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, name: str, value: Any) -> None:
+        if isinstance(value, Tensor):
+            v = value.detach().float()
+            v = v if v.dim() == 0 else v.mean()
+            self._sums[name] = self._sums[name] + v if name in self._sums else v.clone()
+        else:
+            self._host[name] = self._host.get(name, 0.0) + float(value)
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def flush(self) -> dict[str, tuple[float, int]]:
+        """``name -> (sum, count)`` since the last flush (one device read for all of them)."""
+        names = list(self._sums)
+        values = torch.stack([self._sums[n] for n in names]).tolist() if names else []
+        out = {n: (v, self._counts[n]) for n, v in zip(names, values)}
+        out.update({n: (v, self._counts[n]) for n, v in self._host.items()})
+        self._sums, self._host, self._counts = {}, {}, {}
+        return out
+
+
+def _means(sums: Mapping[str, tuple[float, int]]) -> dict[str, float]:
+    return {n: s / c for n, (s, c) in sums.items() if c}
+
+
+def _record_step(meter: StepMeter, env: LASEnv, reward: Tensor, info: Mapping[str, Any],
+                 metrics: Mapping[str, Any]) -> None:
+    """Everything one step reports, summed on the device."""
+    meter.add("train/loss", info["train_loss"])
+    meter.add("train/adv_accuracy", info["adv_accuracy"])
+    meter.add("attack/epsilon", info["epsilon"])
+    meter.add("attack/iterations", info["iterations"].float())
+    meter.add("attack/step_size", info["step_size"])
+    meter.add("train/lr", info["lr"])
+    if info["reward_computed"]:
+        r = env.config.reward
+        meter.add("reward/total", reward)
+        meter.add("reward/l1", info["l1"])
+        if r.use_l2:
+            meter.add("reward/l2", info["l2"])
+            meter.add("reward/probe_accuracy", info["probe_accuracy"])
+        if r.use_l3:
+            meter.add("reward/l3", info["l3"])
+            meter.add("reward/clean_accuracy", info["clean_accuracy"])
+    for key, value in metrics.items():
+        if isinstance(value, (Tensor, int, float)) and not isinstance(value, bool):
+            meter.add(f"agent/{key}", value)
+
+
+class EpochTotals:
+    """Host-side totals of one epoch, fed by the meter's flushes (so no extra device reads)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, tuple[float, int]] = {}
+
+    def absorb(self, window: Mapping[str, tuple[float, int]]) -> None:
+        for n, (s, c) in window.items():
+            s0, c0 = self.sums.get(n, (0.0, 0))
+            self.sums[n] = (s0 + s, c0 + c)
+
+    def means(self) -> dict[str, float]:
+        return _means(self.sums)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_subsets(data: ImageData, test_n: int | None, train_n: int | None) -> dict[str, tuple[Tensor, Tensor]]:
+    """The per-epoch evaluation images: the first ``test_n`` test images (RobustBench order)
+    and ``train_n`` training images drawn once with a fixed seed (some data sets store their
+    training images sorted by class, so "the first n" would be a few classes only)."""
+    n_test = min(test_n or data.x_test.shape[0], data.x_test.shape[0])
+    n_train_total = data.x_train.shape[0]
+    n_train = min(train_n or n_train_total, n_train_total)
+    g = torch.Generator().manual_seed(TRAIN_SUBSET_SEED)
+    idx = torch.randperm(n_train_total, generator=g)[:n_train].sort().values.to(data.x_train.device)
+    return {
+        "test": (data.x_test[:n_test], data.y_test[:n_test]),
+        "train": (data.x_train[idx], data.y_train[idx]),
+    }
+
+
+def evaluate_epoch(model: torch.nn.Module, subsets: Mapping[str, tuple[Tensor, Tensor]], threat: ThreatModel,
+                   settings: RunSettings) -> dict[str, float | int]:
+    """Clean and PGD-k accuracy of ``model`` on each subset (fractions, plus image counts)."""
+    ev = settings.eval
+    out: dict[str, float | int] = {}
+    for split, (x, y) in subsets.items():
+        r = robust_accuracy(model, x, y, threat.epsilon, threat.step_size, ev.pgd_iterations,
+                            batch_size=ev.batch_size, seed=ev.seed)
+        out[f"{split}_clean"] = r.clean
+        out[f"{split}_robust"] = r.robust
+        out[f"{split}_images"] = int(x.shape[0])
+    return out
+
+
+def _pgd_name(settings: RunSettings, threat: ThreatModel) -> str:
+    return (f"PGD-{settings.eval.pgd_iterations} (L-inf eps={format_eps(threat.epsilon)}, "
+            f"step {format_eps(threat.step_size)})")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _rng_states(device: torch.device) -> dict[str, Any]:
+    states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _restore_rng(states: Mapping[str, Any], device: torch.device) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"].cpu())
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+
+
+def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, env: LASEnv, agent: Agent,
+                    loop: dict[str, Any], wandb_info: dict[str, Any] | None) -> Path:
+    """Write the whole training state atomically (a crash mid-save leaves the previous file)."""
+    cfg = env.config
+    state = {
+        "format": FORMAT,
+        "meta": {
+            "dataset": cfg.dataset,
+            "data_root": cfg.data_root,
+            "model": cfg.model,
+            "in_channels": data.channels,
+            "num_classes": data.num_classes,
+            "run_dir": str(settings.run_dir),
+            "wandb": wandb_info,
+            "agent": settings.agent_name,
+            "seed": settings.seed,
+            "settings_hash": settings.settings_hash,
+            "epochs_done": loop["epochs_done"],
+            "epochs": cfg.epochs,
+        },
+        # The same tensors as env["game"]["target"]: torch.save stores shared storage once.
+        "target": env.game.target.state_dict(),
+        "env": env.state_dict(),
+        "agent": agent.state_dict(),
+        "loop": loop,
+        "config": settings.config,
+    }
+    return atomic_save(state, path)
+
+
+def _existing_checkpoint(settings: RunSettings) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None; refuses to overwrite one without ``resume``."""
+    path = settings.run_dir / CHECKPOINT
+    if not path.is_file():
+        return None
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("meta", {})
+    where = f"epoch {meta.get('epochs_done', '?')} of {meta.get('epochs', '?')}"
+    if not settings.resume:
+        raise ConfigError(
+            f"The run directory {settings.run_dir} already holds a checkpoint of this exact configuration "
+            f"({where}). Add resume=true to the same command to continue it (a finished run re-prints its "
+            f"results), delete the folder to start over, or change a setting (e.g. seed=1): any change of "
+            f"setting gets a folder of its own."
+        )
+    saved = meta.get("settings_hash")
+    if saved and settings.settings_hash and saved != settings.settings_hash:
+        raise ConfigError(
+            f"The checkpoint in {settings.run_dir} was written by different settings (hash {saved}, "
+            f"this command {settings.settings_hash}); resume it with resume={settings.run_dir}, which "
+            f"reuses the run's own recorded settings."
+        )
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _epoch_line(rec: Mapping[str, Any], epochs: int, pgd: str) -> str:
+    t = rec["train"]
+    parts = [f"epoch {rec['epoch']}/{epochs}",
+             f"train loss {t.get('train/loss', math.nan):.3f}, accuracy on its {rec['images']} training images "
+             f"under the agent's attacks {t.get('train/adv_accuracy', math.nan):.1%} (mean chosen eps "
+             f"{format_eps(t.get('attack/epsilon', math.nan))})"]
+    if "reward/total" in t:
+        parts.append(f"reward {t['reward/total']:.3f}")
+    ev = rec.get("eval")
+    if ev:
+        parts.append(f"test first {ev['test_images']} / train subset {ev['train_images']}: clean "
+                     f"{ev['test_clean']:.1%} / {ev['train_clean']:.1%}, {pgd} {ev['test_robust']:.1%} / "
+                     f"{ev['train_robust']:.1%}")
+    parts.append(f"{rec['seconds']['train'] + rec['seconds']['eval']:.1f}s")
+    return " | ".join(parts)
+
+
+def _epoch_scalars(rec: Mapping[str, Any]) -> dict[str, float]:
+    out = {f"epoch/{k}": v for k, v in rec["train"].items()}
+    out.update({f"eval/{k}": v for k, v in (rec.get("eval") or {}).items()})
+    out["epoch"] = rec["epoch"]
+    out["time/epoch_seconds"] = rec["seconds"]["train"] + rec["seconds"]["eval"]
+    out["time/train_images_per_second"] = rec["images"] / max(rec["seconds"]["train"], 1e-9)
+    return out
+
+
+@dataclass
+class _Epoch:
+    """What one epoch of training produced (host values; device work is finished)."""
+
+    totals: dict[str, float]
+    choices: dict[str, list[int]]
+    seconds: float
+
+
+class _Trainer:
+    """Runs epochs of the agent/env loop; keeps what must survive from one epoch to the next
+    (the current observation and info, the step meter) and the per-step constants."""
+
+    def __init__(self, settings: RunSettings, env: LASEnv, agent: Agent, tracker: Tracker,
+                 obs: Tensor, info: dict[str, Any]) -> None:
+        self.settings, self.env, self.agent, self.tracker = settings, env, agent, tracker
+        self.obs, self.info = obs, info
+        self.meter = StepMeter()
+        cfg = settings.env
+        self.device = torch.device(cfg.device)
+        self.nvec = list(cfg.grid.nvec)
+        # Chosen settings are counted in one flat vector: [step sizes | iterations | epsilons].
+        self.offsets = torch.tensor([0, self.nvec[0], self.nvec[0] + self.nvec[1]], device=self.device)
+        self.ones = torch.ones(cfg.batch_size * 3, dtype=torch.long, device=self.device)
+
+    def epoch(self, index: int) -> _Epoch:
+        env, agent, meter, every = self.env, self.agent, self.meter, self.settings.log_every_steps
+        batch = self.settings.env.batch_size
+        counts = torch.zeros(sum(self.nvec), dtype=torch.long, device=self.device)
+        totals = EpochTotals()
+        t0 = time.perf_counter()
+        with tqdm(total=env.game.steps_per_epoch * batch, desc=f"epoch {index + 1}", unit="img", unit_scale=True,
+                  leave=False, disable=not self.settings.progress, dynamic_ncols=True) as bar:
+            for _ in range(env.game.steps_per_epoch):
+                action = agent.act(self.obs, self.info)
+                self.obs, reward, _, _, self.info = env.step(action)
+                metrics = agent.learn(reward, self.info)
+                # index_add_, not bincount: bincount on CUDA reads the max back to size its output.
+                a = torch.as_tensor(action, device=self.device).long()
+                counts.index_add_(0, (a + self.offsets).flatten(), self.ones)
+                _record_step(meter, env, reward, self.info, metrics)
+                bar.update(batch)
+                step = env.game.step_index
+                if every and step % every == 0:
+                    window = meter.flush()
+                    totals.absorb(window)
+                    means = _means(window)
+                    self.tracker.log({f"step/{k}": v for k, v in means.items()}, step)
+                    bar.set_postfix(loss=f"{means.get('train/loss', math.nan):.3f}",
+                                    adv_acc=f"{means.get('train/adv_accuracy', math.nan):.2f}",
+                                    eps=format_eps(means.get("attack/epsilon", math.nan)), refresh=False)
+        totals.absorb(meter.flush())  # also waits for the device: the timing below is honest
+        seconds = time.perf_counter() - t0
+        flat, (n0, n1, _) = counts.tolist(), self.nvec
+        choices = {"step_size": flat[:n0], "iterations": flat[n0:n0 + n1], "epsilon": flat[n0 + n1:]}
+        return _Epoch(totals.means(), choices, seconds)
+
+
+def train(settings: RunSettings, *, data: ImageData | None = None, console: Console | None = None) -> RunResult:
+    """Train, evaluate, checkpoint, log; resume from ``settings.run_dir`` when asked.
+
+    Raises:
+        ConfigError: bad input found during setup (missing data, an agent rejecting its
+            settings, an existing checkpoint without ``resume``...), always before training.
+    """
+    run_dir = settings.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)  # process-wide, as a run owns its process
+    console = console or Console(run_dir / "log.txt")
+    ckpt = _existing_checkpoint(settings)
+    cfg = settings.env
+    device = torch.device(cfg.device)
+
+    if data is None:
+        try:
+            data = load_dataset(cfg.dataset, cfg.data_root, download=True)
+        except DatasetNotFoundError as exc:
+            raise ConfigError(f"{exc} (data.root={cfg.data_root})") from None
+    env, agent, _ = build_game(settings, data)
+    threat = threat_model_for(cfg.dataset)
+    pgd = _pgd_name(settings, threat)
+
+    obs, info = env.reset(seed=settings.seed)
+    loop: dict[str, Any] = {"epochs_done": 0, "history": [], "rng": None, "seconds": {"train": 0.0, "eval": 0.0}}
+    if ckpt is not None:
+        env.load_state_dict(ckpt["env"])
+        agent.load_state_dict(ckpt["agent"])
+        loop = ckpt["loop"]
+        _restore_rng(loop["rng"], device)
+        obs, info = current_observation(env)
+        console.print(f"Resuming {run_dir} after epoch {loop['epochs_done']} of {cfg.epochs}.")
+    else:
+        if settings.resume:
+            console.print(f"resume=true but {run_dir} holds no checkpoint yet: starting the run.")
+        k = env.config.reward_interval
+        reward = (f"full strategy reward every {k} steps" if k <= env.game.total_steps
+                  else f"no step pays the full strategy reward (interval {k} > {env.game.total_steps} steps)")
+        console.print(
+            f"LAS-AT training: {settings.agent_name} agent, {cfg.model} on {data.description}; {cfg.epochs} epochs "
+            f"x {env.game.steps_per_epoch} steps of {cfg.batch_size} images, {reward}; threat model "
+            f"{threat.description}. Run directory: {run_dir}"
+        )
+
+    tracker = make_tracker(settings.logger, run_dir, settings.config, (ckpt or {}).get("meta", {}).get("wandb"))
+    subsets = eval_subsets(env.game.data, settings.eval.test_subset, settings.eval.train_subset)
+    history: list[dict[str, Any]] = loop["history"]
+    ckpt_path = run_dir / CHECKPOINT
+    trainer = _Trainer(settings, env, agent, tracker, obs, info)
+    start = loop["epochs_done"]
+    stop_at = cfg.epochs if settings.stop_after_epochs is None else min(cfg.epochs, start + settings.stop_after_epochs)
+    epoch_bar = tqdm(total=cfg.epochs, initial=start, desc="epochs", unit="epoch",
+                     disable=not settings.progress, dynamic_ncols=True)
+    try:
+        for epoch in range(start, stop_at):
+            done = trainer.epoch(epoch)
+            t1 = time.perf_counter()
+            evaluated = epoch + 1 == cfg.epochs or (epoch + 1) % settings.eval.every == 0
+            ev = evaluate_epoch(env.game.target, subsets, threat, settings) if evaluated else None
+            rec = {
+                "epoch": epoch + 1,
+                "steps": env.game.step_index,
+                "images": env.game.steps_per_epoch * cfg.batch_size,
+                "train": done.totals,
+                "eval": ev,
+                "choices": done.choices,
+                "seconds": {"train": done.seconds, "eval": time.perf_counter() - t1},
+            }
+            history.append(rec)
+            loop["epochs_done"] = epoch + 1
+            for key in ("train", "eval"):
+                loop["seconds"][key] += rec["seconds"][key]
+            loop["rng"] = _rng_states(device)
+            save_checkpoint(ckpt_path, settings=settings, data=data, env=env, agent=agent, loop=loop,
+                            wandb_info=tracker.info)
+            tracker.log(_epoch_scalars(rec), env.game.step_index)
+            tracker.log_choices({n: (_grid_values(cfg.grid)[n], c) for n, c in rec["choices"].items()},
+                                env.game.step_index)
+            console.print(_epoch_line(rec, cfg.epochs, pgd))
+            epoch_bar.update(1)
+            if ev:
+                epoch_bar.set_postfix(test_clean=f"{ev['test_clean']:.3f}", test_pgd=f"{ev['test_robust']:.3f}",
+                                      refresh=False)
+    except BaseException:
+        tracker.finish()  # flush what W&B has; the checkpoint of the last finished epoch is on disk
+        raise
+    finally:
+        epoch_bar.close()
+
+    if loop["epochs_done"] < cfg.epochs:
+        console.print(
+            f"Stopped after epoch {loop['epochs_done']} of {cfg.epochs} (stop_after_epochs={settings.stop_after_epochs}); "
+            f"the checkpoint is {ckpt_path}. Continue with the same command plus resume=true."
+        )
+        tracker.finish()
+        return RunResult(run_dir, False, loop["epochs_done"], history, seconds=dict(loop["seconds"]),
+                         files={"checkpoint": str(ckpt_path)}, wandb_offline_dir=_offline_dir(tracker))
+
+    try:
+        return _finish(settings, data, env, threat, loop, tracker, console, pgd)
+    except BaseException:
+        tracker.finish()
+        raise
+
+
+def _grid_values(grid) -> dict[str, tuple]:
+    """Action column name -> its grid values."""
+    return dict(zip(ACTION_COLUMNS, (grid.step_sizes, grid.iterations, grid.epsilons)))
+
+
+def _offline_dir(tracker: Tracker) -> Path | None:
+    return tracker.offline_dir if isinstance(tracker, WandbTracker) else None
+
+
+def final_attacks(settings: RunSettings) -> list[str]:
+    names = [attack_spec(a).name for a in settings.eval.final_attacks]
+    if settings.eval.autoattack and "autoattack" not in names:
+        names.append("autoattack")
+    return names
+
+
+def _finish(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatModel,
+            loop: dict[str, Any], tracker: Tracker, console: Console, pgd: str) -> RunResult:
+    """Final evaluation on the test set, results files, plots, tracker summary."""
+    run_dir, cfg, ev = settings.run_dir, settings.env, settings.eval
+    model = env.game.target
+    game_data = env.game.data
+    n_total = game_data.x_test.shape[0]
+    n = min(ev.final_n or n_total, n_total)
+    t0 = time.perf_counter()
+    results = evaluate(
+        model, game_data.x_test[:n], game_data.y_test[:n], final_attacks(settings), threat.epsilon,
+        step=threat.step_size, batch_size=ev.batch_size, seed=ev.seed,
+        n_per_attack={"autoattack": ev.autoattack_n}, autoattack_state=run_dir / "autoattack_state.json",
+        progress=settings.progress, data_description=f"{data.name} test", log=lambda _line: None,
+    )
+    final_s = time.perf_counter() - t0
+    seconds = {**loop["seconds"], "final_eval": final_s}
+    seconds["total"] = sum(seconds.values())
+    history = loop["history"]
+
+    description = (f"{cfg.model} after {cfg.epochs} epochs of adversarial training with the {settings.agent_name} agent, "
+                   f"seed {settings.seed}; final weights")
+    table = format_table(results, dataset_description=f"{data.description}; test split",
+                         model_description=description, n_total=n_total)
+
+    files = {
+        "checkpoint": run_dir / CHECKPOINT,
+        "weights": run_dir / "target_state_dict.pt",
+        "results_json": run_dir / "results.json",
+        "results_md": run_dir / "results.md",
+        "metrics_json": run_dir / "metrics.json",
+        "accuracy_png": run_dir / "accuracy.png",
+        "choices_png": run_dir / "choices.png",
+        "log": run_dir / "log.txt",
+    }
+    export_state_dict(model, files["weights"])
+    title = f"{settings.agent_name} agent, {cfg.model} on {cfg.dataset}, seed {settings.seed}"
+    made = {
+        "accuracy_png": plots.plot_accuracy(history, files["accuracy_png"], title=f"Accuracy per epoch: {title}",
+                                            attack=f"PGD-{ev.pgd_iterations} eps={format_eps(threat.epsilon)}"),
+        "choices_png": plots.plot_choices(history, _grid_values(cfg.grid), files["choices_png"],
+                                          title=f"Chosen attack settings per epoch: {title}"),
+    }
+    for key, path in made.items():
+        if path is None:
+            files.pop(key)
+
+    final_rows = [{k: v for k, v in r.to_dict().items() if k not in ("seconds", "robust_flags")} for r in results]
+    metrics = {
+        "format": METRICS_FORMAT,
+        # Only what the settings determine: no wall-clock times, so a resumed run's file is
+        # byte-identical to an uninterrupted one's (on CPU).
+        "history": [{k: v for k, v in h.items() if k != "seconds"} for h in history],
+        "final": final_rows,
+    }
+    atomic_write_text(files["metrics_json"], json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    summary_rows = {r.name: r.accuracy for r in results}
+    results_doc = {
+        "format": RESULTS_FORMAT,
+        "run_dir": str(run_dir),
+        "agent": settings.agent_name,
+        "model": cfg.model,
+        "data": data.description,
+        "threat_model": threat.description,
+        "per_epoch_attack": pgd,
+        "final": [r.to_dict() for r in results],
+        "history": history,
+        "seconds": seconds,
+        "files": {k: str(v) for k, v in files.items()},
+        "config": settings.config,
+    }
+    atomic_write_text(files["results_json"], json.dumps(results_doc, indent=1, default=str) + "\n")
+
+    footer = _footer(settings, history, seconds, files, tracker, pgd)
+    atomic_write_text(files["results_md"], table + "\n" + _history_table(history, pgd) + "\n" + footer + "\n")
+
+    tracker.summary({**{f"final/{k}": v for k, v in summary_rows.items()},
+                     "final/images": n, "final/eps": threat.epsilon, **{f"time/{k}": v for k, v in seconds.items()}})
+    tracker.log_checkpoint(files["checkpoint"], {"dataset": cfg.dataset, "model": cfg.model,
+                                                 "agent": settings.agent_name, **summary_rows})
+    offline = _offline_dir(tracker)
+    tracker.finish()
+    console.print("")
+    console.print(table)
+    console.print(footer)
+    return RunResult(run_dir, True, loop["epochs_done"], history, results, table, seconds,
+                     {k: str(v) for k, v in files.items()}, offline)
+
+
+def _history_table(history: list[dict[str, Any]], pgd: str) -> str:
+    lines = ["## Per epoch", "",
+             f"Per-epoch attack: {pgd}. Test = the first images of the test split; train = a fixed "
+             f"subset of the training split (same images every epoch and every run).", "",
+             "| Epoch | Train loss | Mean chosen eps | Test clean | Test PGD | Train clean | Train PGD | Time (s) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for h in history:
+        t, ev = h["train"], h.get("eval") or {}
+
+        def pct(key: str) -> str:
+            return f"{ev[key]:.2%}" if key in ev else "-"
+
+        lines.append(f"| {h['epoch']} | {t.get('train/loss', math.nan):.4f} | "
+                     f"{format_eps(t.get('attack/epsilon', math.nan))} | {pct('test_clean')} | {pct('test_robust')} | "
+                     f"{pct('train_clean')} | {pct('train_robust')} | "
+                     f"{h['seconds']['train'] + h['seconds']['eval']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _footer(settings: RunSettings, history: list[dict[str, Any]], seconds: Mapping[str, float],
+            files: Mapping[str, Path], tracker: Tracker, pgd: str) -> str:
+    steps = history[-1]["steps"] if history else 0
+    lines = [
+        f"Time: {seconds['total']:.1f}s = training {seconds['train']:.1f}s ({len(history)} epochs, {steps} steps) "
+        f"+ per-epoch evaluation {seconds['eval']:.1f}s + final evaluation {seconds['final_eval']:.1f}s.",
+        f"Run directory: {settings.run_dir}",
+        "  " + ", ".join(Path(p).name for p in files.values()),
+    ]
+    offline = _offline_dir(tracker)
+    if offline is not None:
+        # A resumed run adds one offline folder per invocation (same run id): sync them all.
+        lines.append(f"W&B (offline) run {tracker.info['id']}: upload it with "
+                     f"`wandb sync {offline.parent}/offline-run-*`")
+    elif tracker.info:
+        lines.append(f"W&B run {tracker.info['id']} ({tracker.info['mode']}), project {tracker.info['project']}.")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""The run's PNG figures, from its per-epoch history (no training state needed).
+
+- :func:`plot_accuracy`: clean and PGD accuracy per epoch on the test subset and on the fixed
+  train subset (the paper's Fig. 1: the gap between the two robust curves is robust overfitting).
+- :func:`plot_choices`: per epoch, the share of images given each grid value of epsilon,
+  iterations and step size (epsilon = the paper's Fig. 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+CHOICE_TITLES = {"epsilon": "epsilon", "iterations": "PGD iterations", "step_size": "step size"}
+
+
+def _fmt(value: float) -> str:
+    k = value * 255
+    if 0 < value < 0.2 and abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{value:g}"
+
+
+def plot_accuracy(history: Sequence[Mapping[str, Any]], path: Path, *, title: str, attack: str) -> Path | None:
+    """Accuracy curves; ``attack`` names the per-epoch attack (e.g. "PGD-10, eps 0.2")."""
+    rows = [h for h in history if h.get("eval")]
+    if not rows:
+        return None
+    epochs = [h["epoch"] for h in rows]
+    ev = [h["eval"] for h in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = [
+        ("test_clean", "test, clean", "tab:blue", "-"),
+        ("test_robust", f"test, {attack}", "tab:blue", "--"),
+        ("train_clean", "train subset, clean", "tab:orange", "-"),
+        ("train_robust", f"train subset, {attack}", "tab:orange", "--"),
+    ]
+    for key, label, color, ls in styles:
+        if key in ev[0]:
+            n = ev[0].get(key.split("_")[0] + "_images")
+            ax.plot(epochs, [100 * e[key] for e in ev], ls, color=color, marker="o", ms=3,
+                    label=f"{label} ({n} images)" if n else label)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_choices(history: Sequence[Mapping[str, Any]], grid_values: Mapping[str, Sequence[float]],
+                 path: Path, *, title: str) -> Path | None:
+    """Heatmaps, one per attack parameter: rows = grid values, columns = epochs, colour = the
+    share of that epoch's training images given the value. Epsilon comes first (Fig. 4)."""
+    rows = [h for h in history if h.get("choices")]
+    if not rows:
+        return None
+    names = [n for n in ("epsilon", "iterations", "step_size") if n in rows[0]["choices"]]
+    epochs = [h["epoch"] for h in rows]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        counts = np.array([h["choices"][name] for h in rows], dtype=float).T  # (values, epochs)
+        share = counts / np.maximum(counts.sum(0, keepdims=True), 1)
+        values = list(grid_values[name])
+        im = ax.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
+                       extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, len(values) - 0.5))
+        ax.set_yticks(range(len(values)))
+        ax.set_yticklabels([_fmt(v) for v in values], fontsize=7)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"chosen {CHOICE_TITLES[name]}", fontsize=10)
+        # The mean choice as a line over the heatmap (index space), to read the trend at a glance.
+        idx = np.arange(len(values))[:, None]
+        ax.plot(epochs, (share * idx).sum(0), color="white", lw=1.2, label="mean")
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.025, label="share of training images")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,120 @@
+"""Where a run's files go, and the OmegaConf resolvers Hydra uses to name that folder.
+
+Every run gets ``<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>``, where ``<hash>`` is a
+digest of EVERY setting (the whole composed config, before interpolation, minus the keys in
+:data:`NON_SETTINGS` that only say how to run it). So:
+
+- two runs that differ in any setting never share a folder;
+- the same command run twice maps to the same folder, which is how ``resume=true`` finds the
+  run to continue (and why an un-resumed re-run refuses to overwrite a finished one);
+- ``python experiments/run.py`` and ``python experiments/run.py agent=reinforce`` (the
+  default spelled out) are the same run.
+
+``resume=<run_dir>`` names the folder directly (see :func:`resume_target`).
+
+The resolvers run while Hydra resolves ``hydra.run.dir``, before the job starts, so a folder
+that cannot be written is reported here, as one paragraph, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.errors import fail
+
+NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progress", "threads", "run_root")
+"""Top-level keys that say how to run, not what to compute; left out of the settings hash.
+(``run_root`` is already the folder's first component; ``threads`` only moves CPU time.)"""
+
+HASH_LENGTH = 8
+
+
+def settings_hash(config: DictConfig | dict[str, Any]) -> str:
+    """Digest of every setting of a composed config (unresolved, so environment variables
+    read by interpolations, such as ``WANDB_MODE``, do not change it)."""
+    if isinstance(config, DictConfig):
+        container = OmegaConf.to_container(config, resolve=False)
+    else:
+        container = dict(config)
+    assert isinstance(container, dict)
+    settings = {k: v for k, v in container.items() if k not in NON_SETTINGS}
+    blob = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:HASH_LENGTH]
+
+
+def run_subdir(config: DictConfig) -> str:
+    """``<data>/<agent>/<model>-seed<seed>-<hash>`` (relative to ``run_root``)."""
+    model = str(config.model.name).replace("/", "_")
+    return f"{config.data.name}/{config.agent.name}/{model}-seed{config.seed}-{settings_hash(config)}"
+
+
+def resume_target(resume: Any) -> Path | None:
+    """The run directory named by ``resume=<path>``, or ``None`` for ``resume=true/false``."""
+    if resume is None or isinstance(resume, bool):
+        return None
+    text = str(resume).strip()
+    if text.lower() in ("true", "false", "yes", "no", "1", "0", ""):
+        return None
+    return Path(text).expanduser()
+
+
+def ensure_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` and write/delete a probe file in it; :func:`fail` if that is impossible."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        fail(
+            f"The run directory {run_dir} cannot be written ({exc.strerror or exc}). Choose a "
+            f"writable place for runs with run_root=/some/writable/folder (runs go to "
+            f"<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>)."
+        )
+
+
+def _resolve_run_dir(*, _root_: DictConfig) -> str:
+    target = resume_target(_root_.get("resume"))
+    if target is not None:
+        if not (target / "checkpoint.pt").is_file():
+            fail(
+                f"resume={target} does not name a run directory with a checkpoint: "
+                f"{target / 'checkpoint.pt'} does not exist. Pass the folder a run printed at its "
+                f"end (runs/<data>/<agent>/<model>-seed<seed>-<hash>), or resume=true to continue "
+                f"the run of the same command."
+            )
+        run_dir = target
+    else:
+        run_dir = Path(str(_root_.run_root)) / run_subdir(_root_)
+    ensure_writable(run_dir)
+    return str(run_dir)
+
+
+def _resolve_run_subdir(*, _root_: DictConfig) -> str:
+    # Multirun: each job's folder under hydra.sweep.dir (= run_root), same naming as a single run.
+    run_dir = Path(str(_root_.run_root)) / run_subdir(_root_)
+    ensure_writable(run_dir)
+    return run_subdir(_root_)
+
+
+def _resolve_hydra_subdir(*, _root_: DictConfig) -> str | None:
+    # resume=<run_dir> reuses the run's recorded config: do not let Hydra overwrite its .hydra/
+    # with this command's (which names only resume=...).
+    return None if resume_target(_root_.get("resume")) is not None else ".hydra"
+
+
+def register_resolvers() -> None:
+    """Register ``las_run_dir``, ``las_run_subdir``, ``las_hydra_subdir`` (idempotent)."""
+    for name, fn in (
+        ("las_run_dir", _resolve_run_dir),
+        ("las_run_subdir", _resolve_run_subdir),
+        ("las_hydra_subdir", _resolve_hydra_subdir),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
