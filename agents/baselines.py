@@ -38,8 +38,8 @@ class FixedAgent:
         ValueError: an explicitly given value is not on the grid. Actions are grid indices,
             so an off-grid value cannot be played; the message lists the grid's values.
 
-    A DEFAULT value that is not on the grid (the digits step size 0.05 on a grid of
-    0.02, 0.04, ..., 0.10) is replaced by the nearest grid value with a warning that names
+    A DEFAULT value that is not on the grid (e.g. a custom grid without the threat
+    model's step size) is replaced by the nearest grid value with a warning that names
     the value actually used, so a default run still works but never misreports its attack.
 
     Attributes:

@@ -285,9 +285,9 @@ def _settings(run: Run) -> dict[str, Any]:
     return {k: v for k, v in _flatten(run.config).items() if not _ignored(k, skip)}
 
 
-def _fmt_value(v: Any) -> str:
+def _fmt_value(key: str, v: Any) -> str:
     if isinstance(v, float):
-        return format_eps(v) if 0 < v < 1 else f"{v:g}"
+        return format_eps(v) if re.search(r"eps|step_size", key) else f"{v:.4g}"
     return str(v)
 
 
@@ -309,7 +309,7 @@ def assign_labels(runs: Sequence[Run]) -> None:
         for r, s in zip(group, settings):
             base = fixed_label(name, r.fixed_attack) if r.fixed_attack else name
             if differing:
-                extra = ",".join(f"{k.removeprefix('agent.')}={_fmt_value(s.get(k))}" for k in differing)
+                extra = ",".join(f"{k.removeprefix('agent.')}={_fmt_value(k, s.get(k))}" for k in differing)
                 base = f"{base}[{extra}]" if r.fixed_attack else f"{name}({extra})"
             r.label = base
 
@@ -502,6 +502,22 @@ class Comparison:
     unfinished: list[Path]
     sources: list[str]
 
+    def margin_note(self) -> str:
+        """A caveat when the winner's lead over the runner-up is within one std over seeds."""
+        if not self.headline or not self.winners:
+            return ""
+        others = [g for g in self.main if g not in self.winners and not math.isnan(g.accuracy(self.headline).mean)]
+        if not others:
+            return ""
+        best, second = self.winners[0].accuracy(self.headline), others[0].accuracy(self.headline)
+        spread = max((s for s in (best.std, second.std) if not math.isnan(s)), default=math.nan)
+        if math.isnan(spread):
+            return f" (one seed for the winner or the runner-up `{others[0].label}`: no spread to judge the lead by)"
+        if best.mean - second.mean < spread:
+            return (f" (the lead over the runner-up `{others[0].label}`, {100 * (best.mean - second.mean):.2f} points, "
+                    f"is within one standard deviation over seeds: not a clear win)")
+        return ""
+
     @property
     def winners(self) -> list[Group]:
         if not self.headline:
@@ -518,12 +534,20 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
         hint = f" ({len(unfinished)} unfinished run folder(s) hold only a checkpoint)" if unfinished else ""
         raise CompareError(f"No finished runs ({RESULTS_FILE}) found under {where}{hint}. Pass the folders "
                            f"experiments/run.py printed, or their run_root.")
-    runs = [load_run(f) for f in files]
+    runs: list[Run] = []
+    skipped: list[str] = []
+    for f in files:
+        try:
+            runs.append(load_run(f))
+        except CompareError as exc:  # e.g. another tool's results.json in the tree
+            skipped.append(f"skipped: {exc}")
+    if not runs:
+        raise CompareError(f"None of the {len(files)} {RESULTS_FILE} files found could be read: {skipped[0]}")
     runs.sort(key=lambda r: (r.agent, str(r.path)))
     assign_labels(runs)
     warnings, notes = check_protocol(runs)
     groups, dup_notes = group_runs(runs)
-    notes += dup_notes + [n for r in runs for n in r.notes]
+    notes += skipped + dup_notes + [n for r in runs for n in r.notes]
     for r in runs:
         if r.is_fixed and r.fixed_attack is None:
             notes.append(f"{r.path}: a fixed agent whose recorded choices hold more than one value; "
@@ -538,13 +562,15 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
     if len(fixed) >= 2:
         search = fixed
         default = {default_fixed_attack(g.runs[0]) for g in fixed} - {None}
-        best = fixed[0]  # groups are ranked
-        best.role = f"search: best of {len(fixed)} fixed settings"
-        chosen = [best]
+        chosen = []
+        if headline:
+            best = fixed[0]  # groups are ranked
+            best.role = f"search: best of {len(fixed)} fixed settings"
+            chosen.append(best)
         for g in fixed:
             if g.runs[0].fixed_attack in default:
                 g.role = (g.role + ", " if g.role else "") + "default PGD-AT"
-                if g is not best:
+                if g not in chosen:
                     chosen.append(g)
         main = sorted(main + chosen, key=rank_key(headline))
     else:
@@ -611,14 +637,16 @@ def markdown_report(c: Comparison, figures: Mapping[str, Path | None]) -> str:
     out += ["## Results (test accuracy, mean ± std over seeds)", "", results_table(c, c.main, winners=c.winners), ""]
     if c.winners:
         names = ", ".join(f"`{g.label}`" for g in c.winners)
-        out.append(f"Best mean {_attack_title(c.headline, c.runs[0])} robust accuracy: {names}.")
+        out.append(f"Best mean {_attack_title(c.headline, c.runs[0])} robust accuracy: {names}{c.margin_note()}.")
         out.append("")
     if c.search:
-        head = c.headline and _attack_title(c.headline, c.runs[0])
-        out += ["## Search baseline: fixed attack settings (paper Fig. 3)", "",
-                f"Every fixed (PGD-AT) attack that was run, ranked by mean {head} robust accuracy. The best is "
-                "picked on the same test images it is reported on, so its row above is an optimistic estimate "
-                "of hand-tuning the fixed attack.", "",
+        if c.headline:
+            text = (f"Every fixed (PGD-AT) attack that was run, ranked by mean {_attack_title(c.headline, c.runs[0])} "
+                    "robust accuracy. The best is picked on the same test images it is reported on, so its row "
+                    "above is an optimistic estimate of hand-tuning the fixed attack.")
+        else:
+            text = "Every fixed (PGD-AT) attack that was run (unranked: no robust attack was evaluated on every run)."
+        out += ["## Search baseline: fixed attack settings (paper Fig. 3)", "", text, "",
                 results_table(c, c.search), ""]
     if c.notes or c.unfinished:
         out += ["## Notes", ""] + [f"- {n}" for n in c.notes]
@@ -715,7 +743,7 @@ def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
 def _grid_panels(n: int) -> tuple[plt.Figure, list[Any]]:
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, layout="constrained")
     flat = [ax for row in axes for ax in row]
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -798,7 +826,6 @@ def plot_fixed_images(groups: Sequence[Group], path: Path, *, images: int = 8) -
         ax.set_title(f"{_short(g)}, seed {run.seed}", fontsize=8)
         ax.legend(fontsize=6, ncol=2, loc="best")
     fig.suptitle("Epsilon chosen for fixed training images over epochs (paper Fig. 5)", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -859,7 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(results_table(c, c.main, winners=c.winners))
     if c.winners:
         print(f"Best mean {_attack_title(c.headline, c.runs[0])} robust accuracy: "
-              + ", ".join(g.label for g in c.winners))
+              + ", ".join(g.label for g in c.winners) + c.margin_note())
     if c.search:
         print(f"\nSearch baseline ({len(c.search)} fixed attack settings):")
         print(results_table(c, c.search))

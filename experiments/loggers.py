@@ -6,6 +6,7 @@ per epoch, with host floats it already has), so a tracker never adds a device sy
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import string
@@ -178,4 +179,6 @@ def make_tracker(settings: LoggerSettings, run_dir: Path, config: Mapping[str, A
     """The tracker ``settings`` asks for; ``previous`` is the checkpoint's ``meta["wandb"]``."""
     if settings.name == "none" or settings.mode == "disabled":
         return NullTracker()
+    if previous and previous.get("group"):  # a resumed run stays in the group it started in
+        settings = dataclasses.replace(settings, group=previous["group"])
     return WandbTracker(settings, run_dir, config, run_id=(previous or {}).get("id"))

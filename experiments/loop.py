@@ -142,12 +142,8 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
 
 
 def current_observation(env: LASEnv) -> tuple[Tensor, dict[str, Any]]:
-    """The observation and info of the env's current batch (after ``load_state_dict``).
-
-    LASEnv has no public accessor for them outside ``reset``/``step``; this reads them the way
-    ``reset`` returns them.
-    """
-    return env._observation(), env._batch_info()  # noqa: SLF001
+    """The observation and info of the env's current batch (after ``load_state_dict``)."""
+    return env.observe()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -373,6 +369,50 @@ class _Epoch:
     totals: dict[str, float]
     choices: dict[str, list[int]]
     seconds: float
+    fixed_images: dict[str, list]
+
+
+class FixedImageChoices:
+    """The attack chosen for a few fixed training images each epoch (the paper's Fig. 5).
+
+    The images are the first ``count`` of the training set. At the start of an epoch their
+    (step, slot) positions are read from the epoch's order once; during the epoch the step that
+    trains an image copies its chosen settings on the device (no synchronisation per step).
+    An image in the epoch's dropped partial batch gets ``None`` for that epoch.
+    """
+
+    def __init__(self, game, count: int = 8) -> None:
+        self.game = game
+        self.index = torch.arange(min(count, game.data.x_train.shape[0]), device=game.device)
+        self._where: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def start_epoch(self) -> None:
+        b, steps = self.game.config.batch_size, self.game.steps_per_epoch
+        position = torch.argsort(self.game.epoch_order)[self.index].tolist()  # once per epoch
+        by_step: dict[int, tuple[list[int], list[int]]] = {}
+        for k, pos in enumerate(position):
+            if pos // b < steps:
+                ks, slots = by_step.setdefault(pos // b, ([], []))
+                ks.append(k)
+                slots.append(pos % b)
+        device = self.game.device
+        self._where = {i: (torch.tensor(ks, device=device), torch.tensor(sl, device=device))
+                       for i, (ks, sl) in by_step.items()}
+        self._chosen = {n: torch.full((len(self.index),), math.nan, device=device)
+                        for n in ("epsilon", "step_size", "iterations")}
+
+    def record(self, step_in_epoch: int, info: Mapping[str, Any]) -> None:
+        where = self._where.get(step_in_epoch)
+        if where is not None:
+            ks, slots = where
+            for name, values in self._chosen.items():
+                values[ks] = info[name][slots].float()
+
+    def result(self) -> dict[str, list]:
+        out: dict[str, list] = {"index": self.index.tolist()}
+        for name, values in self._chosen.items():
+            out[name] = [None if math.isnan(v) else round(v, 6) for v in values.tolist()]
+        return out
 
 
 class _Trainer:
@@ -390,6 +430,7 @@ class _Trainer:
         # Chosen settings are counted in one flat vector: [step sizes | iterations | epsilons].
         self.offsets = torch.tensor([0, self.nvec[0], self.nvec[0] + self.nvec[1]], device=self.device)
         self.ones = torch.ones(cfg.batch_size * 3, dtype=torch.long, device=self.device)
+        self.fixed_images = FixedImageChoices(env.game)
 
     def epoch(self, index: int) -> _Epoch:
         env, agent, meter, every = self.env, self.agent, self.meter, self.settings.log_every_steps
@@ -397,12 +438,14 @@ class _Trainer:
         counts = torch.zeros(sum(self.nvec), dtype=torch.long, device=self.device)
         totals = EpochTotals()
         t0 = time.perf_counter()
+        self.fixed_images.start_epoch()
         with tqdm(total=env.game.steps_per_epoch * batch, desc=f"epoch {index + 1}", unit="img", unit_scale=True,
                   leave=False, disable=not self.settings.progress, dynamic_ncols=True) as bar:
-            for _ in range(env.game.steps_per_epoch):
+            for i in range(env.game.steps_per_epoch):
                 action = agent.act(self.obs, self.info)
                 self.obs, reward, _, _, self.info = env.step(action)
                 metrics = agent.learn(reward, self.info)
+                self.fixed_images.record(i, self.info)
                 # index_add_, not bincount: bincount on CUDA reads the max back to size its output.
                 a = torch.as_tensor(action, device=self.device).long()
                 counts.index_add_(0, (a + self.offsets).flatten(), self.ones)
@@ -421,7 +464,7 @@ class _Trainer:
         seconds = time.perf_counter() - t0
         flat, (n0, n1, _) = counts.tolist(), self.nvec
         choices = {"step_size": flat[:n0], "iterations": flat[n0:n0 + n1], "epsilon": flat[n0 + n1:]}
-        return _Epoch(totals.means(), choices, seconds)
+        return _Epoch(totals.means(), choices, seconds, self.fixed_images.result())
 
 
 def train(settings: RunSettings, *, data: ImageData | None = None, console: Console | None = None) -> RunResult:
@@ -492,6 +535,7 @@ def train(settings: RunSettings, *, data: ImageData | None = None, console: Cons
                 "train": done.totals,
                 "eval": ev,
                 "choices": done.choices,
+                "fixed_images": done.fixed_images,
                 "seconds": {"train": done.seconds, "eval": time.perf_counter() - t1},
             }
             history.append(rec)

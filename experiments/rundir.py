@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progre
 (``run_root`` is already the folder's first component; ``threads`` only moves CPU time.)"""
 
 HASH_LENGTH = 8
+
+SWEEP_ID = time.strftime("%Y%m%d-%H%M%S")
+"""When this process started: every job of one multirun (one process) shares it."""
 
 
 def settings_hash(config: DictConfig | dict[str, Any]) -> str:
@@ -109,12 +113,27 @@ def _resolve_hydra_subdir(*, _root_: DictConfig) -> str | None:
     return None if resume_target(_root_.get("resume")) is not None else ".hydra"
 
 
+def _resolve_sweep_suffix() -> str:
+    # logger.group: "-sweep-<start time>" for the jobs of a multirun (one W&B group per sweep),
+    # "" for a single run. Resolved inside the job, so it never enters the settings hash.
+    from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
+    from hydra.types import RunMode  # noqa: PLC0415
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"-sweep-{SWEEP_ID}"
+    return ""
+
+
 def register_resolvers() -> None:
-    """Register ``las_run_dir``, ``las_run_subdir``, ``las_hydra_subdir`` (idempotent)."""
+    """Register ``las_run_dir``, ``las_run_subdir``, ``las_hydra_subdir``, ``las_sweep_suffix`` (idempotent)."""
     for name, fn in (
         ("las_run_dir", _resolve_run_dir),
         ("las_run_subdir", _resolve_run_subdir),
         ("las_hydra_subdir", _resolve_hydra_subdir),
+        ("las_sweep_suffix", _resolve_sweep_suffix),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()  # also for configs composed outside run.py (tests, notebooks)

@@ -51,6 +51,9 @@ def random_start(x: Tensor, epsilon: Tensor, generator: torch.Generator | None =
     return (2 * u - 1) * epsilon.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
+_random_start = random_start  # pgd() has a parameter of that name
+
+
 def per_image_pgd(
     model: nn.Module,
     x: Tensor,
@@ -93,14 +96,36 @@ def per_image_pgd(
     # then the prefix [:n_t], and slicing a prefix is a view, not a gather.
     order = torch.argsort(iterations, descending=True, stable=True)
     counts = iterations[order].tolist()  # the one host sync: slice sizes must be known on the host
-    x_s = x[order]
-    y_s = y[order]
+    return _sorted_pgd(model, x, y, epsilon, step_size, start, counts, order, loss)
+
+
+def _sorted_pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    epsilon: Tensor,
+    step_size: Tensor,
+    start: Tensor,
+    counts: list[int],
+    order: Tensor | None,
+    loss: Loss,
+) -> Tensor:
+    """The PGD loop of :func:`per_image_pgd` once the images are ordered by descending count.
+
+    ``counts`` (host ints, descending) are the iteration counts in that order; ``order`` is the
+    permutation that sorts the batch, or ``None`` when the batch already is in order (uniform
+    counts: no gather, no scatter, no host read).
+    """
+    b = x.shape[0]
     shape = (b, *([1] * (x.dim() - 1)))
-    eps_s = epsilon.to(device=x.device, dtype=x.dtype)[order].view(shape)
-    step_s = step_size.to(device=x.device, dtype=x.dtype)[order].view(shape)
-    lower = (x_s - eps_s).clamp_(min=0)
-    upper = (x_s + eps_s).clamp_(max=1)
-    x_adv = torch.max(torch.min(x_s + start[order].clamp(-eps_s, eps_s), upper), lower)
+    eps = epsilon.to(device=x.device, dtype=x.dtype)
+    step = step_size.to(device=x.device, dtype=x.dtype)
+    if order is not None:
+        x, y, eps, step, start = x[order], y[order], eps[order], step[order], start[order]
+    eps_s, step_s = eps.view(shape), step.view(shape)
+    lower = (x - eps_s).clamp_(min=0)
+    upper = (x + eps_s).clamp_(max=1)
+    x_adv = torch.max(torch.min(x + start.clamp(-eps_s, eps_s), upper), lower)
 
     ascending = counts[::-1]
     max_iterations = counts[0] if counts else 0
@@ -108,11 +133,14 @@ def per_image_pgd(
         for t in range(max_iterations):
             n = b - bisect.bisect_right(ascending, t)  # images with more than t iterations
             xa = x_adv[:n].detach().requires_grad_(True)
-            objective = attack_loss(model(xa), y_s[:n], loss).sum()
+            objective = attack_loss(model(xa), y[:n], loss).sum()
             (grad,) = torch.autograd.grad(objective, xa)
-            stepped = xa.detach().add_(step_s[:n] * grad.sign())
-            x_adv[:n] = torch.max(torch.min(stepped, upper[:n]), lower[:n])
+            # In place, no allocation: xa.detach() shares x_adv[:n]'s storage, so the step and
+            # the projection (lower <= upper, so clamp == max(min(., upper), lower)) write x_adv.
+            xa.detach().add_(grad.sign_().mul_(step_s[:n])).clamp_(lower[:n], upper[:n])
 
+    if order is None:
+        return x_adv.detach()
     out = torch.empty_like(x_adv)
     out[order] = x_adv
     return out.detach()
@@ -130,21 +158,16 @@ def pgd(
     loss: Loss = "ce",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Plain PGD with the same settings for every image (the evaluation and probe attack)."""
+    """Plain PGD with the same settings for every image (the evaluation and probe attack).
+
+    Same result as :func:`per_image_pgd` with constant settings, without its sort: the counts
+    are known on the host, so there is no host-device synchronisation and no gather/scatter.
+    """
     b = x.shape[0]
     eps = torch.full((b,), float(epsilon), device=x.device)
-    start = None if random_start else torch.zeros_like(x)
-    return per_image_pgd(
-        model,
-        x,
-        y,
-        eps,
-        torch.full((b,), float(step_size), device=x.device),
-        torch.full((b,), int(iterations), device=x.device, dtype=torch.long),
-        start=start,
-        generator=generator,
-        loss=loss,
-    )
+    step = torch.full((b,), float(step_size), device=x.device)
+    start = _random_start(x, eps, generator) if random_start else torch.zeros_like(x)
+    return _sorted_pgd(model, x, y, eps, step, start, [int(iterations)] * b, None, loss)
 
 
 def masked_pgd(

@@ -108,10 +108,12 @@ class LASEnv(gym.Env):
         reward = outcome.reward if self.tensor_api else float(outcome.reward)
         return self._observation(), reward, terminated, False, info
 
+    def observe(self) -> tuple[Any, dict[str, Any]]:
+        """The current observation and its info, as ``reset`` returns them (e.g. after
+        ``load_state_dict``), without changing anything."""
+        return self._observation(), self._batch_info()
+
     # ------------------------------------------------------------ helpers
-    @property
-    def unwrapped_game(self) -> LASGame:
-        return self.game
 
     def _observation(self):
         x = self.game.batch[0]

@@ -176,6 +176,12 @@ class LASGame:
         """The clean images ``(B, C, H, W)`` and labels ``(B,)`` the next step trains on."""
         return self._x, self._y
 
+    @property
+    def epoch_order(self) -> Tensor:
+        """The current epoch's permutation of training-image indices: step ``i`` of the
+        epoch trains on ``epoch_order[i * batch_size : (i + 1) * batch_size]``."""
+        return self._order
+
     def _new_epoch_order(self) -> None:
         self._order = torch.randperm(self.data.x_train.shape[0], generator=self.rng, device=self.device)
 

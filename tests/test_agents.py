@@ -61,7 +61,7 @@ def flat_params(module: torch.nn.Module) -> torch.Tensor:
 
 
 def all_agents(spec: AgentSpec):
-    return [ReinforceAgent(spec, k=3), FixedAgent(spec, step_size=0.04), RandomAgent(spec)]
+    return [ReinforceAgent(spec, k=3), FixedAgent(spec), RandomAgent(spec)]
 
 
 # --------------------------------------------------------------------------- protocol
@@ -84,7 +84,7 @@ def test_agents_follow_the_protocol_and_return_valid_actions(device):
 
 def test_baselines_never_make_the_env_pay_for_the_full_reward():
     spec = make_spec(total_steps=37)
-    for agent in (FixedAgent(spec, step_size=0.04), RandomAgent(spec)):
+    for agent in (FixedAgent(spec), RandomAgent(spec)):
         # LASGame's rule: step s is a reward step when (s + 1) % reward_interval == 0.
         assert not any((s + 1) % agent.reward_interval == 0 for s in range(spec.total_steps))
     assert ReinforceAgent(spec, k=7).reward_interval == 7

@@ -1,0 +1,217 @@
+"""experiments/compare.py on tiny runs: grouping over seeds, the search baseline, the protocol
+check, the figures, and the command line end to end (the issue's sweep, then the report).
+
+The runs are made once per module by the real training loop (digits, 2 epochs x 3 steps); the
+variants the tests need (another fixed attack, another protocol...) are copies of them with
+their ``results.json`` edited, so they are exactly in the runner's format.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from test_run import TINY, cli, config
+
+from experiments import compare
+from experiments.loop import train
+from experiments.rundir import run_subdir, settings_hash
+from experiments.settings import settings_from_config
+
+REPO = Path(__file__).resolve().parents[1]
+COMPARE = [sys.executable, str(REPO / "experiments" / "compare.py")]
+# The runner's tiny budget without agent.k (the fixed and random agents take no k).
+BASELINE_TINY = [a for a in TINY if not a.startswith("agent.k")] + ["data.epochs=2", "data.max_steps_per_epoch=3"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """``<root>/digits/{fixed,random}/small_cnn-seed{0,1}-<hash>``, as experiments/run.py lays them out."""
+    root = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()
+    try:
+        for agent in ("fixed", "random"):
+            for seed in (0, 1):
+                cfg = config(*BASELINE_TINY, f"agent={agent}", f"seed={seed}")
+                train(settings_from_config(cfg, root / run_subdir(cfg), settings_hash=settings_hash(cfg)))
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def clone(run_dir: Path, dest: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of a run's results.json (all compare.py reads), edited."""
+    dest.mkdir(parents=True)
+    doc = json.loads((run_dir / "results.json").read_text())
+    edit(doc)
+    (dest / "results.json").write_text(json.dumps(doc))
+    return dest
+
+
+def run_dirs(root: Path, agent: str) -> list[Path]:
+    return sorted(p.parent for p in root.glob(f"digits/{agent}/*/results.json"))
+
+
+def test_report_has_every_agent_with_mean_and_std_over_seeds(runs, tmp_path, capsys):
+    assert compare.main([str(runs), "--out", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr()
+    report = (tmp_path / "report" / "report.md").read_text()
+    fixed = "fixed(eps=0.2,it=5,step=0.05)"  # the played attack, read from the recorded choices
+    for label in (fixed, "random"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| `{label}`")
+                   or line.startswith(f"| **`{label}`**"))
+        assert "2 (0,1)" in row and row.count("±") >= 3  # clean, PGD-5, wall time (and s/epoch)
+        assert label in printed.out  # the table is printed too
+    assert "← best" in report and "← best" in printed.out
+    assert "PGD-5 *" in report  # the ranking column: the strongest attack every run has
+    assert "first 64 test images" in report and "L-inf eps=0.2" in report  # the protocol is stated
+    assert "WARNING" not in report and printed.err == ""
+    for png in ("robust_curves.png", "epsilon_distribution.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 10_000
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["headline_attack"] == "pgd5"
+    assert {g["label"] for g in summary["groups"]} == {fixed, "random"}
+    for g in summary["groups"]:
+        acc = g["accuracy"]["pgd5"]
+        assert acc["n"] == 2 and acc["mean"] == pytest.approx(sum(acc["values"]) / 2)
+
+
+def test_fixed_attack_search_is_one_table_with_the_learned_agents(runs, tmp_path):
+    # Two more fixed attacks (the search), as `+sweep=fixed_search_digits` would make them:
+    # the recorded choices say which attack was played.
+    for eps_index, accuracy in ((1, 0.9), (4, 0.05)):
+        for src in run_dirs(runs, "fixed"):
+            def edit(doc, eps_index=eps_index, accuracy=accuracy):
+                doc["config"]["agent"]["epsilon"] = doc["config"]["data"]["grid"]["epsilons"][eps_index]
+                for h in doc["history"]:
+                    n = sum(h["choices"]["epsilon"])
+                    h["choices"]["epsilon"] = [n if i == eps_index else 0 for i in range(len(h["choices"]["epsilon"]))]
+                for row in doc["final"]:
+                    if row["name"] == "pgd5":
+                        row["accuracy"] = accuracy
+            clone(src, tmp_path / "search" / f"eps{eps_index}" / src.name, edit)
+
+    c = compare.compare([runs, tmp_path / "search"])
+    assert sorted(g.label for g in c.search) == ["fixed(eps=0.1,it=5,step=0.05)", "fixed(eps=0.2,it=5,step=0.05)",
+                                                 "fixed(eps=0.25,it=5,step=0.05)"]
+    best, default = c.search[0], next(g for g in c.search if g.label == "fixed(eps=0.2,it=5,step=0.05)")
+    assert best.label == "fixed(eps=0.1,it=5,step=0.05)" and best.role.startswith("search: best of 3")
+    assert "default PGD-AT" in default.role
+    # The main table: the learned/random agents, the default PGD-AT and the best of the search;
+    # the worst fixed setting only in the search table.
+    assert {g.label for g in c.main} == {"random", best.label, default.label}
+    assert c.winners == [best]
+    files = compare.write_report(c, tmp_path / "report")
+    report = files["report"].read_text()
+    assert "## Search baseline: fixed attack settings" in report
+    assert "(search: best of 3 fixed settings) **← best**" in report
+
+
+def test_protocol_mismatch_is_a_loud_warning(runs, tmp_path, capsys):
+    src = run_dirs(runs, "random")[0]
+
+    def other_protocol(doc):
+        doc["config"]["seed"] = 5
+        for row in doc["final"]:
+            row["n_images"] = 100  # evaluated on other images
+        doc["config"]["data"]["epochs"] = 9  # and trained longer
+
+    clone(src, tmp_path / "odd" / "digits" / "random" / "small_cnn-seed5-00000000", other_protocol)
+    code = compare.main([str(runs), str(tmp_path / "odd"), "--out", str(tmp_path / "report"), "--strict"])
+    assert code == compare.EXIT_MISMATCH
+    err = capsys.readouterr().err
+    assert "compare: WARNING: Final evaluation 'pgd5' (eps, test images) differs" in err
+    assert "100 images" in err and "64 images" in err and "Training budget differs" in err
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## ⚠ WARNING: the runs do not share one protocol" in report.split("## Protocol")[0]
+    # Without --strict the report is written and the exit status is 0.
+    assert compare.main([str(runs), str(tmp_path / "odd"), "--out", str(tmp_path / "report2")]) == 0
+
+
+def test_runs_of_one_agent_with_other_settings_get_their_own_labels_and_duplicates_count_once(runs, tmp_path):
+    for src in run_dirs(runs, "random"):
+        def edit(doc):
+            doc["config"]["data"]["optim"]["lr"] = 0.2
+        clone(src, tmp_path / "lr" / src.name, edit)
+    dup = run_dirs(runs, "fixed")[0]
+    shutil.copytree(dup, tmp_path / "dup" / dup.name)  # the same run twice (e.g. copied folders)
+    c = compare.compare([runs, tmp_path / "lr", tmp_path / "dup"])
+    labels = {g.label: len(g.runs) for g in c.groups}
+    assert labels == {"fixed(eps=0.2,it=5,step=0.05)": 2, "random(data.optim.lr=0.05)": 2,
+                      "random(data.optim.lr=0.2)": 2}
+    assert any("counted once" in n for n in c.notes)
+
+
+def test_fixed_images_figure_when_the_runs_record_them(runs, tmp_path):
+    # The per-epoch `fixed_images` record the loop keeps (Fig. 5); made here for the random runs.
+    for src in run_dirs(runs, "random") + run_dirs(runs, "fixed"):
+        def edit(doc):
+            for h in doc["history"]:
+                h["fixed_images"] = {"index": [3, 14, 15], "epsilon": [0.1, None, 0.3],
+                                     "iterations": [2, None, 8], "step_size": [0.05, None, 0.1]}
+        clone(src, tmp_path / "fig5" / src.parent.name / src.name, edit)
+    files = compare.write_report(compare.compare([tmp_path / "fig5"]), tmp_path / "report")
+    assert files["fixed_images_strength"].stat().st_size > 10_000
+    assert "![fixed_images_strength](fixed_images_strength.png)" in files["report"].read_text()
+
+
+def test_autoattack_from_evaluate_py_joins_the_table_when_it_scored_the_final_weights(runs, tmp_path):
+    # experiments/evaluate.py writes evaluation*.json next to the checkpoint, with a fingerprint
+    # of the weights it scored; a report of other weights (an earlier epoch) must not be used.
+    dirs = run_dirs(runs, "random")
+    for i, src in enumerate(dirs):
+        dest = tmp_path / "aa" / src.name
+        shutil.copytree(src, dest)
+        sha = compare._weights_fingerprint(dest / "target_state_dict.pt") if i == 0 else "0123456789abcdef"
+        (dest / "evaluation_n64.json").write_text(json.dumps({
+            "format": compare.EVALUATION_FORMAT, "fingerprint": {"model_sha256": sha, "eps": 0.2, "n_images": 64},
+            "sanity_passed": True,
+            "results": [{"name": "autoattack", "label": "AutoAttack (standard, official)", "accuracy": 0.1,
+                         "n_images": 64, "epsilon": 0.2}]}))
+    c = compare.compare([tmp_path / "aa"])
+    assert "autoattack" in c.attacks and c.headline == "pgd5"  # not on every run: PGD still ranks
+    (group,) = c.groups
+    assert group.accuracy("autoattack").values == [0.1]
+    assert any("other weights" in n for n in c.notes)
+    report = compare.markdown_report(c, {})
+    assert "AutoAttack (%)" in report and "10.00 (n=1)" in report and "(from experiments/evaluate.py)" in report
+
+
+def test_only_clean_accuracy_means_no_ranking(runs, tmp_path):
+    for src in run_dirs(runs, "random"):
+        def edit(doc):
+            doc["final"] = [r for r in doc["final"] if r["name"] == "clean"]
+        clone(src, tmp_path / "clean" / src.name, edit)
+    c = compare.compare([tmp_path / "clean"])
+    assert c.headline is None and c.winners == []
+    assert "← best" not in compare.markdown_report(c, {})
+
+
+def test_no_runs_is_one_line_and_exit_1(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert compare.main([str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("compare: error: No finished runs") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_sweep_then_compare_from_the_command_line(tmp_path):
+    # The issue's workflow: one multirun over agents and seeds, then the local report.
+    sweep = cli("-m", "agent=fixed,random", "seed=0,1", *BASELINE_TINY, cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    proc = subprocess.run([*COMPARE, "runs/digits"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "runs" / "digits" / "comparison"  # default: <common folder>/comparison
+    report = (out / "report.md").read_text()
+    assert "`random`" in report and "`fixed(eps=0.2,it=5,step=0.05)`" in report and "4 runs" in report
+    assert (out / "robust_curves.png").is_file() and (out / "epsilon_distribution.png").is_file()
+    assert "Report:" in proc.stdout and "| Agent |" in proc.stdout
+    # With the loop recording fixed images, the random agent's Fig. 5 is drawn.
+    history = json.loads(next((tmp_path / "runs").glob("digits/random/*/results.json")).read_text())["history"]
+    assert (out / "fixed_images_strength.png").is_file() == ("fixed_images" in history[0])
