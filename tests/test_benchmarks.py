@@ -1,0 +1,51 @@
+"""Smoke tests of the benchmarks: they run at a tiny size and print the JSON line they promise.
+
+No timing goal is asserted here (timings belong to docs/benchmarks.md, not to unit tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--data", "digits", "--batch-size", "8", "--batches", "2", "--rounds", "1", "--warmup", "1"]
+
+
+def run_benchmark(*args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "epoch_cost.py"), *TINY, *args],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, f"expected one JSON line on stdout, got: {proc.stdout!r}"
+    return json.loads(lines[0])
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_epoch_cost_prints_the_ratios_and_per_variant_times():
+    out = run_benchmark()
+    for key in ("las_k20_vs_pgdat", "las_k1_vs_pgdat", "env_overhead"):
+        assert positive(out[key]), key
+    variants = ("pgdat", "las_k20", "game_k20", "las_k1")
+    for table in ("seconds", "cpu_seconds", "images_per_second", "iterations_mean"):
+        assert set(out[table]) == set(variants), table
+        assert all(positive(v) for v in out[table].values()), table
+    # Same seed, same agent: the env and the bare game played exactly the same attacks.
+    assert out["iterations_mean"]["las_k20"] == out["iterations_mean"]["game_k20"]
+    assert out["iterations_mean"]["pgdat"] == 5.0  # PGD-5, the digits PGD-AT attack
+    assert positive(out["breakdown"]["strategy_act_s"]) and positive(out["breakdown"]["env_wrapper_s"])
+    assert set(out["goals"]) == {"las_k20_vs_pgdat <= 1.0", "las_k1_vs_pgdat <= 2.0", "env_overhead <= 1.03"}
+
+
+def test_epoch_cost_compares_precisions_on_cpu():
+    out = run_benchmark("--variants", "pgdat", "--precision", "fp32", "bf16", "--no-breakdown")
+    assert set(out["seconds"]) == {"fp32/pgdat", "bf16/pgdat"}
+    assert positive(out["setting_speedup"]["bf16_vs_fp32/pgdat"])
