@@ -11,7 +11,7 @@ directly.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,9 @@ class LASConfig:
         device: "cpu", "cuda", "cuda:1", ... ("auto" picks cuda when available).
         precision: "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler).
         channels_last: NHWC memory format for conv speed on GPUs.
+        data_on_device: ``None``/True keeps the whole data set on the training device (no
+            transfer per step); False keeps it in host memory (pinned on CUDA) and copies each
+            batch with a non-blocking transfer, for data that does not fit on the GPU.
     """
 
     dataset: str = "digits"
@@ -64,6 +67,7 @@ class LASConfig:
     device: str = "cpu"
     precision: Precision = "fp32"
     channels_last: bool = False
+    data_on_device: bool | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -126,7 +130,14 @@ class LASGame:
         self.config = config
         self.device = torch.device(config.device)
         data = data if data is not None else load_dataset(config.dataset, config.data_root)
-        self.data = data.to(self.device)
+        self.resident = config.data_on_device is not False
+        if self.resident:
+            self.data = data.to(self.device)
+        else:
+            self.data = data.to("cpu")
+            if self.device.type == "cuda":
+                self.data = replace(self.data, x_train=self.data.x_train.pin_memory(),
+                                    y_train=self.data.y_train.pin_memory())
         self.grid: StrategyGrid = config.grid
         self.threat = threat_model_for(config.dataset)
         self._grid_tables = self.grid.tables(self.device)
@@ -141,6 +152,8 @@ class LASGame:
         self.total_steps = per_epoch * config.epochs
         self.augment = config.augment if config.augment is not None else self.data.image_size >= 32
         self.rng = torch.Generator(device=self.device)
+        # The data order is drawn where the data lives, so indexing never crosses devices.
+        self.order_rng = self.rng if self.resident else torch.Generator()
         self.target: torch.nn.Module | None = None
         self.trainer: TargetTrainer | None = None
         self.step_index = 0
@@ -149,6 +162,7 @@ class LASGame:
     def reset(self, seed: int) -> None:
         """A fresh target network, optimiser and data order, all derived from ``seed``."""
         self.rng.manual_seed(seed)
+        self.order_rng.manual_seed(seed)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -183,18 +197,24 @@ class LASGame:
         return self._order
 
     def _new_epoch_order(self) -> None:
-        self._order = torch.randperm(self.data.x_train.shape[0], generator=self.rng, device=self.device)
+        x_train = self.data.x_train
+        self._order = torch.randperm(x_train.shape[0], generator=self.order_rng, device=x_train.device)
 
     def _load_batch(self) -> None:
         b = self.config.batch_size
         i = self.step_index % self.steps_per_epoch
         idx = self._order[i * b : (i + 1) * b]
-        x = self.data.x_train[idx]
+        x, y = self.data.x_train[idx], self.data.y_train[idx]
+        if not self.resident:
+            if self.device.type == "cuda":
+                x, y = x.pin_memory(), y.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
         if self.augment:
             x = augment_batch(x, self.rng)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        self._x, self._y = x, self.data.y_train[idx]
+        self._x, self._y = x, y
 
     # -------------------------------------------------------------------- step
     def action_values(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -282,6 +302,7 @@ class LASGame:
             "trainer": self.trainer.state_dict(),
             "step_index": self.step_index,
             "rng": self.rng.get_state(),
+            "order_rng": self.order_rng.get_state(),
             "order": self._order,
             "batch": (self._x, self._y),
         }
@@ -293,5 +314,7 @@ class LASGame:
         self.trainer.load_state_dict(state["trainer"])
         self.step_index = int(state["step_index"])
         self.rng.set_state(state["rng"].cpu())
-        self._order = state["order"].to(self.device)
+        if "order_rng" in state:
+            self.order_rng.set_state(state["order_rng"].cpu())
+        self._order = state["order"].to(self.data.x_train.device)
         self._x, self._y = (t.to(self.device) for t in state["batch"])
