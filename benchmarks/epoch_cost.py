@@ -20,8 +20,10 @@ Medians over rounds are reported. The loop is the training loop's hot loop
 Default size (about 3 minutes on 2 shared CPU cores): random CIFAR-10-shaped tensors with the
 CIFAR-10 grid and threat model (PGD-AT = PGD-10; LAS iterations 3..14), small_cnn target and
 strategy network, batch 32, 20 batches (one learning step at k=20), 1 CPU thread, glibc told to
-keep freed memory (``--malloc retain``; see ``retain_freed_memory``). docs/benchmarks.md has the
-figures and why this size.
+keep freed memory (``--malloc retain``; see ``retain_freed_memory``), denormals flushed to zero
+(``--denormals flush``: a denormal-heavy backward pass runs several times slower on a CPU, and
+which variant's model produces one at which step is chance). docs/benchmarks.md has the figures
+and why this size.
 
 Prints one JSON line. The ratios:
   las_k20_vs_pgdat   median las_k20 / median pgdat        (goal <= 1.0)
@@ -343,6 +345,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--malloc", choices=["retain", "default"], default="retain",
                    help="CPU only. retain (default): glibc keeps freed memory (see retain_freed_memory); "
                         "default: glibc's own behaviour (page faults on fresh large blocks every step)")
+    p.add_argument("--denormals", choices=["flush", "keep"], default="flush",
+                   help="CPU only. flush (default): torch.set_flush_denormal(True), so that tiny gradients "
+                        "(~1e-38 and below, e.g. from a saturated softmax) do not take the CPU's slow "
+                        "denormal path; keep: IEEE denormals")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-breakdown", action="store_true", help="skip the strategy-forward and wrapper timings")
     args = p.parse_args(argv)
@@ -357,6 +363,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads > 0 and device.type == "cpu":
         torch.set_num_threads(args.threads)
     malloc = "default"
+    denormals = "keep"
+    if args.denormals == "flush" and device.type == "cpu" and torch.set_flush_denormal(True):
+        denormals = "flush"
     if args.malloc == "retain" and device.type == "cpu" and retain_freed_memory():
         malloc = "retain"
     dataset, data = load_data(args)
@@ -418,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": setting_names,
         "interleave": args.interleave,
         "malloc": malloc,
+        "denormals": denormals,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
