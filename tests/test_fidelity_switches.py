@@ -293,3 +293,40 @@ def test_bad_switch_values_name_both_choices():
         RewardConfig(l1_forward="test")
     with pytest.raises(ValueError, match="reward_flow"):
         ReinforceAgent(spec(), reward_flow="theirs")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+AUTHORS = [  # every switch the authors' way, on the digits demo
+    "attack_start=threat_ball", "last_batch=wrap", "reward.l1_forward=eval", "reward.l1_clamp_scope=batch_mean",
+    "reward.probe_restarts=2", "reward.w_hat=deepcopy", "data.optim.true_class_prob=0.8",
+    "agent.reward_flow=score_then_resample", "agent.bn_mode=split", "agent.credit=paper", "agent.k=2",
+]
+TINY = ["data.epochs=2", "data.batch_size=32", "data.max_steps_per_epoch=4", "eval.test_subset=32", "eval.train_subset=32", "eval.final_n=64",
+        "eval.final_attacks=[clean,pgd2]", "eval.pgd_iterations=2", "logger=none", "progress=false",
+        "reward.probe_iterations=2", "data.grid.iterations=[1,2]"]  # cheap: what is tested is the plumbing
+
+
+@pytest.mark.slow
+def test_the_authors_switches_run_end_to_end_and_resume_exactly(tmp_path, digits):
+    from hydra import compose, initialize_config_dir  # noqa: PLC0415
+
+    from experiments.loop import train  # noqa: PLC0415
+    from experiments.settings import settings_from_config  # noqa: PLC0415
+
+    def settings(run_dir, **changes):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=TINY + AUTHORS)
+        s = settings_from_config(cfg, run_dir)
+        for k, v in changes.items():
+            setattr(s, k, v)
+        return s
+
+    whole = train(settings(tmp_path / "whole"), data=digits)
+    history = whole.history
+    assert [h["steps"] for h in history] == [4, 8]
+    assert "agent/policy_loss" in history[0]["train"]  # the policy learned from scored samples
+    assert "reward/total" not in history[0]["train"]  # the env's own steps paid no reward
+    train(settings(tmp_path / "stopped", stop_after_epochs=1), data=digits)
+    resumed = train(settings(tmp_path / "stopped", resume=True), data=digits)
+    assert (resumed.run_dir / "metrics.json").read_bytes() == (whole.run_dir / "metrics.json").read_bytes()
