@@ -19,6 +19,7 @@ outside this package works from the command line: ``agent._target_=my_module.MyA
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -76,3 +77,28 @@ class Agent(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+Scorer = Callable[[Tensor], tuple[Tensor, dict[str, Any]]]
+"""``LASEnv.score``: actions -> ``(reward, info)`` of those actions on the current batch,
+measured on a look-ahead copy of the target, without training the target on them."""
+
+
+@runtime_checkable
+class ScoringAgent(Protocol):
+    """An agent that scores its actions itself before acting (the authors' reward flow).
+
+    When ``scores_actions`` is true the loop builds the env with ``step_reward=False`` (its
+    steps pay no reward; reward steps are still flagged by ``info["reward_next_step"]``) and
+    calls ``bind_scorer(env.score)`` once; on a reward step the agent scores a sample, learns
+    from it, and returns the actions the target really trains on.
+    """
+
+    scores_actions: bool
+
+    def bind_scorer(self, scorer: Scorer) -> None: ...
+
+
+def scores_own_actions(agent: Any) -> bool:
+    """Whether ``agent`` wants to score its actions itself (:class:`ScoringAgent`)."""
+    return bool(getattr(agent, "scores_actions", False)) and callable(getattr(agent, "bind_scorer", None))

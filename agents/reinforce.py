@@ -36,9 +36,22 @@ credit ignores the effect of image i's attack on OTHER images' L2/L3 through the
 target update (each a 1/B share); the paper's scalar keeps it, at a much larger variance.
 
 Both modes: optional entropy bonus ``- entropy_coef * H``, gradient-norm clipping to
-``grad_clip``, plain SGD (or Adam). The network runs in training mode throughout: its
-BatchNorm layers normalise with the batch's own statistics on every step, learning or not,
-so the actions of both kinds of step come from the same function.
+``grad_clip``, plain SGD (or Adam).
+
+Reward flow (``reward_flow=``) and BatchNorm mode (``bn_mode=``), kept apart from the credit:
+
+- ``"train_on_scored"`` (ours): the actions sampled on a reward step are the ones the target
+  trains on, and the env's step pays their reward (``learn`` after the step).
+- ``"score_then_resample"`` (the authors'): on a reward step ``act`` samples actions, has
+  them scored by ``env.score`` (a look-ahead copy of the target; the real target does not
+  train on them), learns from that reward at once, then samples NEW actions from the updated
+  policy for the real training step. The loop binds the scorer (``bind_scorer``).
+- ``bn_mode="train"`` (ours): the network runs in training mode throughout (BatchNorm uses
+  the batch's own statistics), so every action comes from the same function.
+  ``"split"`` (the authors'): training mode for the actions that are scored (their
+  log-probabilities are learned from), eval mode (running statistics) for the actions the
+  target trains on without them being scored: every step under ``score_then_resample``,
+  the non-reward steps under ``train_on_scored``.
 
 Reproducibility: the network is initialised from ``seed`` without touching the global RNG,
 and actions are sampled with the agent's own ``torch.Generator`` on the training device;
@@ -49,16 +62,20 @@ a resumed run samples exactly the actions the uninterrupted one would have.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from agents.base import AgentSpec
+from agents.base import AgentSpec, Scorer
 from agents.strategy_net import StrategyNet
+from las_env.attack import eval_mode
 
 Credit = Literal["paper", "per_image"]
+RewardFlow = Literal["train_on_scored", "score_then_resample"]
+BnMode = Literal["train", "split"]
 
 # The strategy backbone when none is given: the authors' ResNet-18 for CIFAR-like data,
 # the same small network as the target on 8x8 digits.
@@ -98,6 +115,9 @@ class ReinforceAgent:
         zero_init_heads: start from the uniform strategy (see ``agents.strategy_net``).
         seed: seed of the network's initialisation and of the sampling generator; ``None``
             takes ``spec.seed``.
+        reward_flow: ``"train_on_scored"`` (ours) or ``"score_then_resample"`` (the
+            authors'; needs ``bind_scorer``); see the module docstring.
+        bn_mode: ``"train"`` (ours) or ``"split"`` (the authors'); see the module docstring.
 
     Attributes:
         reward_interval: ``k``.
@@ -126,6 +146,8 @@ class ReinforceAgent:
         backbone: str | None = None,
         zero_init_heads: bool = True,
         seed: int | None = None,
+        reward_flow: RewardFlow = "train_on_scored",
+        bn_mode: BnMode = "train",
     ) -> None:
         if int(k) != k or k < 1:
             raise ValueError(f"k (the strategy's update interval) must be a whole number >= 1, got {k}.")
@@ -175,6 +197,44 @@ class ReinforceAgent:
         self._epsilons = spec.grid.tables(self.device)[2]
         self._pending: _Pending | None = None
         self._warned_unmatched = False
+        self._init_flow(reward_flow, bn_mode)
+
+    # ---------------------------------------------------- reward flow, BN mode
+    def _init_flow(self, reward_flow: str, bn_mode: str) -> None:
+        if reward_flow not in ("train_on_scored", "score_then_resample"):
+            raise ValueError(
+                f"reward_flow must be 'train_on_scored' (ours) or 'score_then_resample' (the authors'), got {reward_flow!r}."
+            )
+        if bn_mode not in ("train", "split"):
+            raise ValueError(f"bn_mode must be 'train' (ours) or 'split' (the authors'), got {bn_mode!r}.")
+        self.reward_flow, self.bn_mode = reward_flow, bn_mode
+        self.scores_actions = reward_flow == "score_then_resample"  # agents.base.ScoringAgent
+        self._scorer: Scorer | None = None
+        self._scored_metrics: dict[str, Any] | None = None
+
+    def bind_scorer(self, scorer: Scorer) -> None:
+        """Give the agent ``env.score`` (the built-in loop does it when ``scores_actions``)."""
+        self._scorer = scorer
+
+    def _sample_unscored(self, x: Tensor) -> Tensor:
+        """Actions the target trains on without their being scored: no graph; eval-mode
+        BatchNorm under ``bn_mode="split"``."""
+        with torch.no_grad(), (eval_mode(self.net) if self.bn_mode == "split" else nullcontext()):
+            actions, _, _ = self.net.sample(x, self.generator)
+        return actions
+
+    def _score_then_resample(self, x: Tensor, scored_actions: Tensor) -> Tensor:
+        """The authors' reward step: score the sampled actions, learn, sample anew."""
+        if self._scorer is None:
+            raise RuntimeError(
+                "ReinforceAgent(reward_flow='score_then_resample') has no scorer: call "
+                "agent.bind_scorer(env.score) before playing (experiments/loop.py does it)."
+            )
+        reward, info = self._scorer(scored_actions)
+        self._scored_metrics = None
+        metrics = self.learn(reward, {**info, "reward_computed": True})
+        self._scored_metrics = metrics
+        return self._sample_unscored(x)
 
     # ------------------------------------------------------------------ act
     def act(self, observation: Tensor, info: dict[str, Any]) -> Tensor:
@@ -190,9 +250,10 @@ class ReinforceAgent:
             with torch.enable_grad():
                 actions, log_prob, entropy = self.net.sample(x, self.generator)
             self._pending = _Pending(actions, log_prob, entropy)
+            if self.scores_actions:
+                return self._score_then_resample(x, actions)
         else:
-            with torch.no_grad():
-                actions, _, _ = self.net.sample(x, self.generator)
+            actions = self._sample_unscored(x)
             self._pending = None
         return actions
 
@@ -209,6 +270,9 @@ class ReinforceAgent:
         ``iterations_idx``, ``epsilon_idx`` (mean chosen index per head) and ``epsilon``
         (mean chosen radius, pixel units).
         """
+        if self._scored_metrics is not None:  # score_then_resample: act already learned
+            metrics, self._scored_metrics = self._scored_metrics, None
+            return metrics
         pending, self._pending = self._pending, None  # the graph is used at most once
         if not info.get("reward_computed", False):
             return {}

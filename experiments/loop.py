@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from agents.base import Agent, AgentSpec
+from agents.base import Agent, AgentSpec, scores_own_actions
 from experiments import plots
 from experiments.errors import ConfigError
 from experiments.loggers import Console, Tracker, WandbTracker, make_tracker
@@ -47,6 +47,7 @@ from experiments.settings import RunSettings
 from las_env.checkpoint import FORMAT, atomic_save, load_checkpoint
 from las_env.data import DatasetNotFoundError, ImageData, load_dataset
 from las_env.env import LASEnv
+from las_env.game import steps_per_epoch
 from las_env.evaluation import (
     AttackResult,
     atomic_write_text,
@@ -91,13 +92,12 @@ class RunResult:
 # ----------------------------------------------------------------------------- game setup
 
 
-def episode_shape(n_train: int, batch_size: int, epochs: int, max_steps_per_epoch: int | None) -> tuple[int, int]:
+def episode_shape(n_train: int, batch_size: int, epochs: int, max_steps_per_epoch: int | None,
+                  last_batch: str = "drop") -> tuple[int, int]:
     """``(steps_per_epoch, total_steps)`` of an episode, as :class:`las_env.game.LASGame` counts
-    them (the last partial batch of an epoch is dropped). The agent needs them before the env
+    them (``last_batch``: see ``LASConfig``). The agent needs them before the env
     exists, since the env's reward interval is the agent's ``k``."""
-    per_epoch = n_train // batch_size
-    if max_steps_per_epoch is not None:
-        per_epoch = min(per_epoch, max_steps_per_epoch)
+    per_epoch = steps_per_epoch(n_train, batch_size, max_steps_per_epoch, last_batch)
     return per_epoch, per_epoch * epochs
 
 
@@ -111,7 +111,7 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
     n_train = data.x_train.shape[0]
     if cfg.batch_size > n_train:
         raise ConfigError(f"data.batch_size={cfg.batch_size} exceeds the {n_train} training images of {data.name}.")
-    per_epoch, total = episode_shape(n_train, cfg.batch_size, cfg.epochs, cfg.max_steps_per_epoch)
+    per_epoch, total = episode_shape(n_train, cfg.batch_size, cfg.epochs, cfg.max_steps_per_epoch, cfg.last_batch)
     spec = AgentSpec(
         grid=cfg.grid,
         observation_shape=(cfg.batch_size, data.channels, data.image_size, data.image_size),
@@ -135,7 +135,10 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
     k = agent.reward_interval
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"{type(agent).__name__}.reward_interval={k!r}: it must be a whole number >= 1.")
-    env = LASEnv(config=replace(cfg, reward_interval=k), data=data, tensor_api=True)
+    scorer = scores_own_actions(agent)  # the authors' reward flow: the agent calls env.score itself
+    env = LASEnv(config=replace(cfg, reward_interval=k, step_reward=not scorer), data=data, tensor_api=True)
+    if scorer:
+        agent.bind_scorer(env.score)
     if (env.game.steps_per_epoch, env.game.total_steps) != (per_epoch, total):  # guards episode_shape
         raise RuntimeError("episode_shape() disagrees with LASGame about the episode's length.")
     return env, agent, spec

@@ -38,6 +38,9 @@ AgentFactory = Callable[[AgentSpec], Agent]
 AGENT_META_KEYS = ("name",)
 """Keys of an agent config that describe it rather than being constructor arguments."""
 
+FIDELITY_KEYS = ("attack_start", "last_batch")
+"""Top-level config keys that are ours-vs-the-authors' switches of ``LASConfig`` (defaults there)."""
+
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -350,6 +353,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         device=str(resolved.get("device", "cpu")),
         precision=str(resolved.get("precision", "fp32")),
         channels_last=bool(resolved.get("channels_last", False)),
+        **{key: resolved[key] for key in FIDELITY_KEYS if key in resolved},
     ))
     stop = _positive_or_none("stop_after_epochs", resolved.get("stop_after_epochs"))
     log_every = resolved.get("log_every_steps", 20)

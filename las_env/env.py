@@ -108,6 +108,21 @@ class LASEnv(gym.Env):
         reward = outcome.reward if self.tensor_api else float(outcome.reward)
         return self._observation(), reward, terminated, False, info
 
+    def score(self, action) -> tuple[Any, dict[str, Any]]:
+        """``(reward, info)`` that ``step(action)`` would give on the current batch, measured
+        on a look-ahead copy of the target WITHOUT training the target on it (the authors'
+        reward flow: score sampled actions, update the policy, train on a new sample).
+
+        ``info`` has ``step``'s keys (per-image ``rewards``, ``l1``, ``l2``, ``l3``, ...;
+        ``reward_computed`` is True) and describes the current batch. Nothing changes: not
+        the target, its optimiser, the step counter, the observation or the training RNG
+        (see :meth:`las_env.game.LASGame.score`).
+        """
+        action_t = self._validate(action)
+        outcome = self.game.score(action_t)
+        info = self._step_info(outcome)
+        return (outcome.reward if self.tensor_api else float(outcome.reward)), info
+
     def observe(self) -> tuple[Any, dict[str, Any]]:
         """The current observation and its info, as ``reset`` returns them (e.g. after
         ``load_state_dict``), without changing anything."""

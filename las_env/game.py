@@ -5,26 +5,31 @@ the target network and its optimiser, and the reward. ``play(action)`` attacks t
 batch with the per-image strategy, trains the target one step on the result, measures the
 reward when this step carries one, and moves to the next batch. :class:`las_env.env.LASEnv`
 is a thin Gymnasium wrapper over it; training loops that want no wrapper can drive it
-directly.
+directly. ``score(action)`` measures the reward ``play(action)`` would pay on a look-ahead
+copy, changing nothing (the authors' reward flow scores actions it does not train on).
 """
 
 from __future__ import annotations
 
-import copy
+import math
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from las_env.attack import per_image_pgd
+from las_env.attack import eval_mode, per_image_pgd, random_start
 from las_env.data import ImageData, augment_batch, load_dataset
 from las_env.grids import StrategyGrid, grid_for, threat_model_for
+from las_env.lookahead import lookahead_step
 from las_env.models import build_model
 from las_env.reward import RewardConfig, RewardTerms, probe_updated_target, reward_terms
 from las_env.target import OptimConfig, Precision, TargetTrainer, autocast
 
 DEFAULT_MODELS = {"digits": "small_cnn", "tiny-imagenet": "preact_resnet18"}
+SCORE_SEED_OFFSET = 0x5C0DE
+"""``score``'s generator is seeded with the episode's seed plus this (a stream of its own)."""
 
 
 @dataclass
@@ -35,8 +40,8 @@ class LASConfig:
         dataset: "digits" (offline default), "cifar10", "cifar100", "svhn", "gtsrb", "tiny-imagenet".
         data_root: folder holding the data sets (see ``las_env.data.load_dataset``).
         model: target architecture; ``None`` takes small_cnn for digits, resnet18 otherwise.
-        batch_size: images per step (the observation's first dimension). The last partial
-            batch of an epoch is dropped so every observation has the same shape.
+        batch_size: images per step (the observation's first dimension); every observation
+            has this shape, whatever ``last_batch``.
         epochs: training budget; an episode is ``epochs * steps_per_epoch`` steps.
         max_steps_per_epoch: cap on steps per epoch (benchmarks, smoke tests); ``None`` = all.
         optim: the target's optimiser and schedule.
@@ -51,6 +56,19 @@ class LASConfig:
         data_on_device: ``None``/True keeps the whole data set on the training device (no
             transfer per step); False keeps it in host memory (pinned on CUDA) and copies each
             batch with a non-blocking transfer, for data that does not fit on the GPU.
+        attack_start: random start of the training attack. "own_ball" (ours): uniform in
+            each image's own epsilon ball. "threat_ball" (the authors'): uniform in the threat
+            model's ball (8/255 on CIFAR) whatever the image's epsilon, then projected to
+            the image's own ball (a smaller epsilon starts on or near its ball's surface).
+        last_batch: the epoch's last partial batch (``N % batch_size`` images). "drop"
+            (ours): dropped, each image at most once per epoch. "wrap" (our stand-in for the
+            authors' keeping it as a smaller batch): filled up to ``batch_size`` with the
+            first images of the same epoch's order, so every image trains every epoch, the
+            epoch has the authors' ceil(N / B) steps (their per-iteration schedule and k
+            cadence) and observations keep Gymnasium's fixed shape.
+        step_reward: whether ``play`` pays the full reward on reward steps. False when the
+            agent scores its actions itself with ``score`` before acting (the authors'
+            reward flow): reward steps are still flagged, ``play`` reports L1 only.
     """
 
     dataset: str = "digits"
@@ -68,6 +86,9 @@ class LASConfig:
     precision: Precision = "fp32"
     channels_last: bool = False
     data_on_device: bool | None = None
+    attack_start: Literal["own_ball", "threat_ball"] = "own_ball"
+    last_batch: Literal["drop", "wrap"] = "drop"
+    step_reward: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -90,6 +111,24 @@ class LASConfig:
             self.model = DEFAULT_MODELS.get(self.dataset, "resnet18")
         if self.grid is None:
             self.grid = grid_for(self.dataset)
+        self._check_fidelity_switches()
+
+    def _check_fidelity_switches(self) -> None:
+        if self.attack_start not in ("own_ball", "threat_ball"):
+            raise ValueError(
+                f"attack_start must be 'own_ball' (ours) or 'threat_ball' (the authors'), got {self.attack_start!r}."
+            )
+        if self.last_batch not in ("drop", "wrap"):
+            raise ValueError(f"last_batch must be 'drop' (ours) or 'wrap' (the authors' keep it), got {self.last_batch!r}.")
+
+
+def steps_per_epoch(n_train: int, batch_size: int, max_steps_per_epoch: int | None, last_batch: str = "drop") -> int:
+    """Training steps in one epoch: full batches only ("drop") or one more for the partial
+    batch ("wrap"), capped at ``max_steps_per_epoch``."""
+    per_epoch = n_train // batch_size if last_batch == "drop" else math.ceil(n_train / batch_size)
+    if max_steps_per_epoch is not None:
+        per_epoch = min(per_epoch, max_steps_per_epoch)
+    return per_epoch
 
 
 @dataclass
@@ -145,15 +184,14 @@ class LASGame:
         n_train = self.data.x_train.shape[0]
         if config.batch_size > n_train:
             raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training images of {data.name}.")
-        per_epoch = n_train // config.batch_size
-        if config.max_steps_per_epoch is not None:
-            per_epoch = min(per_epoch, config.max_steps_per_epoch)
+        per_epoch = steps_per_epoch(n_train, config.batch_size, config.max_steps_per_epoch, config.last_batch)
         self.steps_per_epoch = per_epoch
         self.total_steps = per_epoch * config.epochs
         self.augment = config.augment if config.augment is not None else self.data.image_size >= 32
         self.rng = torch.Generator(device=self.device)
         # The data order is drawn where the data lives, so indexing never crosses devices.
         self.order_rng = self.rng if self.resident else torch.Generator()
+        self.score_rng = torch.Generator(device=self.device)  # score()'s own stream
         self.target: torch.nn.Module | None = None
         self.trainer: TargetTrainer | None = None
         self.step_index = 0
@@ -163,6 +201,7 @@ class LASGame:
         """A fresh target network, optimiser and data order, all derived from ``seed``."""
         self.rng.manual_seed(seed)
         self.order_rng.manual_seed(seed)
+        self.score_rng.manual_seed(seed + SCORE_SEED_OFFSET)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -204,6 +243,8 @@ class LASGame:
         b = self.config.batch_size
         i = self.step_index % self.steps_per_epoch
         idx = self._order[i * b : (i + 1) * b]
+        if idx.shape[0] < b:  # last_batch="wrap": fill up from the start of this epoch's order
+            idx = torch.cat([idx, self._order[: b - idx.shape[0]]])
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         if not self.resident:
             if self.device.type == "cuda":
@@ -240,19 +281,20 @@ class LASGame:
         cfg = self.config
         x, y = self._x, self._y
         step_size, iterations, epsilon = self.action_values(action)
-        with autocast(self.device, cfg.precision):
-            x_adv = per_image_pgd(self.target, x, y, epsilon, step_size, iterations, generator=self.rng)
+        x_adv = self._attack(x, y, step_size, iterations, epsilon, self.rng)
 
-        reward_computed = self.is_reward_step()
+        reward_computed = self.is_reward_step() and cfg.step_reward
         lr = self.trainer.lr
         probe = None
+        eval_l1 = self._eval_l1(x_adv, y) if reward_computed and cfg.reward.l1_forward == "eval" else None
         if reward_computed and cfg.reward.needs_updated_target and cfg.reward.w_hat == "deepcopy":
-            probe = self._probe(self._train_copy(x_adv, y, lr), x, y)
+            look = lookahead_step(self.target, x_adv, y, cfg.optim, lr, precision=cfg.precision)
+            probe = self._probe(look.model, x, y, self.rng)
         result = self.trainer.train_step(x_adv, y)
         if reward_computed and cfg.reward.needs_updated_target and cfg.reward.w_hat == "this_step":
-            probe = self._probe(self.target, x, y)
+            probe = self._probe(self.target, x, y, self.rng)
 
-        terms = reward_terms(cfg.reward, result.loss, probe)
+        terms = reward_terms(cfg.reward, result.loss if eval_l1 is None else eval_l1, probe)
         reward = terms.total.mean() if reward_computed else torch.zeros((), device=self.device)
         outcome = StepOutcome(
             reward=reward,
@@ -276,23 +318,71 @@ class LASGame:
             self._load_batch()
         return outcome
 
-    def _probe(self, model: torch.nn.Module, x: Tensor, y: Tensor):
+    def score(self, action: Tensor) -> StepOutcome:
+        """The full reward ``play(action)`` would pay on the current batch, measured on a
+        look-ahead copy of the target; the game itself does not change.
+
+        Attacks the current batch with ``action`` (the real target, in eval mode, is only
+        read), trains a copy one SGD step on the examples (:mod:`las_env.lookahead`: with
+        ``reward.w_hat="this_step"`` the copy continues the real optimiser's momentum, with
+        ``"deepcopy"`` it is the authors' fresh-SGD copy) and probes the copy. The target,
+        its optimiser and schedule, the step counter, the data position and the current
+        batch are untouched. Random numbers (attack and probe starts) come from
+        ``score_rng``, a generator of its own (seeded from the episode's seed, checkpointed),
+        so scoring never shifts the training stream's numbers. The outcome's ``step``,
+        ``epoch`` and ``lr`` are those of the step that will train on this batch;
+        ``adv_correct`` and ``train_loss`` come from the copy's training forward.
+        """
+        if self.target is None:
+            raise RuntimeError("Call reset(seed) before score().")
+        if self.done:
+            raise RuntimeError("The episode is over (the whole training budget is spent); call reset().")
+        cfg = self.config
+        x, y = self._x, self._y
+        step_size, iterations, epsilon = self.action_values(action)
+        x_adv = self._attack(x, y, step_size, iterations, epsilon, self.score_rng)
+        lr = self.trainer.lr
+        momentum = self.trainer.optimizer.state_dict() if cfg.reward.w_hat == "this_step" else None
+        look = lookahead_step(self.target, x_adv, y, cfg.optim, lr, precision=cfg.precision, optimizer_state=momentum)
+        l1 = self._eval_l1(x_adv, y) if cfg.reward.l1_forward == "eval" else look.loss
+        probe = self._probe(look.model, x, y, self.score_rng) if cfg.reward.needs_updated_target else None
+        terms = reward_terms(cfg.reward, l1, probe)
+        return StepOutcome(
+            reward=terms.total.mean(),
+            reward_computed=True,
+            terms=terms,
+            adv_correct=look.correct,
+            clean_correct=probe.clean_correct if probe is not None else None,
+            probe_correct=probe.probe_correct if probe is not None else None,
+            train_loss=look.train_loss,
+            step_size=step_size,
+            iterations=iterations,
+            epsilon=epsilon,
+            step=self.step_index,
+            epoch=self.epoch,
+            lr=lr,
+        )
+
+    def _attack(self, x: Tensor, y: Tensor, step_size: Tensor, iterations: Tensor, epsilon: Tensor,
+                generator: torch.Generator) -> Tensor:
+        """The training attack, with the random start ``config.attack_start`` asks for."""
+        start = None  # per_image_pgd's own: uniform in each image's ball
+        if self.config.attack_start == "threat_ball":
+            start = random_start(x, torch.full_like(epsilon, self.threat.epsilon), generator)
+        with autocast(self.device, self.config.precision):
+            return per_image_pgd(self.target, x, y, epsilon, step_size, iterations, start=start, generator=generator)
+
+    def _eval_l1(self, x_adv: Tensor, y: Tensor) -> Tensor:
+        """Per-image CE of the target (not yet updated) in eval mode: the authors' L1 forward."""
+        with torch.no_grad(), eval_mode(self.target), autocast(self.device, self.config.precision):
+            logits = self.target(x_adv)
+        return F.cross_entropy(logits.float(), y, reduction="none")
+
+    def _probe(self, model: torch.nn.Module, x: Tensor, y: Tensor, generator: torch.Generator):
         r = self.config.reward
         eps = r.probe_epsilon if r.probe_epsilon is not None else self.threat.epsilon
         step = r.probe_step_size if r.probe_step_size is not None else self.threat.step_size
-        return probe_updated_target(model, x, y, r, eps, step, generator=self.rng, precision=self.config.precision)
-
-    def _train_copy(self, x_adv: Tensor, y: Tensor, lr: float) -> torch.nn.Module:
-        # The authors' w_hat: a deep copy of the target, one fresh SGD step on the same examples.
-        w_hat = copy.deepcopy(self.target)
-        o = self.config.optim
-        opt = torch.optim.SGD(w_hat.parameters(), lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        w_hat.train()
-        with autocast(self.device, self.config.precision):
-            loss = F.cross_entropy(w_hat(x_adv).float(), y, label_smoothing=o.label_smoothing)
-        loss.backward()
-        opt.step()
-        return w_hat
+        return probe_updated_target(model, x, y, r, eps, step, generator=generator, precision=self.config.precision)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -303,6 +393,7 @@ class LASGame:
             "step_index": self.step_index,
             "rng": self.rng.get_state(),
             "order_rng": self.order_rng.get_state(),
+            "score_rng": self.score_rng.get_state(),
             "order": self._order,
             "batch": (self._x, self._y),
         }
@@ -316,5 +407,7 @@ class LASGame:
         self.rng.set_state(state["rng"].cpu())
         if "order_rng" in state:
             self.order_rng.set_state(state["order_rng"].cpu())
+        if "score_rng" in state:
+            self.score_rng.set_state(state["score_rng"].cpu())
         self._order = state["order"].to(self.data.x_train.device)
         self._x, self._y = (t.to(self.device) for t in state["batch"])

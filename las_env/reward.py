@@ -38,6 +38,18 @@ class RewardConfig:
         w_hat: "this_step" measures L2/L3 on the target as updated by the env's own training
             step (free); "deepcopy" reproduces the authors, who train a deep copy of the
             target one extra SGD step on the same examples and measure that.
+        l1_forward: which forward of the (not yet updated) target gives L1 on a reward step.
+            "train" (ours): the training step's own forward, train mode, free. "eval" (the
+            authors'): one extra forward in eval mode (BatchNorm running statistics), the
+            mode the attack ran in. Non-reward steps always report the free one.
+        l1_clamp_scope: where the "accuracy" measure's clamp to ``[0, l1_clamp]`` applies.
+            "per_image" (ours): each image's CE. "batch_mean" (the authors'): the batch-mean
+            CE, their R1; per image, every CE is scaled by the same factor, so the batch mean
+            of L1 is exactly ``clamp(mean CE, 0, l1_clamp)`` (the scalar the paper credit
+            uses) and per-image credit still sees which image was hit hardest.
+        probe_restarts: random restarts of the L2 probe attack; per image the restart with
+            the highest CE is kept (the worst case), as in the authors' ``attack_pgd``.
+            Ours 1, the authors' 2.
     """
 
     alpha: float = 4.0
@@ -51,6 +63,9 @@ class RewardConfig:
     probe_epsilon: float | None = None
     probe_step_size: float | None = None
     w_hat: Literal["this_step", "deepcopy"] = "this_step"
+    l1_forward: Literal["train", "eval"] = "train"
+    l1_clamp_scope: Literal["per_image", "batch_mean"] = "per_image"
+    probe_restarts: int = 1
 
     def __post_init__(self) -> None:
         if self.measure not in ("accuracy", "loss"):
@@ -61,6 +76,19 @@ class RewardConfig:
             raise ValueError(f"reward.probe_iterations must be >= 1, got {self.probe_iterations}.")
         if not (self.use_l1 or self.use_l2 or self.use_l3):
             raise ValueError("All reward terms are switched off: enable at least one of use_l1, use_l2, use_l3.")
+        self._check_fidelity_switches()
+
+    def _check_fidelity_switches(self) -> None:
+        if self.l1_forward not in ("train", "eval"):
+            raise ValueError(f"reward.l1_forward must be 'train' (ours) or 'eval' (the authors'), got {self.l1_forward!r}.")
+        if self.l1_clamp_scope not in ("per_image", "batch_mean"):
+            raise ValueError(
+                f"reward.l1_clamp_scope must be 'per_image' (ours) or 'batch_mean' (the authors'), "
+                f"got {self.l1_clamp_scope!r}."
+            )
+        if isinstance(self.probe_restarts, bool) or int(self.probe_restarts) != self.probe_restarts or self.probe_restarts < 1:
+            raise ValueError(f"reward.probe_restarts must be a whole number >= 1 (ours 1, the authors' 2), got {self.probe_restarts!r}.")
+        self.probe_restarts = int(self.probe_restarts)
 
     @property
     def needs_updated_target(self) -> bool:
@@ -93,7 +121,8 @@ def probe_updated_target(
     generator: torch.Generator | None = None,
     precision: Precision = "fp32",
 ) -> UpdatedTargetProbe:
-    """Measure the updated target on the clean batch and under the probe attack."""
+    """Measure the updated target on the clean batch and under the probe attack (with
+    ``cfg.probe_restarts`` restarts, each image keeping the one with the highest CE)."""
     device = x.device
     clean_loss = clean_correct = probe_loss = probe_correct = None
     with eval_mode(model):
@@ -109,6 +138,15 @@ def probe_updated_target(
                 logits = model(x_probe).float()
                 probe_loss = F.cross_entropy(logits, y, reduction="none")
                 probe_correct = logits.argmax(1) == y
+        for _ in range(1, cfg.probe_restarts if cfg.use_l2 else 1):
+            with autocast(device, precision):
+                x_probe = pgd(model, x, y, epsilon, step_size, cfg.probe_iterations, generator=generator)
+            with torch.no_grad(), autocast(device, precision):
+                logits = model(x_probe).float()
+            loss = F.cross_entropy(logits, y, reduction="none")
+            worse = loss > probe_loss  # ties keep the earlier restart
+            probe_loss = torch.where(worse, loss, probe_loss)
+            probe_correct = torch.where(worse, logits.argmax(1) == y, probe_correct)
     return UpdatedTargetProbe(clean_loss, clean_correct, probe_loss, probe_correct)
 
 
@@ -130,10 +168,20 @@ def reward_terms(cfg: RewardConfig, adv_loss: Tensor, probe: UpdatedTargetProbe 
     """
     zeros = torch.zeros_like(adv_loss)
     accuracy = cfg.measure == "accuracy"
-    l1 = (adv_loss.clamp(0, cfg.l1_clamp) if accuracy else adv_loss) if cfg.use_l1 else zeros
+    l1 = (clamp_l1(adv_loss, cfg) if accuracy else adv_loss) if cfg.use_l1 else zeros
     l2 = l3 = zeros
     if probe is not None and cfg.use_l2:
         l2 = probe.probe_correct.float() if accuracy else -probe.probe_loss
     if probe is not None and cfg.use_l3:
         l3 = probe.clean_correct.float() if accuracy else -probe.clean_loss
     return RewardTerms(l1=l1, l2=l2, l3=l3, total=l1 + cfg.alpha * l2 + cfg.beta * l3)
+
+
+def clamp_l1(adv_loss: Tensor, cfg: RewardConfig) -> Tensor:
+    """The "accuracy" measure's L1: per-image CE clamped to ``[0, l1_clamp]`` ("per_image"),
+    or scaled so its batch mean is ``clamp(mean CE, 0, l1_clamp)`` ("batch_mean", the
+    authors' R1; CE >= 0, so the scale is ``min(1, l1_clamp / mean)``)."""
+    if cfg.l1_clamp_scope == "per_image":
+        return adv_loss.clamp(0, cfg.l1_clamp)
+    mean = adv_loss.mean()
+    return adv_loss * (mean.clamp(0, cfg.l1_clamp) / mean.clamp_min(torch.finfo(adv_loss.dtype).tiny))

@@ -1,5 +1,6 @@
 """The target network's optimiser: SGD with momentum, a schedule over the whole budget,
-optional label smoothing, optional mixed precision. One call = one training step."""
+optional label smoothing (PyTorch's or the authors'), optional mixed precision. One call =
+one training step."""
 
 from __future__ import annotations
 
@@ -27,8 +28,15 @@ class OptimConfig:
         milestones: fractions of the budget where "piecewise" decays (the authors' 99/110
             and 104/110 epochs).
         gamma: decay factor at each milestone.
-        label_smoothing: smoothing of the target's training loss. The authors' LAS-AT code
-            uses 0.7 on CIFAR-10 without saying so in the paper; 0 is plain PGD-AT.
+        label_smoothing: PyTorch's ``label_smoothing`` e of the training loss: e is spread
+            over ALL K classes, so the true class keeps ``1 - e + e/K``. 0 = plain CE.
+        true_class_prob: the authors' label smoothing, their "factor" f (SPEC section 8):
+            the target distribution keeps probability f on the true class and spreads
+            ``1 - f`` evenly over the other K-1 classes. ``None`` (ours, the default) = off.
+            Their LAS-AT code uses 0.7 on CIFAR-10, 0.6 on CIFAR-100, 0.8 on Tiny-ImageNet,
+            never mentioned in the paper. Equivalent to PyTorch's e = (1 - f) * K / (K - 1)
+            (1/3 for f = 0.7, K = 10), NOT to e = f. Applies to the target's training step
+            and to the authors' deep-copied ``w_hat`` step. Exclusive with ``label_smoothing``.
     """
 
     lr: float = 0.1
@@ -38,6 +46,7 @@ class OptimConfig:
     milestones: tuple[float, ...] = (99 / 110, 104 / 110)
     gamma: float = 0.1
     label_smoothing: float = 0.0
+    true_class_prob: float | None = None
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -47,6 +56,40 @@ class OptimConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         self.milestones = tuple(float(m) for m in self.milestones)
+        self._check_true_class_prob()
+
+    def _check_true_class_prob(self) -> None:
+        f = self.true_class_prob
+        if f is None:
+            return
+        if not 0 < f <= 1:
+            raise ValueError(
+                f"optim.true_class_prob={f}: the authors' label-smoothing factor is the probability kept on "
+                f"the true class, in (0, 1] (their 0.7 CIFAR-10, 0.6 CIFAR-100, 0.8 Tiny-ImageNet); null = off."
+            )
+        if self.label_smoothing:
+            raise ValueError(
+                f"optim.label_smoothing={self.label_smoothing} and optim.true_class_prob={f} are both set: they are "
+                f"two spellings of label smoothing (PyTorch's e spreads e over all K classes; the authors' f keeps "
+                f"f on the true class), so one must be off. For the authors' setting use true_class_prob={f} "
+                f"label_smoothing=0 (PyTorch's equivalent would be e = (1-f)*K/(K-1), not e = f)."
+            )
+
+
+def training_loss(logits: Tensor, y: Tensor, optim: OptimConfig) -> Tensor:
+    """The target's mean training loss on ``logits`` (B, K): cross-entropy against the
+    smoothed targets ``optim`` asks for (PyTorch's ``label_smoothing`` or the authors'
+    ``true_class_prob``; see :class:`OptimConfig`)."""
+    f = optim.true_class_prob
+    if f is None:
+        return F.cross_entropy(logits, y, label_smoothing=optim.label_smoothing)
+    # -sum_j q_j log p_j with q_y = f, q_j = (1 - f) / (K - 1) for j != y.
+    log_p = F.log_softmax(logits, dim=1)
+    on_true = log_p.gather(1, y[:, None]).squeeze(1)
+    on_others = log_p.sum(1) - on_true
+    k = logits.shape[1]
+    off = (1 - f) / (k - 1) if k > 1 else 0.0
+    return -(f * on_true + off * on_others).mean()
 
 
 def autocast(device: torch.device, precision: Precision):
@@ -119,7 +162,7 @@ class TargetTrainer:
         with autocast(self._device, self.precision):
             logits = self.model(x_adv)
         logits = logits.float()
-        loss = F.cross_entropy(logits, y, label_smoothing=self.optim.label_smoothing)
+        loss = training_loss(logits, y, self.optim)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()

@@ -1,0 +1,87 @@
+"""The look-ahead target ``w_hat``: a copy of the target after one SGD step, the real one untouched.
+
+Two users:
+
+- ``reward.w_hat="deepcopy"`` (the authors'): L2/L3 are measured on a deep copy of the target
+  trained one FRESH SGD step (no momentum history) on the strategy's examples, before the
+  real training step; :meth:`las_env.game.LASGame.play` calls :func:`lookahead_step`.
+- :meth:`las_env.game.LASGame.score` (the authors' reward flow): the reward of some actions
+  without training the real target on them. With ``w_hat="this_step"`` the copy also carries
+  the real optimiser's momentum buffers, so it is exactly the target the real step would
+  produce on those examples; with ``"deepcopy"`` it is the authors' fresh-SGD copy.
+
+The copy's training forward is in train mode (BatchNorm uses the batch's statistics and
+updates the COPY's running statistics), as the real step's is; its per-image CE is the free
+"train"-mode L1 of ``score``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from las_env.target import OptimConfig, Precision, autocast, training_loss
+
+
+@dataclass
+class LookAhead:
+    """A trained copy of the target and what its training forward saw.
+
+    Attributes:
+        model: ``w_hat``, the copy after one SGD step.
+        loss: per-image plain CE of the copy BEFORE its step, in train mode (B,) (= the real
+            target's, which it equals before the step).
+        correct: whether that forward classified each example correctly (B,).
+        train_loss: the (smoothed) training loss the copy stepped on (0-d).
+    """
+
+    model: nn.Module
+    loss: Tensor
+    correct: Tensor
+    train_loss: Tensor
+
+
+def lookahead_step(
+    target: nn.Module,
+    x_adv: Tensor,
+    y: Tensor,
+    optim: OptimConfig,
+    lr: float,
+    *,
+    precision: Precision = "fp32",
+    optimizer_state: dict[str, Any] | None = None,
+) -> LookAhead:
+    """Deep-copy ``target`` and train the copy one SGD step on ``(x_adv, y)``.
+
+    Args:
+        optim: the target's optimiser settings (momentum, weight decay, label smoothing).
+        lr: the learning rate of the step (the real step's current one).
+        precision: autocast precision of the forward (fp16: no grad scaler, the copy is
+            thrown away after one step).
+        optimizer_state: the real optimiser's ``state_dict()`` to continue from (momentum
+            buffers); it is deep-copied, so the real optimiser's state is never written.
+            ``None``: a fresh SGD, the authors' ``w_hat``.
+    """
+    w_hat = copy.deepcopy(target)
+    opt = torch.optim.SGD(w_hat.parameters(), lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    if optimizer_state is not None:
+        opt.load_state_dict(copy.deepcopy(optimizer_state))
+        for group in opt.param_groups:
+            group["lr"] = lr
+    w_hat.train()
+    device = x_adv.device
+    with autocast(device, precision):
+        logits = w_hat(x_adv)
+    logits = logits.float()
+    loss = training_loss(logits, y, optim)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        per_image = F.cross_entropy(logits, y, reduction="none")
+        correct = logits.argmax(1) == y
+    return LookAhead(w_hat, per_image.detach(), correct, loss.detach())
