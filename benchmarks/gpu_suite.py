@@ -58,9 +58,10 @@ EPOCH_IMAGES = 50_000  # CIFAR-10's training set: the projected epoch
 SHARED_DATA = REPO.parent / "shared" / "data"
 CIFAR_FOLDER = "cifar-10-batches-py"
 PRESET = "cifar10_resnet18_lasat_k20"
-# Seconds per part on a GPU, summing to 460 (< 8 minutes with start-up); --tiny: on a CPU.
+# Seconds per part on a GPU, summing to 460 (< 8 minutes with start-up); --tiny: on a shared CPU
+# (about 3x what its parts took at load average 6 on 2 cores, so that CI load does not cut them).
 BUDGETS = {"cuda_tests": 100, "speed_main": 150, "speed_wide": 60, "speed_attack": 30, "smoke": 120}
-TINY_BUDGETS = {"cuda_tests": 60, "speed_main": 60, "speed_wide": 30, "speed_attack": 30, "smoke": 90}
+TINY_BUDGETS = {"cuda_tests": 90, "speed_main": 120, "speed_wide": 60, "speed_attack": 60, "smoke": 120}
 MIN_START_S = 10.0  # a part with less time left than this is not started (reported as cut)
 
 
@@ -88,7 +89,7 @@ class Part:
         if self.reason:
             rec["reason"] = self.reason
         if self.status in ("failed", "cut"):
-            rec["stderr_tail"] = self.stderr[-2000:]
+            rec["stdout_tail"], rec["stderr_tail"] = self.stdout[-3000:], self.stderr[-3000:]
         return rec
 
 
@@ -257,8 +258,12 @@ def smoke_part(args: argparse.Namespace, run_root: Path, budget: float) -> tuple
     """The paper preset for 2 epochs; at --tiny a toy size of it (digits when no CIFAR-10 is at hand)."""
     data_dir = Path(args.data_dir).resolve()
     note = f"CIFAR-10 as found in {data_dir} (--data-dir)"
+    prepare_error = ""
     if not (data_dir / CIFAR_FOLDER).is_dir() and (SHARED_DATA / "prepare_cifar.py").is_file():
-        note = prepare_data(data_dir)
+        try:
+            note = prepare_data(data_dir)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            prepare_error = f"preparing {data_dir} from {SHARED_DATA} failed: {exc}"
     cmd = [sys.executable, str(REPO / "experiments" / "run.py"), f"experiment={PRESET}", f"data.root={data_dir}",
            f"device={args.device}", "data.epochs=2", "logger=none", "progress=false", f"run_root={run_root}"]
     if args.tiny:
@@ -266,7 +271,9 @@ def smoke_part(args: argparse.Namespace, run_root: Path, budget: float) -> tuple
                 "agent.k=2", "eval.test_subset=16", "eval.train_subset=16", "eval.final_n=16",
                 "eval.final_attacks=[clean,pgd10]", "threads=1"]
     part = Part("smoke", cmd, budget)
-    if not (data_dir / CIFAR_FOLDER).is_dir():
+    if prepare_error:
+        part.status, part.reason = "failed", prepare_error
+    elif not (data_dir / CIFAR_FOLDER).is_dir():
         if not args.tiny:
             part.status = "skipped"
             part.reason = (f"no CIFAR-10 at {data_dir / CIFAR_FOLDER}: run `python benchmarks/gpu_suite.py "
@@ -297,6 +304,32 @@ def finish_smoke(part: Part, run_root: Path, data_note: str) -> None:
 
 
 # ----------------------------------------------------------------------------- report
+
+
+class Report:
+    """The JSON report, saved after every part: a suite killed later still leaves every
+    finished part on disk."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path, self.data, self.t0 = path, data, time.monotonic()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, part: Part, where: list[str], reader) -> None:
+        """Read ``part``'s output (``reader()``) into ``data[where]``, record its status, save."""
+        try:
+            reader()
+        except Exception as exc:  # noqa: BLE001 - a malformed output must not lose the other parts
+            part.status, part.reason = "failed", f"could not read its output: {exc!r}"
+        self.data["parts"][part.name] = part.record()
+        section = self.data
+        for key in where[:-1]:
+            section = section[key]
+        section[where[-1]] = part.result
+        self.save()
+
+    def save(self) -> None:
+        self.data["total_seconds"] = round(time.monotonic() - self.t0, 1)
+        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -393,34 +426,30 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     deadline = t_start + total
     env = child_env(args.tiny and args.device == "cpu")
-    report: dict[str, Any] = {"format": FORMAT, "mode": "tiny" if args.tiny else "full",
-                              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                              "machine": machine(args.device), "total_budget_s": total, "parts": {},
-                              "cuda_tests": {}, "speed": {}, "smoke": {}}
+    report = Report(Path(args.out), {"format": FORMAT, "mode": "tiny" if args.tiny else "full",
+                                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                     "machine": machine(args.device), "total_budget_s": total, "parts": {},
+                                     "cuda_tests": {}, "speed": {}, "smoke": {}})
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
         tmp_path = Path(tmp)
         if "cuda_tests" in args.parts:
             junit = tmp_path / "junit.xml"
             part = run(cuda_tests_part(args, junit, budgets["cuda_tests"]), deadline, env)
-            finish_cuda_tests(part, junit)
-            report["parts"][part.name], report["cuda_tests"] = part.record(), part.result
+            report.add(part, ["cuda_tests"], lambda: finish_cuda_tests(part, junit))
         if "speed" in args.parts:
             for part, key in zip(speed_parts(args, budgets), ("main", "wide", "attack")):
-                finish_speed(run(part, deadline, env))
-                report["parts"][part.name], report["speed"][key] = part.record(), part.result
+                run(part, deadline, env)
+                report.add(part, ["speed", key], lambda: finish_speed(part))  # noqa: B023 - called at once
         if "smoke" in args.parts:
             run_root = tmp_path / "runs"
             part, note = smoke_part(args, run_root, budgets["smoke"])
-            if part.status != "skipped":
+            if part.status == "pending":
                 run(part, deadline, env)
-                finish_smoke(part, run_root, note)
-            report["parts"][part.name], report["smoke"] = part.record(), part.result
-    report["total_seconds"] = round(time.monotonic() - t_start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+            report.add(part, ["smoke"], lambda: finish_smoke(part, run_root, note))
+    report.save()
+    report = report.data
     print(table(report))
-    print(f"report: {out}")
+    print(f"report: {args.out}")
     return 1 if any(p["status"] == "failed" for p in report["parts"].values()) else 0
 
 

@@ -141,3 +141,16 @@ def test_cuda_tests_dry_run_on_cpu():
                           capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+
+
+def test_smoke_without_cifar_is_digits_at_tiny_size_and_skipped_at_full_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite, "SHARED_DATA", tmp_path / "no_shared_data")
+    args = suite.parse_args(["--device", "cpu", "--tiny", "--data-dir", str(tmp_path / "empty")])
+    part, note = suite.smoke_part(args, tmp_path / "runs", 60)
+    assert part.status == "pending" and part.command[2:4] == ["experiment=cifar10_resnet18_lasat_k20", "data=digits"]
+    assert note.startswith("digits") and "no CIFAR-10" in note
+    full = suite.parse_args(["--data-dir", str(tmp_path / "empty")])
+    part, _ = suite.smoke_part(full, tmp_path / "runs", 60)
+    assert part.status == "skipped" and "--prepare-data" in part.reason
+    suite.finish_smoke(part, tmp_path / "runs", note)  # nothing ran: the section still names the preset
+    assert part.status == "skipped" and part.result["preset"] == "cifar10_resnet18_lasat_k20"
