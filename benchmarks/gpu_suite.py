@@ -1,17 +1,20 @@
 """GPU readiness suite: one command that proves the CUDA path and measures it, in under 8 minutes.
 
-Four parts, each a child process with its own time budget (a part over budget is killed,
-reported as ``cut`` with what it had printed, and the next part still runs):
+Three sections, five parts; each part is a child process with its own time budget (a part
+over budget is killed, reported as ``cut`` with what it had printed, and the next part still
+runs). The speed parts run benchmarks/epoch_cost.py and attack_cost.py unchanged, as child
+processes rather than imported, because only a process can be cut at its budget:
 
   cuda_tests  the tests marked ``cuda`` (tests/test_cuda.py): per-image PGD on CUDA = CPU,
               device-resident and pinned host-resident data, bf16/fp16 steps, channels_last,
               official AutoAttack, checkpoints across devices.
-  speed       benchmarks/epoch_cost.py, side by side in one process: CIFAR-10-shaped random
-              batches of 128, ResNet-18 target and strategy, PGD-AT (PGD-10) vs LAS-AT k=20 and
-              k=1, fp32/bf16 x NCHW/channels_last; then WRN-34-10 (ResNet-18 strategy, as the
-              preset) at bf16 with fewer steps; then benchmarks/attack_cost.py (per-image attack
-              vs uniform PGD vs the authors' masked loop). Per variant: time per step, images/s,
-              projected time of a 50,000-image epoch; LAS/PGD-AT ratios per setting.
+  speed       speed_main: epoch_cost.py, all variants side by side in one process, on
+              CIFAR-10-shaped random batches of 128: ResNet-18 target and strategy, PGD-AT
+              (PGD-10) vs LAS-AT k=20 and k=1, fp32/bf16 x NCHW/channels_last; speed_wide:
+              WRN-34-10 (ResNet-18 strategy, as its preset) at bf16 with fewer steps;
+              speed_attack: attack_cost.py (per-image attack vs uniform PGD vs the authors'
+              masked loop). Per variant: time per step, images/s, projected time of a
+              50,000-image epoch; LAS/PGD-AT ratios per setting.
   smoke       2 epochs of the CIFAR-10 paper preset (experiment=cifar10_resnet18_lasat_k20,
               data.epochs=2) on the exact-pixel CIFAR-10 subset, final evaluation included.
 
