@@ -31,6 +31,7 @@ from las_env.grids import StrategyGrid
 from las_env.models import build_model
 from las_env.reward import RewardConfig
 from las_env.target import OptimConfig
+from las_env.validate import SettingError, check_whole
 
 AgentFactory = Callable[[AgentSpec], Agent]
 """Anything that builds an agent from the game's :class:`AgentSpec`."""
@@ -192,18 +193,25 @@ def _check_signature(cls: Any, target: str, kwargs: Mapping[str, Any]) -> None:
 
 
 def _positive_or_none(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a whole number >= 1 (or null for all).")
-    return int(value)
+    """A whole number >= 1 or ``None`` (the key says what ``null`` means, e.g. all images)."""
+    try:
+        return check_whole(name, value, 1, allow_none=True)
+    except SettingError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _positive(name: str, value: Any) -> int:
-    out = _positive_or_none(name, value)
-    if out is None:
-        raise ConfigError(f"{name} must be a whole number >= 1, got null.")
-    return out
+    try:
+        return check_whole(name, value, 1)  # type: ignore[return-value]
+    except SettingError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _whole(name: str, value: Any, low: int) -> int:
+    try:
+        return check_whole(name, value, low)  # type: ignore[return-value]
+    except SettingError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _absolute(path: str) -> str:
@@ -241,13 +249,23 @@ def _check_model(name: str) -> str:
     return name
 
 
-def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
+GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
+             "reward_interval": "agent.k", "device": "device", "precision": "precision",
+             "channels_last": "channels_last", "augment": "data.augment"}
+"""Command-line key of each :class:`LASConfig` field that is not in a section of its own."""
+
+
+def _build(cls: type, section: str, values: Mapping[str, Any], keys: Mapping[str, str] | None = None) -> Any:
+    """``cls(**values)``; a rejected value becomes one paragraph naming its command-line key
+    (``<section>.<field>``, or ``keys[field]``)."""
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ConfigError(f"{section}: unknown setting(s) {unknown}; valid: {sorted(valid)}.")
     try:
         return cls(**values)
+    except SettingError as exc:
+        raise ConfigError(exc.describe(key=(keys or {}).get(exc.key) or f"{section}.{exc.key}")) from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{section}: {exc}") from None
 
@@ -279,7 +297,7 @@ def eval_settings(cfg: Mapping[str, Any]) -> EvalSettings:
         final_n=_positive_or_none("eval.final_n", cfg.get("final_n")),
         autoattack=autoattack,
         autoattack_n=_positive("eval.autoattack_n", cfg.get("autoattack_n", 1000)),
-        seed=int(cfg.get("seed", 0)),
+        seed=_whole("eval.seed", cfg.get("seed", 0), 0),
     )
 
 
@@ -328,6 +346,8 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
     grid_cfg = data.get("grid")
     try:
         grid = StrategyGrid.from_config(grid_cfg) if grid_cfg is not None else None
+    except SettingError as exc:
+        raise ConfigError(exc.describe("data.grid.")) from None
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"data.grid: {exc}") from None
     optim = _build(OptimConfig, "data.optim", data.get("optim") or {})
@@ -335,7 +355,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
     seed = resolved.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r} must be a whole number >= 0.")
-    env = _build(LASConfig, "game settings", dict(
+    env = _build(LASConfig, "game settings", keys=GAME_KEYS, values=dict(
         dataset=dataset,
         data_root=_absolute(str(data.get("root") or "data")),
         model=model,
