@@ -68,25 +68,27 @@ def resume_target(resume: Any) -> Path | None:
     return Path(text).expanduser()
 
 
-def ensure_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` and write/delete a probe file in it; :func:`fail` if that is impossible."""
+def ensure_writable(run_dir: Path, key: str = "run_root") -> None:
+    """Create ``run_dir`` and write/delete a probe file in it; :func:`fail` if that is impossible.
+
+    ``key`` is the setting that chose the folder (``hydra.run.dir`` when given directly)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        fail(
-            f"The run directory {run_dir} cannot be written ({exc.strerror or exc}). Choose a "
-            f"writable place for runs with run_root=/some/writable/folder (runs go to "
-            f"<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>)."
-        )
+        where = ("Choose a writable place for runs with run_root=/some/writable/folder (runs go to "
+                 "<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>)." if key == "run_root" else
+                 f"Give {key} a writable folder, or drop it: runs then go to "
+                 f"<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>.")
+        fail(f"The run directory {run_dir} cannot be written ({exc.strerror or exc}). {where}")
 
 
 def _resolve_run_dir(*, _root_: DictConfig) -> str:
     target = resume_target(_root_.get("resume"))
     if target is not None:
-        if not (target / "checkpoint.pt").is_file():
+        if not (target / "checkpoint.pt").is_file() and not (target / "checkpoint.prev.pt").is_file():
             fail(
                 f"resume={target} does not name a run directory with a checkpoint: "
                 f"{target / 'checkpoint.pt'} does not exist. Pass the folder a run printed at its "

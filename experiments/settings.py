@@ -24,6 +24,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from agents.base import Agent, AgentSpec
 from experiments.errors import ConfigError
+from experiments.guard import MODES as NONFINITE_MODES
 from las_env.data import DATASET_NAMES
 from las_env.evaluation import attack_spec
 from las_env.game import LASConfig
@@ -89,6 +90,11 @@ class RunSettings:
         resume: continue from ``run_dir/checkpoint.pt`` when it exists.
         stop_after_epochs: end this invocation after that many epochs (resumable).
         threads: torch CPU threads for the run (``None``: leave torch's setting).
+        on_nonfinite: "stop" (a non-finite loss, reward, gradient or weight ends the run) or
+            "skip" (drop the updates of batches with a non-finite gradient, counted);
+            ``experiments/guard.py``.
+        init_from: start from this run folder's (or checkpoint file's) last checkpoint, with
+            these settings (``experiments/recovery.py::start_from``); ``None``: from scratch.
     """
 
     run_dir: Path
@@ -105,6 +111,8 @@ class RunSettings:
     threads: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
     settings_hash: str | None = None
+    on_nonfinite: str = "stop"
+    init_from: Path | None = None
 
 
 # ----------------------------------------------------------------------------- agents
@@ -376,6 +384,11 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
         raise ConfigError(f"log_every_steps={log_every!r} must be a whole number >= 0 (0: once per epoch).")
     threads = _positive_or_none("threads", resolved.get("threads"))
+    on_nonfinite = str(resolved.get("on_nonfinite") or "stop")
+    if on_nonfinite not in NONFINITE_MODES:
+        raise ConfigError(f"on_nonfinite={on_nonfinite!r} must be stop (a non-finite loss, reward, gradient or "
+                          f"weight ends the run) or skip (drop the updates of batches with a non-finite gradient).")
+    init_from = resolved.get("init_from")
     return RunSettings(
         run_dir=Path(run_dir),
         env=env,
@@ -391,5 +404,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         threads=threads,
         config=resolved,
         settings_hash=settings_hash,
+        on_nonfinite=on_nonfinite,
+        init_from=None if init_from in (None, "") else Path(_absolute(str(init_from))),
     )
 
