@@ -19,8 +19,9 @@ state, never a poisoned one; the steps between the fault and the flush are lost 
 after the checkpoint anyway).
 
 **Keeping going.** ``on_nonfinite=skip`` drops, on the device, the update of any batch whose
-gradient norm is not finite (its gradient is zeroed before the SGD step; momentum and weight
-decay still move the weights), counts the skipped batches and reports them per epoch (``guard/skipped_batches`` in the
+gradient norm is not finite (its gradient is zeroed before the SGD step, and the BatchNorm
+statistics its forward pass changed are put back; momentum and weight decay still move the
+weights), counts the skipped batches and reports them per epoch (``guard/skipped_batches`` in the
 history of ``metrics.json``/``results.json``) and on the epoch line. A non-finite reward, agent metric or weight still stops the run: the strategy has
 already learned from the NaN, or the target is lost, and no skipping repairs that.
 """
@@ -109,10 +110,27 @@ class DivergenceGuard:
         self._skipped: Tensor | None = None
         self._window_start = game.step_index + 1
         self.context: Context | None = None
-        self._hook = game.trainer.optimizer.register_step_pre_hook(self._pre_step)
+        self._hooks = [game.trainer.optimizer.register_step_pre_hook(self._pre_step)]
+        self._buffers: list[Tensor] = []
+        self._saved: list[Tensor] = []
+        if mode == "skip" and getattr(game, "target", None) is not None:
+            # A skipped batch must not leave its trace in the BatchNorm statistics either: they
+            # are saved before each training forward pass (a few small copies, on the device).
+            self._buffers = list(game.target.buffers())
+            self._saved = [b.detach().clone() for b in self._buffers]
+            target = game.target
+
+            def save_buffers(module: torch.nn.Module, args: Any) -> None:
+                # A closure, not a bound method: deepcopy(target) (the authors' w_hat) copies
+                # hooks, and would copy this guard (and the game) with a bound method.
+                if module is target and module.training:
+                    torch._foreach_copy_(self._saved, self._buffers)
+
+            self._hooks.append(target.register_forward_pre_hook(save_buffers))
 
     def close(self) -> None:
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
 
     # ----------------------------------------------------------------- per step (device only)
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -125,6 +143,8 @@ class DivergenceGuard:
             bad = ~finite
             for g in grads:
                 g.masked_fill_(bad, 0.0)  # a 0-d mask: the whole gradient or nothing, no sync
+            for b, saved in zip(self._buffers, self._saved):
+                b.copy_(torch.where(bad, saved, b))
             self._skipped = bad.float()
         self._grad_norm = norm
 

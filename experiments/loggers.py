@@ -121,6 +121,12 @@ class WandbTracker:
 
         self._wandb = wandb
         run_id = run_id or new_run_id()
+        if settings.mode == "online":
+            # Without a network W&B retries for about 90 s before failing: say what is happening now.
+            sys.stderr.write(f"las-at: connecting to W&B online (project {settings.project}); without a network this "
+                             f"waits about 90 s before failing. To work without one: logger.mode=offline (or "
+                             f"WANDB_MODE=offline; upload later with wandb sync) or logger=none.\n")
+            sys.stderr.flush()
         try:
             self.run = wandb.init(
                 project=settings.project,

@@ -70,9 +70,10 @@ def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | No
                               f"{run_dir} to start the run over.") from None
         if not resume:
             raise ConfigError(
-                f"{exc} The run directory {run_dir} holds a readable previous checkpoint (epoch "
-                f"{ckpt.get('meta', {}).get('epochs_done', '?')}): add resume=true to the same command to continue "
-                f"from it.") from None
+                f"The checkpoint {exc.path} is damaged ({exc.reason}), but the previous one, {exc.previous} (epoch "
+                f"{ckpt.get('meta', {}).get('epochs_done', '?')}), is readable. Add resume=true to the same command "
+                f"to continue from it (the damaged file is kept as checkpoint.damaged.pt), or delete the folder "
+                f"{run_dir} to start over.") from None
         damaged = path.with_name(f"{path.stem}.damaged{path.suffix}")
         os.replace(path, damaged)
         say(f"{exc.path} is damaged ({exc.reason}); moved it to {damaged.name} and resuming from {prev.name} "

@@ -98,10 +98,13 @@ def _first_sentence(text: str, limit: int = 120) -> str:
 def _load(path: Path, map_location: str | torch.device) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # not damage: say what they say
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, ImportError, IndexError, TypeError, UnicodeDecodeError) as exc:
-        # torch.load's errors for damaged files: PytorchStreamReader (truncated zip), EOFError
-        # (empty), UnpicklingError (text or other bytes), and whatever a mangled pickle raises.
+        # torch.load's errors for damaged files: PytorchStreamReader (truncated zip), OSError
+        # EINVAL (zip cut elsewhere), EOFError (empty), UnpicklingError (text or other bytes),
+        # and whatever a mangled pickle raises.
         previous = previous_path(path)
         raise CorruptCheckpointError(path, f"{type(exc).__name__}: {_first_sentence(str(exc))}",
                                      previous if previous.is_file() and previous != path else None) from None
