@@ -245,18 +245,15 @@ def failure_hint(source: Path | None) -> str:
     return text
 
 
-def write_failure(path: Path, *, error: TrainingDiverged, run_dir: Path, agent: str, history: list[dict[str, Any]],
-                  config: Mapping[str, Any]) -> None:
-    """``results.json`` of a failed run: status, what was not finite where, the epochs done."""
-    write_json(path, {
-        "format": "las-at/results/v1",
-        "status": "failed",
-        "failure": {"kind": "diverged", "message": str(error), "epoch": error.epoch,
-                    "steps": list(error.steps), "first_nonfinite_step": error.first_step,
-                    "quantities": {k: str(v) for k, v in error.bad.items()}},
-        "run_dir": str(run_dir),
-        "agent": agent,
-        "final": [],
-        "history": history,
-        "config": dict(config),
-    }, default=str)
+def record_failure(error: TrainingDiverged, results: dict[str, Any], tracker: Any, console: Any) -> None:
+    """Mark the run failed: ``results.json`` (``results``: the loop's fields of that file, plus
+    ``"status": "failed"`` and what was not finite where), the tracker (W&B: summary and a
+    failed exit), and the paragraph in ``log.txt``. The checkpoint is not touched."""
+    doc = {**results, "status": "failed", "final": [],
+           "failure": {"kind": "diverged", "message": str(error), "epoch": error.epoch,
+                       "steps": list(error.steps), "first_nonfinite_step": error.first_step,
+                       "quantities": {k: str(v) for k, v in error.bad.items()}}}
+    write_json(Path(results["run_dir"]) / "results.json", doc, default=str)
+    console.log(f"las-at: error: {error}")
+    tracker.summary({"status": "failed", "failure": str(error)})
+    tracker.finish(exit_code=1)

@@ -41,9 +41,9 @@ from tqdm.auto import tqdm
 from agents.base import Agent, AgentSpec
 from experiments import plots
 from experiments.errors import ConfigError
-from experiments.guard import SKIPPED, Context, DivergenceGuard, TrainingDiverged, write_failure
+from experiments.guard import SKIPPED, Context, DivergenceGuard, TrainingDiverged, record_failure
 from experiments.loggers import Console, Tracker, WandbTracker, make_tracker
-from experiments.recovery import CHECKPOINT, apply_optimiser_settings, checkpoint_to_resume, remove_stale_temporaries, start_from
+from experiments.recovery import CHECKPOINT, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
 from experiments.runlock import RunLock
 from experiments.settings import RunSettings
 from las_env.checkpoint import FORMAT, atomic_save
@@ -505,10 +505,7 @@ def _train(settings: RunSettings, data: ImageData | None, console: Console | Non
         _restore_rng(loop["rng"], device)
         obs, info = current_observation(env)
         if started:
-            apply_optimiser_settings(env, cfg.optim)
-            loop["init_from"] = {"run_dir": ckpt["meta"].get("run_dir"), "epochs_done": loop["epochs_done"]}
-            console.print(f"Starting {run_dir} from {settings.init_from} after epoch {loop['epochs_done']} of "
-                          f"{cfg.epochs}, with this command's settings (init_from).")
+            console.print(started_from(env, ckpt, settings))
         else:
             console.print(f"Resuming {run_dir} after epoch {loop['epochs_done']} of {cfg.epochs}.")
     else:
@@ -566,12 +563,9 @@ def _train(settings: RunSettings, data: ImageData | None, console: Console | Non
             if ev:
                 epoch_bar.set_postfix(test_clean=f"{ev['test_clean']:.3f}", test_pgd=f"{ev['test_robust']:.3f}",
                                       refresh=False)
-    except TrainingDiverged as exc:
-        write_failure(run_dir / "results.json", error=exc, run_dir=run_dir, agent=settings.agent_name,
-                      history=history, config=settings.config)
-        console.log(f"las-at: error: {exc}")
-        tracker.summary({"status": "failed", "failure": str(exc)})
-        tracker.finish(exit_code=1)  # W&B marks the run failed
+    except TrainingDiverged as exc:  # results.json and W&B say "failed"; the last checkpoint stays
+        record_failure(exc, {"format": RESULTS_FORMAT, "run_dir": str(run_dir), "agent": settings.agent_name,
+                             "history": history, "config": settings.config}, tracker, console)
         raise
     except BaseException:
         tracker.finish()  # flush what W&B has; the checkpoint of the last finished epoch is on disk

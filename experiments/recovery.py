@@ -141,9 +141,16 @@ def start_from(settings: Any) -> dict[str, Any]:
     return ckpt
 
 
-def apply_optimiser_settings(env: Any, optim: Any) -> None:
-    """After loading another run's optimiser state: this run's momentum and weight decay (the
-    learning rate is set from the schedule before every step anyway)."""
+def started_from(env: Any, ckpt: dict[str, Any], settings: Any) -> str:
+    """After the env, agent and loop state of :func:`start_from`'s checkpoint are loaded: this
+    run's optimiser settings (the loaded optimiser state carries the other run's momentum and
+    weight decay; the learning rate is set from the schedule before every step anyway), and a
+    record of where the run started in its loop state. Returns the line to print."""
+    optim = settings.env.optim
     for group in env.game.trainer.optimizer.param_groups:
         group["momentum"] = optim.momentum
         group["weight_decay"] = optim.weight_decay
+    loop = ckpt["loop"]
+    loop["init_from"] = {"run_dir": ckpt["meta"].get("run_dir"), "epochs_done": loop["epochs_done"]}
+    return (f"Starting {settings.run_dir} from {settings.init_from} after epoch {loop['epochs_done']} of "
+            f"{settings.env.epochs}, with this command's settings (init_from).")
