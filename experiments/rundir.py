@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.errors import fail
+from experiments.runlock import is_held
 
 NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progress", "threads", "run_root")
 """Top-level keys that say how to run, not what to compute; left out of the settings hash.
@@ -111,8 +112,15 @@ def _resolve_run_subdir(*, _root_: DictConfig) -> str:
 
 def _resolve_hydra_subdir(*, _root_: DictConfig) -> str | None:
     # resume=<run_dir> reuses the run's recorded config: do not let Hydra overwrite its .hydra/
-    # with this command's (which names only resume=...).
-    return None if resume_target(_root_.get("resume")) is not None else ".hydra"
+    # with this command's (which names only resume=...). Nor the record of a run that is live
+    # in that folder: this invocation is about to be refused (experiments/runlock.py).
+    if resume_target(_root_.get("resume")) is not None:
+        return None
+    folders = [Path(str(_root_.run_root)) / run_subdir(_root_)]
+    explicit = OmegaConf.select(_root_, "hydra.run.dir", default=None)
+    if explicit is not None:
+        folders.append(Path(str(explicit)))
+    return None if any(is_held(f) for f in folders) else ".hydra"
 
 
 def _resolve_sweep_suffix() -> str:

@@ -90,16 +90,20 @@ class RunLock:
         self._flock_unsupported = fcntl is None
         if fcntl is None:
             return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                self._flock_unsupported = True
+        for attempt in range(5):  # is_held() probes hold a shared lock for an instant: try again
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
-            raise
+            except BlockingIOError:
+                if attempt == 4:
+                    return False
+                time.sleep(0.02)
+            except OSError as exc:
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    self._flock_unsupported = True
+                    return True
+                raise
+        return False
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (idempotent)."""
@@ -116,6 +120,26 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def is_held(run_dir: Path) -> bool:
+    """Whether a live process holds ``run_dir``'s lock now (a probe: takes nothing)."""
+    path = Path(run_dir) / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock, if it got one
 
 
 def _read(fd: int) -> dict[str, Any]:
