@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import sys
 import time
