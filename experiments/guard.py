@@ -22,8 +22,9 @@ after the checkpoint anyway).
 gradient norm is not finite (its gradient is zeroed before the SGD step, and the BatchNorm
 statistics its forward pass changed are put back; momentum and weight decay still move the
 weights), counts the skipped batches and reports them per epoch (``guard/skipped_batches`` in the
-history of ``metrics.json``/``results.json``) and on the epoch line. A non-finite reward, agent metric or weight still stops the run: the strategy has
-already learned from the NaN, or the target is lost, and no skipping repairs that.
+history of ``metrics.json``/``results.json``) and on the epoch line. A non-finite reward,
+agent metric or weight still stops the run: the strategy has already learned from the NaN, or
+the target is lost, and no skipping repairs that.
 """
 
 from __future__ import annotations

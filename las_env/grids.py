@@ -61,7 +61,8 @@ class StrategyGrid:
             bad = [v for v in values if not 0 < v <= 1]
             if bad:
                 word = "non-positive" if min(bad) <= 0 else "above-1"
-                raise SettingError(key, list(values), f"has {word} values {bad}: every value must be in (0, 1] {pixel}.")
+                raise SettingError(key, list(values),
+                                   f"has {word} values {bad}: every value must be in (0, 1] {pixel}.")
         for v in self.iterations:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or int(v) != v or v < 1:
                 raise SettingError("iterations", list(self.iterations), "every iteration count must be a whole "

@@ -55,7 +55,8 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         if self.measure not in ("accuracy", "loss"):
-            raise SettingError("measure", self.measure, "must be 'accuracy' (the authors' code) or 'loss' (the slides).")
+            raise SettingError("measure", self.measure,
+                               "must be 'accuracy' (the authors' code) or 'loss' (the slides).")
         if self.w_hat not in ("this_step", "deepcopy"):
             raise SettingError("w_hat", self.w_hat, "must be 'this_step' or 'deepcopy'.")
         weight = "(a weight of a reward term; NaN or inf would make every reward meaningless)"

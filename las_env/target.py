@@ -50,7 +50,8 @@ class OptimConfig:
         if self.schedule not in ("piecewise", "cosine", "constant"):
             raise SettingError("schedule", self.schedule, "must be piecewise, cosine or constant.")
         if isinstance(self.milestones, (str, bytes)) or not hasattr(self.milestones, "__iter__"):
-            raise SettingError("milestones", self.milestones, "must be a list of fractions of the budget, e.g. [0.5, 0.75].")
+            raise SettingError("milestones", self.milestones,
+                               "must be a list of fractions of the budget, e.g. [0.5, 0.75].")
         check_numbers("milestones", self.milestones, 0, 1, meaning="(fractions of the whole training budget)")
         self.milestones = tuple(float(m) for m in self.milestones)
 

@@ -68,7 +68,9 @@ def check_number(key: str, value: Any, low: float | None = None, high: float | N
     if below or above:
         left = "-inf" if low is None else f"{low:g}"
         right = "inf" if high is None else f"{high:g}"
-        interval = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+        opening = "(" if low_open or low is None else "["
+        closing = ")" if high_open or high is None else "]"
+        interval = f"{opening}{left}, {right}{closing}"
         raise SettingError(key, shown, f"must be in {interval}{tail}, got {value}.")
     return float(value)
 
