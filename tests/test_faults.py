@@ -443,6 +443,13 @@ def test_a_foreign_checkpoint_gets_advice_that_works(tmp_path):
     assert train(s_b).completed
 
 
+def test_the_new_keys_at_their_defaults_keep_earlier_runs_in_their_folders():
+    base = settings_hash(config())
+    assert settings_hash(config("on_nonfinite=stop", "init_from=null")) == base
+    assert settings_hash(config("on_nonfinite=skip")) != base
+    assert settings_hash(config("init_from=runs/x")) != base
+
+
 def test_checkpoint_rotation_is_atomic_and_files_get_the_usual_mode(tmp_path):
     path = tmp_path / "checkpoint.pt"
     for n in range(3):
