@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from las_env.evaluation import atomic_write_text, format_eps  # noqa: E402
+from las_env.files import write_json  # noqa: E402
 from las_env.grids import FIXED_ITERATIONS, StrategyGrid, grid_for, threat_model_for  # noqa: E402
 
 RESULTS_FILE = "results.json"
@@ -855,7 +856,7 @@ def write_report(c: Comparison, out: Path, *, images: int = 8) -> dict[str, Path
     }
     report = out / "report.md"
     atomic_write_text(report, markdown_report(c, figures))
-    atomic_write_text(out / "summary.json", json.dumps(summary_json(c, figures), indent=1, default=str) + "\n")
+    write_json(out / "summary.json", summary_json(c, figures), default=str)
     return {"report": report, "summary": out / "summary.json", **{k: v for k, v in figures.items() if v is not None}}
 
 

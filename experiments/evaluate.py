@@ -52,6 +52,7 @@ from las_env.evaluation import (
     sanity_checks,
     state_fingerprint,
 )
+from las_env.files import stale_temp_files, write_json
 from las_env.grids import threat_model_for
 from las_env.models import build_model
 
@@ -298,7 +299,7 @@ def write_reports(
 ) -> tuple[Path, Path]:
     md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
     atomic_write_text(md, table)
-    atomic_write_text(js, json.dumps(payload, indent=2))
+    write_json(js, payload, indent=2)
     return md, js
 
 
@@ -381,6 +382,9 @@ def execute(job: Job) -> int:
     stem = report_stem(s.n, job.n_total, job.eps, job.default_eps)
     out_dir = target.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temp_files(out_dir):  # of killed evaluations (their pid is gone); never a live writer's
+        if stale.name.startswith(".evaluation"):
+            stale.unlink(missing_ok=True)
     short = job.data_text.split(" (")[0]
     results = evaluate(
         target.model, job.x, job.y, s.attacks, job.eps, batch_size=s.batch_size, device=s.device,

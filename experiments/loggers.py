@@ -34,6 +34,12 @@ class Console:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(text + "\n")
 
+    def log(self, text: str) -> None:
+        """``text`` to ``log.txt`` only (what the command line also prints on stderr)."""
+        if self.log_path is not None:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(text + "\n")
+
 
 class Tracker(Protocol):
     """An experiment tracker.
@@ -56,7 +62,8 @@ class Tracker(Protocol):
     def log_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
         """The checkpoint file, as an artifact."""
 
-    def finish(self) -> None: ...
+    def finish(self, exit_code: int = 0) -> None:
+        """End the run; a non-zero ``exit_code`` marks it failed."""
 
 
 class NullTracker:
@@ -76,7 +83,7 @@ class NullTracker:
     def log_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -114,6 +121,12 @@ class WandbTracker:
 
         self._wandb = wandb
         run_id = run_id or new_run_id()
+        if settings.mode == "online":
+            # Without a network W&B retries for about 90 s before failing: say what is happening now.
+            sys.stderr.write(f"las-at: connecting to W&B online (project {settings.project}); without a network this "
+                             f"waits about 90 s before failing. To work without one: logger.mode=offline (or "
+                             f"WANDB_MODE=offline; upload later with wandb sync) or logger=none.\n")
+            sys.stderr.flush()
         try:
             self.run = wandb.init(
                 project=settings.project,
@@ -170,8 +183,8 @@ class WandbTracker:
         artifact.add_file(str(path))
         self.run.log_artifact(artifact)
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
 
 
 def make_tracker(settings: LoggerSettings, run_dir: Path, config: Mapping[str, Any],

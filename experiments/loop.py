@@ -25,7 +25,6 @@ a run stopped after any epoch and resumed ends with exactly the metrics of an un
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -42,15 +41,17 @@ from tqdm.auto import tqdm
 from agents.base import Agent, AgentSpec, scores_own_actions
 from experiments import plots
 from experiments.errors import ConfigError
+from experiments.guard import SKIPPED, Context, DivergenceGuard, TrainingDiverged, record_failure
 from experiments.loggers import Console, Tracker, WandbTracker, make_tracker
+from experiments.recovery import CHECKPOINT, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
+from experiments.runlock import RunLock
 from experiments.settings import RunSettings
-from las_env.checkpoint import FORMAT, atomic_save, load_checkpoint
+from las_env.checkpoint import FORMAT, atomic_save
 from las_env.data import DatasetNotFoundError, ImageData, load_dataset
 from las_env.env import LASEnv
 from las_env.game import steps_per_epoch
 from las_env.evaluation import (
     AttackResult,
-    atomic_write_text,
     attack_spec,
     evaluate,
     export_state_dict,
@@ -58,9 +59,9 @@ from las_env.evaluation import (
     format_table,
     robust_accuracy,
 )
+from las_env.files import atomic_write_text, write_json
 from las_env.grids import ACTION_COLUMNS, ThreatModel, threat_model_for
 
-CHECKPOINT = "checkpoint.pt"
 METRICS_FORMAT = "las-at/metrics/v1"
 RESULTS_FORMAT = "las-at/results/v1"
 TRAIN_SUBSET_SEED = 20220601
@@ -308,32 +309,7 @@ def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, env: 
         "loop": loop,
         "config": settings.config,
     }
-    return atomic_save(state, path)
-
-
-def _existing_checkpoint(settings: RunSettings) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or None; refuses to overwrite one without ``resume``."""
-    path = settings.run_dir / CHECKPOINT
-    if not path.is_file():
-        return None
-    ckpt = load_checkpoint(path)
-    meta = ckpt.get("meta", {})
-    where = f"epoch {meta.get('epochs_done', '?')} of {meta.get('epochs', '?')}"
-    if not settings.resume:
-        raise ConfigError(
-            f"The run directory {settings.run_dir} already holds a checkpoint of this exact configuration "
-            f"({where}). Add resume=true to the same command to continue it (a finished run re-prints its "
-            f"results), delete the folder to start over, or change a setting (e.g. seed=1): any change of "
-            f"setting gets a folder of its own."
-        )
-    saved = meta.get("settings_hash")
-    if saved and settings.settings_hash and saved != settings.settings_hash:
-        raise ConfigError(
-            f"The checkpoint in {settings.run_dir} was written by different settings (hash {saved}, "
-            f"this command {settings.settings_hash}); resume it with resume={settings.run_dir}, which "
-            f"reuses the run's own recorded settings."
-        )
-    return ckpt
+    return atomic_save(state, path, keep_previous=True)  # the one before stays as checkpoint.prev.pt
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -347,6 +323,9 @@ def _epoch_line(rec: Mapping[str, Any], epochs: int, pgd: str) -> str:
              f"{format_eps(t.get('attack/epsilon', math.nan))})"]
     if "reward/total" in t:
         parts.append(f"reward {t['reward/total']:.3f}")
+    skipped = int(t.get(SKIPPED, 0))
+    if skipped:
+        parts.append(f"{skipped} batches with a non-finite gradient skipped (on_nonfinite=skip)")
     ev = rec.get("eval")
     if ev:
         parts.append(f"test first {ev['test_images']} / train subset {ev['train_images']}: clean "
@@ -434,6 +413,7 @@ class _Trainer:
         self.offsets = torch.tensor([0, self.nvec[0], self.nvec[0] + self.nvec[1]], device=self.device)
         self.ones = torch.ones(cfg.batch_size * 3, dtype=torch.long, device=self.device)
         self.fixed_images = FixedImageChoices(env.game)
+        self.guard = DivergenceGuard(env.game, settings.on_nonfinite)
 
     def epoch(self, index: int) -> _Epoch:
         env, agent, meter, every = self.env, self.agent, self.meter, self.settings.log_every_steps
@@ -445,9 +425,14 @@ class _Trainer:
         with tqdm(total=env.game.steps_per_epoch * batch, desc=f"epoch {index + 1}", unit="img", unit_scale=True,
                   leave=False, disable=not self.settings.progress, dynamic_ncols=True) as bar:
             for i in range(env.game.steps_per_epoch):
-                action = agent.act(self.obs, self.info)
-                self.obs, reward, _, _, self.info = env.step(action)
-                metrics = agent.learn(reward, self.info)
+                try:
+                    action = agent.act(self.obs, self.info)
+                    self.obs, reward, _, _, self.info = env.step(action)
+                    metrics = agent.learn(reward, self.info)
+                except Exception as exc:
+                    self.guard.flush_after_error(meter, exc)  # a NaN behind it: the divergence paragraph
+                    raise
+                self.guard.record(meter, self.info["train_loss"])
                 self.fixed_images.record(i, self.info)
                 # index_add_, not bincount: bincount on CUDA reads the max back to size its output.
                 a = torch.as_tensor(action, device=self.device).long()
@@ -456,33 +441,52 @@ class _Trainer:
                 bar.update(batch)
                 step = env.game.step_index
                 if every and step % every == 0:
-                    window = meter.flush()
+                    window = self.guard.flush(meter)  # raises TrainingDiverged on a non-finite value
                     totals.absorb(window)
                     means = _means(window)
                     self.tracker.log({f"step/{k}": v for k, v in means.items()}, step)
                     bar.set_postfix(loss=f"{means.get('train/loss', math.nan):.3f}",
                                     adv_acc=f"{means.get('train/adv_accuracy', math.nan):.2f}",
                                     eps=format_eps(means.get("attack/epsilon", math.nan)), refresh=False)
-        totals.absorb(meter.flush())  # also waits for the device: the timing below is honest
+        totals.absorb(self.guard.flush(meter))  # also waits for the device: the timing below is honest
         seconds = time.perf_counter() - t0
         flat, (n0, n1, _) = counts.tolist(), self.nvec
         choices = {"step_size": flat[:n0], "iterations": flat[n0:n0 + n1], "epsilon": flat[n0 + n1:]}
-        return _Epoch(totals.means(), choices, seconds, self.fixed_images.result())
+        return _Epoch(self.guard.epoch_totals(totals.sums), choices, seconds, self.fixed_images.result())
 
 
 def train(settings: RunSettings, *, data: ImageData | None = None, console: Console | None = None) -> RunResult:
     """Train, evaluate, checkpoint, log; resume from ``settings.run_dir`` when asked.
 
+    The run holds its folder's lock (``experiments/runlock.py``) from before any work to the end.
+
     Raises:
         ConfigError: bad input found during setup (missing data, an agent rejecting its
-            settings, an existing checkpoint without ``resume``...), always before training.
+            settings, an existing checkpoint without ``resume``, a folder in use by another
+            live run, a damaged checkpoint...), always before training.
+        TrainingDiverged: a non-finite loss, reward, gradient norm or weight
+            (``experiments/guard.py``); the checkpoint on disk is the last finite one and
+            ``results.json`` marks the run failed.
     """
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock.acquire(settings.run_dir) as lock:
+        return _train(settings, data, console, lock)
+
+
+def _train(settings: RunSettings, data: ImageData | None, console: Console | None, lock: RunLock) -> RunResult:
     run_dir = settings.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)  # process-wide, as a run owns its process
     console = console or Console(run_dir / "log.txt")
-    ckpt = _existing_checkpoint(settings)
+    if lock.took_over:
+        console.print(f"Took over the lock of an earlier run in this folder that is no longer running "
+                      f"(pid {lock.took_over.get('pid')}, started {lock.took_over.get('started')}).")
+    remove_stale_temporaries(run_dir, console.print)
+    ckpt = checkpoint_to_resume(run_dir, resume=settings.resume, settings_hash=settings.settings_hash,
+                                say=console.print)
+    started = ckpt is None and settings.init_from is not None
+    if started:
+        ckpt = start_from(settings)  # another run's checkpoint, this command's settings
     cfg = settings.env
     device = torch.device(cfg.device)
 
@@ -503,7 +507,10 @@ def train(settings: RunSettings, *, data: ImageData | None = None, console: Cons
         loop = ckpt["loop"]
         _restore_rng(loop["rng"], device)
         obs, info = current_observation(env)
-        console.print(f"Resuming {run_dir} after epoch {loop['epochs_done']} of {cfg.epochs}.")
+        if started:
+            console.print(started_from(env, ckpt, settings))
+        else:
+            console.print(f"Resuming {run_dir} after epoch {loop['epochs_done']} of {cfg.epochs}.")
     else:
         if settings.resume:
             console.print(f"resume=true but {run_dir} holds no checkpoint yet: starting the run.")
@@ -516,11 +523,14 @@ def train(settings: RunSettings, *, data: ImageData | None = None, console: Cons
             f"{threat.description}. Run directory: {run_dir}"
         )
 
-    tracker = make_tracker(settings.logger, run_dir, settings.config, (ckpt or {}).get("meta", {}).get("wandb"))
+    previous_wandb = None if started else (ckpt or {}).get("meta", {}).get("wandb")
+    tracker = make_tracker(settings.logger, run_dir, settings.config, previous_wandb)
     subsets = eval_subsets(env.game.data, settings.eval.test_subset, settings.eval.train_subset)
     history: list[dict[str, Any]] = loop["history"]
     ckpt_path = run_dir / CHECKPOINT
     trainer = _Trainer(settings, env, agent, tracker, obs, info)
+    trainer.guard.context = Context(lr=cfg.optim.lr, precision=cfg.precision, checkpoint=ckpt_path, epochs=cfg.epochs,
+                                    run_dir=run_dir, loop=loop, started_from=settings.init_from if started else None)
     start = loop["epochs_done"]
     stop_at = cfg.epochs if settings.stop_after_epochs is None else min(cfg.epochs, start + settings.stop_after_epochs)
     epoch_bar = tqdm(total=cfg.epochs, initial=start, desc="epochs", unit="epoch",
@@ -556,6 +566,10 @@ def train(settings: RunSettings, *, data: ImageData | None = None, console: Cons
             if ev:
                 epoch_bar.set_postfix(test_clean=f"{ev['test_clean']:.3f}", test_pgd=f"{ev['test_robust']:.3f}",
                                       refresh=False)
+    except TrainingDiverged as exc:  # results.json and W&B say "failed"; the last checkpoint stays
+        record_failure(exc, {"format": RESULTS_FORMAT, "run_dir": str(run_dir), "agent": settings.agent_name,
+                             "history": history, "config": settings.config}, tracker, console)
+        raise
     except BaseException:
         tracker.finish()  # flush what W&B has; the checkpoint of the last finished epoch is on disk
         raise
@@ -649,10 +663,11 @@ def _finish(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatM
         "history": [{k: v for k, v in h.items() if k != "seconds"} for h in history],
         "final": final_rows,
     }
-    atomic_write_text(files["metrics_json"], json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    write_json(files["metrics_json"], metrics, sort_keys=True)
     summary_rows = {r.name: r.accuracy for r in results}
     results_doc = {
         "format": RESULTS_FORMAT,
+        "status": "completed",
         "run_dir": str(run_dir),
         "agent": settings.agent_name,
         "model": cfg.model,
@@ -665,7 +680,7 @@ def _finish(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatM
         "files": {k: str(v) for k, v in files.items()},
         "config": settings.config,
     }
-    atomic_write_text(files["results_json"], json.dumps(results_doc, indent=1, default=str) + "\n")
+    write_json(files["results_json"], results_doc, default=str)
 
     footer = _footer(settings, history, seconds, files, tracker, pgd)
     atomic_write_text(files["results_md"], table + "\n" + _history_table(history, pgd) + "\n" + footer + "\n")

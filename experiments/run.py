@@ -12,7 +12,10 @@ Every option is in ``experiments/conf/``. The run's folder is printed at its sta
 ``<run_root>/<data>/<agent>/<model>-seed<seed>-<hash of every setting>`` (``experiments/rundir.py``).
 
 Exit status: 0 done (or stopped early by ``stop_after_epochs``, resumable); 1 bad input, reported
-as one paragraph on stderr before any training starts.
+as one paragraph on stderr before any training starts (a folder in use by another run, a damaged
+checkpoint included); 2 training diverged (a non-finite loss, reward, gradient or weight,
+``experiments/guard.py``): one paragraph on stderr, ``results.json`` marked failed, the last
+finite checkpoint intact.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from experiments.errors import ConfigError, fail  # noqa: E402
+from experiments.guard import TrainingDiverged  # noqa: E402
 from experiments.loop import RunResult, train  # noqa: E402
-from experiments.rundir import register_resolvers, resume_target, settings_hash  # noqa: E402
+from experiments.rundir import ensure_writable, register_resolvers, resume_target, settings_hash  # noqa: E402
 from experiments.settings import settings_from_config  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -45,6 +49,7 @@ GROUP_HINTS = {
     "agent": " A class of your own: agent=custom agent._target_=my_module.MyAgent.",
     "model": " Any other architecture name: model.name=NAME (e.g. wrn-28-10).",
 }
+EXIT_DIVERGED = 2
 RESUME_KEEPS = ("resume", "stop_after_epochs", "progress", "threads")
 """Overrides that may accompany ``resume=<run_dir>`` (they do not change the run's settings)."""
 
@@ -120,8 +125,20 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         _discard_if_empty(Path(HydraConfig.get().runtime.output_dir))
         fail(str(exc))
+    except TrainingDiverged as exc:
+        fail(str(exc), code=EXIT_DIVERGED)
+
+
+def check_output_dirs(argv: list[str]) -> None:
+    """``hydra.run.dir=``/``hydra.sweep.dir=`` given literally: check they can be written before
+    Hydra tries (its own failure is a traceback)."""
+    for arg in argv:
+        match = re.fullmatch(r"\+{0,2}hydra\.(run|sweep)\.dir=(.+)", arg)
+        if match and "${" not in match.group(2):
+            ensure_writable(Path(match.group(2)).expanduser(), key=f"hydra.{match.group(1)}.dir")
 
 
 if __name__ == "__main__":
     check_group_choices(sys.argv[1:])
+    check_output_dirs(sys.argv[1:])
     main()

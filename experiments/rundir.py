@@ -28,10 +28,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.errors import fail
+from experiments.runlock import is_held
 
 NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progress", "threads", "run_root")
 """Top-level keys that say how to run, not what to compute; left out of the settings hash.
 (``run_root`` is already the folder's first component; ``threads`` only moves CPU time.)"""
+
+HASHED_WHEN_SET: dict[str, Any] = {"init_from": None, "on_nonfinite": "stop"}
+"""Top-level keys added after runs already existed, with their defaults: they enter the hash
+only when set to something else, so the folders (and ``resume=true``) of earlier runs stay the
+same."""
 
 HASH_LENGTH = 8
 
@@ -47,7 +53,8 @@ def settings_hash(config: DictConfig | dict[str, Any]) -> str:
     else:
         container = dict(config)
     assert isinstance(container, dict)
-    settings = {k: v for k, v in container.items() if k not in NON_SETTINGS}
+    settings = {k: v for k, v in container.items()
+                if k not in NON_SETTINGS and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
     blob = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:HASH_LENGTH]
 
@@ -68,25 +75,27 @@ def resume_target(resume: Any) -> Path | None:
     return Path(text).expanduser()
 
 
-def ensure_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` and write/delete a probe file in it; :func:`fail` if that is impossible."""
+def ensure_writable(run_dir: Path, key: str = "run_root") -> None:
+    """Create ``run_dir`` and write/delete a probe file in it; :func:`fail` if that is impossible.
+
+    ``key`` is the setting that chose the folder (``hydra.run.dir`` when given directly)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        fail(
-            f"The run directory {run_dir} cannot be written ({exc.strerror or exc}). Choose a "
-            f"writable place for runs with run_root=/some/writable/folder (runs go to "
-            f"<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>)."
-        )
+        where = ("Choose a writable place for runs with run_root=/some/writable/folder (runs go to "
+                 "<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>)." if key == "run_root" else
+                 f"Give {key} a writable folder, or drop it: runs then go to "
+                 f"<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>.")
+        fail(f"The run directory {run_dir} cannot be written ({exc.strerror or exc}). {where}")
 
 
 def _resolve_run_dir(*, _root_: DictConfig) -> str:
     target = resume_target(_root_.get("resume"))
     if target is not None:
-        if not (target / "checkpoint.pt").is_file():
+        if not (target / "checkpoint.pt").is_file() and not (target / "checkpoint.prev.pt").is_file():
             fail(
                 f"resume={target} does not name a run directory with a checkpoint: "
                 f"{target / 'checkpoint.pt'} does not exist. Pass the folder a run printed at its "
@@ -109,8 +118,15 @@ def _resolve_run_subdir(*, _root_: DictConfig) -> str:
 
 def _resolve_hydra_subdir(*, _root_: DictConfig) -> str | None:
     # resume=<run_dir> reuses the run's recorded config: do not let Hydra overwrite its .hydra/
-    # with this command's (which names only resume=...).
-    return None if resume_target(_root_.get("resume")) is not None else ".hydra"
+    # with this command's (which names only resume=...). Nor the record of a run that is live
+    # in that folder: this invocation is about to be refused (experiments/runlock.py).
+    if resume_target(_root_.get("resume")) is not None:
+        return None
+    folders = [Path(str(_root_.run_root)) / run_subdir(_root_)]
+    explicit = OmegaConf.select(_root_, "hydra.run.dir", default=None)
+    if explicit is not None:
+        folders.append(Path(str(explicit)))
+    return None if any(is_held(f) for f in folders) else ".hydra"
 
 
 def _resolve_sweep_suffix() -> str:

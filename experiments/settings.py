@@ -24,6 +24,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from agents.base import Agent, AgentSpec
 from experiments.errors import ConfigError
+from experiments.guard import MODES as NONFINITE_MODES
 from las_env.data import DATASET_NAMES
 from las_env.evaluation import attack_spec
 from las_env.game import LASConfig
@@ -31,6 +32,7 @@ from las_env.grids import StrategyGrid
 from las_env.models import build_model
 from las_env.reward import RewardConfig
 from las_env.target import OptimConfig
+from las_env.validate import SettingError, check_whole
 
 AgentFactory = Callable[[AgentSpec], Agent]
 """Anything that builds an agent from the game's :class:`AgentSpec`."""
@@ -91,6 +93,11 @@ class RunSettings:
         resume: continue from ``run_dir/checkpoint.pt`` when it exists.
         stop_after_epochs: end this invocation after that many epochs (resumable).
         threads: torch CPU threads for the run (``None``: leave torch's setting).
+        on_nonfinite: "stop" (a non-finite loss, reward, gradient or weight ends the run) or
+            "skip" (drop the updates of batches with a non-finite gradient, counted);
+            ``experiments/guard.py``.
+        init_from: start from this run folder's (or checkpoint file's) last checkpoint, with
+            these settings (``experiments/recovery.py::start_from``); ``None``: from scratch.
     """
 
     run_dir: Path
@@ -107,6 +114,8 @@ class RunSettings:
     threads: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
     settings_hash: str | None = None
+    on_nonfinite: str = "stop"
+    init_from: Path | None = None
 
 
 # ----------------------------------------------------------------------------- agents
@@ -195,18 +204,25 @@ def _check_signature(cls: Any, target: str, kwargs: Mapping[str, Any]) -> None:
 
 
 def _positive_or_none(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a whole number >= 1 (or null for all).")
-    return int(value)
+    """A whole number >= 1 or ``None`` (the key says what ``null`` means, e.g. all images)."""
+    try:
+        return check_whole(name, value, 1, allow_none=True)
+    except SettingError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _positive(name: str, value: Any) -> int:
-    out = _positive_or_none(name, value)
-    if out is None:
-        raise ConfigError(f"{name} must be a whole number >= 1, got null.")
-    return out
+    try:
+        return check_whole(name, value, 1)  # type: ignore[return-value]
+    except SettingError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _whole(name: str, value: Any, low: int) -> int:
+    try:
+        return check_whole(name, value, low)  # type: ignore[return-value]
+    except SettingError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _absolute(path: str) -> str:
@@ -244,13 +260,23 @@ def _check_model(name: str) -> str:
     return name
 
 
-def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
+GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
+             "reward_interval": "agent.k", "device": "device", "precision": "precision",
+             "channels_last": "channels_last", "augment": "data.augment"}
+"""Command-line key of each :class:`LASConfig` field that is not in a section of its own."""
+
+
+def _build(cls: type, section: str, values: Mapping[str, Any], keys: Mapping[str, str] | None = None) -> Any:
+    """``cls(**values)``; a rejected value becomes one paragraph naming its command-line key
+    (``<section>.<field>``, or ``keys[field]``)."""
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ConfigError(f"{section}: unknown setting(s) {unknown}; valid: {sorted(valid)}.")
     try:
         return cls(**values)
+    except SettingError as exc:
+        raise ConfigError(exc.describe(key=(keys or {}).get(exc.key) or f"{section}.{exc.key}")) from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{section}: {exc}") from None
 
@@ -282,7 +308,7 @@ def eval_settings(cfg: Mapping[str, Any]) -> EvalSettings:
         final_n=_positive_or_none("eval.final_n", cfg.get("final_n")),
         autoattack=autoattack,
         autoattack_n=_positive("eval.autoattack_n", cfg.get("autoattack_n", 1000)),
-        seed=int(cfg.get("seed", 0)),
+        seed=_whole("eval.seed", cfg.get("seed", 0), 0),
     )
 
 
@@ -331,6 +357,8 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
     grid_cfg = data.get("grid")
     try:
         grid = StrategyGrid.from_config(grid_cfg) if grid_cfg is not None else None
+    except SettingError as exc:
+        raise ConfigError(exc.describe("data.grid.")) from None
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"data.grid: {exc}") from None
     optim = _build(OptimConfig, "data.optim", data.get("optim") or {})
@@ -338,7 +366,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
     seed = resolved.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r} must be a whole number >= 0.")
-    env = _build(LASConfig, "game settings", dict(
+    env = _build(LASConfig, "game settings", keys=GAME_KEYS, values=dict(
         dataset=dataset,
         data_root=_absolute(str(data.get("root") or "data")),
         model=model,
@@ -360,6 +388,11 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
         raise ConfigError(f"log_every_steps={log_every!r} must be a whole number >= 0 (0: once per epoch).")
     threads = _positive_or_none("threads", resolved.get("threads"))
+    on_nonfinite = str(resolved.get("on_nonfinite") or "stop")
+    if on_nonfinite not in NONFINITE_MODES:
+        raise ConfigError(f"on_nonfinite={on_nonfinite!r} must be stop (a non-finite loss, reward, gradient or "
+                          f"weight ends the run) or skip (drop the updates of batches with a non-finite gradient).")
+    init_from = resolved.get("init_from")
     return RunSettings(
         run_dir=Path(run_dir),
         env=env,
@@ -375,5 +408,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         threads=threads,
         config=resolved,
         settings_hash=settings_hash,
+        on_nonfinite=on_nonfinite,
+        init_from=None if init_from in (None, "") else Path(_absolute(str(init_from))),
     )
 

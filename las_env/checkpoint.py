@@ -11,42 +11,113 @@ A LAS-AT checkpoint is a ``torch.save``d dict::
     }
 
 A plain ``state_dict`` file (the RobustBench convention) holds the target's weights only.
+
+The training loop keeps the checkpoint before the latest as ``checkpoint.prev.pt``
+(:func:`atomic_save` with ``keep_previous``), so a damaged latest file still leaves a state
+to resume from; :func:`load_checkpoint` names a damaged file instead of a torch traceback.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from las_env.files import atomic_open, temp_path
+
 FORMAT = "las-at/v1"
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be read back (truncated, empty, not a torch file).
+
+    Attributes:
+        path: the damaged file.
+        previous: the rotated previous checkpoint next to it, when one is kept (else ``None``).
+    """
+
+    def __init__(self, path: Path, reason: str, previous: Path | None) -> None:
+        self.path, self.reason, self.previous = path, reason, previous
+        size = path.stat().st_size if path.exists() else 0
+        if previous is not None:
+            advice = (f"The previous checkpoint is kept as {previous}: resume from it (a training run does so by "
+                      f"itself with resume=true; to evaluate it, pass checkpoint={previous}), or delete the run "
+                      f"folder to start over.")
+        else:
+            advice = (f"No previous checkpoint is kept next to it, so the run cannot continue: delete {path} (or "
+                      f"the whole run folder) to start the run over.")
+        super().__init__(f"The checkpoint {path} is damaged ({size} bytes; {reason}): it is not a complete torch "
+                         f"file (cut short by a full disk or an unfinished copy, or another file under this name). "
+                         f"{advice}")
+
+
+def previous_path(path: Path) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``checkpoint.pt`` -> ``checkpoint.prev.pt``."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def atomic_save(obj: Any, path: str | Path, *, keep_previous: bool = False) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
     A crash at any moment leaves either the previous file or the new one, never a torn file.
+    With ``keep_previous`` the file being replaced becomes :func:`previous_path` first, also
+    atomically: it is hard-linked to a temporary name and renamed over the old previous one, so
+    at every moment ``path`` holds a complete checkpoint and the previous one holds the one
+    before (or, after a crash between the two renames, the same one).
+    The file gets the usual permissions (0644 under umask 022), like every other output.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+        if keep_previous and path.is_file():
+            _rotate(path)
     return path
 
 
+def _rotate(path: Path) -> None:
+    prev, tmp = previous_path(path), temp_path(previous_path(path))
+    try:
+        os.link(path, tmp)
+    except OSError:  # no hard links on this file system: a copy, still renamed into place atomically
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, prev)
+
+
+def _first_sentence(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    cut = text.find(". ")
+    text = text[:cut] if cut > 0 else text.rstrip(".")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _load(path: Path, map_location: str | torch.device) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # not damage: say what they say
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
+            AttributeError, ImportError, IndexError, TypeError, UnicodeDecodeError) as exc:
+        # torch.load's errors for damaged files: PytorchStreamReader (truncated zip), OSError
+        # EINVAL (zip cut elsewhere), EOFError (empty), UnpicklingError (text or other bytes),
+        # and whatever a mangled pickle raises.
+        previous = previous_path(path)
+        raise CorruptCheckpointError(path, f"{type(exc).__name__}: {_first_sentence(str(exc))}",
+                                     previous if previous.is_file() and previous != path else None) from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a LAS-AT checkpoint; a clear error if the file is missing or not ours."""
+    """Read a LAS-AT checkpoint; a clear error if the file is missing, damaged or not ours.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CorruptCheckpointError: the file cannot be read (names the file and what to do).
+        ValueError: a readable file that is not a LAS-AT checkpoint.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
@@ -55,7 +126,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"No checkpoint at {path}. Pass the run directory or its checkpoint.pt "
             f"(a training run writes <run_dir>/checkpoint.pt after every epoch)."
         )
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = _load(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(
             f"{path} is not a LAS-AT checkpoint (format {FORMAT!r}). For a plain state_dict, "

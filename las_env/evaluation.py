@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import sys
 import time
@@ -45,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from las_env import files
 from las_env.attack import Loss, eval_mode, pgd
 
 AttackKind = Literal["clean", "fgsm", "pgd", "autoattack"]
@@ -292,22 +292,8 @@ def state_fingerprint(module_or_tensors: nn.Module | Sequence[Tensor]) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: never a torn file.
-
-    The temporary name is unique per process and opened normally, so the report gets the
-    usual permissions (``mkstemp`` would make it private to the owner).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``text`` atomically with the usual permissions (:func:`las_env.files.atomic_write_text`)."""
+    files.atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------- attacks
@@ -637,7 +623,7 @@ def _autoattack(
                 "max_linf": linf,
             }
             if state_path is not None:
-                atomic_write_text(state_path, json.dumps(state, indent=1))
+                files.write_json(state_path, state)
             bar.update(s.stop - s.start)
     bar.close()
 

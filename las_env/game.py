@@ -26,6 +26,7 @@ from las_env.lookahead import lookahead_step
 from las_env.models import build_model
 from las_env.reward import RewardConfig, RewardTerms, probe_updated_target, reward_terms
 from las_env.target import OptimConfig, Precision, TargetTrainer, autocast
+from las_env.validate import SettingError, check_whole
 
 DEFAULT_MODELS = {"digits": "small_cnn", "tiny-imagenet": "preact_resnet18"}
 SCORE_SEED_OFFSET = 0x5C0DE
@@ -91,22 +92,22 @@ class LASConfig:
     step_reward: bool = True
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}.")
-        if self.reward_interval < 1:
-            raise ValueError(
-                f"reward_interval (the agent's update interval k) must be >= 1, got {self.reward_interval}."
-            )
+        check_whole("batch_size", self.batch_size, 1)
+        check_whole("epochs", self.epochs, 1)
+        check_whole("reward_interval", self.reward_interval, 1)  # the agent's update interval k
+        check_whole("max_steps_per_epoch", self.max_steps_per_epoch, 1, allow_none=True)
         if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}.")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ValueError(f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}.")
+            raise SettingError("precision", self.precision, "must be fp32, bf16 or fp16.")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} but CUDA is not available here; use device=cpu.")
+        try:
+            kind = torch.device(self.device).type
+        except (RuntimeError, TypeError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise SettingError("device", self.device, "must be cpu, cuda, cuda:N or auto (cuda when available).")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise SettingError("device", self.device, "CUDA is not available here; use device=cpu (or auto).")
         if self.model is None:
             self.model = DEFAULT_MODELS.get(self.dataset, "resnet18")
         if self.grid is None:

@@ -7,12 +7,17 @@ All step sizes and epsilons are in pixel units (images live in ``[0, 1]``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from las_env.validate import SettingError, check_numbers
+
 ACTION_COLUMNS = ("step_size", "iterations", "epsilon")
+_EXAMPLES = {"step_sizes": "[0.0078,0.0157]", "iterations": "[3,5,10]", "epsilons": "[0.0314,0.0627]"}
+"""What the error messages suggest (CIFAR-like values in pixel units)."""
 
 
 @dataclass(frozen=True)
@@ -43,20 +48,29 @@ class StrategyGrid:
     epsilons: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        for name, values in zip(ACTION_COLUMNS, (self.step_sizes, self.iterations, self.epsilons)):
+        # Pixel units: images live in [0, 1], so a radius or step above 1 covers the whole range
+        # and means nothing; 0 or less is no attack at all.
+        pixel = "(pixel units for images in [0, 1]: 8/255 = 0.0314; a value above 1 covers the whole pixel range)"
+        for key, values in (("step_sizes", self.step_sizes), ("iterations", self.iterations),
+                            ("epsilons", self.epsilons)):
             if len(values) == 0:
-                raise ValueError(
-                    f"The strategy grid for {name!r} is empty. Give at least one value, "
-                    f"e.g. grid.{name}=[...] on the command line."
-                )
-            bad = [v for v in values if not (v > 0) or v != v]
+                raise SettingError(key, list(values), "the grid is empty: give at least one value, e.g. "
+                                   "{key}=" + f"{_EXAMPLES[key]}.")
+        for key, values in (("step_sizes", self.step_sizes), ("epsilons", self.epsilons)):
+            check_numbers(key, values, meaning=pixel)  # numbers, finite
+            bad = [v for v in values if not 0 < v <= 1]
             if bad:
-                raise ValueError(
-                    f"The strategy grid for {name!r} has non-positive values {bad}. "
-                    f"Every {name} must be > 0."
-                )
-        if any(int(v) != v for v in self.iterations):
-            raise ValueError(f"Iteration counts must be whole numbers, got {list(self.iterations)}.")
+                word = "non-positive" if min(bad) <= 0 else "above-1"
+                raise SettingError(key, list(values),
+                                   f"has {word} values {bad}: every value must be in (0, 1] {pixel}.")
+        for v in self.iterations:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or int(v) != v or v < 1:
+                raise SettingError("iterations", list(self.iterations), "every iteration count must be a whole "
+                                   "number >= 1, e.g. {key}=" + f"{_EXAMPLES['iterations']}.")
+        # Stored as Python numbers of one kind, whatever the config gave (2.0 -> 2).
+        object.__setattr__(self, "step_sizes", tuple(float(v) for v in self.step_sizes))
+        object.__setattr__(self, "iterations", tuple(int(v) for v in self.iterations))
+        object.__setattr__(self, "epsilons", tuple(float(v) for v in self.epsilons))
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> StrategyGrid:
@@ -68,11 +82,15 @@ class StrategyGrid:
         missing = [k for k in ("step_sizes", "iterations", "epsilons") if k not in cfg]
         if missing:
             raise ValueError(f"Strategy grid config lacks {missing}; it needs step_sizes, iterations, epsilons.")
-        return cls(
-            step_sizes=tuple(float(v) for v in _expand(cfg["step_sizes"])),
-            iterations=tuple(int(v) for v in _expand(cfg["iterations"])),
-            epsilons=tuple(float(v) for v in _expand(cfg["epsilons"])),
-        )
+        values = {}
+        for key in ("step_sizes", "iterations", "epsilons"):
+            try:
+                values[key] = tuple(_expand(cfg[key]))
+            except (ValueError, TypeError, ZeroDivisionError, OverflowError, KeyError) as exc:
+                raise SettingError(key, cfg[key], f"cannot be read as grid values ({exc}): give a list of numbers "
+                                   "(fractions such as 8/255 allowed), e.g. {key}=" + f"{_EXAMPLES[key]}, or "
+                                   "{start, stop, scale}.") from None
+        return cls(**values)
 
     @property
     def nvec(self) -> tuple[int, int, int]:
@@ -97,6 +115,8 @@ class StrategyGrid:
 
 
 def _expand(spec) -> list[float]:
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, (Mapping, Sequence)):
+        raise TypeError(f"expected a list or a mapping, got {type(spec).__name__}")
     if isinstance(spec, Mapping):
         start, stop = spec["start"], spec["stop"]
         scale = _number(spec.get("scale", 1.0))

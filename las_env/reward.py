@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from las_env.attack import eval_mode, pgd
 from las_env.target import Precision, autocast
+from las_env.validate import SettingError, check_number, check_whole
 
 
 @dataclass
@@ -69,11 +70,19 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         if self.measure not in ("accuracy", "loss"):
-            raise ValueError(f"reward.measure must be 'accuracy' or 'loss', got {self.measure!r}.")
+            raise SettingError("measure", self.measure,
+                               "must be 'accuracy' (the authors' code) or 'loss' (the slides).")
         if self.w_hat not in ("this_step", "deepcopy"):
-            raise ValueError(f"reward.w_hat must be 'this_step' or 'deepcopy', got {self.w_hat!r}.")
-        if self.probe_iterations < 1:
-            raise ValueError(f"reward.probe_iterations must be >= 1, got {self.probe_iterations}.")
+            raise SettingError("w_hat", self.w_hat, "must be 'this_step' or 'deepcopy'.")
+        weight = "(a weight of a reward term; NaN or inf would make every reward meaningless)"
+        check_number("alpha", self.alpha, meaning=weight)
+        check_number("beta", self.beta, meaning=weight)
+        check_number("l1_clamp", self.l1_clamp, 0, low_open=True, meaning="(upper clamp of L1; the authors' 10)")
+        check_whole("probe_iterations", self.probe_iterations, 1)
+        pixel = "(pixel units for images in [0, 1]; null takes the data set's threat model)"
+        for key in ("probe_epsilon", "probe_step_size"):
+            if getattr(self, key) is not None:
+                check_number(key, getattr(self, key), 0, 1, low_open=True, meaning=pixel)
         if not (self.use_l1 or self.use_l2 or self.use_l3):
             raise ValueError("All reward terms are switched off: enable at least one of use_l1, use_l2, use_l3.")
         self._check_fidelity_switches()

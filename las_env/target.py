@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from las_env.validate import SettingError, check_number, check_numbers
+
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -49,12 +51,17 @@ class OptimConfig:
     true_class_prob: float | None = None
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}.")
+        check_number("lr", self.lr, 0, low_open=True, meaning="(the peak learning rate; CIFAR: 0.1)")
+        check_number("momentum", self.momentum, 0, 1, high_open=True, meaning="(SGD momentum; CIFAR: 0.9)")
+        check_number("weight_decay", self.weight_decay, 0, meaning="(CIFAR: 5e-4)")
+        check_number("gamma", self.gamma, 0, 1, low_open=True, meaning="(the piecewise schedule's decay factor)")
+        check_number("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         if self.schedule not in ("piecewise", "cosine", "constant"):
-            raise ValueError(f"optim.schedule must be piecewise, cosine or constant, got {self.schedule!r}.")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+            raise SettingError("schedule", self.schedule, "must be piecewise, cosine or constant.")
+        if isinstance(self.milestones, (str, bytes)) or not hasattr(self.milestones, "__iter__"):
+            raise SettingError("milestones", self.milestones,
+                               "must be a list of fractions of the budget, e.g. [0.5, 0.75].")
+        check_numbers("milestones", self.milestones, 0, 1, meaning="(fractions of the whole training budget)")
         self.milestones = tuple(float(m) for m in self.milestones)
         self._check_true_class_prob()
 

@@ -1,0 +1,260 @@
+"""Divergence detection: a non-finite loss, reward, gradient norm or weight stops the run.
+
+Everything is measured on the device and read back with the loop's existing step-metric
+flushes (``StepMeter.flush``: every ``log_every_steps`` steps and at the end of each epoch),
+so the hot loop gains no host-device synchronisation:
+
+- per step, an optimiser pre-step hook on the target's SGD computes the gradient's global norm
+  (``torch._foreach_norm``, device only); the loop's meter sums it with the loss, the reward
+  terms and the agent's metrics. A sum is non-finite as soon as one addend is, so one read of
+  the sums checks every step of the window;
+- at each flush, the norm of the target's weights (and buffers) joins the same read;
+- a device scalar records the first step whose loss or gradient was not finite, so the message
+  names that step exactly.
+
+**How late it is noticed.** At the first flush after the first non-finite value: at most
+``log_every_steps`` steps later (with ``log_every_steps=0``, at the end of that epoch), always
+before the epoch's evaluation and checkpoint. So the checkpoint on disk is the last finite
+state, never a poisoned one; the steps between the fault and the flush are lost (they are
+after the checkpoint anyway).
+
+**Keeping going.** ``on_nonfinite=skip`` drops, on the device, the update of any batch whose
+gradient norm is not finite (its gradient is zeroed before the SGD step, and the BatchNorm
+statistics its forward pass changed are put back; momentum and weight decay still move the
+weights), counts the skipped batches and reports them per epoch (``guard/skipped_batches`` in the
+history of ``metrics.json``/``results.json``) and on the epoch line. A non-finite reward,
+agent metric or weight still stops the run: the strategy has already learned from the NaN, or
+the target is lost, and no skipping repairs that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from las_env.files import write_json
+
+NonFiniteMode = Literal["stop", "skip"]
+MODES: tuple[str, ...] = ("stop", "skip")
+"""Values of ``on_nonfinite`` (``experiments/settings.py`` checks the config against them)."""
+
+FIRST_BAD = "guard/first_nonfinite_step"
+SKIPPED = "guard/skipped_batches"
+GRAD_NORM = "guard/grad_norm"
+WEIGHT_NORM = "guard/weight_norm"
+
+WATCHED = {
+    "train/loss": "the target's training loss",
+    GRAD_NORM: "the norm of the target's gradient",
+    WEIGHT_NORM: "the target's weights",
+    "reward/total": "the strategy's reward",
+    "reward/l1": "the reward term L1",
+    "reward/l2": "the reward term L2",
+    "reward/l3": "the reward term L3",
+}
+"""Quantities that stop the run when not finite (plus every ``agent/*`` metric)."""
+
+SKIPPABLE = ("train/loss", GRAD_NORM)
+"""What ``on_nonfinite=skip`` tolerates (the batch's update is dropped instead)."""
+
+
+class TrainingDiverged(Exception):
+    """Training stopped because a watched quantity was not finite; the message is the paragraph.
+
+    Attributes:
+        epoch: 1-based epoch in which it was noticed.
+        steps: the window ``(first, last)`` of 1-based global steps the flush covered.
+        first_step: the first step whose loss or gradient was not finite, if known.
+        bad: quantity -> the non-finite value read back.
+    """
+
+    def __init__(self, message: str, *, epoch: int, steps: tuple[int, int], first_step: int | None,
+                 bad: dict[str, float]) -> None:
+        super().__init__(message)
+        self.epoch, self.steps, self.first_step, self.bad = epoch, steps, first_step, bad
+
+
+@dataclass
+class Context:
+    """What the failure message says about the run (filled in by the loop).
+
+    Attributes:
+        loop: the loop's state (read when the message is written: ``epochs_done``).
+        started_from: the ``init_from`` run this one started from, if any.
+    """
+
+    lr: float
+    precision: str
+    checkpoint: Path
+    epochs: int
+    run_dir: Path
+    loop: Mapping[str, Any]
+    started_from: Path | None = None
+
+
+class DivergenceGuard:
+    """Watches one :class:`las_env.game.LASGame`'s target and the loop's step metrics."""
+
+    def __init__(self, game: Any, mode: NonFiniteMode = "stop") -> None:
+        if mode not in MODES:
+            raise ValueError(f"on_nonfinite must be one of {MODES}, got {mode!r}.")
+        self.game, self.mode = game, mode
+        self.device = game.device
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._grad_norm: Tensor | None = None
+        self._skipped: Tensor | None = None
+        self._window_start = game.step_index + 1
+        self.context: Context | None = None
+        self._hooks = [game.trainer.optimizer.register_step_pre_hook(self._pre_step)]
+        self._buffers: list[Tensor] = []
+        self._saved: list[Tensor] = []
+        if mode == "skip" and getattr(game, "target", None) is not None:
+            # A skipped batch must not leave its trace in the BatchNorm statistics either: they
+            # are saved before each training forward pass (a few small copies, on the device).
+            self._buffers = list(game.target.buffers())
+            self._saved = [b.detach().clone() for b in self._buffers]
+            target = game.target
+
+            def save_buffers(module: torch.nn.Module, args: Any) -> None:
+                # A closure, not a bound method: deepcopy(target) (the authors' w_hat) copies
+                # hooks, and would copy this guard (and the game) with a bound method.
+                if module is target and module.training:
+                    torch._foreach_copy_(self._saved, self._buffers)
+
+            self._hooks.append(target.register_forward_pre_hook(save_buffers))
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    # ----------------------------------------------------------------- per step (device only)
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        finite = torch.isfinite(norm)
+        if self.mode == "skip":
+            bad = ~finite
+            for g in grads:
+                g.masked_fill_(bad, 0.0)  # a 0-d mask: the whole gradient or nothing, no sync
+            for b, saved in zip(self._buffers, self._saved):
+                b.copy_(torch.where(bad, saved, b))
+            self._skipped = bad.float()
+        self._grad_norm = norm
+
+    def record(self, meter: Any, train_loss: Tensor) -> None:
+        """After each step: add this step's gradient norm (and skip flag) to the loop's meter."""
+        step = self.game.step_index  # 1-based number of the step just played
+        bad = ~torch.isfinite(train_loss.detach().float())
+        if self._grad_norm is not None:
+            meter.add(GRAD_NORM, self._grad_norm)
+            bad = bad | ~torch.isfinite(self._grad_norm)
+        if self._skipped is not None:
+            meter.add(SKIPPED, self._skipped)
+        self._first_bad.copy_(torch.where((self._first_bad < 0) & bad, step, self._first_bad))
+        self._grad_norm = self._skipped = None
+
+    # ----------------------------------------------------------------- at flush points
+    def flush(self, meter: Any) -> dict[str, tuple[float, int]]:
+        """``meter.flush()`` with the weights' norm in the same read; raises
+        :class:`TrainingDiverged` if anything watched is not finite. Returns the window
+        without the guard's internal entries (what the loop logs)."""
+        tensors = [t.detach().float() for t in (*self.game.target.parameters(), *self.game.target.buffers())
+                   if t.is_floating_point()]
+        if tensors:
+            meter.add(WEIGHT_NORM, torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
+        meter.add(FIRST_BAD, self._first_bad.float())
+        window = meter.flush()
+        first = int(window.pop(FIRST_BAD)[0])
+        steps = (self._window_start, self.game.step_index)
+        self._window_start = self.game.step_index + 1
+        bad = {name: s for name, (s, _) in window.items()
+               if not math.isfinite(s) and (name in WATCHED or name.startswith("agent/"))}
+        if self.mode == "skip":
+            bad = {n: v for n, v in bad.items() if n not in SKIPPABLE}
+        if bad:
+            raise self._diverged(bad, steps, first if first >= 0 else None)
+        return window
+
+    def flush_after_error(self, meter: Any, error: BaseException) -> None:
+        """An exception in the middle of a window (e.g. an agent sampling from NaN
+        probabilities): if a watched value went non-finite, report that instead."""
+        try:
+            self.flush(meter)
+        except TrainingDiverged as diverged:
+            raise diverged from error
+        except Exception:  # noqa: BLE001 - the original error is the one to show
+            pass
+
+    @staticmethod
+    def epoch_totals(sums: Mapping[str, tuple[float, int]]) -> dict[str, float]:
+        """The epoch's means of the step metrics, except the skipped batches: their count."""
+        out = {n: s / c for n, (s, c) in sums.items() if c}
+        if SKIPPED in sums:
+            out[SKIPPED] = sums[SKIPPED][0]
+        return out
+
+    # ----------------------------------------------------------------- the message
+    def _diverged(self, bad: dict[str, float], steps: tuple[int, int], first: int | None) -> TrainingDiverged:
+        game, ctx = self.game, self.context
+        epoch = (steps[1] - 1) // game.steps_per_epoch + 1
+        named = [f"{WATCHED[n]} ({n}) was {v}" for n, v in bad.items() if n in WATCHED]
+        agent = [n.split("/", 1)[1] for n in bad if n not in WATCHED]
+        if agent:
+            shown = ", ".join(agent[:3]) + (f" and {len(agent) - 3} more" if len(agent) > 3 else "")
+            named.append(f"the agent's metrics {shown} (agent/*) were not finite")
+        where = f"step {first}" if first is not None else f"a step between {steps[0]} and {steps[1]}"
+        text = (f"Training diverged: in epoch {epoch}, by {where} of {game.total_steps}, "
+                f"{'; '.join(named)}. Training stopped at the first check after it (the step metrics are read "
+                f"every log_every_steps steps).")
+        if ctx is not None:
+            causes = [f"a learning rate too high for this model (data.optim.lr={ctx.lr:g}: try 10x lower)"]
+            if ctx.precision == "fp16":
+                causes.append("fp16 overflow (precision=bf16 or fp32)")
+            causes.append("attacks too strong or reward weights too large for the agent (data.grid, reward.alpha/"
+                          "beta), or non-finite input data")
+            text += f" Likely causes: {', '.join(causes)}."
+            done = int(ctx.loop.get("epochs_done", 0))
+            if ctx.checkpoint.is_file():
+                text += (f" Nothing of epoch {epoch} was saved: the last finite checkpoint, {ctx.checkpoint} "
+                         f"(epoch {done} of {ctx.epochs}), is intact.")
+            elif ctx.started_from is not None:
+                text += (f" This run had saved no checkpoint of its own yet; the one it started from "
+                         f"({ctx.started_from}, epoch {done}) is untouched.")
+            else:
+                text += " No epoch had finished, so there is no checkpoint to go back to."
+            source = ctx.run_dir if ctx.checkpoint.is_file() else ctx.started_from
+            text += f" results.json marks the run failed. {failure_hint(source)}"
+        return TrainingDiverged(text, epoch=epoch, steps=steps, first_step=first, bad=bad)
+
+
+def failure_hint(source: Path | None) -> str:
+    """What to do after a divergence. ``resume`` continues a run with its recorded settings, so
+    it would diverge again; a fixed setting is a new run, which may start from ``source``."""
+    text = ("Fix the setting and run the command again: a changed setting gets a folder of its own (resume=true "
+            "and resume=<dir> continue a run with its recorded settings, and would diverge again).")
+    if source is not None:
+        text += (f" To keep the epochs already trained, add init_from={source} to the fixed command: it starts "
+                 f"from that last finite checkpoint with the new settings.")
+    return text
+
+
+def record_failure(error: TrainingDiverged, results: dict[str, Any], tracker: Any, console: Any) -> None:
+    """Mark the run failed: ``results.json`` (``results``: the loop's fields of that file, plus
+    ``"status": "failed"`` and what was not finite where), the tracker (W&B: summary and a
+    failed exit), and the paragraph in ``log.txt``. The checkpoint is not touched."""
+    doc = {**results, "status": "failed", "final": [],
+           "failure": {"kind": "diverged", "message": str(error), "epoch": error.epoch,
+                       "steps": list(error.steps), "first_nonfinite_step": error.first_step,
+                       "quantities": {k: str(v) for k, v in error.bad.items()}}}
+    write_json(Path(results["run_dir"]) / "results.json", doc, default=str)
+    console.log(f"las-at: error: {error}")
+    tracker.summary({"status": "failed", "failure": str(error)})
+    tracker.finish(exit_code=1)

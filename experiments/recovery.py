@@ -1,0 +1,156 @@
+"""What a run finds in its folder when it starts: the checkpoint to resume, damaged files,
+temporary files left by killed writes.
+
+Called by :func:`experiments.loop.train` while it holds the folder's run lock
+(``experiments/runlock.py``), so nothing else is writing there.
+
+- :func:`checkpoint_to_resume` reads ``checkpoint.pt``; when that file is damaged it falls back
+  to ``checkpoint.prev.pt`` (the loop keeps the one before the latest), moving the damaged file
+  aside as ``checkpoint.damaged.pt`` so it is neither lost nor rotated into ``.prev``.
+- :func:`remove_stale_temporaries` deletes the ``.<file>.*.tmp`` files a killed atomic write
+  leaves behind (a whole checkpoint's size each).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from experiments.errors import ConfigError
+from las_env.checkpoint import CorruptCheckpointError, load_checkpoint, previous_path
+from las_env.files import stale_temp_files
+
+CHECKPOINT = "checkpoint.pt"
+RUN_FILES = (CHECKPOINT, "checkpoint.prev.pt", "target_state_dict.pt", "metrics.json", "results.json",
+             "results.md", "accuracy.png", "choices.png", "autoattack_state.json")
+"""What a training run writes atomically in its folder (the names of its temporary files)."""
+
+
+def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> list[Path]:
+    """Delete temporary files of the run's own atomic writes (the caller holds the run lock, so
+    none of them belongs to a live writer); say how much space that freed."""
+    stale = stale_temp_files(run_dir, RUN_FILES, any_writer=True)
+    size = 0
+    for p in stale:
+        try:
+            size += p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            pass
+    if stale:
+        say(f"Removed {len(stale)} temporary file(s) left by an interrupted write in {run_dir} "
+            f"({size / 2**20:.1f} MiB): {', '.join(p.name for p in stale)}.")
+    return stale
+
+
+def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | None,
+                         say: Callable[[str], None]) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None; refuses to overwrite one without ``resume``.
+
+    Raises:
+        ConfigError: a checkpoint exists and ``resume`` is off; it belongs to other settings;
+            it is damaged and no readable previous one is kept.
+    """
+    path = run_dir / CHECKPOINT
+    prev = previous_path(path)
+    if not path.is_file() and not prev.is_file():
+        return None
+    try:
+        ckpt = load_checkpoint(path if path.is_file() else prev)
+        source = path if path.is_file() else prev
+    except CorruptCheckpointError as exc:
+        if exc.previous is None:
+            raise ConfigError(str(exc)) from None
+        try:
+            ckpt = load_checkpoint(exc.previous)
+        except (CorruptCheckpointError, ValueError) as again:
+            raise ConfigError(f"{exc.path} and {exc.previous} are both damaged ({again}). Delete the run folder "
+                              f"{run_dir} to start the run over.") from None
+        if not resume:
+            raise ConfigError(
+                f"The checkpoint {exc.path} is damaged ({exc.reason}), but the previous one, {exc.previous} (epoch "
+                f"{ckpt.get('meta', {}).get('epochs_done', '?')}), is readable. Add resume=true to the same command "
+                f"to continue from it (the damaged file is kept as checkpoint.damaged.pt), or delete the folder "
+                f"{run_dir} to start over.") from None
+        damaged = path.with_name(f"{path.stem}.damaged{path.suffix}")
+        os.replace(path, damaged)
+        say(f"{exc.path} is damaged ({exc.reason}); moved it to {damaged.name} and resuming from {prev.name} "
+            f"(epoch {ckpt.get('meta', {}).get('epochs_done', '?')}).")
+        source = prev
+    except ValueError as exc:  # readable, but not a LAS-AT checkpoint
+        raise ConfigError(f"{exc} It is in the run directory {run_dir}, where this run keeps its own checkpoint: "
+                          f"move it elsewhere or delete it, then run the command again.") from None
+    meta = ckpt.get("meta", {})
+    where = f"epoch {meta.get('epochs_done', '?')} of {meta.get('epochs', '?')}"
+    saved = meta.get("settings_hash")
+    if saved and settings_hash and saved != settings_hash:
+        # Advice that works: resume=<dir> would read this folder's recorded settings, which are
+        # this command's, and meet the same mismatch.
+        raise ConfigError(
+            f"The checkpoint {source} was written by a run with other settings (hash {saved}, first written in "
+            f"{meta.get('run_dir', 'another folder')}; this command's settings hash to {settings_hash}), so "
+            f"continuing it here would mix two configurations. Move it back to its own run folder (runs are named "
+            f"<model>-seed<seed>-<hash>), or delete {path.name} and {prev.name} from {run_dir} to start this "
+            f"command's run over."
+        )
+    if not resume:
+        raise ConfigError(
+            f"The run directory {run_dir} already holds a checkpoint of this exact configuration "
+            f"({where}). Add resume=true to the same command to continue it (a finished run re-prints its "
+            f"results), delete the folder to start over, or change a setting (e.g. seed=1): any change of "
+            f"setting gets a folder of its own."
+        )
+    return ckpt
+
+
+MUST_MATCH = (("data", "name"), ("model", "name"), ("data", "batch_size"), ("data", "epochs"),
+              ("data", "max_steps_per_epoch"), ("data", "grid"), ("agent",))
+"""Settings a run started with ``init_from`` shares with the run it starts from: they fix the
+shape of the saved state (network, episode length, action space, agent). Everything else (the
+optimiser, the reward, evaluation...) may change: that is what ``init_from`` is for."""
+
+
+def _get(config: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
+def start_from(settings: Any) -> dict[str, Any]:
+    """``init_from=<run_dir or checkpoint>``: that run's checkpoint, checked to fit this run.
+
+    Raises:
+        ConfigError: no readable checkpoint there, or one whose run differs in :data:`MUST_MATCH`.
+    """
+    source = Path(settings.init_from)
+    try:
+        ckpt = load_checkpoint(source)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"init_from={source}: {exc}") from None
+    theirs, mine = ckpt.get("config") or {}, settings.config
+    differ = [".".join(key) for key in MUST_MATCH if _get(theirs, key) != _get(mine, key)]
+    if differ:
+        raise ConfigError(
+            f"init_from={source}: that run differs from this command in {', '.join(differ)}, which fix the shape "
+            f"of the saved state. A run can start from another's checkpoint only with the same data, model, "
+            f"batch size, epochs, steps per epoch, strategy grid and agent settings; change the optimiser "
+            f"(data.optim.*), the reward or the evaluation instead, or drop init_from to start afresh."
+        )
+    return ckpt
+
+
+def started_from(env: Any, ckpt: dict[str, Any], settings: Any) -> str:
+    """After the env, agent and loop state of :func:`start_from`'s checkpoint are loaded: this
+    run's optimiser settings (the loaded optimiser state carries the other run's momentum and
+    weight decay; the learning rate is set from the schedule before every step anyway), and a
+    record of where the run started in its loop state. Returns the line to print."""
+    optim = settings.env.optim
+    for group in env.game.trainer.optimizer.param_groups:
+        group["momentum"] = optim.momentum
+        group["weight_decay"] = optim.weight_decay
+    loop = ckpt["loop"]
+    loop["init_from"] = {"run_dir": ckpt["meta"].get("run_dir"), "epochs_done": loop["epochs_done"]}
+    return (f"Starting {settings.run_dir} from {settings.init_from} after epoch {loop['epochs_done']} of "
+            f"{settings.env.epochs}, with this command's settings (init_from).")

@@ -1,0 +1,181 @@
+"""One run per folder at a time: an advisory lock taken before a run does any work.
+
+The lock is ``<run_dir>/run.lock``: a small JSON record of its owner (pid, host, start time,
+command line) held with ``fcntl.flock``. The kernel drops a ``flock`` when its process dies,
+however it dies (``kill -9`` included), so a lock file whose owner is gone is *stale*: the next
+run takes it over and says so. A second invocation on a folder whose owner is alive (the same
+command started twice, or ``resume=true`` of a run still going) is refused with one paragraph
+naming the owner.
+
+Where ``flock`` is not available (some network file systems answer ``ENOLCK``), the record
+alone decides: a live pid on this host holds the folder; a record from another host is
+trusted (we cannot see its processes), and the message says how to clear it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: records only
+    fcntl = None  # type: ignore[assignment]
+
+from experiments.errors import ConfigError
+
+LOCK_NAME = "run.lock"
+
+
+class RunLock:
+    """The lock of one run folder, held by this process until :meth:`release`.
+
+    Attributes:
+        path: the lock file.
+        took_over: the record of a stale lock this one replaced (its owner had died), or None.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: int | None = None
+        self.took_over: dict[str, Any] | None = None
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> RunLock:
+        """Take the folder's lock or raise :class:`ConfigError` naming the live owner."""
+        lock = cls(run_dir)
+        lock._acquire()
+        return lock
+
+    def _acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):  # the file can be replaced between open and flock: retry on a new inode
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                held = self._flock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not held:
+                owner = _read(fd)
+                os.close(fd)
+                raise ConfigError(_refusal(self.path, owner))
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous owner removed the file as we opened it
+                os.close(fd)
+                continue
+            previous = _read(fd)
+            if previous and self._flock_unsupported and _alive_here(previous):
+                os.close(fd)
+                raise ConfigError(_refusal(self.path, previous))
+            if previous and not self._flock_unsupported and previous.get("pid"):
+                self.took_over = previous
+            self._fd = fd
+            _write(fd, {"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)})
+            return
+        raise ConfigError(f"Could not take the run lock {self.path}: it kept changing under us. Run the command again.")
+
+    def _flock(self, fd: int) -> bool:
+        """True when this process now holds the lock (or flock is unavailable)."""
+        self._flock_unsupported = fcntl is None
+        if fcntl is None:
+            return True
+        for attempt in range(5):  # is_held() probes hold a shared lock for an instant: try again
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if attempt == 4:
+                    return False
+                time.sleep(0.02)
+            except OSError as exc:
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    self._flock_unsupported = True
+                    return True
+                raise
+        return False
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (idempotent)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # first unlink, then unlock: a waiter re-checks the inode
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def is_held(run_dir: Path) -> bool:
+    """Whether a live process holds ``run_dir``'s lock now (a probe: takes nothing)."""
+    path = Path(run_dir) / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock, if it got one
+
+
+def _read(fd: int) -> dict[str, Any]:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, 65536)
+        record = json.loads(data.decode() or "{}")
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(fd: int, record: dict[str, Any]) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(record) + "\n").encode())
+    os.fsync(fd)
+
+
+def _alive_here(record: dict[str, Any]) -> bool:
+    """Whether the record's owner may be alive: a live pid on this host, or another host's."""
+    if record.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(record.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def _refusal(path: Path, owner: dict[str, Any]) -> str:
+    who = (f"process {owner.get('pid', '?')} on host {owner.get('host', '?')}, started {owner.get('started', '?')}"
+           + (f" (`{owner['command']}`)" if owner.get("command") else "")) if owner else "another process"
+    return (f"The run directory {path.parent} is in use by {who}: two runs in one folder would write the same "
+            f"checkpoint and logs. Wait for it to finish (or stop it), then run this command again (add "
+            f"resume=true to continue its checkpoint); to run a second copy, change a setting such as seed=1 "
+            f"(it gets a folder of its own). If that process is gone and the message persists, delete {path}.")
