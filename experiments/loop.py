@@ -135,7 +135,10 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
     k = agent.reward_interval
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"{type(agent).__name__}.reward_interval={k!r}: it must be a whole number >= 1.")
-    env = LASEnv(config=replace(cfg, reward_interval=k), data=data, tensor_api=True)
+    reward = cfg.reward
+    if getattr(agent, "needs_pre_update_probe", False):  # e.g. credit=unbiased (agents/credit.py)
+        reward = replace(reward, pre_update_probe=True)
+    env = LASEnv(config=replace(cfg, reward_interval=k, reward=reward), data=data, tensor_api=True)
     if (env.game.steps_per_epoch, env.game.total_steps) != (per_epoch, total):  # guards episode_shape
         raise RuntimeError("episode_shape() disagrees with LASGame about the episode's length.")
     return env, agent, spec

@@ -103,6 +103,8 @@ class StepOutcome:
         adv_correct: target (before the update) right on each adversarial example (B,).
         clean_correct: updated target right on each clean image (B,), or None when not measured.
         probe_correct: updated target right under the probe attack (B,), or None.
+        terms_before: ``alpha*L2 + beta*L3`` per image of the target BEFORE this step's update
+            (B,), on reward steps with ``reward.pre_update_probe``; otherwise None.
         train_loss: the target's mean training loss on this batch (0-d).
         step_size, iterations, epsilon: the physical attack settings used, per image (B,).
         step: index of this step in the episode (0-based); epoch: its epoch; lr: its learning rate.
@@ -121,6 +123,7 @@ class StepOutcome:
     step: int
     epoch: int
     lr: float
+    terms_before: Tensor | None = None
 
 
 class LASGame:
@@ -240,10 +243,15 @@ class LASGame:
         cfg = self.config
         x, y = self._x, self._y
         step_size, iterations, epsilon = self.action_values(action)
+        reward_computed = self.is_reward_step()
+        terms_before = None
+        if reward_computed and cfg.reward.pre_update_probe and cfg.reward.needs_updated_target:
+            # Before the attack, so it cannot depend on this batch's actions (not even via the RNG).
+            before = self._probe(self.target, x, y)
+            terms_before = reward_terms(cfg.reward, torch.zeros_like(y, dtype=torch.float32), before).total
         with autocast(self.device, cfg.precision):
             x_adv = per_image_pgd(self.target, x, y, epsilon, step_size, iterations, generator=self.rng)
 
-        reward_computed = self.is_reward_step()
         lr = self.trainer.lr
         probe = None
         if reward_computed and cfg.reward.needs_updated_target and cfg.reward.w_hat == "deepcopy":
@@ -268,6 +276,7 @@ class LASGame:
             step=self.step_index,
             epoch=self.epoch,
             lr=lr,
+            terms_before=terms_before,
         )
         self.step_index += 1
         if not self.done:

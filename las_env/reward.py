@@ -38,6 +38,12 @@ class RewardConfig:
         w_hat: "this_step" measures L2/L3 on the target as updated by the env's own training
             step (free); "deepcopy" reproduces the authors, who train a deep copy of the
             target one extra SGD step on the same examples and measure that.
+        pre_update_probe: on reward steps, also measure ``alpha*L2 + beta*L3`` of the target
+            BEFORE the step's update, on the same batch with the same probe (reported per image
+            as ``batch_terms_before``): the control variate of ``credit="unbiased"``
+            (``agents/credit.py``). Costs one more probe per reward step (a PGD-
+            ``probe_iterations`` attack plus two forward passes on the batch). Set by the
+            training loop when the agent declares ``needs_pre_update_probe``.
     """
 
     alpha: float = 4.0
@@ -51,6 +57,7 @@ class RewardConfig:
     probe_epsilon: float | None = None
     probe_step_size: float | None = None
     w_hat: Literal["this_step", "deepcopy"] = "this_step"
+    pre_update_probe: bool = False
 
     def __post_init__(self) -> None:
         if self.measure not in ("accuracy", "loss"):
