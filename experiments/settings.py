@@ -24,6 +24,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from agents.base import Agent, AgentSpec
 from experiments.errors import ConfigError
+from experiments.selection import SelectionSettings, selection_settings
 from las_env.data import DATASET_NAMES
 from las_env.evaluation import attack_spec
 from las_env.game import LASConfig
@@ -88,6 +89,7 @@ class RunSettings:
         resume: continue from ``run_dir/checkpoint.pt`` when it exists.
         stop_after_epochs: end this invocation after that many epochs (resumable).
         threads: torch CPU threads for the run (``None``: leave torch's setting).
+        selection: the validation split and which weights are kept as best (experiments/selection.py).
     """
 
     run_dir: Path
@@ -102,6 +104,7 @@ class RunSettings:
     progress: bool = True
     log_every_steps: int = 20
     threads: int | None = None
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
     config: dict[str, Any] = field(default_factory=dict)
     settings_hash: str | None = None
 
@@ -369,6 +372,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         progress=bool(resolved.get("progress", True)),
         log_every_steps=int(log_every),
         threads=threads,
+        selection=selection_settings(resolved.get("selection") or {}),
         config=resolved,
         settings_hash=settings_hash,
     )
