@@ -11,6 +11,7 @@ standard error (unbiased), and per_image must not.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +227,29 @@ def test_training_loop_asks_the_env_for_the_probe_when_the_agent_needs_it(digits
             updates += 1
             assert torch.isfinite(m["policy_loss"])
     assert updates == 2
+
+
+def test_unbiased_run_resumes_exactly(tmp_path, digits):
+    from dataclasses import replace as dc_replace
+
+    from hydra import compose, initialize_config_dir
+
+    from experiments.loop import train
+    from experiments.rundir import settings_hash
+    from experiments.settings import settings_from_config
+
+    conf = Path(__file__).resolve().parents[1] / "experiments" / "conf"
+    overrides = ["data.epochs=2", "data.max_steps_per_epoch=4", "data.batch_size=32", "eval.test_subset=32",
+                 "eval.train_subset=32", "eval.final_n=32", "eval.final_attacks=[clean,pgd2]", "eval.pgd_iterations=2",
+                 "agent.k=2", "agent.credit=unbiased", "logger=none", "progress=false", "threads=1"]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+
+    def settings(run_dir, **changes):
+        return dc_replace(settings_from_config(cfg, run_dir, settings_hash=settings_hash(cfg)), **changes)
+
+    whole = train(settings(tmp_path / "whole"), data=digits)
+    train(settings(tmp_path / "split", stop_after_epochs=1), data=digits)
+    resumed = train(settings(tmp_path / "split", resume=True), data=digits)
+    assert (resumed.run_dir / "metrics.json").read_bytes() == (whole.run_dir / "metrics.json").read_bytes()
+    assert whole.history[-1]["train"]["agent/advantage_scale"] > 0
