@@ -59,6 +59,11 @@ class Agent(Protocol):
     Attributes:
         reward_interval: k, the env computes the full reward (L2/L3) on every k-th step
             only; an agent that learns every k steps sets it to k so nothing is wasted.
+
+    Optional attribute, read by the training loop with ``getattr``: ``needs_pre_update_probe``
+    (bool), true when the agent needs ``info["batch_terms_before"]`` (the batch terms of the
+    target before each reward step's update; ``RewardConfig.pre_update_probe``), as
+    ``credit="unbiased"`` does.
     """
 
     reward_interval: int

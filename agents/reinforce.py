@@ -12,30 +12,29 @@ k-1 steps it samples under ``torch.no_grad()`` and keeps nothing (no graph, no m
 After the step, ``learn`` turns the per-image rewards into the credit ``A_i`` and takes
 one optimiser step.
 
-Two credit assignments (``credit=``):
+Three credit assignments (``credit=``); ``agents/credit.py`` derives each and says which
+objective it estimates:
 
 - ``"paper"``, exactly the authors' (SPEC section 2): ONE scalar per batch,
   ``A_i = R = mean_j r_j``, no baseline; loss ``sum over heads of mean_i(-log p_h(a_ih) * R)``,
   which equals ``mean_i(-log p(a_i) * R)`` since the joint log-prob is the sum over heads.
   With the authors' SGD lr 1e-4, clip 1.0 and no entropy bonus, this is their update.
-- ``"per_image"`` (our default): each image is credited with its OWN reward minus a
+  Unbiased for grad J / B, with the largest variance.
+- ``"per_image"``: each image is credited with its OWN reward minus a
   baseline, ``A_i = (r_i - b) / s``. ``b`` is a running mean (EMA, ``baseline_momentum``)
   of the batch-mean reward over past updates, initialised from the first batch's mean;
-  the b used on an update comes from earlier batches only, so it does not depend on
-  this batch's actions and the estimator stays unbiased. ``s`` (``normalize_advantages``)
+  the b used on an update comes from earlier batches only. ``s`` (``normalize_advantages``)
   is a running RMS of the advantages ``r_i - b`` (same EMA, the current batch included),
   so one learning rate works whatever the reward's scale ("accuracy" rewards span ~0..16,
-  "loss" rewards are unbounded) and through training, as rewards drift.
+  "loss" rewards are unbounded) and through training, as rewards drift. Low variance, but
+  biased for J: it drops the effect of image i's attack on the OTHER images' L2/L3 through
+  the shared target update, so it is in effect the "L1 only" ablation.
+- ``"unbiased"``: ``A_i = (L1_i - mean_{j != i} L1_j) + B * (G(w_hat) - G(w))``, with ``G`` the
+  batch terms ``alpha*mean L2 + beta*mean L3`` of the updated target and of the target before
+  the update (measured by the env when the agent asks: ``needs_pre_update_probe``), divided by
+  a running RMS of PAST updates' advantages only. Unbiased for grad J (see ``agents/credit.py``).
 
-Why per-image credit: with one scalar per batch, image i's action is credited with the
-batch mean, of which its own reward is 1/B; the other B-1 images' rewards are noise
-for it, so the gradient's signal-to-noise ratio falls with the batch size. Subtracting
-a baseline removes the large common-mode term (rewards are all positive with the
-"accuracy" measure, so without one every sampled action is pushed up). The cost: per-image
-credit ignores the effect of image i's attack on OTHER images' L2/L3 through the shared
-target update (each a 1/B share); the paper's scalar keeps it, at a much larger variance.
-
-Both modes: optional entropy bonus ``- entropy_coef * H``, gradient-norm clipping to
+All modes: optional entropy bonus ``- entropy_coef * H``, gradient-norm clipping to
 ``grad_clip``, plain SGD (or Adam).
 
 Reward flow (``reward_flow=``) and BatchNorm mode (``bn_mode=``), kept apart from the credit:
@@ -70,10 +69,10 @@ import torch
 from torch import Tensor
 
 from agents.base import AgentSpec, Scorer
+from agents.credit import CREDITS, Credit, unbiased_advantages
 from agents.strategy_net import StrategyNet
 from las_env.attack import eval_mode
 
-Credit = Literal["paper", "per_image"]
 RewardFlow = Literal["train_on_scored", "score_then_resample"]
 BnMode = Literal["train", "split"]
 
@@ -98,8 +97,10 @@ class ReinforceAgent:
         spec: the game (grid, observation shape, device, seed).
         k: update interval; also ``reward_interval``, so the env pays for L2/L3 only on the
             steps this agent learns from (the authors' default 20, their best 40).
-        credit: ``"per_image"`` (per-image rewards minus a running baseline) or ``"paper"``
-            (one scalar reward per batch, no baseline: the authors' estimator).
+        credit: ``"per_image"`` (per-image rewards minus a running baseline), ``"paper"``
+            (one scalar reward per batch, no baseline: the authors' estimator) or ``"unbiased"``
+            (per-image credit that estimates the gradient of the paper's J; needs the env to
+            measure the pre-update target, ``RewardConfig.pre_update_probe``).
         lr: learning rate of the strategy network (authors: 1e-4).
         optimizer: ``"sgd"`` (authors) or ``"adam"``.
         momentum: SGD momentum (authors: 0); ignored by Adam.
@@ -108,8 +109,9 @@ class ReinforceAgent:
         grad_clip: maximum gradient norm (authors: 1.0); ``0`` or ``None`` disables clipping.
         baseline_momentum: EMA momentum of the baseline and of the advantage scale; the
             baseline weighs the newest batch by ``1 - baseline_momentum``.
-        normalize_advantages: divide per-image advantages by their running RMS (per_image
-            credit only; the paper's credit is never rescaled).
+        normalize_advantages: divide per-image advantages by their running RMS (per_image and
+            unbiased credit; the paper's credit is never rescaled). With unbiased credit the RMS
+            is of past updates only (1 on the first), so the scaling adds no bias.
         backbone: strategy backbone name for :func:`las_env.models.build_model`; ``None``
             takes ``small_cnn`` for digits and ``resnet18`` (the authors') otherwise.
         zero_init_heads: start from the uniform strategy (see ``agents.strategy_net``).
@@ -151,8 +153,8 @@ class ReinforceAgent:
     ) -> None:
         if int(k) != k or k < 1:
             raise ValueError(f"k (the strategy's update interval) must be a whole number >= 1, got {k}.")
-        if credit not in ("paper", "per_image"):
-            raise ValueError(f"credit must be 'paper' or 'per_image', got {credit!r}.")
+        if credit not in CREDITS:
+            raise ValueError(f"credit must be one of {', '.join(CREDITS)}, got {credit!r}.")
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
         if not 0.0 <= baseline_momentum < 1.0:
@@ -163,6 +165,9 @@ class ReinforceAgent:
         self.device = torch.device(spec.device)
         self.reward_interval = int(k)
         self.credit = credit
+        # credit=unbiased needs the batch terms of the target before the update (its control
+        # variate); the training loop reads this and asks the env to measure them.
+        self.needs_pre_update_probe = credit == "unbiased"
         self.entropy_coef = float(entropy_coef)
         self.grad_clip = float(grad_clip) if grad_clip else 0.0
         self.baseline_momentum = float(baseline_momentum)
@@ -298,6 +303,8 @@ class ReinforceAgent:
             # The authors: the batch's one scalar reward for every image, no baseline.
             advantage = batch_mean.expand_as(rewards)
             scale = torch.ones((), device=self.device)
+        elif self.credit == "unbiased":
+            advantage, scale = self._unbiased(rewards, info)
         else:
             advantage = rewards - baseline_used
             if self.normalize_advantages:
@@ -343,6 +350,31 @@ class ReinforceAgent:
             "epsilon_idx": actions[:, 2].float().mean(),
             "epsilon": self._epsilons[actions[:, 2]].mean(),
         }
+
+    def _unbiased(self, rewards: Tensor, info: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Advantages of ``credit="unbiased"`` and the scale they were divided by."""
+        before = info.get("batch_terms_before")
+        if before is None:
+            raise ValueError(
+                "credit='unbiased' needs the batch terms of the target before each reward step's update "
+                "(info['batch_terms_before']), and the env did not measure them: build the env with "
+                "reward=RewardConfig(pre_update_probe=True) (experiments/loop.py does so when the agent's "
+                "needs_pre_update_probe is true), or use credit='per_image' or 'paper'."
+            )
+        l1 = torch.as_tensor(info["l1"], device=self.device, dtype=torch.float32).detach()
+        before = torch.as_tensor(before, device=self.device, dtype=torch.float32).detach()
+        advantage = unbiased_advantages(l1, rewards - l1, before)
+        if not self.normalize_advantages:
+            return advantage, torch.ones((), device=self.device)
+        # The scale comes from PAST updates only (1 on the first): it cannot bias this update.
+        m = self.baseline_momentum
+        scale = self.advantage_sq.sqrt().clamp_min(1e-6) if self._stats_started else torch.ones((), device=self.device)
+        sq = advantage.square().mean()
+        if self._stats_started:
+            self.advantage_sq.mul_(m).add_(sq, alpha=1 - m)
+        else:
+            self.advantage_sq.copy_(sq)
+        return advantage / scale, scale
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

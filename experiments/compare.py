@@ -25,6 +25,11 @@ runner's ``results.json``). Runs are grouped by agent label and aggregated over 
   images per epoch: Fig. 5; only for runs whose history records ``fixed_images``);
 - ``summary.json``: the same numbers, for scripts.
 
+Which weights: ``--weights final`` (default) reports each run's final (last-epoch) weights;
+``--weights best`` its best-epoch weights (``best.pt``, chosen on the held-out validation images,
+or on the test images where the run was told ``selection.select_on=test``, which the report then
+flags as optimistic). The report's header says which.
+
 The main table is also printed. Exit status: 0 done; 1 bad input (no runs found...); 2 with
 ``--strict`` when the runs' protocols differ (the report is written all the same).
 """
@@ -59,6 +64,8 @@ from las_env.grids import FIXED_ITERATIONS, StrategyGrid, grid_for, threat_model
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = "las-at/results/v1"  # experiments.loop.RESULTS_FORMAT (not imported: it pulls in the env)
+WEIGHTS = {"final": "final (last-epoch) weights",
+           "best": "best-epoch weights (best.pt: per-epoch PGD accuracy on the held-out validation images)"}
 EVALUATION_FORMAT = "las-at/evaluation/v1"  # experiments.evaluate.REPORT_FORMAT
 SUMMARY_FORMAT = "las-at/comparison/v1"
 EXIT_MISMATCH = 2
@@ -223,7 +230,7 @@ def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategyGrid) -> t
     return float(out["epsilon"]), int(out["iterations"]), float(out["step_size"])
 
 
-def load_run(path: Path) -> Run:
+def load_run(path: Path, weights: str = "final") -> Run:
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -233,7 +240,10 @@ def load_run(path: Path) -> Run:
                            f"expected {RESULTS_FORMAT!r}).")
     config = doc.get("config") or {}
     dataset = str(config.get("data", {}).get("name", "?"))
-    final = {r["name"]: r for r in doc.get("final", [])}
+    final = {r["name"]: r for r in doc.get(weights) or []}
+    if not final:
+        raise CompareError(f"{path} holds no results for its {WEIGHTS[weights]} (a run without a validation split, "
+                           f"or from before best.pt existed); compare with --weights final.")
     threat_eps = [r["epsilon"] for r in final.values() if r.get("epsilon")]
     grid = _grid(config, dataset)
     run = Run(
@@ -251,7 +261,10 @@ def load_run(path: Path) -> Run:
     )
     if run.is_fixed:
         run.fixed_attack = played_attack(run.history, grid)
-    if threat_eps:
+    if weights == "best" and (doc.get("selection") or {}).get("select_on") == "test":
+        run.notes.append(f"{path.parent}: its best epoch was selected on the TEST images (selection.select_on=test): "
+                         f"its numbers are optimistic")
+    if threat_eps and weights == "final":  # evaluate.py reports are of the final weights
         extra, run.notes = _posthoc_rows(run.path, float(threat_eps[0]), final)
         run.final.update(extra)
         run.posthoc = sorted(extra)
@@ -502,6 +515,7 @@ class Comparison:
     notes: list[str]
     unfinished: list[Path]
     sources: list[str]
+    weights: str = "final"
 
     def margin_note(self) -> str:
         """A caveat when the winner's lead over the runner-up is within one std over seeds."""
@@ -528,7 +542,7 @@ class Comparison:
         return [g for g, m in means if not math.isnan(best) and math.isclose(m, best, abs_tol=1e-12)]
 
 
-def compare(paths: Sequence[str | Path]) -> Comparison:
+def compare(paths: Sequence[str | Path], weights: str = "final") -> Comparison:
     files, unfinished = find_runs(paths)
     if not files:
         where = ", ".join(str(p) for p in paths)
@@ -539,7 +553,7 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
     skipped: list[str] = []
     for f in files:
         try:
-            runs.append(load_run(f))
+            runs.append(load_run(f, weights))
         except CompareError as exc:  # e.g. another tool's results.json in the tree
             skipped.append(f"skipped: {exc}")
     if not runs:
@@ -577,7 +591,7 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
     else:
         main = groups
     sources = [str(p) for p in paths]
-    return Comparison(runs, groups, main, search, attacks, headline, warnings, notes, unfinished, sources)
+    return Comparison(runs, groups, main, search, attacks, headline, warnings, notes, unfinished, sources, weights)
 
 
 # ----------------------------------------------------------------------------- report
@@ -610,7 +624,8 @@ def results_table(c: Comparison, groups: Sequence[Group], *, winners: Sequence[G
 def _protocol_lines(c: Comparison) -> list[str]:
     ref = c.runs[0]
     p = protocol_of(ref)
-    lines = [f"- Data: {p['data set']}; model {p['model']}; {p['training budget']}",
+    lines = [f"- Weights: {WEIGHTS[c.weights]} of each run",
+             f"- Data: {p['data set']}; model {p['model']}; {p['training budget']}",
              f"- Threat model: {ref.threat}"]
     for a in c.attacks:
         have = [r for r in c.runs if a in r.final]
@@ -688,7 +703,7 @@ def summary_json(c: Comparison, figures: Mapping[str, Path | None]) -> dict[str,
                 "accuracy": {a: g.accuracy(a).to_dict() for a in c.attacks},
                 "wall_seconds": g.wall().to_dict(), "train_seconds_per_epoch": g.per_epoch().to_dict()}
 
-    return {"format": SUMMARY_FORMAT, "headline_attack": c.headline, "attacks": c.attacks,
+    return {"format": SUMMARY_FORMAT, "weights": c.weights, "headline_attack": c.headline, "attacks": c.attacks,
             "winners": [g.label for g in c.winners], "main": [g.label for g in c.main],
             "search": [g.label for g in c.search], "groups": [group(g) for g in c.groups],
             "warnings": c.warnings, "notes": c.notes,
@@ -709,6 +724,8 @@ def _short(g: Group) -> str:
 
 def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
     panels = [("test_robust", "test, robust"), ("train_robust", "train subset, robust"), ("test_clean", "test, clean")]
+    if any("val_robust" in (h.get("eval") or {}) for g in groups for r in g.runs for h in r.history):
+        panels.insert(0, ("val_robust", "validation (held out; selects best.pt), robust"))
     if not any(h.get("eval") for g in groups for r in g.runs for h in r.history):
         return None
     ref = next(r for g in groups for r in g.runs)
@@ -867,11 +884,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="report folder (default: <common folder of DIRs>/comparison)")
     parser.add_argument("--images", type=int, default=8, help="fixed training images shown in Fig. 5 (default 8)")
+    parser.add_argument("--weights", choices=sorted(WEIGHTS), default="final",
+                        help="which weights of each run to report: final (default, the last epoch's) or best "
+                             "(best.pt, selected on the held-out validation images)")
     parser.add_argument("--strict", action="store_true",
                         help=f"exit with status {EXIT_MISMATCH} when the runs' protocols differ")
     args = parser.parse_args(argv)
     try:
-        c = compare(args.dirs)
+        c = compare(args.dirs, args.weights)
     except CompareError as exc:
         sys.stderr.write(f"compare: error: {' '.join(str(exc).split())}\n")
         return 1
@@ -883,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if c.warnings:
         sys.stderr.write("compare: WARNING: the runs do not share one protocol; their numbers are not directly "
                          "comparable (details at the top of the report).\n")
-    print(f"{len(c.runs)} runs in {len(c.groups)} groups.")
+    print(f"{len(c.runs)} runs in {len(c.groups)} groups; {WEIGHTS[c.weights]}.")
     print(results_table(c, c.main, winners=c.winners))
     if c.winners:
         print(f"Best mean {_attack_title(c.headline, c.runs[0])} robust accuracy: "

@@ -45,6 +45,7 @@ from experiments.guard import SKIPPED, Context, DivergenceGuard, TrainingDiverge
 from experiments.loggers import Console, Tracker, WandbTracker, make_tracker
 from experiments.recovery import CHECKPOINT, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
 from experiments.runlock import RunLock
+from experiments.selection import TEST_SELECTION_WARNING, BestWeights, split_validation, with_validation
 from experiments.settings import RunSettings
 from las_env.checkpoint import FORMAT, atomic_save
 from las_env.data import DatasetNotFoundError, ImageData, load_dataset
@@ -137,7 +138,11 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"{type(agent).__name__}.reward_interval={k!r}: it must be a whole number >= 1.")
     scorer = scores_own_actions(agent)  # the authors' reward flow: the agent calls env.score itself
-    env = LASEnv(config=replace(cfg, reward_interval=k, step_reward=not scorer), data=data, tensor_api=True)
+    reward = cfg.reward
+    if getattr(agent, "needs_pre_update_probe", False):  # e.g. credit=unbiased (agents/credit.py)
+        reward = replace(reward, pre_update_probe=True)
+    env = LASEnv(config=replace(cfg, reward_interval=k, reward=reward, step_reward=not scorer), data=data,
+                 tensor_api=True)
     if scorer:
         agent.bind_scorer(env.score)
     if (env.game.steps_per_epoch, env.game.total_steps) != (per_epoch, total):  # guards episode_shape
@@ -327,6 +332,8 @@ def _epoch_line(rec: Mapping[str, Any], epochs: int, pgd: str) -> str:
     if skipped:
         parts.append(f"{skipped} batches with a non-finite gradient skipped (on_nonfinite=skip)")
     ev = rec.get("eval")
+    if ev and "val_images" in ev:
+        parts.append(f"validation {ev['val_images']}: clean {ev['val_clean']:.1%}, {pgd} {ev['val_robust']:.1%}")
     if ev:
         parts.append(f"test first {ev['test_images']} / train subset {ev['train_images']}: clean "
                      f"{ev['test_clean']:.1%} / {ev['train_clean']:.1%}, {pgd} {ev['test_robust']:.1%} / "
@@ -495,6 +502,10 @@ def _train(settings: RunSettings, data: ImageData | None, console: Console | Non
             data = load_dataset(cfg.dataset, cfg.data_root, download=True)
         except DatasetNotFoundError as exc:
             raise ConfigError(f"{exc} (data.root={cfg.data_root})") from None
+    sel = settings.selection
+    data, val = split_validation(data, sel.val_fraction, sel.split_seed)  # the target never trains on val
+    if sel.select_on == "test":
+        console.print(TEST_SELECTION_WARNING)
     env, agent, _ = build_game(settings, data)
     threat = threat_model_for(cfg.dataset)
     pgd = _pgd_name(settings, threat)
@@ -525,7 +536,8 @@ def _train(settings: RunSettings, data: ImageData | None, console: Console | Non
 
     previous_wandb = None if started else (ckpt or {}).get("meta", {}).get("wandb")
     tracker = make_tracker(settings.logger, run_dir, settings.config, previous_wandb)
-    subsets = eval_subsets(env.game.data, settings.eval.test_subset, settings.eval.train_subset)
+    subsets = with_validation(eval_subsets(env.game.data, settings.eval.test_subset, settings.eval.train_subset), val)
+    best = BestWeights.from_dict(sel.select_on, loop.get("best"))
     history: list[dict[str, Any]] = loop["history"]
     ckpt_path = run_dir / CHECKPOINT
     trainer = _Trainer(settings, env, agent, tracker, obs, info)
@@ -552,6 +564,8 @@ def _train(settings: RunSettings, data: ImageData | None, console: Console | Non
                 "seconds": {"train": done.seconds, "eval": time.perf_counter() - t1},
             }
             history.append(rec)
+            best.update(epoch + 1, ev, env.game.target, run_dir)  # best.pt before the checkpoint
+            loop["best"] = best.as_dict()
             loop["epochs_done"] = epoch + 1
             for key in ("train", "eval"):
                 loop["seconds"][key] += rec["seconds"][key]
@@ -586,7 +600,7 @@ def _train(settings: RunSettings, data: ImageData | None, console: Console | Non
                          files={"checkpoint": str(ckpt_path)}, wandb_offline_dir=_offline_dir(tracker))
 
     try:
-        return _finish(settings, data, env, threat, loop, tracker, console, pgd)
+        return _finish(settings, data, env, threat, loop, tracker, console, pgd, best)
     except BaseException:
         tracker.finish()
         raise
@@ -609,29 +623,39 @@ def final_attacks(settings: RunSettings) -> list[str]:
 
 
 def _finish(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatModel,
-            loop: dict[str, Any], tracker: Tracker, console: Console, pgd: str) -> RunResult:
-    """Final evaluation on the test set, results files, plots, tracker summary."""
+            loop: dict[str, Any], tracker: Tracker, console: Console, pgd: str, best: BestWeights) -> RunResult:
+    """Final evaluation on the test set (final weights, and the best-epoch weights when kept),
+    results files, plots, tracker summary."""
     run_dir, cfg, ev = settings.run_dir, settings.env, settings.eval
     model = env.game.target
     game_data = env.game.data
     n_total = game_data.x_test.shape[0]
     n = min(ev.final_n or n_total, n_total)
     t0 = time.perf_counter()
-    results = evaluate(
-        model, game_data.x_test[:n], game_data.y_test[:n], final_attacks(settings), threat.epsilon,
-        step=threat.step_size, batch_size=ev.batch_size, seed=ev.seed,
-        n_per_attack={"autoattack": ev.autoattack_n}, autoattack_state=run_dir / "autoattack_state.json",
-        progress=settings.progress, data_description=f"{data.name} test", log=lambda _line: None,
-    )
+
+    def final_evaluation(weights: torch.nn.Module, state_file: str) -> list[AttackResult]:
+        return evaluate(
+            weights, game_data.x_test[:n], game_data.y_test[:n], final_attacks(settings), threat.epsilon,
+            step=threat.step_size, batch_size=ev.batch_size, seed=ev.seed,
+            n_per_attack={"autoattack": ev.autoattack_n}, autoattack_state=run_dir / state_file,
+            progress=settings.progress, data_description=f"{data.name} test", log=lambda _line: None,
+        )
+
+    results = final_evaluation(model, "autoattack_state.json")
+    best_model = best.load_into(model, run_dir)
+    best_results = final_evaluation(best_model, "autoattack_state_best.json") if best_model is not None else []
     final_s = time.perf_counter() - t0
     seconds = {**loop["seconds"], "final_eval": final_s}
     seconds["total"] = sum(seconds.values())
     history = loop["history"]
 
     description = (f"{cfg.model} after {cfg.epochs} epochs of adversarial training with the {settings.agent_name} agent, "
-                   f"seed {settings.seed}; final weights")
+                   f"seed {settings.seed}")
     table = format_table(results, dataset_description=f"{data.description}; test split",
-                         model_description=description, n_total=n_total)
+                         model_description=f"{description}; final weights (epoch {cfg.epochs})", n_total=n_total)
+    if best_results:
+        table += "\n\n" + format_table(best_results, dataset_description=f"{data.description}; test split",
+                                       model_description=f"{description}; {best.describe(pgd)}", n_total=n_total)
 
     files = {
         "checkpoint": run_dir / CHECKPOINT,
@@ -643,6 +667,8 @@ def _finish(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatM
         "choices_png": run_dir / "choices.png",
         "log": run_dir / "log.txt",
     }
+    if best_results:
+        files["best"] = run_dir / "best.pt"
     export_state_dict(model, files["weights"])
     title = f"{settings.agent_name} agent, {cfg.model} on {cfg.dataset}, seed {settings.seed}"
     made = {
@@ -662,6 +688,8 @@ def _finish(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatM
         # byte-identical to an uninterrupted one's (on CPU).
         "history": [{k: v for k, v in h.items() if k != "seconds"} for h in history],
         "final": final_rows,
+        "best": [{k: v for k, v in r.to_dict().items() if k not in ("seconds", "robust_flags")} for r in best_results],
+        "selection": best.as_dict(),
     }
     write_json(files["metrics_json"], metrics, sort_keys=True)
     summary_rows = {r.name: r.accuracy for r in results}
@@ -674,7 +702,10 @@ def _finish(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatM
         "data": data.description,
         "threat_model": threat.description,
         "per_epoch_attack": pgd,
-        "final": [r.to_dict() for r in results],
+        "final": [r.to_dict() for r in results],  # the final (last-epoch) weights
+        "best": [r.to_dict() for r in best_results],  # best.pt's weights (see "selection"); [] when none
+        "selection": {**best.as_dict(), "val_fraction": settings.selection.val_fraction,
+                      "split_seed": settings.selection.split_seed},
         "history": history,
         "seconds": seconds,
         "files": {k: str(v) for k, v in files.items()},
@@ -701,9 +732,12 @@ def _finish(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatM
 def _history_table(history: list[dict[str, Any]], pgd: str) -> str:
     lines = ["## Per epoch", "",
              f"Per-epoch attack: {pgd}. Test = the first images of the test split; train = a fixed "
-             f"subset of the training split (same images every epoch and every run).", "",
-             "| Epoch | Train loss | Mean chosen eps | Test clean | Test PGD | Train clean | Train PGD | Time (s) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"subset of the training split (same images every epoch and every run); val = the held-out "
+             f"validation images (never trained on; the only curve best.pt is selected on, unless "
+             f"selection.select_on=test).", "",
+             "| Epoch | Train loss | Mean chosen eps | Val clean | Val PGD | Test clean | Test PGD | Train clean "
+             "| Train PGD | Time (s) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for h in history:
         t, ev = h["train"], h.get("eval") or {}
 
@@ -711,7 +745,8 @@ def _history_table(history: list[dict[str, Any]], pgd: str) -> str:
             return f"{ev[key]:.2%}" if key in ev else "-"
 
         lines.append(f"| {h['epoch']} | {t.get('train/loss', math.nan):.4f} | "
-                     f"{format_eps(t.get('attack/epsilon', math.nan))} | {pct('test_clean')} | {pct('test_robust')} | "
+                     f"{format_eps(t.get('attack/epsilon', math.nan))} | {pct('val_clean')} | {pct('val_robust')} | "
+                     f"{pct('test_clean')} | {pct('test_robust')} | "
                      f"{pct('train_clean')} | {pct('train_robust')} | "
                      f"{h['seconds']['train'] + h['seconds']['eval']:.1f} |")
     return "\n".join(lines) + "\n"

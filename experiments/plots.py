@@ -42,6 +42,8 @@ def plot_accuracy(history: Sequence[Mapping[str, Any]], path: Path, *, title: st
         ("test_robust", f"test, {attack}", "tab:blue", "--"),
         ("train_clean", "train subset, clean", "tab:orange", "-"),
         ("train_robust", f"train subset, {attack}", "tab:orange", "--"),
+        ("val_clean", "validation (held out, selects best.pt), clean", "tab:green", "-"),
+        ("val_robust", f"validation, {attack}", "tab:green", "--"),
     ]
     for key, label, color, ls in styles:
         if key in ev[0]:

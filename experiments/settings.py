@@ -25,6 +25,7 @@ from omegaconf.errors import MissingMandatoryValue
 from agents.base import Agent, AgentSpec
 from experiments.errors import ConfigError
 from experiments.guard import MODES as NONFINITE_MODES
+from experiments.selection import SelectionSettings, selection_settings
 from las_env.data import DATASET_NAMES
 from las_env.evaluation import attack_spec
 from las_env.game import LASConfig
@@ -98,6 +99,7 @@ class RunSettings:
             ``experiments/guard.py``.
         init_from: start from this run folder's (or checkpoint file's) last checkpoint, with
             these settings (``experiments/recovery.py::start_from``); ``None``: from scratch.
+        selection: the validation split and which weights are kept as best (experiments/selection.py).
     """
 
     run_dir: Path
@@ -112,6 +114,7 @@ class RunSettings:
     progress: bool = True
     log_every_steps: int = 20
     threads: int | None = None
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
     config: dict[str, Any] = field(default_factory=dict)
     settings_hash: str | None = None
     on_nonfinite: str = "stop"
@@ -406,6 +409,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         progress=bool(resolved.get("progress", True)),
         log_every_steps=int(log_every),
         threads=threads,
+        selection=selection_settings(resolved.get("selection") or {}),
         config=resolved,
         settings_hash=settings_hash,
         on_nonfinite=on_nonfinite,

@@ -60,6 +60,8 @@ class LASEnv(gym.Env):
     scalars ``reward_computed``, ``adv_accuracy``, ``clean_accuracy`` and
     ``probe_accuracy`` (of the updated target; NaN when not measured this step),
     ``train_loss``, ``lr``, ``epoch``, ``step``, plus ``labels`` of the NEW observation.
+    On reward steps with ``reward.pre_update_probe``, ``batch_terms_before`` (B,) holds
+    ``alpha*L2 + beta*L3`` of the target before the step's update (``credit="unbiased"``).
 
     With ``tensor_api=True`` observations and info arrays are torch tensors on the
     training device (no host copies, no synchronisation); this is what the built-in
@@ -165,6 +167,8 @@ class LASEnv(gym.Env):
             "probe_accuracy": mean(o.probe_correct),
             "train_loss": o.train_loss,
         }
+        if o.terms_before is not None:  # reward steps with reward.pre_update_probe only
+            info["batch_terms_before"] = o.terms_before
         if not self.tensor_api:
             info = {k: (v.cpu().numpy() if v.dim() else float(v)) for k, v in info.items()}
         info.update(reward_computed=o.reward_computed, lr=o.lr)

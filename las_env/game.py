@@ -143,6 +143,8 @@ class StepOutcome:
         adv_correct: target (before the update) right on each adversarial example (B,).
         clean_correct: updated target right on each clean image (B,), or None when not measured.
         probe_correct: updated target right under the probe attack (B,), or None.
+        terms_before: ``alpha*L2 + beta*L3`` per image of the target BEFORE this step's update
+            (B,), on reward steps with ``reward.pre_update_probe``; otherwise None.
         train_loss: the target's mean training loss on this batch (0-d).
         step_size, iterations, epsilon: the physical attack settings used, per image (B,).
         step: index of this step in the episode (0-based); epoch: its epoch; lr: its learning rate.
@@ -161,6 +163,7 @@ class StepOutcome:
     step: int
     epoch: int
     lr: float
+    terms_before: Tensor | None = None
 
 
 class LASGame:
@@ -282,9 +285,11 @@ class LASGame:
         cfg = self.config
         x, y = self._x, self._y
         step_size, iterations, epsilon = self.action_values(action)
+        reward_computed = self.is_reward_step() and cfg.step_reward
+        # Before the attack, so it cannot depend on this batch's actions (not even via the RNG).
+        terms_before = self._terms_before(x, y, self.rng) if reward_computed else None
         x_adv = self._attack(x, y, step_size, iterations, epsilon, self.rng)
 
-        reward_computed = self.is_reward_step() and cfg.step_reward
         lr = self.trainer.lr
         probe = None
         eval_l1 = self._eval_l1(x_adv, y) if reward_computed and cfg.reward.l1_forward == "eval" else None
@@ -311,6 +316,7 @@ class LASGame:
             step=self.step_index,
             epoch=self.epoch,
             lr=lr,
+            terms_before=terms_before,
         )
         self.step_index += 1
         if not self.done:
@@ -341,6 +347,7 @@ class LASGame:
         cfg = self.config
         x, y = self._x, self._y
         step_size, iterations, epsilon = self.action_values(action)
+        terms_before = self._terms_before(x, y, self.score_rng)
         x_adv = self._attack(x, y, step_size, iterations, epsilon, self.score_rng)
         lr = self.trainer.lr
         momentum = self.trainer.optimizer.state_dict() if cfg.reward.w_hat == "this_step" else None
@@ -362,7 +369,17 @@ class LASGame:
             step=self.step_index,
             epoch=self.epoch,
             lr=lr,
+            terms_before=terms_before,
         )
+
+    def _terms_before(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor | None:
+        """``alpha*L2 + beta*L3`` per image of the target before the update (``credit="unbiased"``'s
+        control variate), or None when ``reward.pre_update_probe`` is off."""
+        r = self.config.reward
+        if not (r.pre_update_probe and r.needs_updated_target):
+            return None
+        before = self._probe(self.target, x, y, generator)
+        return reward_terms(r, torch.zeros_like(y, dtype=torch.float32), before).total
 
     def _attack(self, x: Tensor, y: Tensor, step_size: Tensor, iterations: Tensor, epsilon: Tensor,
                 generator: torch.Generator) -> Tensor:

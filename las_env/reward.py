@@ -51,6 +51,12 @@ class RewardConfig:
         probe_restarts: random restarts of the L2 probe attack; per image the restart with
             the highest CE is kept (the worst case), as in the authors' ``attack_pgd``.
             Ours 1, the authors' 2.
+        pre_update_probe: on reward steps, also measure ``alpha*L2 + beta*L3`` of the target
+            BEFORE the step's update, on the same batch with the same probe (reported per image
+            as ``batch_terms_before``): the control variate of ``credit="unbiased"``
+            (``agents/credit.py``). Costs one more probe per reward step (a PGD-
+            ``probe_iterations`` attack plus two forward passes on the batch). Set by the
+            training loop when the agent declares ``needs_pre_update_probe``.
     """
 
     alpha: float = 4.0
@@ -67,6 +73,7 @@ class RewardConfig:
     l1_forward: Literal["train", "eval"] = "train"
     l1_clamp_scope: Literal["per_image", "batch_mean"] = "per_image"
     probe_restarts: int = 1
+    pre_update_probe: bool = False
 
     def __post_init__(self) -> None:
         if self.measure not in ("accuracy", "loss"):

@@ -1,0 +1,181 @@
+"""Checkpoint selection without test leakage: a validation split, the best-on-validation weights.
+
+The authors keep the epoch with the best TEST PGD-10 accuracy and report that model on the same
+test images: the selection sees the test set, so the reported number is optimistic. Here:
+
+- :func:`split_validation` holds out ``val_fraction`` of the TRAINING images (stratified by class,
+  seeded by ``split_seed``, the same images for every run whatever its seed); the target never
+  trains on them;
+- the per-epoch evaluation adds them as the ``val`` subset (the test and train-subset curves stay,
+  labelled as such, and are never used for selection);
+- :class:`BestWeights` keeps the weights of the epoch with the best per-epoch PGD accuracy on
+  ``select_on`` (``val`` by default) in ``best.pt`` (atomic); the final weights stay in
+  ``checkpoint.pt`` / ``target_state_dict.pt``, and the final report evaluates both, labelled.
+
+``select_on=test`` reproduces the authors' selection and prints a warning saying its numbers are
+optimistic; ``select_on=last`` keeps no best weights (the final weights only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from experiments.errors import ConfigError
+from las_env.checkpoint import atomic_save
+from las_env.data import ImageData
+
+BEST = "best.pt"
+SELECT_ON = ("val", "test", "last")
+TEST_SELECTION_WARNING = (
+    "WARNING: selection.select_on=test picks the best epoch by its TEST accuracy (the authors' choice) "
+    "and the final report evaluates it on the same test images: its numbers are optimistically biased. "
+    "Use select_on=val (the default) for an honest selection."
+)
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """How the reported best weights are chosen (``conf/config.yaml``, section ``selection``).
+
+    Attributes:
+        val_fraction: share of the training images held out for validation (stratified); 0 = none.
+        split_seed: seed of the held-out images' choice (independent of the run's seed, so every
+            run of a comparison trains and validates on the same images).
+        select_on: ``val`` (ours), ``test`` (the authors': leaks the test set, warned) or ``last``
+            (keep the final weights only).
+    """
+
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    select_on: str = "val"
+
+
+def selection_settings(cfg: Mapping[str, Any]) -> SelectionSettings:
+    """Validated :class:`SelectionSettings` from the config's ``selection`` section.
+
+    Raises:
+        ConfigError: a fraction outside [0, 0.5], an unknown ``select_on``, or ``select_on=val``
+            without a validation split.
+    """
+    fraction = cfg.get("val_fraction", 0.1)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 0.5:
+        raise ConfigError(f"selection.val_fraction={fraction!r} must be a number in [0, 0.5] (0.1 holds out 10% "
+                          f"of the training images for validation; 0 holds out none).")
+    seed = cfg.get("split_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"selection.split_seed={seed!r} must be a whole number >= 0.")
+    select_on = str(cfg.get("select_on", "val"))
+    if select_on not in SELECT_ON:
+        raise ConfigError(f"selection.select_on={select_on!r}: valid choices are val (best epoch on the held-out "
+                          f"validation images), test (the authors': leaks the test set) and last (final weights only).")
+    if select_on == "val" and fraction == 0:
+        raise ConfigError("selection.select_on=val needs validation images, but selection.val_fraction=0: set "
+                          "selection.val_fraction=0.1, or selection.select_on=last to keep the final weights only.")
+    return SelectionSettings(float(fraction), int(seed), select_on)
+
+
+def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, tuple[Tensor, Tensor] | None]:
+    """``(data without the held-out images, (x_val, y_val))``, or ``(data, None)`` when ``fraction == 0``.
+
+    Stratified: each class gives ``round(fraction * n_class)`` of its images (at least one when
+    it has two or more), chosen by a generator seeded with ``seed``. The training images keep
+    their original order.
+
+    Raises:
+        ConfigError: the split would leave a class, or the whole training set, empty.
+    """
+    if fraction == 0:
+        return data, None
+    g = torch.Generator().manual_seed(seed)
+    y = data.y_train.cpu()
+    held: list[Tensor] = []
+    for c in range(data.num_classes):
+        idx = torch.nonzero(y == c).flatten()
+        n = idx.numel()
+        if n == 0:
+            continue
+        take = min(max(round(fraction * n), 1 if n >= 2 else 0), n - 1)
+        held.append(idx[torch.randperm(n, generator=g)[:take]])
+    val_idx = torch.cat(held).sort().values if held else torch.zeros(0, dtype=torch.long)
+    if val_idx.numel() == 0:
+        raise ConfigError(f"selection.val_fraction={fraction} holds out no image of {data.name}'s "
+                          f"{y.numel()} training images: raise it, or set selection.val_fraction=0 with select_on=last.")
+    keep = torch.ones(y.numel(), dtype=torch.bool)
+    keep[val_idx] = False
+    device = data.x_train.device
+    keep, val_idx = keep.to(device), val_idx.to(device)
+    x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
+    description = (f"{data.description}; {int(keep.sum())} of its training images trained on, {val_idx.numel()} "
+                   f"held out for validation (stratified, split seed {seed})")
+    return replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep], description=description), (x_val, y_val)
+
+
+def with_validation(subsets: Mapping[str, tuple[Tensor, Tensor]],
+                    val: tuple[Tensor, Tensor] | None) -> dict[str, tuple[Tensor, Tensor]]:
+    """The per-epoch evaluation subsets with the validation images first (when there are any)."""
+    return ({"val": val} if val is not None else {}) | dict(subsets)
+
+
+@dataclass
+class BestWeights:
+    """The epoch with the best per-epoch PGD accuracy on ``select_on``, and its weights in ``best.pt``.
+
+    Its state (``as_dict``) lives in the training checkpoint's loop state, so a resumed run
+    continues the same selection. ``best.pt`` is written before the checkpoint of the same epoch:
+    a crash between the two re-runs that epoch, which rewrites it.
+    """
+
+    select_on: str
+    epoch: int | None = None
+    score: float = -math.inf
+
+    @property
+    def metric(self) -> str:
+        """The per-epoch evaluation key selection compares (robust accuracy on ``select_on``)."""
+        return f"{self.select_on}_robust"
+
+    def update(self, epoch: int, evaluation: Mapping[str, Any] | None, model: torch.nn.Module, run_dir: Path) -> bool:
+        """Record ``epoch`` if it beats the best so far (ties keep the earlier epoch); returns
+        whether ``best.pt`` was written."""
+        if self.select_on == "last" or not evaluation or self.metric not in evaluation:
+            return False
+        score = float(evaluation[self.metric])
+        if score <= self.score:
+            return False
+        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        atomic_save({"state_dict": weights, "epoch": epoch, "score": score, "metric": self.metric}, run_dir / BEST)
+        self.epoch, self.score = epoch, score
+        return True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"select_on": self.select_on, "epoch": self.epoch, "score": self.score}
+
+    @classmethod
+    def from_dict(cls, select_on: str, state: Mapping[str, Any] | None) -> BestWeights:
+        if not state or state.get("select_on") != select_on:
+            return cls(select_on)
+        return cls(select_on, state.get("epoch"), float(state.get("score", -math.inf)))
+
+    def load_into(self, model: torch.nn.Module, run_dir: Path) -> torch.nn.Module | None:
+        """A copy of ``model`` holding the best weights, or None when none were kept."""
+        if self.epoch is None or not (run_dir / BEST).is_file():
+            return None
+        import copy  # noqa: PLC0415
+
+        state = torch.load(run_dir / BEST, map_location="cpu", weights_only=True)
+        best = copy.deepcopy(model)
+        best.load_state_dict(state["state_dict"])
+        return best
+
+    def describe(self, pgd: str) -> str:
+        """What the best weights are, for report headers."""
+        where = {"val": "the held-out validation images", "test": "the TEST images (authors' selection; optimistic)"}
+        return (f"best-epoch weights (epoch {self.epoch}, selected by per-epoch {pgd} accuracy "
+                f"{self.score:.2%} on {where.get(self.select_on, self.select_on)})")
