@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from agents.base import AgentSpec
+from las_env.checkpoint import restore_generator
 from las_env.grids import ACTION_COLUMNS, FIXED_ITERATIONS, threat_model_for
 
 
@@ -155,4 +156,4 @@ class RandomAgent:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"].cpu())
+        restore_generator(self.generator, state["generator"])

@@ -72,6 +72,7 @@ from agents.base import AgentSpec, Scorer
 from agents.credit import CREDITS, Credit, unbiased_advantages
 from agents.strategy_net import StrategyNet
 from las_env.attack import eval_mode
+from las_env.checkpoint import restore_generator
 
 RewardFlow = Literal["train_on_scored", "score_then_resample"]
 BnMode = Literal["train", "split"]
@@ -398,5 +399,5 @@ class ReinforceAgent:
         self.advantage_sq.copy_(state["advantage_sq"])
         self._stats_started = bool(state["stats_started"])
         self.updates = int(state["updates"])
-        self.generator.set_state(state["generator"].cpu())
+        restore_generator(self.generator, state["generator"])
         self._pending = None

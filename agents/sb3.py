@@ -104,6 +104,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import Tensor, nn
 
 from agents.base import AgentSpec
+from las_env.checkpoint import restore_generator
 
 ALGOS = {"ppo": "stable_baselines3:PPO", "a2c": "stable_baselines3:A2C"}
 
@@ -724,7 +725,7 @@ class SB3Agent:
         self.model._current_progress_remaining = float(state["progress_remaining"])
         self.updates = int(state["updates"])
         self.buffer_additions = int(state["buffer_additions"])
-        self.generator.set_state(state["generator"].cpu())
+        restore_generator(self.generator, state["generator"])
         r = state["np_rng"]
         self._np_state = ("MT19937", r["key"].cpu().numpy().astype(np.uint32), int(r["pos"]), int(r["has_gauss"]), float(r["gauss"]))
         self._pending = None

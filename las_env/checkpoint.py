@@ -19,6 +19,7 @@ to resume from; :func:`load_checkpoint` names a damaged file instead of a torch 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -133,3 +134,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"name the architecture: state_dict=PATH model=NAME data=NAME."
         )
     return ckpt
+
+
+def restore_generator(generator: torch.Generator, state: torch.Tensor) -> None:
+    """Set ``generator`` to a saved state, also when the state comes from another device type.
+
+    A CUDA generator's state (Philox: seed and offset, 16 bytes) cannot be set on a CPU
+    generator (mt19937, 5056 bytes) nor the reverse. Random numbers never agree across device
+    types anyway, so a checkpoint moved from one to the other continues from a seed derived
+    from the saved state: deterministic for that checkpoint, not the uninterrupted run's stream.
+    """
+    state = state.detach().cpu()
+    if state.numel() == generator.get_state().numel():
+        generator.set_state(state)
+        return
+    digest = hashlib.sha256(state.numpy().tobytes()).digest()
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))

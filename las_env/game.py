@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from las_env.attack import eval_mode, per_image_pgd, random_start
+from las_env.checkpoint import restore_generator
 from las_env.data import ImageData, augment_batch, load_dataset
 from las_env.grids import StrategyGrid, grid_for, threat_model_for
 from las_env.lookahead import lookahead_step
@@ -422,10 +423,10 @@ class LASGame:
         self.target.load_state_dict(state["target"])
         self.trainer.load_state_dict(state["trainer"])
         self.step_index = int(state["step_index"])
-        self.rng.set_state(state["rng"].cpu())
+        restore_generator(self.rng, state["rng"])
         if "order_rng" in state:
-            self.order_rng.set_state(state["order_rng"].cpu())
+            restore_generator(self.order_rng, state["order_rng"])
         if "score_rng" in state:
-            self.score_rng.set_state(state["score_rng"].cpu())
+            restore_generator(self.score_rng, state["score_rng"])
         self._order = state["order"].to(self.data.x_train.device)
         self._x, self._y = (t.to(self.device) for t in state["batch"])

@@ -338,12 +338,6 @@ def test_checkpoint_saved_on_cuda_continues_on_cpu_and_back(tmp_path):
     assert torch.equal(flat_params(model_dev), flat_params(model)) and trainer_dev.step_count == 3
 
 
-@pytest.mark.xfail(
-    condition=DEV.type == "cuda", raises=RuntimeError, strict=True,
-    reason="known gap: LASGame.load_state_dict and ReinforceAgent.load_state_dict restore their device "
-           "torch.Generator from the saved state, and a CUDA generator's state (Philox seed + offset, 16 bytes) "
-           "cannot be set on a CPU generator (mt19937, 5056 bytes), nor the reverse",
-)
 def test_env_and_agent_state_resume_on_the_other_device(tmp_path):
     data = cifar_like()
     cfg = config(reward_interval=2)
