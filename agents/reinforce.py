@@ -69,7 +69,7 @@ import torch
 from torch import Tensor
 
 from agents.base import AgentSpec, Scorer
-from agents.credit import CREDITS, Credit, unbiased_advantages
+from agents.credit import CREDITS, Credit, paper_advantages, per_image_advantages, unbiased_advantages
 from agents.strategy_net import StrategyNet
 from las_env.attack import eval_mode
 from las_env.checkpoint import restore_generator
@@ -302,12 +302,12 @@ class ReinforceAgent:
 
         if self.credit == "paper":
             # The authors: the batch's one scalar reward for every image, no baseline.
-            advantage = batch_mean.expand_as(rewards)
+            advantage = paper_advantages(rewards)
             scale = torch.ones((), device=self.device)
         elif self.credit == "unbiased":
             advantage, scale = self._unbiased(rewards, info)
         else:
-            advantage = rewards - baseline_used
+            advantage = per_image_advantages(rewards, baseline_used)
             if self.normalize_advantages:
                 sq = advantage.square().mean()
                 if self._stats_started:
