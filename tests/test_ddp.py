@@ -1,0 +1,152 @@
+"""Several processes (gloo on the CPU): one global batch played by 2 ranks equals one process.
+
+The ranks are real processes (``tests/ddp_worker.py``, or ``torchrun`` for the command line)
+joined by torchrun's environment variables, as in production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from las_env.sharding import Shard, uniform_noise
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "ddp_worker.py"
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled", **extra)
+    return env
+
+
+def launch(scenario: str, world: int, out: Path, *args: str, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """``world`` worker processes (or one plain process when ``world`` is 1), waited for."""
+    cmd = [sys.executable, str(WORKER), scenario, str(out), *args]
+    if world == 1:
+        return [subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)]
+    port = str(_free_port())
+    procs = [subprocess.Popen(cmd, env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    done = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return done
+
+
+def _ok(results: list[subprocess.CompletedProcess]) -> None:
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("one")
+    _ok(launch("steps", 1, out))
+    return torch.load(out / "rank0.pt")
+
+
+def test_shard_rows_and_batch_check():
+    t = torch.arange(12)
+    assert Shard(1, 3).rows(t).tolist() == [4, 5, 6, 7]
+    assert Shard().rows(t) is t
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        Shard(0, 3).check_batch(32)
+
+
+def test_draws_cut_the_global_draw_to_the_rank_rows():
+    shape = torch.Size((4, 2, 3))
+    full = torch.rand((8, 2, 3), generator=torch.Generator().manual_seed(1))
+    with Shard(1, 2).draws():
+        mine = uniform_noise(shape, torch.Generator().manual_seed(1), torch.device("cpu"), torch.float32)
+    outside = uniform_noise(shape, torch.Generator().manual_seed(1), torch.device("cpu"), torch.float32)
+    assert torch.equal(mine, full[4:])
+    assert torch.equal(outside, full[:4])  # outside the context: a plain draw of the shard's shape
+
+
+def test_two_ranks_train_like_one_process(tmp_path, one_process):
+    """3 steps (augmentation, per-image attacks, probe reward every step) of a BatchNorm network
+    on a global batch of 32 split 16 + 16: the same target weights (float tolerance: the sums run
+    in another order), the same per-image rewards, observations and attack settings."""
+    _ok(launch("steps", 2, tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        for k, v in one_process["target"].items():
+            assert torch.allclose(r["target"][k].float(), v.float(), rtol=1e-4, atol=1e-5), k
+        for a, b in zip(r["obs"], one_process["obs"]):
+            assert torch.equal(a, b)  # the global batch: same order, same augmentation
+        for got, want in zip(r["infos"], one_process["infos"]):
+            assert torch.equal(got["adv_correct"], want["adv_correct"])
+            assert torch.equal(got["epsilon"], want["epsilon"]) and torch.equal(got["iterations"], want["iterations"])
+            for key in ("rewards", "l1", "l2", "l3", "train_loss", "clean_accuracy", "probe_accuracy"):
+                assert torch.allclose(got[key], want[key], rtol=1e-4, atol=1e-5), key
+
+
+def test_per_rank_batchnorm_is_not_one_process(tmp_path, one_process):
+    """ddp.sync_batchnorm=false normalises each shard by itself: the weights differ (the test above can fail)."""
+    _ok(launch("steps", 2, tmp_path, "--no-sync-bn"))
+    got = torch.load(tmp_path / "rank0.pt")["target"]
+    diff = max((got[k].float() - v.float()).abs().max().item() for k, v in one_process["target"].items())
+    assert diff > 1e-4
+
+
+def test_a_killed_rank_fails_the_job_fast(tmp_path):
+    t0 = time.monotonic()
+    rank0, rank1 = launch("kill", 2, tmp_path, timeout=120)
+    assert rank1.returncode == 9
+    assert rank0.returncode == 3, rank0.stderr[-2000:]
+    text = (tmp_path / "rank0.txt").read_text()
+    assert "lost contact with the other processes" in text and "resume=true" in text
+    assert time.monotonic() - t0 < 90
+
+
+RUN_ARGS = ("agent=reinforce", "agent.k=3", "logger=none", "data.epochs=2", "data.max_steps_per_epoch=4",
+            "progress=false", "threads=1", "eval.test_subset=100", "eval.train_subset=100", "eval.final_n=100")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason=f"torchrun not found beside {sys.executable}")
+def test_torchrun_run_matches_one_process(tmp_path):
+    """The command line under torchrun: same folder, same files, same metrics (train sums to 1e-5
+    relative, everything else equal: per-epoch evaluation rows are split so each rank draws one
+    process's random starts)."""
+    single = subprocess.run([sys.executable, "experiments/run.py", *RUN_ARGS, f"run_root={tmp_path / 'one'}"],
+                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "experiments/run.py", *RUN_ARGS,
+                            f"run_root={tmp_path / 'two'}"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    (one,) = (tmp_path / "one").glob("digits/reinforce/*")
+    (two,) = (tmp_path / "two").glob("digits/reinforce/*")
+    assert one.name == two.name
+    files = sorted(p.relative_to(one).as_posix() for p in one.rglob("*"))
+    assert files == sorted(p.relative_to(two).as_posix() for p in two.rglob("*"))
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert a["final"] == b["final"] and a["selection"] == b["selection"]
+    for ha, hb in zip(a["history"], b["history"]):
+        assert ha["eval"] == hb["eval"] and ha["choices"] == hb["choices"]
+        assert ha["fixed_images"] == hb["fixed_images"]
+        for k, v in ha["train"].items():
+            assert hb["train"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert multi.stdout.count("epoch 1/2") == 1  # rank 0 alone prints
+    shutil.rmtree(tmp_path, ignore_errors=True)
