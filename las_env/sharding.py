@@ -90,12 +90,28 @@ def uniform_noise(shape: torch.Size, generator: torch.Generator | None, device: 
     return shard.rows(full)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the gradients: the total loss of all ranks
+    depends on every rank's contribution to the sum."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # noqa: D102
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics are those of the global batch across all ranks.
 
-    The per-channel sum, sum of squares and count are all-reduced with
-    ``torch.distributed.nn.functional.all_reduce`` (differentiable: its backward all-reduces
-    the gradients, as ``SyncBatchNorm`` does), so forward AND backward equal BatchNorm on the
+    The per-channel sum, sum of squares and count are all-reduced by ``_SumOverRanks``
+    (differentiable: its backward all-reduces the gradients, as ``SyncBatchNorm`` does), so forward AND backward equal BatchNorm on the
     concatenated batch. Running statistics use the unbiased global variance, like BatchNorm.
     Used on the CPU (gloo), where PyTorch's ``SyncBatchNorm`` refuses to run; every rank must
     call forward in training mode together (the training step and look-ahead copies do).
@@ -104,12 +120,10 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
         local = torch.cat([x.sum((0, 2, 3)), x.square().sum((0, 2, 3)),
                            x.new_full((1,), float(x.numel() // c))])
-        total = all_reduce(local)
+        total = _SumOverRanks.apply(local)
         s, sq, n = total[:c], total[c:2 * c], total[2 * c]
         mean = s / n
         var = sq / n - mean.square()

@@ -101,6 +101,7 @@ def test_two_ranks_train_like_one_process(tmp_path, one_process):
                 assert torch.allclose(got[key], want[key], rtol=1e-4, atol=1e-5), key
 
 
+@pytest.mark.slow
 def test_per_rank_batchnorm_is_not_one_process(tmp_path, one_process):
     """ddp.sync_batchnorm=false normalises each shard by itself: the weights differ (the test above can fail)."""
     _ok(launch("steps", 2, tmp_path, "--no-sync-bn"))
@@ -126,16 +127,18 @@ RUN_ARGS = ("agent=reinforce", "agent.k=3", "logger=none", "data.epochs=2", "dat
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason=f"torchrun not found beside {sys.executable}")
 def test_torchrun_run_matches_one_process(tmp_path):
-    """The command line under torchrun: same folder, same files, same metrics (train sums to 1e-5
-    relative, everything else equal: per-epoch evaluation rows are split so each rank draws one
-    process's random starts)."""
+    """The command line under torchrun, stopped after epoch 1 and resumed: same folder, same
+    files, same metrics as one uninterrupted process (train sums to 1e-5 relative, everything
+    else equal: per-epoch evaluation rows are split so each rank draws one process's random
+    starts)."""
     single = subprocess.run([sys.executable, "experiments/run.py", *RUN_ARGS, f"run_root={tmp_path / 'one'}"],
                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    multi = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "experiments/run.py", *RUN_ARGS,
-                            f"run_root={tmp_path / 'two'}"], cwd=REPO, env=_env(), capture_output=True, text=True,
-                           timeout=300)
-    assert multi.returncode == 0, multi.stderr[-3000:]
+    for extra in ("stop_after_epochs=1", "resume=true"):  # all ranks resume from rank 0's checkpoint
+        multi = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "experiments/run.py", *RUN_ARGS,
+                                f"run_root={tmp_path / 'two'}", extra], cwd=REPO, env=_env(), capture_output=True,
+                               text=True, timeout=300)
+        assert multi.returncode == 0, multi.stderr[-3000:]
     (one,) = (tmp_path / "one").glob("digits/reinforce/*")
     (two,) = (tmp_path / "two").glob("digits/reinforce/*")
     assert one.name == two.name
@@ -148,5 +151,16 @@ def test_torchrun_run_matches_one_process(tmp_path):
         assert ha["fixed_images"] == hb["fixed_images"]
         for k, v in ha["train"].items():
             assert hb["train"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
-    assert multi.stdout.count("epoch 1/2") == 1  # rank 0 alone prints
+    assert multi.stdout.count("epoch 2/2") == 1  # rank 0 alone prints
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ddp_overhead_benchmark_prints_its_figures():
+    proc = subprocess.run([sys.executable, "benchmarks/ddp_overhead.py", "--batch-size", "8", "--steps", "1",
+                           "--warmup", "1", "--repeats", "2"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out["step_s"]) == {"1", "2"} and all(v > 0 for v in out["step_s"].values())
+    assert out["comm_s"] > 0 and out["grad_bytes"] == 4 * out["params"]
