@@ -164,7 +164,7 @@ def wrap_target(model: nn.Module, shard: Shard, sync_batchnorm: bool) -> tuple[n
     ids = [device.index] if device.type == "cuda" else None
     # Synchronised BatchNorm keeps the same buffers on every rank; without it rank 0's running
     # statistics (its shard's) are broadcast at each forward, as plain DDP does.
-    trained = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=not sync_batchnorm)
+    trained = nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=not sync_batchnorm)
     return model, trained
 
 
