@@ -109,6 +109,14 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def check_batch(batch_size: int) -> None:
+    """The global batch must split into equal shards (before anything is built)."""
+    try:
+        process_shard().check_batch(batch_size)
+    except ValueError as exc:
+        raise ConfigError(f"data.batch_size={batch_size} is the global batch of all ranks, but {exc}") from None
+
+
 def check_agent(agent: Any, shard: Shard) -> None:
     """Agents whose learning is not replicated exactly (Stable-Baselines3's) are refused under DDP."""
     if shard.distributed and type(agent).__module__.startswith("agents.sb3"):

@@ -113,6 +113,7 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
     n_train = data.x_train.shape[0]
     if cfg.batch_size > n_train:
         raise ConfigError(f"data.batch_size={cfg.batch_size} exceeds the {n_train} training images of {data.name}.")
+    distributed.check_batch(cfg.batch_size)
     per_epoch, total = episode_shape(n_train, cfg.batch_size, cfg.epochs, cfg.max_steps_per_epoch, cfg.last_batch)
     spec = AgentSpec(
         grid=cfg.grid,

@@ -49,8 +49,8 @@ class Shard:
         """Equal shards are what makes DDP's gradient average the global batch's gradient."""
         if batch_size % self.world:
             raise ValueError(
-                f"batch_size {batch_size} is not divisible by the {self.world} processes: every rank must "
-                f"get the same number of images. Use a multiple of {self.world} (e.g. "
+                f"{batch_size} is not divisible by the {self.world} processes: every rank must get the "
+                f"same number of images. Use a multiple of {self.world} (e.g. "
                 f"{batch_size - batch_size % self.world or self.world})."
             )
 

@@ -69,8 +69,21 @@ def test_shard_rows_and_batch_check():
     t = torch.arange(12)
     assert Shard(1, 3).rows(t).tolist() == [4, 5, 6, 7]
     assert Shard().rows(t) is t
-    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+    with pytest.raises(ValueError, match="32 is not divisible by the 3 processes.*e.g. 30"):
         Shard(0, 3).check_batch(32)
+
+
+def test_refusals_are_one_paragraph():
+    from experiments.distributed import check_agent, timeout_s
+    from experiments.errors import ConfigError
+
+    sb3_like = type("PPOAgent", (), {"__module__": "agents.sb3"})()
+    with pytest.raises(ConfigError, match="does not run under torchrun.*agent=reinforce"):
+        check_agent(sb3_like, Shard(0, 2))
+    check_agent(sb3_like, Shard())  # one process: SB3 is fine
+    with pytest.raises(ConfigError, match="ddp_timeout_s=0 must be a number of seconds > 0"):
+        timeout_s({"ddp_timeout_s": 0})
+    assert timeout_s({}) == 900
 
 
 def test_draws_cut_the_global_draw_to_the_rank_rows():
