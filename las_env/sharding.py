@@ -153,6 +153,22 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def average_gradients(model: nn.Module) -> None:
+    """Under several processes, each gradient of ``model`` becomes its mean over the ranks (one
+    all-reduce): what DDP does for the target, for the look-ahead copies that live outside DDP."""
+    shard = process_shard()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not shard.distributed or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= shard.world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def wrap_target(model: nn.Module, shard: Shard, sync_batchnorm: bool) -> tuple[nn.Module, nn.Module]:
     """``(target, trained)``: the network the game attacks, evaluates and checkpoints, and the
     module its optimiser step runs (DDP over ``target`` when distributed, else ``target``)."""
@@ -168,4 +184,4 @@ def wrap_target(model: nn.Module, shard: Shard, sync_batchnorm: bool) -> tuple[n
     return model, trained
 
 
-__all__ = ["GlobalBatchNorm", "Shard", "global_batchnorm", "process_shard", "uniform_noise", "wrap_target"]
+__all__ = ["GlobalBatchNorm", "Shard", "average_gradients", "global_batchnorm", "process_shard", "uniform_noise", "wrap_target"]
