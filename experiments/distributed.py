@@ -31,6 +31,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from experiments.errors import ConfigError
+from las_env import evaluation
+from las_env.evaluation import CleanRobust
 from las_env.sharding import Shard, process_shard
 
 DEFAULT_TIMEOUT_S = 900
@@ -227,6 +229,20 @@ def split_for_eval(x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tenso
         return x[idx], y[idx], batch_size // w, shard.draws()
     lo, hi = n * r // w, n * (r + 1) // w
     return x[lo:hi], y[lo:hi], batch_size, nullcontext()
+
+
+def robust_accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, eps: float, step: float, iterations: int, *,
+                    batch_size: int, seed: int) -> CleanRobust:
+    """:func:`las_env.evaluation.robust_accuracy` of the whole set, each rank evaluating its share
+    (:func:`split_for_eval`) and the counts summed; the plain call in one process."""
+    xr, yr, batch, draws = split_for_eval(x, y, batch_size)
+    with draws:
+        r = evaluation.robust_accuracy(model, xr, yr, eps, step, iterations, batch_size=batch, seed=seed)
+    n, m = x.shape[0], xr.shape[0]
+    if m == n:
+        return r
+    clean, robust = sum_over_ranks([round(r.clean * m), round(r.robust * m)], x.device)
+    return r._replace(clean=clean / n, robust=robust / n)
 
 
 def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:

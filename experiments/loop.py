@@ -58,7 +58,6 @@ from las_env.evaluation import (
     export_state_dict,
     format_eps,
     format_table,
-    robust_accuracy,
 )
 from las_env.files import atomic_write_text, write_json
 from las_env.grids import ACTION_COLUMNS, ThreatModel, threat_model_for
@@ -259,18 +258,11 @@ def evaluate_epoch(model: torch.nn.Module, subsets: Mapping[str, tuple[Tensor, T
     ev = settings.eval
     out: dict[str, float | int] = {}
     for split, (x, y) in subsets.items():
-        xr, yr, batch, draws = distributed.split_for_eval(x, y, ev.batch_size)  # torchrun: this rank's rows
-        with draws:
-            r = robust_accuracy(model, xr, yr, threat.epsilon, threat.step_size, ev.pgd_iterations,
-                                batch_size=batch, seed=ev.seed)
-        n = int(x.shape[0])
-        if xr.shape[0] != n:
-            m = xr.shape[0]
-            clean, robust = distributed.sum_over_ranks([round(r.clean * m), round(r.robust * m)], x.device)
-            r = r._replace(clean=clean / n, robust=robust / n)
+        r = distributed.robust_accuracy(model, x, y, threat.epsilon, threat.step_size, ev.pgd_iterations,
+                                        batch_size=ev.batch_size, seed=ev.seed)  # torchrun: split over ranks
         out[f"{split}_clean"] = r.clean
         out[f"{split}_robust"] = r.robust
-        out[f"{split}_images"] = n
+        out[f"{split}_images"] = int(x.shape[0])
     return out
 
 

@@ -111,8 +111,8 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics are those of the global batch across all ranks.
 
     The per-channel sum, sum of squares and count are all-reduced by ``_SumOverRanks``
-    (differentiable: its backward all-reduces the gradients, as ``SyncBatchNorm`` does), so forward AND backward equal BatchNorm on the
-    concatenated batch. Running statistics use the unbiased global variance, like BatchNorm.
+    (differentiable: its backward all-reduces the gradients, as ``SyncBatchNorm`` does), so
+    forward AND backward equal BatchNorm on the concatenated batch. Running statistics use the unbiased global variance, like BatchNorm.
     Used on the CPU (gloo), where PyTorch's ``SyncBatchNorm`` refuses to run; every rank must
     call forward in training mode together (the training step and look-ahead copies do).
     """
@@ -184,4 +184,5 @@ def wrap_target(model: nn.Module, shard: Shard, sync_batchnorm: bool) -> tuple[n
     return model, trained
 
 
-__all__ = ["GlobalBatchNorm", "Shard", "average_gradients", "global_batchnorm", "process_shard", "uniform_noise", "wrap_target"]
+__all__ = ["GlobalBatchNorm", "Shard", "average_gradients", "global_batchnorm", "process_shard", "uniform_noise",
+           "wrap_target"]

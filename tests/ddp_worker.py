@@ -73,6 +73,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     scenario, folder = sys.argv[1], Path(sys.argv[2])
     if scenario == "steps":
-        steps(folder, sync_bn="--no-sync-bn" not in sys.argv, w_hat="deepcopy" if "--deepcopy" in sys.argv else "this_step")
+        w_hat = "deepcopy" if "--deepcopy" in sys.argv else "this_step"
+        steps(folder, sync_bn="--no-sync-bn" not in sys.argv, w_hat=w_hat)
     else:
         kill(folder)
