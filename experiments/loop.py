@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from agents.base import Agent, AgentSpec, scores_own_actions
-from experiments import plots
+from experiments import distributed, plots
 from experiments.errors import ConfigError
 from experiments.guard import SKIPPED, Context, DivergenceGuard, TrainingDiverged, record_failure
 from experiments.loggers import Console, Tracker, WandbTracker, make_tracker
@@ -58,7 +58,6 @@ from las_env.evaluation import (
     export_state_dict,
     format_eps,
     format_table,
-    robust_accuracy,
 )
 from las_env.files import atomic_write_text, write_json
 from las_env.grids import ACTION_COLUMNS, ThreatModel, threat_model_for
@@ -113,6 +112,7 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
     n_train = data.x_train.shape[0]
     if cfg.batch_size > n_train:
         raise ConfigError(f"data.batch_size={cfg.batch_size} exceeds the {n_train} training images of {data.name}.")
+    distributed.check_batch(cfg.batch_size)
     per_epoch, total = episode_shape(n_train, cfg.batch_size, cfg.epochs, cfg.max_steps_per_epoch, cfg.last_batch)
     spec = AgentSpec(
         grid=cfg.grid,
@@ -143,6 +143,8 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
         reward = replace(reward, pre_update_probe=True)
     env = LASEnv(config=replace(cfg, reward_interval=k, reward=reward, step_reward=not scorer), data=data,
                  tensor_api=True)
+    distributed.check_agent(agent, env.game.shard)
+    env = distributed.global_view(env)  # under torchrun: the global batch (experiments/distributed.py)
     if scorer:
         agent.bind_scorer(env.score)
     if (env.game.steps_per_epoch, env.game.total_steps) != (per_epoch, total):  # guards episode_shape
@@ -256,8 +258,8 @@ def evaluate_epoch(model: torch.nn.Module, subsets: Mapping[str, tuple[Tensor, T
     ev = settings.eval
     out: dict[str, float | int] = {}
     for split, (x, y) in subsets.items():
-        r = robust_accuracy(model, x, y, threat.epsilon, threat.step_size, ev.pgd_iterations,
-                            batch_size=ev.batch_size, seed=ev.seed)
+        r = distributed.robust_accuracy(model, x, y, threat.epsilon, threat.step_size, ev.pgd_iterations,
+                                        batch_size=ev.batch_size, seed=ev.seed)  # torchrun: split over ranks
         out[f"{split}_clean"] = r.clean
         out[f"{split}_robust"] = r.robust
         out[f"{split}_images"] = int(x.shape[0])
@@ -476,19 +478,24 @@ def train(settings: RunSettings, *, data: ImageData | None = None, console: Cons
             ``results.json`` marks the run failed.
     """
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock.acquire(settings.run_dir) as lock:
-        return _train(settings, data, console, lock)
+    settings = distributed.localized(settings)
+    with distributed.process_group(settings.env.device, distributed.timeout_s(settings.config)):
+        if not distributed.is_main():  # rank 0 alone holds the lock and writes (experiments/distributed.py)
+            return _train(*distributed.for_this_rank(settings, console), data, None)
+        with RunLock.acquire(settings.run_dir) as lock:
+            return _train(settings, console, data, lock)
 
 
-def _train(settings: RunSettings, data: ImageData | None, console: Console | None, lock: RunLock) -> RunResult:
+def _train(settings: RunSettings, console: Console | None, data: ImageData | None, lock: RunLock | None) -> RunResult:
     run_dir = settings.run_dir
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)  # process-wide, as a run owns its process
     console = console or Console(run_dir / "log.txt")
-    if lock.took_over:
+    if lock is not None and lock.took_over:
         console.print(f"Took over the lock of an earlier run in this folder that is no longer running "
                       f"(pid {lock.took_over.get('pid')}, started {lock.took_over.get('started')}).")
-    remove_stale_temporaries(run_dir, console.print)
+    if lock is not None:
+        remove_stale_temporaries(run_dir, console.print)
     ckpt = checkpoint_to_resume(run_dir, resume=settings.resume, settings_hash=settings.settings_hash,
                                 say=console.print)
     started = ckpt is None and settings.init_from is not None
@@ -564,14 +571,16 @@ def _train(settings: RunSettings, data: ImageData | None, console: Console | Non
                 "seconds": {"train": done.seconds, "eval": time.perf_counter() - t1},
             }
             history.append(rec)
-            best.update(epoch + 1, ev, env.game.target, run_dir)  # best.pt before the checkpoint
+            if lock is not None:  # rank 0 writes
+                best.update(epoch + 1, ev, env.game.target, run_dir)  # best.pt before the checkpoint
             loop["best"] = best.as_dict()
             loop["epochs_done"] = epoch + 1
             for key in ("train", "eval"):
                 loop["seconds"][key] += rec["seconds"][key]
             loop["rng"] = _rng_states(device)
-            save_checkpoint(ckpt_path, settings=settings, data=data, env=env, agent=agent, loop=loop,
-                            wandb_info=tracker.info)
+            if lock is not None:
+                save_checkpoint(ckpt_path, settings=settings, data=data, env=env, agent=agent, loop=loop,
+                                wandb_info=tracker.info)
             tracker.log(_epoch_scalars(rec), env.game.step_index)
             tracker.log_choices({n: (_grid_values(cfg.grid)[n], c) for n, c in rec["choices"].items()},
                                 env.game.step_index)
@@ -599,6 +608,8 @@ def _train(settings: RunSettings, data: ImageData | None, console: Console | Non
         return RunResult(run_dir, False, loop["epochs_done"], history, seconds=dict(loop["seconds"]),
                          files={"checkpoint": str(ckpt_path)}, wandb_offline_dir=_offline_dir(tracker))
 
+    if lock is None:  # the final evaluation is rank 0's alone; the other ranks leave now
+        return RunResult(run_dir, True, loop["epochs_done"], history, seconds=dict(loop["seconds"]))
     try:
         return _finish(settings, data, env, threat, loop, tracker, console, pgd, best)
     except BaseException:

@@ -15,7 +15,11 @@ Exit status: 0 done (or stopped early by ``stop_after_epochs``, resumable); 1 ba
 as one paragraph on stderr before any training starts (a folder in use by another run, a damaged
 checkpoint included); 2 training diverged (a non-finite loss, reward, gradient or weight,
 ``experiments/guard.py``): one paragraph on stderr, ``results.json`` marked failed, the last
-finite checkpoint intact.
+finite checkpoint intact; 3 under torchrun, a rank lost contact with the others (one died or
+hung past ``ddp_timeout_s``; ``experiments/distributed.py``).
+
+Several processes: ``torchrun --nproc_per_node=N experiments/run.py ...`` trains ONE run (README,
+"Several GPUs and machines").
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from experiments.distributed import EXIT_RANK_LOST, RankLost  # noqa: E402
 from experiments.errors import ConfigError, fail  # noqa: E402
 from experiments.guard import TrainingDiverged  # noqa: E402
 from experiments.loop import RunResult, train  # noqa: E402
@@ -50,7 +55,7 @@ GROUP_HINTS = {
     "model": " Any other architecture name: model.name=NAME (e.g. wrn-28-10).",
 }
 EXIT_DIVERGED = 2
-RESUME_KEEPS = ("resume", "stop_after_epochs", "progress", "threads")
+RESUME_KEEPS = ("resume", "stop_after_epochs", "progress", "threads", "ddp_timeout_s")
 """Overrides that may accompany ``resume=<run_dir>`` (they do not change the run's settings)."""
 
 register_resolvers()
@@ -127,6 +132,8 @@ def main(cfg: DictConfig) -> None:
         fail(str(exc))
     except TrainingDiverged as exc:
         fail(str(exc), code=EXIT_DIVERGED)
+    except RankLost as exc:
+        fail(str(exc), code=EXIT_RANK_LOST)
 
 
 def check_output_dirs(argv: list[str]) -> None:
@@ -141,4 +148,6 @@ def check_output_dirs(argv: list[str]) -> None:
 if __name__ == "__main__":
     check_group_choices(sys.argv[1:])
     check_output_dirs(sys.argv[1:])
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 alone writes the run's .hydra record
+        sys.argv.append("hydra.output_subdir=null")
     main()

@@ -30,11 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.errors import fail
 from experiments.runlock import is_held
 
-NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progress", "threads", "run_root")
+NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progress", "threads", "run_root",
+                                 "ddp_timeout_s")
 """Top-level keys that say how to run, not what to compute; left out of the settings hash.
 (``run_root`` is already the folder's first component; ``threads`` only moves CPU time.)"""
 
-HASHED_WHEN_SET: dict[str, Any] = {"init_from": None, "on_nonfinite": "stop"}
+HASHED_WHEN_SET: dict[str, Any] = {"init_from": None, "on_nonfinite": "stop", "ddp": {"sync_batchnorm": True}}
 """Top-level keys added after runs already existed, with their defaults: they enter the hash
 only when set to something else, so the folders (and ``resume=true``) of earlier runs stay the
 same."""

@@ -265,7 +265,7 @@ def _check_model(name: str) -> str:
 
 GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
              "reward_interval": "agent.k", "device": "device", "precision": "precision",
-             "channels_last": "channels_last", "augment": "data.augment"}
+             "channels_last": "channels_last", "augment": "data.augment", "sync_batchnorm": "ddp.sync_batchnorm"}
 """Command-line key of each :class:`LASConfig` field that is not in a section of its own."""
 
 
@@ -384,6 +384,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         device=str(resolved.get("device", "cpu")),
         precision=str(resolved.get("precision", "fp32")),
         channels_last=bool(resolved.get("channels_last", False)),
+        **({"sync_batchnorm": resolved["ddp"]["sync_batchnorm"]} if "sync_batchnorm" in (resolved.get("ddp") or {}) else {}),
         **{key: resolved[key] for key in FIDELITY_KEYS if key in resolved},
     ))
     stop = _positive_or_none("stop_after_epochs", resolved.get("stop_after_epochs"))

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from las_env.sharding import uniform_noise
+
 Loss = Literal["ce", "margin"]
 
 
@@ -46,8 +48,9 @@ def attack_loss(logits: Tensor, y: Tensor, loss: Loss = "ce") -> Tensor:
 
 
 def random_start(x: Tensor, epsilon: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """A uniform random perturbation inside each image's own L-inf ball (``epsilon``: (B,))."""
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    """A uniform random perturbation inside each image's own L-inf ball (``epsilon``: (B,)).
+    Under several processes the game draws it for the global batch (``las_env.sharding``)."""
+    u = uniform_noise(x.shape, generator, x.device, x.dtype)
     return (2 * u - 1) * epsilon.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 

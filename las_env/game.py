@@ -26,6 +26,7 @@ from las_env.grids import StrategyGrid, grid_for, threat_model_for
 from las_env.lookahead import lookahead_step
 from las_env.models import build_model
 from las_env.reward import RewardConfig, RewardTerms, probe_updated_target, reward_terms
+from las_env.sharding import Shard, process_shard, wrap_target
 from las_env.target import OptimConfig, Precision, TargetTrainer, autocast
 from las_env.validate import SettingError, check_whole
 
@@ -71,6 +72,9 @@ class LASConfig:
         step_reward: whether ``play`` pays the full reward on reward steps. False when the
             agent scores its actions itself with ``score`` before acting (the authors'
             reward flow): reward steps are still flagged, ``play`` reports L1 only.
+        sync_batchnorm: under several processes (``las_env.sharding``), BatchNorm of the target
+            uses the global batch's statistics (on by default: the single process's maths);
+            False = each rank's shard's own (plain DDP). No effect in one process.
     """
 
     dataset: str = "digits"
@@ -91,6 +95,7 @@ class LASConfig:
     attack_start: Literal["own_ball", "threat_ball"] = "own_ball"
     last_batch: Literal["drop", "wrap"] = "drop"
     step_reward: bool = True
+    sync_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         check_whole("batch_size", self.batch_size, 1)
@@ -200,6 +205,9 @@ class LASGame:
         self.target: torch.nn.Module | None = None
         self.trainer: TargetTrainer | None = None
         self.step_index = 0
+        # Several processes: this rank plays its rows of every global batch (las_env/sharding.py).
+        self.shard: Shard = process_shard()
+        self.shard.check_batch(config.batch_size)
 
     # ----------------------------------------------------------------- episode
     def reset(self, seed: int) -> None:
@@ -214,8 +222,8 @@ class LASGame:
         model = model.to(self.device)
         if self.config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.target = model
-        self.trainer = TargetTrainer(model, self.config.optim, self.total_steps, self.config.precision)
+        self.target, trained = wrap_target(model, self.shard, self.config.sync_batchnorm)
+        self.trainer = TargetTrainer(trained, self.config.optim, self.total_steps, self.config.precision)
         self.step_index = 0
         self._new_epoch_order()
         self._load_batch()
@@ -231,8 +239,14 @@ class LASGame:
 
     @property
     def batch(self) -> tuple[Tensor, Tensor]:
-        """The clean images ``(B, C, H, W)`` and labels ``(B,)`` the next step trains on."""
+        """The clean images ``(B, C, H, W)`` and labels ``(B,)`` the next step trains on
+        (under several processes: this rank's rows, ``B = batch_size / world``)."""
         return self._x, self._y
+
+    @property
+    def global_batch(self) -> tuple[Tensor, Tensor]:
+        """The whole global batch of every rank (``batch`` itself in one process)."""
+        return self._x_global, self._y_global
 
     @property
     def epoch_order(self) -> Tensor:
@@ -260,7 +274,8 @@ class LASGame:
             x = augment_batch(x, self.rng)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        self._x, self._y = x, y
+        self._x_global, self._y_global = x, y
+        self._x, self._y = self.shard.rows(x), self.shard.rows(y)
 
     # -------------------------------------------------------------------- step
     def action_values(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -279,6 +294,10 @@ class LASGame:
         ``action`` is a long tensor (B, 3) on the game's device whose entries are valid
         grid indices (``LASEnv`` validates what users send).
         """
+        with self.shard.draws():
+            return self._play(action)
+
+    def _play(self, action: Tensor) -> StepOutcome:
         if self.target is None:
             raise RuntimeError("Call reset(seed) before play().")
         if self.done:
@@ -341,6 +360,10 @@ class LASGame:
         ``epoch`` and ``lr`` are those of the step that will train on this batch;
         ``adv_correct`` and ``train_loss`` come from the copy's training forward.
         """
+        with self.shard.draws():
+            return self._score(action)
+
+    def _score(self, action: Tensor) -> StepOutcome:
         if self.target is None:
             raise RuntimeError("Call reset(seed) before score().")
         if self.done:
@@ -414,7 +437,7 @@ class LASGame:
             "order_rng": self.order_rng.get_state(),
             "score_rng": self.score_rng.get_state(),
             "order": self._order,
-            "batch": (self._x, self._y),
+            "batch": (self._x_global, self._y_global),  # every rank's rows
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -429,4 +452,5 @@ class LASGame:
         if "score_rng" in state:
             restore_generator(self.score_rng, state["score_rng"])
         self._order = state["order"].to(self.data.x_train.device)
-        self._x, self._y = (t.to(self.device) for t in state["batch"])
+        self._x_global, self._y_global = (t.to(self.device) for t in state["batch"])
+        self._x, self._y = self.shard.rows(self._x_global), self.shard.rows(self._y_global)

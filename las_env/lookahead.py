@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from las_env.sharding import average_gradients
 from las_env.target import OptimConfig, Precision, autocast, training_loss
 
 
@@ -80,6 +81,7 @@ def lookahead_step(
     logits = logits.float()
     loss = training_loss(logits, y, optim)
     loss.backward()
+    average_gradients(w_hat)  # under torchrun: the global batch's step, as DDP's (las_env/sharding.py)
     opt.step()
     with torch.no_grad():
         per_image = F.cross_entropy(logits, y, reduction="none")
