@@ -195,7 +195,7 @@ def test_game_measures_the_pre_update_target_before_the_attack(digits):
     # The same measurement by hand on a copy of the game as it stands before the reward step.
     twin = copy.deepcopy(game)
     x, y = twin.batch
-    probe = twin._probe(twin.target, x, y)
+    probe = twin._probe(twin.target, x, y, twin.rng)
     expected = 4.0 * probe.probe_correct.float() + 2.0 * probe.clean_correct.float()
     second = game.play(action)
     assert second.reward_computed
