@@ -201,8 +201,8 @@ class LASEnv(gym.Env):
                 raise ValueError(f"Action must be an integer array of shape {expected}, got dtype {arr.dtype}.")
         if tuple(t.shape) != expected:
             raise ValueError(
-                f"Action has shape {tuple(t.shape)}; expected {expected} = (batch_size, 3): one "
-                f"(step-size index, iterations index, epsilon index) row per image."
+                f"Action has shape {tuple(t.shape)}; expected {expected} = (batch_size, {expected[1]}): one "
+                f"({', '.join(c + ' index' for c in self.grid.columns)}) row per image."
             )
         if t.dtype.is_floating_point:
             if torch.isnan(t).any():
