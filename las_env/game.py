@@ -202,6 +202,9 @@ class LASGame:
         self._grid_tables = self.grid.tables(self.device)
         self._extra_tables = self.grid.extra_tables(self.device)
         self.method = build_method(config.method)
+        smooth = config.reward.w_hat_true_class_prob  # the authors' LAS-AWP smooths the copy's step only
+        self._lookahead_optim = config.optim if smooth is None else replace(
+            config.optim, label_smoothing=0.0, true_class_prob=smooth)
         self._nvec = torch.tensor(self.grid.nvec, device=self.device)
         n_train = self.data.x_train.shape[0]
         if config.batch_size > n_train:
@@ -318,8 +321,8 @@ class LASGame:
         probe = None
         eval_l1 = self._eval_l1(x, x_adv, y, extras) if reward_computed and cfg.reward.l1_forward == "eval" else None
         if reward_computed and cfg.reward.needs_updated_target and cfg.reward.w_hat == "deepcopy":
-            look = lookahead_step(self.target, x_adv, y, cfg.optim, lr, precision=cfg.precision, method=self.method,
-                                  x=x, extras=extras, epoch=self.epoch)
+            look = lookahead_step(self.target, x_adv, y, self._lookahead_optim, lr, precision=cfg.precision,
+                                  method=self.method, x=x, extras=extras, epoch=self.epoch)
             probe = self._probe(look.model, x, y, self.rng)
         result = self.trainer.train_step(x_adv, y, x=x, extras=extras, epoch=self.epoch)
         if reward_computed and cfg.reward.needs_updated_target and cfg.reward.w_hat == "this_step":
@@ -377,8 +380,8 @@ class LASGame:
         x_adv = self._attack(x, y, step_size, iterations, epsilon, self.score_rng)
         lr = self.trainer.lr
         momentum = self.trainer.optimizer.state_dict() if cfg.reward.w_hat == "this_step" else None
-        look = lookahead_step(self.target, x_adv, y, cfg.optim, lr, precision=cfg.precision, optimizer_state=momentum,
-                              method=self.method, x=x, extras=extras, epoch=self.epoch)
+        look = lookahead_step(self.target, x_adv, y, self._lookahead_optim, lr, precision=cfg.precision,
+                              optimizer_state=momentum, method=self.method, x=x, extras=extras, epoch=self.epoch)
         l1 = self._eval_l1(x, x_adv, y, extras) if cfg.reward.l1_forward == "eval" else look.loss
         probe = self._probe(look.model, x, y, self.score_rng) if cfg.reward.needs_updated_target else None
         terms = reward_terms(cfg.reward, l1, probe)
