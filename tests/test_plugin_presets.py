@@ -20,6 +20,7 @@ from torch import nn
 from agents import AgentSpec, FixedAgent, ReinforceAgent
 from experiments.settings import settings_from_config
 from las_env.game import steps_per_epoch
+from las_env.grids import StrategyGrid
 from las_env.target import TargetTrainer
 from tests.conftest import SHARED_DATA, requires_shared_data
 
@@ -162,3 +163,32 @@ def test_presets_run_two_steps_on_the_exact_cifar10_subset(tmp_path, cifar_root,
     torch.set_num_threads(1)
     train(s)
     assert (tmp_path / "results.json").is_file()
+
+
+def test_the_policy_lr_schedule_steps_with_the_agent_updates():
+    spec = AgentSpec(grid=StrategyGrid((0.05,), (1,), (0.1, 0.2)), observation_shape=(4, 1, 8, 8), num_classes=10,
+                     dataset="digits", device=torch.device("cpu"), total_steps=8, steps_per_epoch=8, seed=0)
+    agent = ReinforceAgent(spec, k=2, lr=0.1, lr_milestones=[0.5, 0.75], lr_gamma=0.1)  # 4 updates: at 2 and 3
+    seen = []
+    for _ in range(4):
+        agent.act(torch.rand(4, 1, 8, 8), {"reward_next_step": True})
+        agent.learn(torch.tensor(1.0), {"reward_computed": True, "rewards": torch.rand(4), "reward_next_step": True})
+        seen.append(agent.optimizer.param_groups[0]["lr"])
+    assert seen == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    with pytest.raises(ValueError, match="lr_milestones"):
+        ReinforceAgent(spec, k=2, lr_milestones=[75])
+
+
+def test_w_hat_smoothing_reaches_the_look_ahead_copy_only(digits, monkeypatch):
+    import las_env.game as game_module
+    from las_env import LASEnv
+
+    seen = []
+    real = game_module.lookahead_step
+    monkeypatch.setattr(game_module, "lookahead_step", lambda *a, **kw: seen.append(a[3]) or real(*a, **kw))
+    env = LASEnv(data=digits, tensor_api=True, batch_size=8, epochs=1, max_steps_per_epoch=1, method="awp",
+                 reward={"w_hat": "deepcopy", "w_hat_true_class_prob": 0.7, "probe_iterations": 1})
+    env.reset(seed=0)
+    env.step(torch.zeros((8, 3), dtype=torch.long))
+    assert [o.true_class_prob for o in seen] == [0.7]
+    assert env.game.trainer.optim.true_class_prob is None  # the target's own step: plain CE
