@@ -8,6 +8,7 @@ smoke test then runs 2 steps of each preset on the exact CIFAR-10 subset in ../s
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,24 @@ def test_w_hat_smoothing_reaches_the_look_ahead_copy_only(digits, monkeypatch):
     env.step(torch.zeros((8, 3), dtype=torch.long))
     assert [o.true_class_prob for o in seen] == [0.7]
     assert env.game.trainer.optim.true_class_prob is None  # the target's own step: plain CE
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["+data.grid.extra.trades_beta=[5,6]"], "data.grid.extra=['trades_beta']: has the strategy column"),
+    (["method=trades", "+data.grid.extra.foo=[1]"], "unknown column 'foo'"),
+    (["method=awp", "method.awp_gamma=-1"], "method.awp_gamma=-1"),
+])
+def test_bad_method_settings_are_one_paragraph_naming_the_key(tmp_path, overrides, words):
+    from experiments.errors import ConfigError
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "logger=none"])
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        settings_from_config(cfg, tmp_path)
+
+
+def test_method_trades_with_a_beta_column_builds_a_four_column_game(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["method=trades", "+data.grid.extra.trades_beta=[5,6]", "logger=none"])
+    s = settings_from_config(cfg, tmp_path)
+    assert s.env.grid.columns == ("step_size", "iterations", "epsilon", "trades_beta") and s.env.grid.nvec[3] == 2
