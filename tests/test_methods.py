@@ -16,7 +16,6 @@ from agents import AgentSpec, FixedAgent, RandomAgent, ReinforceAgent
 from agents.sb3 import SB3Agent
 from las_env import LASEnv
 from las_env.attack import per_image_pgd
-from las_env.grids import StrategyGrid
 from las_env.methods import AWP, PGDAT, TRADES, MethodBatch, MethodConfig, build_method
 from las_env.models import build_model
 from las_env.target import OptimConfig
