@@ -18,7 +18,7 @@ from torch import Tensor
 
 from agents.base import AgentSpec
 from las_env.checkpoint import restore_generator
-from las_env.grids import ACTION_COLUMNS, FIXED_ITERATIONS, threat_model_for
+from las_env.grids import FIXED_ITERATIONS, threat_model_for
 
 
 def _never(spec: AgentSpec) -> int:
@@ -34,6 +34,8 @@ class FixedAgent:
         step_size, iterations, epsilon: the attack (pixel units). ``None`` takes the data
             set's threat model (``threat_model_for``: 8/255 and 2/255 on CIFAR, 0.2 and 0.05
             on digits) and ``FIXED_ITERATIONS`` (10 on CIFAR, 5 on digits).
+        extra: the value of each extra grid column (e.g. ``{"trades_beta": 6.0}``); required
+            for every extra column the grid has, since no default exists for them.
 
     Raises:
         ValueError: an explicitly given value is not on the grid. Actions are grid indices,
@@ -46,7 +48,8 @@ class FixedAgent:
     Attributes:
         reward_interval: ``spec.total_steps + 1``: no step pays for the L2/L3 reward.
         step_size, iterations, epsilon: the physical attack actually played.
-        action_indices: its (step size, iterations, epsilon) grid indices.
+        action_indices: its grid indices (step size, iterations, epsilon, then the extra columns).
+        extra: the extra columns' values actually played, by name.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class FixedAgent:
         step_size: float | None = None,
         iterations: int | None = None,
         epsilon: float | None = None,
+        extra: dict[str, float] | None = None,
     ) -> None:
         self.spec = spec
         self.device = torch.device(spec.device)
@@ -67,9 +71,19 @@ class FixedAgent:
             "iterations": (iterations, FIXED_ITERATIONS[spec.dataset]),
             "epsilon": (epsilon, threat.epsilon),
         }
-        values = dict(zip(ACTION_COLUMNS, (grid.step_sizes, grid.iterations, grid.epsilons)))
+        extra = dict(extra or {})
+        unknown = sorted(set(extra) - set(grid.columns[3:]))
+        missing = [name for name in grid.columns[3:] if name not in extra]
+        if unknown or missing:
+            raise ValueError(
+                f"FixedAgent: the grid's extra columns are {list(grid.columns[3:])}, but extra= gives "
+                f"{sorted(extra)}: give one value per extra column, e.g. +agent.extra.trades_beta=6.0 on the "
+                f"command line (values: {dict(grid.extra)})."
+            )
+        requested.update({name: (value, None) for name, value in extra.items()})
+        values = grid.values
         indices: list[int] = []
-        for name in ACTION_COLUMNS:
+        for name in grid.columns:
             given, default = requested[name]
             want = float(given if given is not None else default)
             grid_values = values[name]
@@ -90,20 +104,21 @@ class FixedAgent:
                     stacklevel=2,
                 )
             indices.append(i)
-        self.action_indices: tuple[int, int, int] = tuple(indices)  # type: ignore[assignment]
+        self.action_indices: tuple[int, ...] = tuple(indices)
         self.step_size = float(grid.step_sizes[indices[0]])
         self.iterations = int(grid.iterations[indices[1]])
         self.epsilon = float(grid.epsilons[indices[2]])
+        self.extra = {name: values[name][i] for name, i in zip(grid.columns[3:], indices[3:])}
         # Allocated once; every act returns this same tensor (callers must not modify it).
         batch = spec.observation_shape[0]
         self._action = torch.tensor(indices, dtype=torch.long, device=self.device).repeat(batch, 1)
 
     def act(self, observation: Tensor, info: dict[str, Any]) -> Tensor:
-        """The constant ``(B, 3)`` action (a read-only view when B differs from the spec's)."""
+        """The constant ``(B, columns)`` action (a read-only view when B differs from the spec's)."""
         b = observation.shape[0]
         if b == self._action.shape[0]:
             return self._action
-        return self._action[:1].expand(b, 3)
+        return self._action[:1].expand(b, self._action.shape[1])
 
     def learn(self, reward: Tensor, info: dict[str, Any]) -> dict[str, Any]:
         return {}
@@ -144,8 +159,8 @@ class RandomAgent:
         self._last = torch.tensor(spec.grid.nvec, dtype=torch.long, device=self.device) - 1
 
     def act(self, observation: Tensor, info: dict[str, Any]) -> Tensor:
-        """Uniform ``(B, 3)`` long indices: ``floor(u * n)`` with ``u ~ U[0, 1)`` per entry."""
-        u = torch.rand((observation.shape[0], 3), generator=self.generator, device=self.device)
+        """Uniform ``(B, columns)`` long indices: ``floor(u * n)`` with ``u ~ U[0, 1)`` per entry."""
+        u = torch.rand((observation.shape[0], self._nvec.shape[0]), generator=self.generator, device=self.device)
         # u < 1, so floor(u * n) <= n - 1 already; the clamp guards float rounding anyway.
         return torch.minimum((u * self._nvec).long(), self._last)
 

@@ -61,6 +61,7 @@ a resumed run samples exactly the actions the uninterrupted one would have.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -121,6 +122,10 @@ class ReinforceAgent:
         reward_flow: ``"train_on_scored"`` (ours) or ``"score_then_resample"`` (the
             authors'; needs ``bind_scorer``); see the module docstring.
         bn_mode: ``"train"`` (ours) or ``"split"`` (the authors'); see the module docstring.
+        lr_milestones: fractions of the episode's updates (``spec.total_steps // k``) where the
+            strategy's learning rate is multiplied by ``lr_gamma``; empty (the default) = constant.
+            The authors' LAS-TRADES: ``[0.75, 0.9]``; LAS-AWP: ``[0.5, 0.75]`` (the target's).
+        lr_gamma: the decay factor at each milestone.
 
     Attributes:
         reward_interval: ``k``.
@@ -151,6 +156,8 @@ class ReinforceAgent:
         seed: int | None = None,
         reward_flow: RewardFlow = "train_on_scored",
         bn_mode: BnMode = "train",
+        lr_milestones: Sequence[float] = (),
+        lr_gamma: float = 0.1,
     ) -> None:
         if int(k) != k or k < 1:
             raise ValueError(f"k (the strategy's update interval) must be a whole number >= 1, got {k}.")
@@ -193,6 +200,7 @@ class ReinforceAgent:
 
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.seed)
+        self._init_lr_schedule(lr, lr_milestones, lr_gamma)
 
         # Running statistics, on the device so updating them never synchronises.
         self.baseline = torch.zeros((), device=self.device)
@@ -204,6 +212,18 @@ class ReinforceAgent:
         self._pending: _Pending | None = None
         self._warned_unmatched = False
         self._init_flow(reward_flow, bn_mode)
+
+    def _init_lr_schedule(self, lr: float, milestones: Sequence[float], gamma: float) -> None:
+        if any(not 0 <= float(m) <= 1 for m in milestones) or not 0 < float(gamma) <= 1:
+            raise ValueError(f"lr_milestones must be fractions of the run in [0, 1] and lr_gamma in (0, 1], got "
+                             f"{list(milestones)} and {gamma} (the authors' LAS-TRADES: [0.75, 0.9] and 0.1).")
+        per_episode = max(1, int(self.spec.total_steps) // self.reward_interval)
+        self._lr0, self._lr_gamma = float(lr), float(gamma)
+        self._lr_milestone_updates = [round(float(m) * per_episode) for m in milestones]
+
+    def lr_at(self, update: int) -> float:
+        """The strategy's learning rate on update ``update`` (0-based)."""
+        return self._lr0 * self._lr_gamma ** sum(update >= m for m in self._lr_milestone_updates)
 
     # ---------------------------------------------------- reward flow, BN mode
     def _init_flow(self, reward_flow: str, bn_mode: str) -> None:
@@ -334,6 +354,9 @@ class ReinforceAgent:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.net.parameters(), self.grad_clip if self.grad_clip > 0 else float("inf")
         )
+        if self._lr_milestone_updates:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.updates)
         self.optimizer.step()
         self.updates += 1
 

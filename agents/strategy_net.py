@@ -31,7 +31,8 @@ from las_env.models import build_model
 
 
 class StrategyNet(nn.Module):
-    """Backbone features + three categorical heads (step size, iterations, epsilon).
+    """Backbone features + one categorical head per action column (step size, iterations,
+    epsilon, then the grid's extra columns, e.g. LAS-TRADES' ``trades_beta``: its 4th head).
 
     Args:
         backbone: a :func:`las_env.models.build_model` name: ``"resnet18"`` (the authors'
@@ -43,7 +44,7 @@ class StrategyNet(nn.Module):
     Attributes:
         backbone: the feature extractor; its classifier layer is replaced by the identity
             (the strategy never uses it, and dead parameters would only bloat checkpoints).
-        heads: ``nn.ModuleList`` of three ``nn.Linear(feature_dim, nvec[j])``, column order.
+        heads: ``nn.ModuleList`` of ``nn.Linear(feature_dim, nvec[j])``, column order.
         nvec: the grid sizes the heads were built for.
     """
 
@@ -51,13 +52,14 @@ class StrategyNet(nn.Module):
         self,
         backbone: str,
         in_channels: int,
-        nvec: tuple[int, int, int],
+        nvec: tuple[int, ...],
         *,
         zero_init_heads: bool = True,
     ) -> None:
         super().__init__()
-        if len(nvec) != 3 or any(int(n) < 1 for n in nvec):
-            raise ValueError(f"nvec must be three positive grid sizes (step size, iterations, epsilon), got {nvec}.")
+        if len(nvec) < 3 or any(int(n) < 1 for n in nvec):
+            raise ValueError(f"nvec must be positive grid sizes (step size, iterations, epsilon, then any extra "
+                             f"columns), got {nvec}.")
         self.nvec = tuple(int(n) for n in nvec)
         net = build_model(backbone, in_channels, num_classes=1)
         net.linear = nn.Identity()
@@ -71,12 +73,12 @@ class StrategyNet(nn.Module):
                 nn.init.zeros_(head.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Unnormalised logits of the three heads, shapes ``(B, nvec[0])``, ``(B, nvec[1])``, ``(B, nvec[2])``."""
+        """Unnormalised logits of the heads, one ``(B, nvec[j])`` per action column."""
         h = self.backbone.features(x)
         return tuple(head(h) for head in self.heads)  # type: ignore[return-value]
 
     def distribution(self, x: Tensor) -> tuple[Categorical, Categorical, Categorical]:
-        """The three per-image categorical distributions (step size, iterations, epsilon)."""
+        """The per-image categorical distributions, one per action column."""
         # validate_args=False: argument validation calls .all() on a tensor, a host
         # synchronisation on every step on a GPU, for logits we produce ourselves.
         return tuple(Categorical(logits=z, validate_args=False) for z in self(x))  # type: ignore[return-value]
@@ -90,8 +92,8 @@ class StrategyNet(nn.Module):
         """Sample one action per image.
 
         Returns:
-            actions: ``(B, 3)`` long grid indices (step size, iterations, epsilon).
-            log_prob: ``(B,)`` log p(a_i | x_i), the sum of the three heads' log-probabilities
+            actions: ``(B, len(nvec))`` long grid indices (step size, iterations, epsilon, extras).
+            log_prob: ``(B,)`` log p(a_i | x_i), the sum of the heads' log-probabilities
                 (the heads are independent given x, so the joint is their product).
             entropy: ``(B,)`` entropy of the joint distribution, the sum of the heads' entropies.
         Both carry autograd history when called with gradients enabled.

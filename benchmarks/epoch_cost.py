@@ -5,6 +5,10 @@ On the same data, the same target initialisation and the same batches, it times 
 
   pgdat      PGD-AT: the fixed agent (PGD-10 on CIFAR, PGD-5 on digits) through LASEnv
   las_k20    LAS-AT: the REINFORCE agent through LASEnv(tensor_api=True), learning every 20 steps
+
+With ``--method trades`` or ``--method awp`` every variant trains by that method instead
+(``pgdat`` is then the TRADES / AT-AWP baseline, beta 6 for TRADES, and the LAS variants are
+LAS-TRADES, with the 4th ``trades_beta`` head over 5..9, or LAS-AWP).
   las_k1     the same, learning (and paying for the L2/L3 probe) on every step
   game_k20   the las_k20 step driven on LASGame directly, without the Gymnasium wrapper
 
@@ -72,6 +76,8 @@ from agents.reinforce import ReinforceAgent
 from las_env.data import ImageData, load_dataset
 from las_env.env import LASEnv
 from las_env.game import LASConfig, LASGame
+from las_env.grids import StrategyGrid, grid_for
+from las_env.methods import METHODS, MethodConfig
 from las_env.target import OptimConfig
 
 VARIANT_KINDS = ("pgdat", "las", "game")
@@ -126,6 +132,12 @@ def make_spec(dataset: str, data: ImageData, cfg: LASConfig, total_steps: int, s
     )
 
 
+def method_grid(dataset: str, method: str, *, learns: bool) -> StrategyGrid:
+    """The data set's grid; a learning agent of TRADES also picks beta (the authors' 5..9)."""
+    grid = grid_for(dataset)
+    return replace(grid, extra=(("trades_beta", (5, 6, 7, 8, 9)),)) if method == "trades" and learns else grid
+
+
 class Variant:
     """One timed configuration: ``start()`` puts it back to the same initial state (target,
     data order, agent), ``step()`` plays one training step and returns its iteration counts.
@@ -147,6 +159,8 @@ class Variant:
             epochs=epochs,
             max_steps_per_epoch=per_epoch,
             optim=OptimConfig(lr=0.05 if dataset == "digits" else 0.1, schedule="constant"),
+            method=MethodConfig(name=args.method),
+            grid=method_grid(dataset, args.method, learns=kind != "pgdat"),
             device=args.device,
             precision=precision,
             channels_last=channels_last,
@@ -350,6 +364,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(~1e-38 and below, e.g. from a saturated softmax) do not take the CPU's slow "
                         "denormal path; keep: IEEE denormals")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", choices=list(METHODS), default="pgd_at",
+                   help="training method of every variant: LAS-X vs X (default pgd_at: LAS-AT vs PGD-AT)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the strategy-forward and wrapper timings")
     args = p.parse_args(argv)
     if args.batches < 1 or args.batch_size < 1 or args.rounds < 1 or min(args.k) < 1:
@@ -419,6 +435,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": data.description,
         "dataset": dataset,
         "model": args.model,
+        "method": args.method,
         "strategy_backbone": args.strategy_backbone,
         "batch_size": args.batch_size,
         "batches": args.batches,

@@ -60,7 +60,7 @@ from las_env.evaluation import (
     format_table,
 )
 from las_env.files import atomic_write_text, write_json
-from las_env.grids import ACTION_COLUMNS, ThreatModel, threat_model_for
+from las_env.grids import ThreatModel, threat_model_for
 
 METRICS_FORMAT = "las-at/metrics/v1"
 RESULTS_FORMAT = "las-at/results/v1"
@@ -418,9 +418,10 @@ class _Trainer:
         cfg = settings.env
         self.device = torch.device(cfg.device)
         self.nvec = list(cfg.grid.nvec)
-        # Chosen settings are counted in one flat vector: [step sizes | iterations | epsilons].
-        self.offsets = torch.tensor([0, self.nvec[0], self.nvec[0] + self.nvec[1]], device=self.device)
-        self.ones = torch.ones(cfg.batch_size * 3, dtype=torch.long, device=self.device)
+        self.columns = cfg.grid.columns
+        # Chosen settings are counted in one flat vector: [step sizes | iterations | epsilons | extras].
+        self.offsets = torch.tensor([sum(self.nvec[:j]) for j in range(len(self.nvec))], device=self.device)
+        self.ones = torch.ones(cfg.batch_size * len(self.nvec), dtype=torch.long, device=self.device)
         self.fixed_images = FixedImageChoices(env.game)
         self.guard = DivergenceGuard(env.game, settings.on_nonfinite)
 
@@ -459,8 +460,8 @@ class _Trainer:
                                     eps=format_eps(means.get("attack/epsilon", math.nan)), refresh=False)
         totals.absorb(self.guard.flush(meter))  # also waits for the device: the timing below is honest
         seconds = time.perf_counter() - t0
-        flat, (n0, n1, _) = counts.tolist(), self.nvec
-        choices = {"step_size": flat[:n0], "iterations": flat[n0:n0 + n1], "epsilon": flat[n0 + n1:]}
+        flat, ends = counts.tolist(), [sum(self.nvec[:j + 1]) for j in range(len(self.nvec))]
+        choices = {name: flat[end - n:end] for name, n, end in zip(self.columns, self.nvec, ends)}
         return _Epoch(self.guard.epoch_totals(totals.sums), choices, seconds, self.fixed_images.result())
 
 
@@ -619,7 +620,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
 
 def _grid_values(grid) -> dict[str, tuple]:
     """Action column name -> its grid values."""
-    return dict(zip(ACTION_COLUMNS, (grid.step_sizes, grid.iterations, grid.epsilons)))
+    return grid.values
 
 
 def _offline_dir(tracker: Tracker) -> Path | None:

@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-CHOICE_TITLES = {"epsilon": "epsilon", "iterations": "PGD iterations", "step_size": "step size"}
+CHOICE_TITLES = {"epsilon": "epsilon", "iterations": "PGD iterations", "step_size": "step size",
+                 "trades_beta": "TRADES beta"}
 
 
 def _fmt(value: float) -> str:
@@ -65,12 +66,13 @@ def plot_accuracy(history: Sequence[Mapping[str, Any]], path: Path, *, title: st
 
 def plot_choices(history: Sequence[Mapping[str, Any]], grid_values: Mapping[str, Sequence[float]],
                  path: Path, *, title: str) -> Path | None:
-    """Heatmaps, one per attack parameter: rows = grid values, columns = epochs, colour = the
+    """Heatmaps, one per strategy column: rows = grid values, columns = epochs, colour = the
     share of that epoch's training images given the value. Epsilon comes first (Fig. 4)."""
     rows = [h for h in history if h.get("choices")]
     if not rows:
         return None
-    names = [n for n in ("epsilon", "iterations", "step_size") if n in rows[0]["choices"]]
+    first = ("epsilon", "iterations", "step_size")  # then any extra strategy column (trades_beta)
+    names = [n for n in first if n in rows[0]["choices"]] + [n for n in rows[0]["choices"] if n not in first]
     epochs = [h["epoch"] for h in rows]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -83,7 +85,7 @@ def plot_choices(history: Sequence[Mapping[str, Any]], grid_values: Mapping[str,
         ax.set_yticklabels([_fmt(v) for v in values], fontsize=7)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"chosen {CHOICE_TITLES[name]}", fontsize=10)
+        ax.set_title(f"chosen {CHOICE_TITLES.get(name, name)}", fontsize=10)
         # The mean choice as a line over the heatmap (index space), to read the trend at a glance.
         idx = np.arange(len(values))[:, None]
         ax.plot(epochs, (share * idx).sum(0), color="white", lw=1.2, label="mean")

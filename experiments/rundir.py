@@ -35,7 +35,8 @@ NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progre
 """Top-level keys that say how to run, not what to compute; left out of the settings hash.
 (``run_root`` is already the folder's first component; ``threads`` only moves CPU time.)"""
 
-HASHED_WHEN_SET: dict[str, Any] = {"init_from": None, "on_nonfinite": "stop", "ddp": {"sync_batchnorm": True}}
+HASHED_WHEN_SET: dict[str, Any] = {"init_from": None, "on_nonfinite": "stop", "ddp": {"sync_batchnorm": True},
+                                   "method": {"name": "pgd_at"}}
 """Top-level keys added after runs already existed, with their defaults: they enter the hash
 only when set to something else, so the folders (and ``resume=true``) of earlier runs stay the
 same."""

@@ -30,6 +30,7 @@ from las_env.data import DATASET_NAMES
 from las_env.evaluation import attack_spec
 from las_env.game import LASConfig
 from las_env.grids import StrategyGrid
+from las_env.methods import MethodConfig
 from las_env.models import build_model
 from las_env.reward import RewardConfig
 from las_env.target import OptimConfig
@@ -265,7 +266,8 @@ def _check_model(name: str) -> str:
 
 GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
              "reward_interval": "agent.k", "device": "device", "precision": "precision",
-             "channels_last": "channels_last", "augment": "data.augment", "sync_batchnorm": "ddp.sync_batchnorm"}
+             "channels_last": "channels_last", "augment": "data.augment", "sync_batchnorm": "ddp.sync_batchnorm",
+             "grid.extra": "data.grid.extra"}
 """Command-line key of each :class:`LASConfig` field that is not in a section of its own."""
 
 
@@ -366,6 +368,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         raise ConfigError(f"data.grid: {exc}") from None
     optim = _build(OptimConfig, "data.optim", data.get("optim") or {})
     reward = _build(RewardConfig, "reward", resolved.get("reward") or {})
+    method = _build(MethodConfig, "method", resolved.get("method") or {})
     seed = resolved.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r} must be a whole number >= 0.")
@@ -380,6 +383,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         reward=reward,
         reward_interval=1,  # replaced by the agent's once it is built
         grid=grid,
+        method=method,
         augment=data.get("augment"),
         device=str(resolved.get("device", "cpu")),
         precision=str(resolved.get("precision", "fp32")),

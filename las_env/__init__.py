@@ -10,6 +10,7 @@ from gymnasium.envs.registration import register, registry
 from las_env.env import LASEnv, make_config
 from las_env.game import LASConfig, LASGame, StepOutcome
 from las_env.grids import StrategyGrid, grid_for, threat_model_for
+from las_env.methods import MethodConfig
 from las_env.reward import RewardConfig
 from las_env.target import OptimConfig
 
@@ -21,6 +22,7 @@ __all__ = [
     "StrategyGrid",
     "RewardConfig",
     "OptimConfig",
+    "MethodConfig",
     "make_config",
     "grid_for",
     "threat_model_for",

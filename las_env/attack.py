@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from las_env.sharding import uniform_noise
 
-Loss = Literal["ce", "margin"]
+Loss = Literal["ce", "margin", "kl"]
 
 
 @contextmanager
@@ -36,15 +36,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def attack_loss(logits: Tensor, y: Tensor, loss: Loss = "ce") -> Tensor:
-    """Per-image loss an attack ascends: cross-entropy, or the C&W margin
-    ``max_{j != y} z_j - z_y``."""
+    """Per-image loss an attack ascends: cross-entropy, the C&W margin ``max_{j != y} z_j - z_y``,
+    or (``"kl"``, TRADES) ``KL(y || softmax(logits))`` where ``y`` is then the clean images'
+    probabilities ``(B, K)`` instead of labels."""
+    if loss == "kl":
+        return (torch.special.xlogy(y, y) - y * F.log_softmax(logits, dim=1)).sum(1)
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="none")
     if loss == "margin":
         true = logits.gather(1, y[:, None]).squeeze(1)
         others = logits.scatter(1, y[:, None], float("-inf"))
         return others.amax(1) - true
-    raise ValueError(f"Unknown attack loss {loss!r}; use 'ce' or 'margin'.")
+    raise ValueError(f"Unknown attack loss {loss!r}; use 'ce', 'margin' or 'kl'.")
 
 
 def random_start(x: Tensor, epsilon: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -75,13 +78,13 @@ def per_image_pgd(
         model: the classifier attacked; put in eval mode during the attack, its previous
             mode restored after. No parameter gradient is accumulated.
         x: clean images ``(B, C, H, W)`` in ``[0, 1]``.
-        y: labels ``(B,)``.
+        y: labels ``(B,)`` (for ``loss="kl"``: the clean probabilities ``(B, K)``).
         epsilon: L-inf radius per image ``(B,)``.
         step_size: sign-gradient step per image ``(B,)``.
         iterations: number of steps per image ``(B,)`` (0 leaves the random start).
         start: initial perturbation ``(B, C, H, W)``; drawn uniformly inside each image's
             ball from ``generator`` when omitted.
-        loss: ``"ce"`` (cross-entropy) or ``"margin"`` (C&W-inf).
+        loss: ``"ce"`` (cross-entropy), ``"margin"`` (C&W-inf) or ``"kl"`` (TRADES).
 
     Returns:
         ``x + delta`` with ``|delta|_inf <= epsilon`` per image, clipped to ``[0, 1]``.

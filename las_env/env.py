@@ -19,13 +19,14 @@ from gymnasium import spaces
 from las_env.data import ImageData
 from las_env.game import LASConfig, LASGame, StepOutcome
 from las_env.grids import StrategyGrid
+from las_env.methods import MethodConfig
 from las_env.reward import RewardConfig
 from las_env.target import OptimConfig
 
 
 def make_config(**kwargs: Any) -> LASConfig:
-    """A :class:`LASConfig` from keyword settings; ``optim``, ``reward`` and ``grid`` may be
-    given as dicts. Unknown keys raise a ValueError listing the valid ones."""
+    """A :class:`LASConfig` from keyword settings; ``optim``, ``reward``, ``grid`` and ``method``
+    may be given as dicts (``method`` also as a name: ``method="trades"``). Unknown keys raise a ValueError listing the valid ones."""
     valid = {f.name for f in fields(LASConfig)}
     unknown = sorted(set(kwargs) - valid)
     if unknown:
@@ -36,6 +37,10 @@ def make_config(**kwargs: Any) -> LASConfig:
         kwargs["reward"] = RewardConfig(**kwargs["reward"])
     if isinstance(kwargs.get("grid"), dict):
         kwargs["grid"] = StrategyGrid.from_config(kwargs["grid"])
+    if isinstance(kwargs.get("method"), str):
+        kwargs["method"] = {"name": kwargs["method"]}
+    if isinstance(kwargs.get("method"), dict):
+        kwargs["method"] = MethodConfig(**kwargs["method"])
     return LASConfig(**kwargs)
 
 
@@ -46,9 +51,10 @@ class LASEnv(gym.Env):
     batch the next step trains the target on. Element ``[i, c, h, w]`` is channel ``c`` of
     pixel ``(h, w)`` of image ``i``, in ``[0, 1]``. Labels are in ``info["labels"]``.
 
-    Action (``MultiDiscrete`` of shape ``(B, 3)``): for image ``i``, ``action[i, 0]`` indexes
-    the step-size grid, ``action[i, 1]`` the iterations grid and ``action[i, 2]`` the epsilon
-    grid (``env.grid`` holds the values).
+    Action (``MultiDiscrete`` of shape ``(B, 3)``, or ``(B, 3 + extra)`` when the grid has
+    extra columns such as LAS-TRADES' ``trades_beta``): for image ``i``, ``action[i, 0]`` indexes
+    the step-size grid, ``action[i, 1]`` the iterations grid, ``action[i, 2]`` the epsilon grid
+    and ``action[i, 3:]`` the extra columns in ``env.grid.columns`` order (``env.grid`` holds the values).
 
     Reward: the batch mean of the per-image rewards ``L1 + alpha*L2 + beta*L3``, computed on
     every ``reward_interval``-th step only; ``info["reward_computed"]`` says whether this
@@ -195,8 +201,8 @@ class LASEnv(gym.Env):
                 raise ValueError(f"Action must be an integer array of shape {expected}, got dtype {arr.dtype}.")
         if tuple(t.shape) != expected:
             raise ValueError(
-                f"Action has shape {tuple(t.shape)}; expected {expected} = (batch_size, 3): one "
-                f"(step-size index, iterations index, epsilon index) row per image."
+                f"Action has shape {tuple(t.shape)}; expected {expected} = (batch_size, {expected[1]}): one "
+                f"({', '.join(c + ' index' for c in self.grid.columns)}) row per image."
             )
         if t.dtype.is_floating_point:
             if torch.isnan(t).any():
@@ -211,7 +217,7 @@ class LASEnv(gym.Env):
             row, col = (int(v) for v in bad.nonzero()[0])
             raise ValueError(
                 f"Action index out of range: action[{row}, {col}] = {int(t[row, col])}, but column {col} "
-                f"({('step_size', 'iterations', 'epsilon')[col]}) takes 0..{int(nvec[col]) - 1}."
+                f"({self.grid.columns[col]}) takes 0..{int(nvec[col]) - 1}."
             )
         return t
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from las_env.attack import eval_mode, per_image_pgd, random_start
@@ -24,6 +23,7 @@ from las_env.checkpoint import restore_generator
 from las_env.data import ImageData, augment_batch, load_dataset
 from las_env.grids import StrategyGrid, grid_for, threat_model_for
 from las_env.lookahead import lookahead_step
+from las_env.methods import MethodBatch, MethodConfig, build_method
 from las_env.models import build_model
 from las_env.reward import RewardConfig, RewardTerms, probe_updated_target, reward_terms
 from las_env.sharding import Shard, process_shard, wrap_target
@@ -63,6 +63,7 @@ class LASConfig:
             each image's own epsilon ball. "threat_ball" (the authors'): uniform in the threat
             model's ball (8/255 on CIFAR) whatever the image's epsilon, then projected to
             the image's own ball (a smaller epsilon starts on or near its ball's surface).
+            "gaussian" (the authors' TRADES and LAS-TRADES start): ``x + 0.001 * N(0, 1)``.
         last_batch: the epoch's last partial batch (``N % batch_size`` images). "drop"
             (ours): dropped, each image at most once per epoch. "wrap" (our stand-in for the
             authors' keeping it as a smaller batch): filled up to ``batch_size`` with the
@@ -75,6 +76,7 @@ class LASConfig:
         sync_batchnorm: under several processes (``las_env.sharding``), BatchNorm of the target
             uses the global batch's statistics (on by default: the single process's maths);
             False = each rank's shard's own (plain DDP). No effect in one process.
+        method: the adversarial-training method (``las_env.methods``): PGD-AT, TRADES or AWP.
     """
 
     dataset: str = "digits"
@@ -92,10 +94,11 @@ class LASConfig:
     precision: Precision = "fp32"
     channels_last: bool = False
     data_on_device: bool | None = None
-    attack_start: Literal["own_ball", "threat_ball"] = "own_ball"
+    attack_start: Literal["own_ball", "threat_ball", "gaussian"] = "own_ball"
     last_batch: Literal["drop", "wrap"] = "drop"
     step_reward: bool = True
     sync_batchnorm: bool = True
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     def __post_init__(self) -> None:
         check_whole("batch_size", self.batch_size, 1)
@@ -119,11 +122,22 @@ class LASConfig:
         if self.grid is None:
             self.grid = grid_for(self.dataset)
         self._check_fidelity_switches()
+        self._check_method_columns()
+
+    def _check_method_columns(self) -> None:
+        reads = build_method(self.method).reads
+        unread = [name for name, _ in self.grid.extra if name not in reads]
+        if unread:
+            raise SettingError("grid.extra", [name for name, _ in self.grid.extra],
+                               f"has the strategy column(s) {unread}, which method={self.method.name} does not read "
+                               f"(trades_beta is TRADES' KL weight): use method=trades (or method=awp "
+                               f"method.awp_base=trades), or drop the column from the grid.")
 
     def _check_fidelity_switches(self) -> None:
-        if self.attack_start not in ("own_ball", "threat_ball"):
+        if self.attack_start not in ("own_ball", "threat_ball", "gaussian"):
             raise ValueError(
-                f"attack_start must be 'own_ball' (ours) or 'threat_ball' (the authors'), got {self.attack_start!r}."
+                f"attack_start must be 'own_ball' (ours) or 'threat_ball' (the authors' LAS-AT), or 'gaussian' (the "
+                f"authors' TRADES: x + 0.001*N(0,1)), got {self.attack_start!r}."
             )
         if self.last_batch not in ("drop", "wrap"):
             raise ValueError(f"last_batch must be 'drop' (ours) or 'wrap' (the authors' keep it), got {self.last_batch!r}.")
@@ -190,6 +204,11 @@ class LASGame:
         self.grid: StrategyGrid = config.grid
         self.threat = threat_model_for(config.dataset)
         self._grid_tables = self.grid.tables(self.device)
+        self._extra_tables = self.grid.extra_tables(self.device)
+        self.method = build_method(config.method)
+        smooth = config.reward.w_hat_true_class_prob  # the authors' LAS-AWP smooths the copy's step only
+        self._lookahead_optim = config.optim if smooth is None else replace(
+            config.optim, label_smoothing=0.0, true_class_prob=smooth)
         self._nvec = torch.tensor(self.grid.nvec, device=self.device)
         n_train = self.data.x_train.shape[0]
         if config.batch_size > n_train:
@@ -208,6 +227,13 @@ class LASGame:
         # Several processes: this rank plays its rows of every global batch (las_env/sharding.py).
         self.shard: Shard = process_shard()
         self.shard.check_batch(config.batch_size)
+        if self.shard.distributed and config.method.name != "pgd_at":
+            # Not yet verified against one process (AWP's proxy step would see one rank's shard).
+            raise ValueError(
+                f"method={config.method.name} does not run under torchrun yet: only method=pgd_at is checked "
+                f"to train as one process does. Run method={config.method.name} in one process (python "
+                f"experiments/run.py ...), or use method=pgd_at with torchrun."
+            )
 
     # ----------------------------------------------------------------- episode
     def reset(self, seed: int) -> None:
@@ -223,7 +249,8 @@ class LASGame:
         if self.config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.target, trained = wrap_target(model, self.shard, self.config.sync_batchnorm)
-        self.trainer = TargetTrainer(trained, self.config.optim, self.total_steps, self.config.precision)
+        self.trainer = TargetTrainer(trained, self.config.optim, self.total_steps, self.config.precision,
+                                     method=self.method)
         self.step_index = 0
         self._new_epoch_order()
         self._load_batch()
@@ -283,6 +310,10 @@ class LASGame:
         steps, iters, eps = self._grid_tables
         return steps[action[:, 0]], iters[action[:, 1]], eps[action[:, 2]]
 
+    def extra_values(self, action: Tensor) -> dict[str, Tensor]:
+        """Per-image values ``(B,)`` of the grid's extra columns (e.g. ``trades_beta``), by name."""
+        return {name: table[action[:, 3 + j]] for j, (name, table) in enumerate(self._extra_tables.items())}
+
     def is_reward_step(self, step: int | None = None) -> bool:
         """Whether step ``step`` (default: the next one) computes the full reward."""
         step = self.step_index if step is None else step
@@ -291,7 +322,7 @@ class LASGame:
     def play(self, action: Tensor) -> StepOutcome:
         """Attack the current batch with ``action``, train the target one step, score it.
 
-        ``action`` is a long tensor (B, 3) on the game's device whose entries are valid
+        ``action`` is a long tensor (B, columns) on the game's device whose entries are valid
         grid indices (``LASEnv`` validates what users send).
         """
         with self.shard.draws():
@@ -305,6 +336,7 @@ class LASGame:
         cfg = self.config
         x, y = self._x, self._y
         step_size, iterations, epsilon = self.action_values(action)
+        extras = self.extra_values(action)
         reward_computed = self.is_reward_step() and cfg.step_reward
         # Before the attack, so it cannot depend on this batch's actions (not even via the RNG).
         terms_before = self._terms_before(x, y, self.rng) if reward_computed else None
@@ -312,11 +344,12 @@ class LASGame:
 
         lr = self.trainer.lr
         probe = None
-        eval_l1 = self._eval_l1(x_adv, y) if reward_computed and cfg.reward.l1_forward == "eval" else None
+        eval_l1 = self._eval_l1(x, x_adv, y, extras) if reward_computed and cfg.reward.l1_forward == "eval" else None
         if reward_computed and cfg.reward.needs_updated_target and cfg.reward.w_hat == "deepcopy":
-            look = lookahead_step(self.target, x_adv, y, cfg.optim, lr, precision=cfg.precision)
+            look = lookahead_step(self.target, x_adv, y, self._lookahead_optim, lr, precision=cfg.precision,
+                                  method=self.method, x=x, extras=extras, epoch=self.epoch)
             probe = self._probe(look.model, x, y, self.rng)
-        result = self.trainer.train_step(x_adv, y)
+        result = self.trainer.train_step(x_adv, y, x=x, extras=extras, epoch=self.epoch)
         if reward_computed and cfg.reward.needs_updated_target and cfg.reward.w_hat == "this_step":
             probe = self._probe(self.target, x, y, self.rng)
 
@@ -371,12 +404,14 @@ class LASGame:
         cfg = self.config
         x, y = self._x, self._y
         step_size, iterations, epsilon = self.action_values(action)
+        extras = self.extra_values(action)
         terms_before = self._terms_before(x, y, self.score_rng)
         x_adv = self._attack(x, y, step_size, iterations, epsilon, self.score_rng)
         lr = self.trainer.lr
         momentum = self.trainer.optimizer.state_dict() if cfg.reward.w_hat == "this_step" else None
-        look = lookahead_step(self.target, x_adv, y, cfg.optim, lr, precision=cfg.precision, optimizer_state=momentum)
-        l1 = self._eval_l1(x_adv, y) if cfg.reward.l1_forward == "eval" else look.loss
+        look = lookahead_step(self.target, x_adv, y, self._lookahead_optim, lr, precision=cfg.precision,
+                              optimizer_state=momentum, method=self.method, x=x, extras=extras, epoch=self.epoch)
+        l1 = self._eval_l1(x, x_adv, y, extras) if cfg.reward.l1_forward == "eval" else look.loss
         probe = self._probe(look.model, x, y, self.score_rng) if cfg.reward.needs_updated_target else None
         terms = reward_terms(cfg.reward, l1, probe)
         return StepOutcome(
@@ -407,18 +442,24 @@ class LASGame:
 
     def _attack(self, x: Tensor, y: Tensor, step_size: Tensor, iterations: Tensor, epsilon: Tensor,
                 generator: torch.Generator) -> Tensor:
-        """The training attack, with the random start ``config.attack_start`` asks for."""
+        """The training attack of the method (PGD-AT: CE; TRADES: KL to the clean softmax), with
+        the random start ``config.attack_start`` asks for."""
         start = None  # per_image_pgd's own: uniform in each image's ball
         if self.config.attack_start == "threat_ball":
             start = random_start(x, torch.full_like(epsilon, self.threat.epsilon), generator)
+        elif self.config.attack_start == "gaussian":
+            start = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        loss, reference = self.method.attack_objective(self.target, x, y, self.config.precision)
         with autocast(self.device, self.config.precision):
-            return per_image_pgd(self.target, x, y, epsilon, step_size, iterations, start=start, generator=generator)
+            return per_image_pgd(self.target, x, reference, epsilon, step_size, iterations, start=start,
+                                 generator=generator, loss=loss)
 
-    def _eval_l1(self, x_adv: Tensor, y: Tensor) -> Tensor:
-        """Per-image CE of the target (not yet updated) in eval mode: the authors' L1 forward."""
-        with torch.no_grad(), eval_mode(self.target), autocast(self.device, self.config.precision):
-            logits = self.target(x_adv)
-        return F.cross_entropy(logits.float(), y, reduction="none")
+    def _eval_l1(self, x: Tensor, x_adv: Tensor, y: Tensor, extras: dict[str, Tensor]) -> Tensor:
+        """The method's per-image L1 of the target (not yet updated) in eval mode: the authors' L1
+        forward (PGD-AT: CE on the adversarial examples)."""
+        with torch.no_grad(), eval_mode(self.target):
+            return self.method.loss(self.target, MethodBatch(x, x_adv, y, extras), self.config.optim,
+                                    self.config.precision).per_image
 
     def _probe(self, model: torch.nn.Module, x: Tensor, y: Tensor, generator: torch.Generator):
         r = self.config.reward

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from las_env.methods import PGDAT, MethodBatch, TrainingMethod
 from las_env.sharding import average_gradients
-from las_env.target import OptimConfig, Precision, autocast, training_loss
+from las_env.target import OptimConfig, Precision
 
 
 @dataclass
@@ -35,8 +35,8 @@ class LookAhead:
 
     Attributes:
         model: ``w_hat``, the copy after one SGD step.
-        loss: per-image plain CE of the copy BEFORE its step, in train mode (B,) (= the real
-            target's, which it equals before the step).
+        loss: the method's per-image L1 of the copy BEFORE its step, in train mode (B,) (= the
+            real target's, which it equals before the step; PGD-AT: plain CE).
         correct: whether that forward classified each example correctly (B,).
         train_loss: the (smoothed) training loss the copy stepped on (0-d).
     """
@@ -56,8 +56,12 @@ def lookahead_step(
     *,
     precision: Precision = "fp32",
     optimizer_state: dict[str, Any] | None = None,
+    method: TrainingMethod | None = None,
+    x: Tensor | None = None,
+    extras: dict[str, Tensor] | None = None,
+    epoch: int = 0,
 ) -> LookAhead:
-    """Deep-copy ``target`` and train the copy one SGD step on ``(x_adv, y)``.
+    """Deep-copy ``target`` and train the copy one step on ``(x_adv, y)`` by ``method``.
 
     Args:
         optim: the target's optimiser settings (momentum, weight decay, label smoothing).
@@ -67,23 +71,19 @@ def lookahead_step(
         optimizer_state: the real optimiser's ``state_dict()`` to continue from (momentum
             buffers); it is deep-copied, so the real optimiser's state is never written.
             ``None``: a fresh SGD, the authors' ``w_hat``.
+        method: the training method (``None``: PGD-AT); its step is the real step's code, so
+            AWP's weight perturbation is part of the look-ahead too.
+        x, extras, epoch: the clean images, the strategy's extra columns and the epoch (AWP's
+            warm-up), as the real step gets them.
     """
+    method = method if method is not None else PGDAT()
     w_hat = copy.deepcopy(target)
     opt = torch.optim.SGD(w_hat.parameters(), lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     if optimizer_state is not None:
         opt.load_state_dict(copy.deepcopy(optimizer_state))
         for group in opt.param_groups:
             group["lr"] = lr
-    w_hat.train()
-    device = x_adv.device
-    with autocast(device, precision):
-        logits = w_hat(x_adv)
-    logits = logits.float()
-    loss = training_loss(logits, y, optim)
-    loss.backward()
-    average_gradients(w_hat)  # under torchrun: the global batch's step, as DDP's (las_env/sharding.py)
-    opt.step()
-    with torch.no_grad():
-        per_image = F.cross_entropy(logits, y, reduction="none")
-        correct = logits.argmax(1) == y
-    return LookAhead(w_hat, per_image.detach(), correct, loss.detach())
+    batch = MethodBatch(x if x is not None else x_adv, x_adv, y, extras or {})
+    # under torchrun: the global batch's step, as DDP's for the real target (las_env/sharding.py)
+    out = method.step(w_hat, opt, batch, optim, precision, epoch=epoch, before_update=average_gradients)
+    return LookAhead(w_hat, out.per_image, out.correct, out.loss.detach())

@@ -51,6 +51,10 @@ class RewardConfig:
         probe_restarts: random restarts of the L2 probe attack; per image the restart with
             the highest CE is kept (the worst case), as in the authors' ``attack_pgd``.
             Ours 1, the authors' 2.
+        w_hat_true_class_prob: label smoothing of the look-ahead copy's step only (the authors'
+            true-class probability, ``OptimConfig.true_class_prob``), whatever the target's own
+            step uses; ``None`` (ours) = the target's. The authors' LAS-AWP: 0.7 on the copy,
+            plain CE on the target.
         pre_update_probe: on reward steps, also measure ``alpha*L2 + beta*L3`` of the target
             BEFORE the step's update, on the same batch with the same probe (reported per image
             as ``batch_terms_before``): the control variate of ``credit="unbiased"``
@@ -74,6 +78,7 @@ class RewardConfig:
     l1_clamp_scope: Literal["per_image", "batch_mean"] = "per_image"
     probe_restarts: int = 1
     pre_update_probe: bool = False
+    w_hat_true_class_prob: float | None = None
 
     def __post_init__(self) -> None:
         if self.measure not in ("accuracy", "loss"):
@@ -105,6 +110,9 @@ class RewardConfig:
         if isinstance(self.probe_restarts, bool) or int(self.probe_restarts) != self.probe_restarts or self.probe_restarts < 1:
             raise ValueError(f"reward.probe_restarts must be a whole number >= 1 (ours 1, the authors' 2), got {self.probe_restarts!r}.")
         self.probe_restarts = int(self.probe_restarts)
+        if self.w_hat_true_class_prob is not None:
+            check_number("w_hat_true_class_prob", self.w_hat_true_class_prob, 0, 1, low_open=True,
+                         meaning="(the look-ahead copy's true-class probability; the authors' LAS-AWP 0.7)")
 
     @property
     def needs_updated_target(self) -> bool:

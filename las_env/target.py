@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +112,8 @@ class TrainStepResult:
     """What one training step reports, per image (all on the training device, detached).
 
     Attributes:
-        loss: plain cross-entropy of the target (before the update) on each adversarial
-            example: the paper's L1, unsmoothed.
+        loss: the method's per-image loss of the target (before the update), unsmoothed: the
+            paper's L1 (PGD-AT: CE on each adversarial example; TRADES: CE(clean) + beta * KL).
         correct: whether the target (before the update) classified each adversarial
             example correctly.
     """
@@ -131,10 +131,16 @@ class TargetTrainer:
     total_steps: int
     precision: Precision = "fp32"
     step_count: int = 0
+    method: Any = None
+    """The :class:`las_env.methods.TrainingMethod` of each step; ``None`` = PGD-AT."""
     optimizer: torch.optim.SGD = field(init=False)
     scaler: torch.amp.GradScaler | None = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.method is None:
+            from las_env.methods import PGDAT  # here: las_env.methods imports this module
+
+            self.method = PGDAT()
         self._milestone_steps = [round(m * self.total_steps) for m in self.optim.milestones]
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
@@ -161,28 +167,22 @@ class TargetTrainer:
         """The learning rate the next step will use."""
         return self.lr_at(self.step_count)
 
-    def train_step(self, x_adv: Tensor, y: Tensor) -> TrainStepResult:
-        """One SGD step of the target on ``(x_adv, y)``, in train mode."""
+    def train_step(self, x_adv: Tensor, y: Tensor, *, x: Tensor | None = None,
+                   extras: dict[str, Tensor] | None = None, epoch: int = 0) -> TrainStepResult:
+        """One step of the target on ``(x_adv, y)`` by its training method, in train mode.
+
+        ``x`` (the clean images) and ``extras`` (per-image values of the strategy's extra
+        columns) are what methods other than PGD-AT read; ``epoch`` drives AWP's warm-up.
+        """
+        from las_env.methods import MethodBatch  # here: las_env.methods imports this module
+
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step_count)
-        self.model.train()
-        with autocast(self._device, self.precision):
-            logits = self.model(x_adv)
-        logits = logits.float()
-        loss = training_loss(logits, y, self.optim)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        batch = MethodBatch(x if x is not None else x_adv, x_adv, y, extras or {})
+        out = self.method.step(self.model, self.optimizer, batch, self.optim, self.precision,
+                               scaler=self.scaler, epoch=epoch)
         self.step_count += 1
-        with torch.no_grad():
-            per_image = F.cross_entropy(logits, y, reduction="none")
-            correct = logits.argmax(1) == y
-        return TrainStepResult(loss=per_image.detach(), correct=correct)
+        return TrainStepResult(loss=out.per_image, correct=out.correct)
 
     def state_dict(self) -> dict:
         state = {"optimizer": self.optimizer.state_dict(), "step_count": self.step_count}

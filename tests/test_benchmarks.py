@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data", "digits", "--batch-size", "8", "--batches", "2", "--rounds", "1", "--warmup", "1"]
 
@@ -49,3 +51,11 @@ def test_epoch_cost_compares_precisions_on_cpu():
     out = run_benchmark("--variants", "pgdat", "--precision", "fp32", "bf16", "--no-breakdown")
     assert set(out["seconds"]) == {"fp32/pgdat", "bf16/pgdat"}
     assert positive(out["setting_speedup"]["bf16_vs_fp32/pgdat"])
+
+
+@pytest.mark.parametrize("method", ["trades", "awp"])
+def test_epoch_cost_compares_las_x_with_x(method):
+    out = run_benchmark("--method", method, "--variants", "pgdat", "las", "--no-breakdown")
+    assert out["method"] == method
+    assert positive(out["las_k20_vs_pgdat"]) and positive(out["las_k1_vs_pgdat"])
+    assert out["iterations_mean"]["pgdat"] == 5.0  # the baseline X keeps the fixed PGD-5 attack

@@ -39,10 +39,13 @@ LASAT = {  # preset: (data set, target model, k)
     "tiny_imagenet_preact_resnet18_lasat": ("tiny-imagenet", "preact_resnet18", 20),
 }
 PGDAT = {"cifar10_resnet18_pgdat": ("cifar10", "resnet18"), "cifar10_wrn34_10_pgdat": ("cifar10", "wrn-34-10")}
+PLUG_IN = {"cifar10_wrn34_10_las_trades", "cifar10_wrn34_10_las_awp", "cifar10_wrn34_10_trades",
+           "cifar10_wrn34_10_awp"}
+"""SPEC section 7's presets: checked value by value in tests/test_plugin_presets.py."""
 
 
 def test_every_preset_is_covered_here():
-    assert set(LASAT) | set(PGDAT) == {p.stem for p in (CONF / "experiment").glob("*.yaml")}
+    assert set(LASAT) | set(PGDAT) | PLUG_IN == {p.stem for p in (CONF / "experiment").glob("*.yaml")}
 
 
 def preset(name: str, tmp_path: Path):
