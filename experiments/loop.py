@@ -141,8 +141,11 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
     reward = cfg.reward
     if getattr(agent, "needs_pre_update_probe", False):  # e.g. credit=unbiased (agents/credit.py)
         reward = replace(reward, pre_update_probe=True)
-    env = LASEnv(config=replace(cfg, reward_interval=k, reward=reward, step_reward=not scorer), data=data,
-                 tensor_api=True)
+    try:
+        env = LASEnv(config=replace(cfg, reward_interval=k, reward=reward, step_reward=not scorer), data=data,
+                     tensor_api=True)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     distributed.check_agent(agent, env.game.shard)
     env = distributed.global_view(env)  # under torchrun: the global batch (experiments/distributed.py)
     if scorer:
