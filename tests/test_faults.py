@@ -374,8 +374,9 @@ def test_a_second_run_and_a_live_resume_are_refused_and_a_dead_owners_lock_is_ta
                              stop_after_epochs=1))  # in-process: the same code, one start-up less
     assert resumed.epochs_done >= 2
     log = (run_dir / "log.txt").read_text()
-    assert "Took over the lock" in log and "Removed 1 temporary file" in log
-    assert not tmp.exists() and not (run_dir / "run.lock").exists()
+    # Ours, plus the owner's own when the kill landed inside one of its checkpoint writes.
+    assert "Took over the lock" in log and re.search(r"Removed [12] temporary file", log)
+    assert not tmp.exists() and not list(run_dir.glob(".*.tmp")) and not (run_dir / "run.lock").exists()
 
 
 def test_lock_records_its_owner_and_refuses_a_second_holder(tmp_path):
