@@ -328,11 +328,14 @@ class LASGame:
         with self.shard.draws():
             return self._play(action)
 
-    def _play(self, action: Tensor) -> StepOutcome:
+    def _check_playable(self, verb: str) -> None:
         if self.target is None:
-            raise RuntimeError("Call reset(seed) before play().")
+            raise RuntimeError(f"Call reset(seed) before {verb}().")
         if self.done:
             raise RuntimeError("The episode is over (the whole training budget is spent); call reset().")
+
+    def _play(self, action: Tensor) -> StepOutcome:
+        self._check_playable("play")
         cfg = self.config
         x, y = self._x, self._y
         step_size, iterations, epsilon = self.action_values(action)
@@ -397,10 +400,7 @@ class LASGame:
             return self._score(action)
 
     def _score(self, action: Tensor) -> StepOutcome:
-        if self.target is None:
-            raise RuntimeError("Call reset(seed) before score().")
-        if self.done:
-            raise RuntimeError("The episode is over (the whole training budget is spent); call reset().")
+        self._check_playable("score")
         cfg = self.config
         x, y = self._x, self._y
         step_size, iterations, epsilon = self.action_values(action)
