@@ -150,3 +150,38 @@ def test_agent_options_equal_their_class_except_the_named_preset_choices(option)
     assert set(found) == set(PRESET_CHOICES.get(option, {})), (
         f"agent/{option}.yaml and {node['_target_']} disagree on {found}; make them equal, or name a "
         f"deliberate preset choice in PRESET_CHOICES")
+
+
+def _flat(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "defaults":
+            continue
+        if isinstance(value, dict) and not (set(value) <= {"start", "stop", "scale"}):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _bases(node: Mapping[str, Any]) -> list[str]:
+    """The ``/paper/...`` files a preset's defaults list includes, with what those include in turn."""
+    out = []
+    for entry in node.get("defaults", []):
+        if isinstance(entry, str) and not entry.startswith("_"):
+            name = entry.removeprefix("/paper/")
+            out.append(name)
+            out.extend(_bases(_raw(CONF / "paper" / f"{name}.yaml")))
+    return out
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_paper_presets_do_not_restate_their_shared_base(preset):
+    own = _raw(CONF / "experiment" / f"{preset}.yaml")
+    bases = _bases(own)
+    assert bases, f"experiment/{preset}.yaml includes no shared paper/ base"
+    inherited: dict[str, Any] = {}
+    for name in reversed(bases):
+        inherited.update(_flat(_raw(CONF / "paper" / f"{name}.yaml")))
+    repeated = {k: v for k, v in _flat(own).items() if k in inherited and _same(v, inherited[k])}
+    assert repeated == {}, f"experiment/{preset}.yaml repeats {repeated}, already set by paper/{bases}"
