@@ -80,6 +80,7 @@ from benchmarks.timing import (  # noqa: E402
     sync,
     wrapper_cost,
 )
+from experiments.errors import fail  # noqa: E402
 from las_env.methods import METHODS  # noqa: E402
 
 GOALS = {"las_k20_vs_pgdat": 1.0, "las_k1_vs_pgdat": 2.0, "env_overhead": 1.03}
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset, data = load_data(args)
     args.strategy_backbone = args.strategy_backbone or args.model
     if data.x_train.shape[0] < args.batch_size:
-        sys.exit(f"--batch-size {args.batch_size} exceeds the {data.x_train.shape[0]} training images.")
+        fail(f"--batch-size {args.batch_size} exceeds the {data.x_train.shape[0]} training images: give a smaller "
+             f"--batch-size, or a data set with more training images (--data).")
     data = data.to(device)  # once, shared by every variant
     load_start = load_average()
     t_start = time.perf_counter()
