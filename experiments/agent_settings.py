@@ -20,7 +20,7 @@ from omegaconf.errors import MissingMandatoryValue
 from agents.base import Agent, AgentSpec
 from experiments.errors import ConfigError
 from las_env.imports import import_object
-from las_env.validate import SettingError, check_number, check_whole
+from las_env.validate import SettingError, check_interval, check_number, check_whole
 
 AgentFactory = Callable[[AgentSpec], Agent]
 """Anything that builds an agent from the game's :class:`AgentSpec`."""
@@ -40,15 +40,19 @@ class Range:
     whole: bool = False
     meaning: str = ""
 
+    interval: bool = False
+
     def check(self, key: str, value: Any) -> None:
-        if self.whole:
+        if self.interval:
+            check_interval(key, value)
+        elif self.whole:
             check_whole(key, value, int(self.low or 0))
         else:
             check_number(key, value, self.low, self.high, low_open=self.low_open, high_open=self.high_open,
                          meaning=self.meaning)
 
 
-_INTERVAL = Range(1, whole=True, meaning="")
+_INTERVAL = Range(interval=True)
 _STEP = Range(0, low_open=True, meaning="(a step size; e.g. 1e-3 with Adam, the authors' 1e-4 with SGD)")
 _COEF = Range(0, meaning="(a loss weight; 0 switches the term off)")
 _MOMENTUM = Range(0, 1, high_open=True, meaning="(a moving average's keep factor)")
@@ -70,11 +74,6 @@ AGENT_RANGES: dict[str, Range] = {
 """Numeric agent settings checked by name, whichever agent has them (a class of your own too).
 ``null`` is always let through: the agent gives it its meaning (no clipping, the run's seed...)."""
 
-_WHY = {"k": "k, the strategy's update interval (the env pays for the full reward every k steps; the paper "
-             "uses 20 or 40)", "reward_interval": "the strategy's update interval k (the env pays for the "
-             "full reward every k steps)"}
-
-
 def check_agent_numbers(kwargs: Mapping[str, Any]) -> None:
     """:data:`AGENT_RANGES` on the given agent settings; one paragraph naming ``agent.<key>``."""
     for key, rule in AGENT_RANGES.items():
@@ -84,8 +83,7 @@ def check_agent_numbers(kwargs: Mapping[str, Any]) -> None:
         try:
             rule.check(key, value)
         except SettingError as exc:
-            why = f" It is {_WHY[key]}." if key in _WHY else ""
-            raise ConfigError(exc.describe("agent.") + why) from None
+            raise ConfigError(exc.describe("agent.")) from None
 
 
 def agent_factory(node: Mapping[str, Any] | DictConfig) -> AgentFactory:
