@@ -55,271 +55,35 @@ variant, and the main ratios use the first setting.
 from __future__ import annotations
 
 import argparse
-import copy
-import ctypes
 import json
-import math
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
-from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-import torch
+if __package__ in (None, ""):  # run as a script: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.base import AgentSpec
-from agents.baselines import FixedAgent
-from agents.reinforce import ReinforceAgent
-from las_env.data import ImageData, load_dataset
-from las_env.env import LASEnv
-from las_env.game import LASConfig, LASGame
-from las_env.grids import StrategyGrid, grid_for
-from las_env.methods import METHODS, MethodConfig
-from las_env.target import OptimConfig
+import torch  # noqa: E402
 
-VARIANT_KINDS = ("pgdat", "las", "game")
+from benchmarks.epoch_variants import VARIANT_KINDS, Variant, load_data  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
+    act_cost,
+    load_average,
+    median,
+    retain_freed_memory,
+    run_round,
+    schedule,
+    sync,
+    wrapper_cost,
+)
+from experiments.errors import fail  # noqa: E402
+from las_env.methods import METHODS  # noqa: E402
+
 GOALS = {"las_k20_vs_pgdat": 1.0, "las_k1_vs_pgdat": 2.0, "env_overhead": 1.03}
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def random_cifar(n_train: int, n_test: int, seed: int) -> ImageData:
-    """CIFAR-10-shaped random images (3x32x32 in [0, 1], 10 classes): timing needs no files."""
-    g = torch.Generator().manual_seed(seed)
-    return ImageData(
-        name="cifar10",
-        x_train=torch.rand(n_train, 3, 32, 32, generator=g),
-        y_train=torch.randint(0, 10, (n_train,), generator=g),
-        x_test=torch.rand(n_test, 3, 32, 32, generator=g),
-        y_test=torch.randint(0, 10, (n_test,), generator=g),
-        num_classes=10,
-        class_names=[str(i) for i in range(10)],
-        description=f"random CIFAR-10-shaped tensors ({n_train} train images)",
-    )
-
-
-def load_data(args: argparse.Namespace) -> tuple[str, ImageData]:
-    """``(dataset name for the grid / threat model, data)``."""
-    if args.data == "cifar10-random":
-        return "cifar10", random_cifar(args.batch_size * args.batches, 16, args.seed)
-    try:
-        return args.data, load_dataset(args.data, args.data_root, download=False)
-    except FileNotFoundError as exc:
-        sys.exit(
-            f"{exc}\nFor CIFAR-10 offline: python ../shared/data/prepare_cifar.py --help writes the "
-            f"'python version' folder; or time on random tensors of CIFAR shape: --data cifar10-random."
-        )
-
-
-# ----------------------------------------------------------------------------- variants
-
-
-def make_spec(dataset: str, data: ImageData, cfg: LASConfig, total_steps: int, steps_per_epoch: int,
-              seed: int) -> AgentSpec:
-    return AgentSpec(
-        grid=cfg.grid,
-        observation_shape=(cfg.batch_size, data.channels, data.image_size, data.image_size),
-        num_classes=data.num_classes,
-        dataset=dataset,
-        device=torch.device(cfg.device),
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        seed=seed,
-    )
-
-
-def method_grid(dataset: str, method: str, *, learns: bool) -> StrategyGrid:
-    """The data set's grid; a learning agent of TRADES also picks beta (the authors' 5..9)."""
-    grid = grid_for(dataset)
-    return replace(grid, extra=(("trades_beta", (5, 6, 7, 8, 9)),)) if method == "trades" and learns else grid
-
-
-class Variant:
-    """One timed configuration: ``start()`` puts it back to the same initial state (target,
-    data order, agent), ``step()`` plays one training step and returns its iteration counts.
-
-    ``kind``: "pgdat" (FixedAgent through LASEnv), "las" (ReinforceAgent through LASEnv) or
-    "game" (ReinforceAgent on LASGame, no Gymnasium wrapper).
-    """
-
-    def __init__(self, kind: str, k: int | None, precision: str, channels_last: bool, args: argparse.Namespace,
-                 dataset: str, data: ImageData) -> None:
-        self.kind, self.seed = kind, args.seed
-        n_train = data.x_train.shape[0]
-        per_epoch = min(n_train // args.batch_size, args.batches)
-        epochs = math.ceil(max(args.batches, args.warmup) / per_epoch)
-        cfg = LASConfig(
-            dataset=dataset,
-            model=args.model,
-            batch_size=args.batch_size,
-            epochs=epochs,
-            max_steps_per_epoch=per_epoch,
-            optim=OptimConfig(lr=0.05 if dataset == "digits" else 0.1, schedule="constant"),
-            method=MethodConfig(name=args.method),
-            grid=method_grid(dataset, args.method, learns=kind != "pgdat"),
-            device=args.device,
-            precision=precision,
-            channels_last=channels_last,
-        )
-        spec = make_spec(dataset, data, cfg, per_epoch * epochs, per_epoch, args.seed)
-        if kind == "pgdat":
-            self.agent: Any = FixedAgent(spec)
-        else:
-            self.agent = ReinforceAgent(spec, k=k, backbone=args.strategy_backbone, seed=args.seed)
-            if channels_last:
-                self.agent.net.to(memory_format=torch.channels_last)
-        cfg = replace(cfg, reward_interval=self.agent.reward_interval)
-        self.initial = copy.deepcopy(self.agent.state_dict())
-        if kind == "game":
-            self.game = LASGame(cfg, data)
-        else:
-            self.env = LASEnv(config=cfg, data=data, tensor_api=True)
-            self.game = self.env.game
-
-    def start(self) -> None:
-        if self.kind == "game":
-            self.game.reset(self.seed)
-        else:
-            self.obs, self.info = self.env.reset(seed=self.seed)
-        self.agent.load_state_dict(copy.deepcopy(self.initial))
-
-    def step(self) -> torch.Tensor:
-        agent = self.agent
-        if self.kind == "game":  # what LASEnv.step does, minus validation and the info dict
-            outcome = self.game.play(agent.act(self.game.batch[0], {"reward_next_step": self.game.is_reward_step()}))
-            agent.learn(outcome.reward, {"reward_computed": outcome.reward_computed, "rewards": outcome.terms.total})
-            return outcome.iterations
-        action = agent.act(self.obs, self.info)  # the training loop's hot loop (experiments/loop.py)
-        self.obs, reward, _, _, self.info = self.env.step(action)
-        agent.learn(reward, self.info)
-        return self.info["iterations"]
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def run_round(variants: dict[str, Variant], order: list[str], n: int, device: torch.device,
-              interleave: str, r: int) -> dict[str, tuple[float, float, float]]:
-    """One timed round: ``name -> (wall s, cpu s, mean iterations)`` of ``n`` steps from a fresh start.
-
-    ``interleave="step"``: the variants advance one step at a time in turn (the order rotating
-    every step) and each step is timed on its own, so a change in the machine's load during the
-    round hits every variant alike. ``"epoch"``: each variant plays its ``n`` steps in one
-    go, timed as a whole (no synchronisation between steps).
-    """
-    wall = dict.fromkeys(order, 0.0)
-    cpu = dict.fromkeys(order, 0.0)
-    iterations: dict[str, list[torch.Tensor]] = {name: [] for name in order}
-    if interleave == "step":
-        for v in variants.values():
-            v.start()
-        for i in range(n):
-            s = (i + r) % len(order)
-            for name in order[s:] + order[:s]:
-                sync(device)
-                c0, t0 = time.process_time(), time.perf_counter()
-                iterations[name].append(variants[name].step())
-                sync(device)
-                wall[name] += time.perf_counter() - t0
-                cpu[name] += time.process_time() - c0
-    else:
-        for name in order:
-            v = variants[name]
-            v.start()
-            sync(device)
-            c0, t0 = time.process_time(), time.perf_counter()
-            iterations[name] = [v.step() for _ in range(n)]
-            sync(device)
-            wall[name], cpu[name] = time.perf_counter() - t0, time.process_time() - c0
-    return {name: (wall[name], cpu[name], float(torch.stack(iterations[name]).float().mean())) for name in order}
-
-
-def schedule(names: list[str], r: int) -> list[str]:
-    """Round ``r``'s order: rotated by ``r``, with each las_kK immediately next to game_kK
-    (alternating which goes first), so their ratio compares neighbours in time."""
-    units: list[list[str]] = []
-    for name in names:
-        if name.split("/")[-1].startswith("game_"):
-            continue
-        unit = [name]
-        twin = name.replace("las_", "game_", 1)
-        if name.split("/")[-1].startswith("las_") and twin in names:
-            unit = [name, twin] if r % 2 == 0 else [twin, name]
-        units.append(unit)
-    s = r % len(units)
-    return [n for unit in units[s:] + units[:s] for n in unit]
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-def wrapper_cost(v: Variant, device: torch.device, repeats: int = 50) -> float:
-    """Seconds per step of LASEnv's own work around ``LASGame.play`` (action validation,
-    info dict, observation), timed in isolation on a real step's outcome."""
-    env, agent = v.env, v.agent
-    obs, info = env.reset(seed=v.seed)
-    action = agent.act(obs, info)
-    outcome = env.game.play(env._validate(action))  # noqa: SLF001
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        env._validate(action)  # noqa: SLF001
-        env._step_info(outcome)  # noqa: SLF001
-        env._observation()  # noqa: SLF001
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return median(times)
-
-
-def act_cost(v: Variant, device: torch.device, repeats: int = 5) -> float:
-    """Seconds per step of the strategy network's sampling on a non-learning step."""
-    obs, _ = v.env.reset(seed=v.seed)
-    info = {"reward_next_step": False}
-    v.agent.act(obs, info)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        v.agent.act(obs, info)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return median(times)
-
-
-def retain_freed_memory() -> bool:
-    """Make glibc keep freed memory in the process (``mallopt``): no ``mmap`` for large blocks,
-    no trimming of the heap. PyTorch has no caching allocator on the CPU, so by default every
-    large activation of every step is a fresh ``mmap`` (or heap growth after a trim) whose pages
-    the kernel must fault in and zero again: measured here, up to ~25% of a LAS-AT step in system
-    time, erratically (glibc adapts its thresholds as it goes), and more for variants that keep
-    more memory alive (the k=1 strategy graph across the attack and probe). Retaining freed
-    memory is the CPU analogue of CUDA's caching allocator. Same as running under
-    ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647``.
-    Returns False (and changes nothing) where glibc's ``mallopt`` is not available."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ----------------------------------------------------------------------------- main
@@ -387,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset, data = load_data(args)
     args.strategy_backbone = args.strategy_backbone or args.model
     if data.x_train.shape[0] < args.batch_size:
-        sys.exit(f"--batch-size {args.batch_size} exceeds the {data.x_train.shape[0]} training images.")
+        fail(f"--batch-size {args.batch_size} exceeds the {data.x_train.shape[0]} training images: give a smaller "
+             f"--batch-size, or a data set with more training images (--data).")
     data = data.to(device)  # once, shared by every variant
     load_start = load_average()
     t_start = time.perf_counter()

@@ -462,4 +462,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from experiments.cli import hydra_entry  # noqa: PLC0415 - Hydra's own failures as one paragraph
+
+    hydra_entry(main, conf_dir=Path(__file__).resolve().parent / "conf")

@@ -41,6 +41,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from experiments.cli import hydra_entry  # noqa: E402
 from experiments.distributed import EXIT_RANK_LOST, RankLost  # noqa: E402
 from experiments.errors import ConfigError, fail  # noqa: E402
 from experiments.guard import TrainingDiverged  # noqa: E402
@@ -150,4 +151,4 @@ if __name__ == "__main__":
     check_output_dirs(sys.argv[1:])
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 alone writes the run's .hydra record
         sys.argv.append("hydra.output_subdir=null")
-    main()
+    hydra_entry(main, conf_dir=CONF_DIR)

@@ -9,20 +9,17 @@ loads the data, still before any training.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import inspect
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
-from agents.base import Agent, AgentSpec
+from experiments.agent_settings import AgentFactory, agent_factory
 from experiments.errors import ConfigError
 from experiments.guard import MODES as NONFINITE_MODES
 from experiments.selection import SelectionSettings, selection_settings
@@ -36,12 +33,6 @@ from las_env.reward import RewardConfig
 from las_env.target import OptimConfig
 from las_env.validate import SettingError, check_whole
 
-AgentFactory = Callable[[AgentSpec], Agent]
-"""Anything that builds an agent from the game's :class:`AgentSpec`."""
-
-AGENT_META_KEYS = ("name",)
-"""Keys of an agent config that describe it rather than being constructor arguments."""
-
 FIDELITY_KEYS = ("attack_start", "last_batch")
 """Top-level config keys that are ours-vs-the-authors' switches of ``LASConfig`` (defaults there)."""
 
@@ -51,11 +42,12 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """Evaluation during and after training (see ``conf/config.yaml``, section ``eval``)."""
+    """Evaluation during and after training (see ``conf/config.yaml``, section ``eval``; the
+    defaults equal that section's, ``tests/test_defaults.py``)."""
 
     every: int = 1
-    test_subset: int | None = 200
-    train_subset: int | None = 200
+    test_subset: int | None = 500
+    train_subset: int | None = 500
     pgd_iterations: int = 10
     batch_size: int = 512
     final_attacks: tuple[str, ...] = ("clean", "pgd10", "pgd20")
@@ -122,109 +114,14 @@ class RunSettings:
     init_from: Path | None = None
 
 
-# ----------------------------------------------------------------------------- agents
-
-
-def agent_factory(node: Mapping[str, Any] | DictConfig) -> AgentFactory:
-    """A factory for the agent an agent config describes: ``_target_`` plus its keyword
-    arguments (``name`` is dropped). The class is imported and its signature checked now, so
-    a typo fails before any data is loaded; the agent itself is built once the spec is known.
-    """
-    cfg = OmegaConf.create(node) if not isinstance(node, DictConfig) else node
-    try:
-        target = cfg._target_
-    except MissingMandatoryValue:
-        target = None
-    if not target:
-        raise ConfigError(
-            "agent=custom needs the class to build: add agent._target_=my_module.MyAgent (a class "
-            "implementing agents.base.Agent, importable from the current directory or PYTHONPATH)."
-        )
-    try:
-        cls = _import_object(str(target))
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
-        raise ConfigError(
-            f"agent._target_={target} cannot be imported ({type(exc).__name__}: {exc}). Give a "
-            f"dotted path module.Class; the module must be importable from the current directory "
-            f"or PYTHONPATH."
-        ) from None
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-              if not k.startswith("_") and k not in AGENT_META_KEYS}
-    _check_signature(cls, str(target), kwargs)
-    for key in ("k", "reward_interval"):  # the names agents give the update interval k
-        k = kwargs.get(key)
-        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, float)) or int(k) != k or k < 1):
-            raise ConfigError(
-                f"agent.{key}={k!r}: k, the strategy's update interval (the env pays for the full "
-                f"reward every k steps), must be a whole number >= 1 (the paper uses 20 or 40)."
-            )
-
-    def build(spec: AgentSpec) -> Agent:
-        # Nested nodes with their own _target_ (e.g. a policy class) are built by Hydra; the spec
-        # is passed directly (Hydra would turn a dataclass argument into a config node).
-        from hydra.utils import instantiate  # noqa: PLC0415
-
-        return cls(spec=spec, **instantiate(OmegaConf.create(kwargs), _convert_="all"))
-
-    build.target = str(target)  # type: ignore[attr-defined]  # for records and messages
-    return build
-
-
-def _import_object(path: str) -> Any:
-    """``module.Class`` -> the class (no logging on failure, unlike Hydra's own locator)."""
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        raise ImportError(f"{path!r} is not a dotted path module.Class")
-    module = importlib.import_module(module_name)
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from None
-
-
-def _check_signature(cls: Any, target: str, kwargs: Mapping[str, Any]) -> None:
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return  # not introspectable (C extension...): let the call itself complain
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    if "spec" not in params:
-        raise ConfigError(
-            f"agent._target_={target} does not take a `spec` argument: an agent is built as "
-            f"Class(spec=AgentSpec(...), **agent settings) (see agents/base.py)."
-        )
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        accepted = sorted(n for n in params if n != "spec" and params[n].kind is not inspect.Parameter.VAR_POSITIONAL)
-        raise ConfigError(
-            f"agent._target_={target} does not accept the setting(s) {unknown} (it accepts "
-            f"{accepted or 'none besides spec'}). A class of your own takes the keys of "
-            f"agent=custom (plus +agent.KEY=VALUE), not those of another agent's config."
-        )
-
-
 # ----------------------------------------------------------------------------- validation
 
 
-def _positive_or_none(name: str, value: Any) -> int | None:
-    """A whole number >= 1 or ``None`` (the key says what ``null`` means, e.g. all images)."""
+def _whole(name: str, value: Any, low: int = 1, *, allow_none: bool = False) -> Any:
+    """A whole number >= ``low`` (or ``None`` when allowed: the key says what ``null`` means, e.g.
+    all images); else one paragraph naming ``name`` (:func:`las_env.validate.check_whole`)."""
     try:
-        return check_whole(name, value, 1, allow_none=True)
-    except SettingError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _positive(name: str, value: Any) -> int:
-    try:
-        return check_whole(name, value, 1)  # type: ignore[return-value]
-    except SettingError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _whole(name: str, value: Any, low: int) -> int:
-    try:
-        return check_whole(name, value, low)  # type: ignore[return-value]
+        return check_whole(name, value, low, allow_none=allow_none)
     except SettingError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -287,7 +184,7 @@ def _build(cls: type, section: str, values: Mapping[str, Any], keys: Mapping[str
 
 
 def eval_settings(cfg: Mapping[str, Any]) -> EvalSettings:
-    attacks = [str(a) for a in cfg.get("final_attacks") or ()]
+    attacks = [str(a) for a in cfg.get("final_attacks", EvalSettings.final_attacks) or ()]
     if not attacks:
         raise ConfigError("eval.final_attacks is empty: name at least one attack, e.g. [clean, pgd20].")
     for name in attacks:
@@ -295,7 +192,7 @@ def eval_settings(cfg: Mapping[str, Any]) -> EvalSettings:
             attack_spec(name)
         except ValueError as exc:
             raise ConfigError(f"eval.final_attacks: {exc}") from None
-    autoattack = bool(cfg.get("autoattack", False))
+    autoattack = bool(cfg.get("autoattack", EvalSettings.autoattack))
     if autoattack or "autoattack" in attacks:
         if not any(importlib.util.find_spec(m) for m in ("pyautoattack", "autoattack")):
             raise ConfigError(
@@ -304,26 +201,26 @@ def eval_settings(cfg: Mapping[str, Any]) -> EvalSettings:
                 "numpy only), or set eval.autoattack=false."
             )
     return EvalSettings(
-        every=_positive("eval.every", cfg.get("every", 1)),
-        test_subset=_positive_or_none("eval.test_subset", cfg.get("test_subset")),
-        train_subset=_positive_or_none("eval.train_subset", cfg.get("train_subset")),
-        pgd_iterations=_positive("eval.pgd_iterations", cfg.get("pgd_iterations", 10)),
-        batch_size=_positive("eval.batch_size", cfg.get("batch_size", 512)),
+        every=_whole("eval.every", value=cfg.get("every", EvalSettings.every)),
+        test_subset=_whole("eval.test_subset", allow_none=True, value=cfg.get("test_subset", EvalSettings.test_subset)),
+        train_subset=_whole("eval.train_subset", allow_none=True, value=cfg.get("train_subset", EvalSettings.train_subset)),
+        pgd_iterations=_whole("eval.pgd_iterations", value=cfg.get("pgd_iterations", EvalSettings.pgd_iterations)),
+        batch_size=_whole("eval.batch_size", value=cfg.get("batch_size", EvalSettings.batch_size)),
         final_attacks=tuple(attacks),
-        final_n=_positive_or_none("eval.final_n", cfg.get("final_n")),
+        final_n=_whole("eval.final_n", allow_none=True, value=cfg.get("final_n", EvalSettings.final_n)),
         autoattack=autoattack,
-        autoattack_n=_positive("eval.autoattack_n", cfg.get("autoattack_n", 1000)),
-        seed=_whole("eval.seed", cfg.get("seed", 0), 0),
+        autoattack_n=_whole("eval.autoattack_n", value=cfg.get("autoattack_n", EvalSettings.autoattack_n)),
+        seed=_whole("eval.seed", cfg.get("seed", EvalSettings.seed), 0),
     )
 
 
 def logger_settings(cfg: Mapping[str, Any], *, agent: str, data: str, model: str, seed: int) -> LoggerSettings:
-    name = str(cfg.get("name", "none"))
+    name = str(cfg.get("name", LoggerSettings.name))
     if name not in LOGGERS:
         raise ConfigError(f"Unknown logger {name!r}; valid loggers: {', '.join(LOGGERS)} (logger=wandb|none).")
     if name == "none":
         return LoggerSettings(name="none")
-    mode = str(cfg.get("mode") or "offline").lower()
+    mode = str(cfg.get("mode") or LoggerSettings.mode).lower()
     if mode not in WANDB_MODES:
         raise ConfigError(f"logger.mode={mode!r} (or WANDB_MODE) must be one of {', '.join(WANDB_MODES)}.")
     if importlib.util.find_spec("wandb") is None:
@@ -332,13 +229,13 @@ def logger_settings(cfg: Mapping[str, Any], *, agent: str, data: str, model: str
     return LoggerSettings(
         name="wandb",
         mode=mode,
-        project=str(cfg.get("project") or "las-at"),
+        project=str(cfg.get("project") or LoggerSettings.project),
         entity=cfg.get("entity"),
         group=str(cfg.get("group") or f"{data}-{model}"),
         run_name=str(cfg.get("run_name") or f"{agent}-seed{seed}"),
         # agent, data set and model as tags: W&B filters and groups runs side by side by them.
         tags=tuple(dict.fromkeys((agent, data, model, *extra))),
-        log_checkpoint=bool(cfg.get("log_checkpoint", True)),
+        log_checkpoint=bool(cfg.get("log_checkpoint", LoggerSettings.log_checkpoint)),
     )
 
 
@@ -369,34 +266,34 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
     optim = _build(OptimConfig, "data.optim", data.get("optim") or {})
     reward = _build(RewardConfig, "reward", resolved.get("reward") or {})
     method = _build(MethodConfig, "method", resolved.get("method") or {})
-    seed = resolved.get("seed", 0)
+    seed = resolved.get("seed", RunSettings.seed)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r} must be a whole number >= 0.")
     env = _build(LASConfig, "game settings", keys=GAME_KEYS, values=dict(
         dataset=dataset,
         data_root=_absolute(str(data.get("root") or "data")),
         model=model,
-        batch_size=_positive("data.batch_size", data.get("batch_size")),
-        epochs=_positive("data.epochs", data.get("epochs")),
-        max_steps_per_epoch=_positive_or_none("data.max_steps_per_epoch", data.get("max_steps_per_epoch")),
+        batch_size=_whole("data.batch_size", value=data.get("batch_size")),
+        epochs=_whole("data.epochs", value=data.get("epochs")),
+        max_steps_per_epoch=_whole("data.max_steps_per_epoch", allow_none=True, value=data.get("max_steps_per_epoch")),
         optim=optim,
         reward=reward,
         reward_interval=1,  # replaced by the agent's once it is built
         grid=grid,
         method=method,
         augment=data.get("augment"),
-        device=str(resolved.get("device", "cpu")),
-        precision=str(resolved.get("precision", "fp32")),
-        channels_last=bool(resolved.get("channels_last", False)),
+        device=str(resolved.get("device", LASConfig.device)),
+        precision=str(resolved.get("precision", LASConfig.precision)),
+        channels_last=bool(resolved.get("channels_last", LASConfig.channels_last)),
         **({"sync_batchnorm": resolved["ddp"]["sync_batchnorm"]} if "sync_batchnorm" in (resolved.get("ddp") or {}) else {}),
         **{key: resolved[key] for key in FIDELITY_KEYS if key in resolved},
     ))
-    stop = _positive_or_none("stop_after_epochs", resolved.get("stop_after_epochs"))
-    log_every = resolved.get("log_every_steps", 20)
+    stop = _whole("stop_after_epochs", allow_none=True, value=resolved.get("stop_after_epochs"))
+    log_every = resolved.get("log_every_steps", RunSettings.log_every_steps)
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
         raise ConfigError(f"log_every_steps={log_every!r} must be a whole number >= 0 (0: once per epoch).")
-    threads = _positive_or_none("threads", resolved.get("threads"))
-    on_nonfinite = str(resolved.get("on_nonfinite") or "stop")
+    threads = _whole("threads", allow_none=True, value=resolved.get("threads"))
+    on_nonfinite = str(resolved.get("on_nonfinite") or RunSettings.on_nonfinite)
     if on_nonfinite not in NONFINITE_MODES:
         raise ConfigError(f"on_nonfinite={on_nonfinite!r} must be stop (a non-finite loss, reward, gradient or "
                           f"weight ends the run) or skip (drop the updates of batches with a non-finite gradient).")
@@ -411,7 +308,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         logger=logger_settings(resolved.get("logger") or {}, agent=agent_name, data=dataset, model=model, seed=seed),
         resume=bool(resolved.get("resume")),
         stop_after_epochs=stop,
-        progress=bool(resolved.get("progress", True)),
+        progress=bool(resolved.get("progress", RunSettings.progress)),
         log_every_steps=int(log_every),
         threads=threads,
         selection=selection_settings(resolved.get("selection") or {}),

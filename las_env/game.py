@@ -28,7 +28,7 @@ from las_env.models import build_model
 from las_env.reward import RewardConfig, RewardTerms, probe_updated_target, reward_terms
 from las_env.sharding import Shard, process_shard, wrap_target
 from las_env.target import OptimConfig, Precision, TargetTrainer, autocast
-from las_env.validate import SettingError, check_whole
+from las_env.validate import SettingError, check_interval, check_whole
 
 DEFAULT_MODELS = {"digits": "small_cnn", "tiny-imagenet": "preact_resnet18"}
 SCORE_SEED_OFFSET = 0x5C0DE
@@ -103,7 +103,7 @@ class LASConfig:
     def __post_init__(self) -> None:
         check_whole("batch_size", self.batch_size, 1)
         check_whole("epochs", self.epochs, 1)
-        check_whole("reward_interval", self.reward_interval, 1)  # the agent's update interval k
+        check_interval("reward_interval", self.reward_interval)  # the agent's update interval k
         check_whole("max_steps_per_epoch", self.max_steps_per_epoch, 1, allow_none=True)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise SettingError("precision", self.precision, "must be fp32, bf16 or fp16.")

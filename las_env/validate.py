@@ -92,3 +92,15 @@ def check_whole(key: str, value: Any, low: int = 1, *, allow_none: bool = False)
         extra = " (or null)" if allow_none else ""
         raise SettingError(key, value, f"must be a whole number >= {low}{extra}.")
     return int(value)
+
+
+def check_interval(key: str, value: Any) -> int:
+    """The strategy's update interval k (``k``, ``reward_interval``): a whole number >= 1.
+
+    The one check of k: the env pays for the full reward (with its L2/L3 probes) every k-th step.
+    """
+    try:
+        return check_whole(key, value, 1)  # type: ignore[return-value]
+    except SettingError:
+        raise SettingError(key, value, "must be a whole number >= 1: the strategy's update interval k (the "
+                                       "env pays for the full reward every k steps; the paper uses 20 or 40).") from None

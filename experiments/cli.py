@@ -1,0 +1,106 @@
+"""Hydra's own failures end in the one-paragraph error, like every other bad input.
+
+Hydra reports what goes wrong before the task function runs (an override it cannot parse, an
+unknown config-group option, a key missing from the config, an output folder it cannot create)
+itself: several lines, a search-path dump or a traceback, then exit status 1. :func:`hydra_entry`
+runs a ``@hydra.main`` function with ``HYDRA_FULL_ERROR=1`` so those exceptions reach it, and
+turns each into ``las-at: error: <one paragraph>`` naming the problem and a fix
+(:func:`experiments.errors.fail`), with Hydra's usual status 1.
+
+Exceptions raised inside the task function itself are not Hydra's: they propagate unchanged (the
+commands turn their own bad input into the paragraph first; anything left is a bug, and its full
+traceback is what helps). A user who sets ``HYDRA_FULL_ERROR=1`` gets Hydra's tracebacks as usual.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+from experiments.errors import fail
+
+EXIT_HYDRA = 1
+"""Exit status of a failure Hydra reports (Hydra's own status; the commands' "bad input")."""
+
+GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+
+
+def _raised_inside(tb: TracebackType | None, code: Any) -> bool:
+    """Whether a frame running ``code`` (the task function's) is on the traceback."""
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _flat(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def hydra_message(exc: BaseException, program: str, conf_dir: Path) -> str:
+    """The paragraph for an exception Hydra raised before the task function ran."""
+    command = f"python {program}"
+    if isinstance(exc, OverrideParseException):
+        detail = _flat(str(exc).split("\nSee ")[0])
+        return (f"The command line cannot be parsed ({detail}). Overrides are key=value, group=option, "
+                f"+new_key=value or ~key; quote a value with brackets, commas or spaces as a whole, e.g. "
+                f"'eval.final_attacks=[clean,pgd20]'. Grammar: {GRAMMAR_URL}")
+    if isinstance(exc, MissingConfigException):
+        missing = str(exc.missing_cfg_file or "")
+        group, _, option = missing.rpartition("/")
+        options = sorted(exc.options or []) or sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        if group:
+            what = f"{group}= needs an option" if not option else f"Unknown {group} option {option!r}"
+            return (f"{what}. Valid choices for {group}=: {', '.join(options)} "
+                    f"({conf_dir.parent.name}/{conf_dir.name}/{group}/*.yaml), e.g. {group}={options[0] if options else 'NAME'}.")
+        return f"A config file is missing ({_flat(exc)}). Check the group=option names on the command line."
+    if isinstance(exc, ConfigCompositionException):
+        match = re.search(r"Could not override '([^']+)'", str(exc))
+        cause = _flat(exc.__cause__) if exc.__cause__ is not None else ""
+        if match and "not in struct" in cause:
+            key = match.group(1)
+            return (f"{key} is not a setting of {program} (check its spelling: `{command} --cfg job` "
+                    f"lists every key). Only a key the config lacks (a setting of your own agent "
+                    f"class, say) is added, with +{key}=VALUE.")
+        if match:
+            return (f"{match.group(1)} cannot be set that way ({cause or _flat(exc)}). "
+                    f"`{command} --cfg job` shows the key's current value and type.")
+        return f"The configuration cannot be composed ({_flat(exc)}{'; ' + cause if cause else ''})."
+    if isinstance(exc, OSError):
+        where = exc.filename or "the output folder"
+        return (f"{where} cannot be created or written ({exc.strerror or _flat(exc)}). Give "
+                f"hydra.run.dir (hydra.sweep.dir under -m) a writable folder, or drop it.")
+    return (f"Hydra could not start {program} ({type(exc).__name__}: {_flat(exc)}). "
+            f"Set HYDRA_FULL_ERROR=1 for the full traceback.")
+
+
+def hydra_entry(main: Callable[[], Any], *, conf_dir: Path, program: str | None = None) -> None:
+    """Run the ``@hydra.main``-decorated ``main``; a failure of Hydra's own is one paragraph.
+
+    Args:
+        main: the decorated function (its ``__wrapped__`` is the task function).
+        conf_dir: the command's config folder (for the list of a group's options).
+        program: how users invoke it, e.g. ``experiments/run.py`` (default: ``sys.argv[0]``).
+    """
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's tracebacks
+        main()
+        return
+    task_code = getattr(main, "__wrapped__", main).__code__
+    program = program or (os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "this command")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; we print
+    try:
+        main()
+    except Exception as exc:  # noqa: BLE001 - each is either reported here or re-raised untouched
+        if _raised_inside(exc.__traceback__, task_code):
+            raise
+        fail(hydra_message(exc, str(program), conf_dir), code=EXIT_HYDRA)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -1,0 +1,90 @@
+"""Hydra's own failures (experiments/cli.py) end in the one-paragraph error, for run.py and evaluate.py.
+
+Each case is a real command in a subprocess (the paragraph is printed by the process's entry
+point, around ``@hydra.main``); they run in parallel since most of their time is start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = {"run": REPO / "experiments" / "run.py", "evaluate": REPO / "experiments" / "evaluate.py"}
+
+CASES = {
+    # name: (command, arguments, words the paragraph must contain)
+    "run-unwritable-dir": ("run", ["hydra.run.dir=/proc/forbidden"], ["/proc/forbidden", "hydra.run.dir"]),
+    "run-unwritable-root": ("run", ["run_root=/proc/forbidden"], ["/proc/forbidden", "run_root="]),
+    "run-empty-option": ("run", ["agent="], ["agent= needs an option", "reinforce"]),
+    "run-unknown-option": ("run", ["agent=nosuch"], ["'nosuch'", "reinforce"]),
+    "run-unknown-data": ("run", ["data=nosuch"], ["'nosuch'", "digits"]),
+    "run-key-not-in-config": ("run", ["nosuchkey=1"], ["nosuchkey is not a setting", "+nosuchkey=VALUE"]),
+    "run-nested-key-not-in-config": ("run", ["eval.nosuch=3"], ["eval.nosuch is not a setting", "--cfg job"]),
+    "run-bad-syntax": ("run", ["seed=[1"], ["cannot be parsed", "override_grammar"]),
+    "evaluate-unwritable-dir": ("evaluate", ["hydra.run.dir=/proc/forbidden"], ["/proc/forbidden", "hydra.run.dir"]),
+    "evaluate-unknown-option": ("evaluate", ["data=nosuch"], ["'nosuch'", "cifar10"]),
+    "evaluate-empty-option": ("evaluate", ["model="], ["model= needs an option", "resnet18"]),
+    "evaluate-key-not-in-config": ("evaluate", ["nosuchkey=1"], ["nosuchkey is not a setting", "evaluate.py"]),
+    "evaluate-bad-syntax": ("evaluate", ["n=[1"], ["cannot be parsed"]),
+}
+
+
+def _call(command: str, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    inherited = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env = {**inherited, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **env}
+    return subprocess.run([sys.executable, str(COMMANDS[command]), *args, "progress=false"], cwd=cwd,
+                          capture_output=True, text=True, env=full_env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("hydra_failures")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(_call, cmd, args, cwd) for name, (cmd, args, _) in CASES.items()}
+        return {name: f.result() for name, f in futures.items()}, cwd
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hydra_failure_is_one_paragraph_with_status_1(runs, case):
+    procs, cwd = runs
+    proc = procs[case]
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert "HYDRA_FULL_ERROR" not in proc.stderr  # Hydra's own report did not print
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("las-at: error: "), proc.stderr
+    for words in CASES[case][2]:
+        assert words in lines[0], lines[0]
+    assert not list(cwd.rglob("checkpoint.pt"))
+
+
+def test_hydra_full_error_still_gives_hydras_traceback(tmp_path):
+    proc = _call("run", ["nosuchkey=1"], tmp_path, HYDRA_FULL_ERROR="1")
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "las-at: error" not in proc.stderr
+
+
+def test_an_exception_inside_the_task_is_not_disguised_as_hydras(tmp_path, monkeypatch):
+    # A bug in the task function (here: an OSError, as Hydra's folder failures are) keeps its traceback.
+    import hydra  # noqa: PLC0415
+
+    from experiments.cli import hydra_entry  # noqa: PLC0415
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "c.yaml").write_text("x: 1\nhydra:\n  run:\n    dir: .\n  output_subdir: null\n")
+
+    @hydra.main(config_path=str(tmp_path / "conf"), config_name="c", version_base="1.3")
+    def main(cfg):
+        raise FileNotFoundError(2, "inside the task", "/some/file")
+
+    monkeypatch.setattr(sys, "argv", ["prog.py"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="inside the task"):
+        hydra_entry(main, conf_dir=tmp_path / "conf")
+    assert "HYDRA_FULL_ERROR" not in os.environ
