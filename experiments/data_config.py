@@ -84,3 +84,6 @@ def register_data_resolvers() -> None:
     """Register ``las_default_model`` (idempotent)."""
     if not OmegaConf.has_resolver("las_default_model"):
         OmegaConf.register_new_resolver("las_default_model", _resolve_default_model)
+
+
+register_data_resolvers()  # also for configs composed outside run.py (tests, notebooks)

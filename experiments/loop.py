@@ -511,8 +511,10 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
     if data is None:
         try:
             data = load_dataset(cfg.dataset, cfg.data_root, download=True)
-        except (DatasetNotFoundError, DataError) as exc:
+        except DatasetNotFoundError as exc:
             raise ConfigError(f"{exc} (data.root={cfg.data_root})") from None
+        except DataError as exc:  # names the file or folder itself
+            raise ConfigError(str(exc)) from None
     sel = settings.selection
     data, val = split_validation(data, sel.val_fraction, sel.split_seed)  # the target never trains on val
     if sel.select_on == "test":

@@ -119,8 +119,9 @@ def peek_size(kind: str, path: Path) -> tuple[int, int] | None:
     try:
         if kind == "npz":
             with zipfile.ZipFile(path) as z, z.open("x_train.npy") as fh:
-                version = np.lib.format.read_magic(fh)
-                shape = np.lib.format._read_array_header(fh, version)[0]  # noqa: SLF001 - header only
+                major, _ = np.lib.format.read_magic(fh)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read_header(fh)[0]  # the header only, not the pixels
             x = np.empty((1, *shape[1:]), dtype=np.uint8)
             h, w = to_nchw("", "", x).shape[2:]
             return int(h), int(w)
