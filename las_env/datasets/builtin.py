@@ -11,11 +11,11 @@ from __future__ import annotations
 from functools import partial
 
 from las_env.datasets import loaders, user
-from las_env.datasets.registry import CIFAR10_GRID, CIFAR_THREAT, _range, register_dataset
+from las_env.datasets.registry import CIFAR10_GRID, CIFAR_THREAT, inclusive_range, register_dataset
 from las_env.grids import StrategyGrid, ThreatModel
 from las_env.target import OptimConfig
 
-CIFAR100_GRID = StrategyGrid(_range(1, 5, 1 / 255), tuple(range(3, 13)), _range(3, 15, 1 / 255))
+CIFAR100_GRID = StrategyGrid(inclusive_range(1, 5, 1 / 255), tuple(range(3, 13)), inclusive_range(3, 15, 1 / 255))
 # Digits (8x8, 17 grey levels): the evaluation radius is 0.2 (see the README's threat-model
 # section); the grid spans weak to strong attacks around it, as the CIFAR grid spans 3..15/255
 # around 8/255; the step sizes 0.025..0.125 hold the evaluation step 0.05 = eps/4 at

@@ -38,12 +38,13 @@ CIFAR_THREAT = ThreatModel(8 / 255, 2 / 255, "L-inf eps=8/255")
 """The CIFAR threat model, also the default of records that do not name one (user data)."""
 
 
-def _range(start: int, stop: int, scale: float = 1.0) -> tuple[float, ...]:
+def inclusive_range(start: int, stop: int, scale: float = 1.0) -> tuple[float, ...]:
+    """``start .. stop`` inclusive, times ``scale`` (a grid column; the YAML spells it {start, stop, scale})."""
     return tuple(v * scale for v in range(start, stop + 1))
 
 
 # The authors' grid (SPEC section 2), in /255 units, inclusive; also the default of user data.
-CIFAR10_GRID = StrategyGrid(_range(1, 5, 1 / 255), tuple(range(3, 15)), _range(3, 15, 1 / 255))
+CIFAR10_GRID = StrategyGrid(inclusive_range(1, 5, 1 / 255), tuple(range(3, 15)), inclusive_range(3, 15, 1 / 255))
 
 
 @dataclass(frozen=True)
