@@ -18,7 +18,7 @@ from torch import Tensor
 
 from agents.base import AgentSpec
 from las_env.checkpoint import restore_generator
-from las_env.grids import FIXED_ITERATIONS, threat_model_for
+from las_env.datasets.registry import lookup
 
 
 def _never(spec: AgentSpec) -> int:
@@ -32,8 +32,9 @@ class FixedAgent:
     Args:
         spec: the game.
         step_size, iterations, epsilon: the attack (pixel units). ``None`` takes the data
-            set's threat model (``threat_model_for``: 8/255 and 2/255 on CIFAR, 0.2 and 0.05
-            on digits) and ``FIXED_ITERATIONS`` (10 on CIFAR, 5 on digits).
+            set's PGD-AT attack (its registry record's ``fixed_attack``: the threat model's
+            epsilon and step, 8/255 and 2/255 on CIFAR, 0.2 and 0.05 on digits, with 10
+            iterations on CIFAR, 5 on digits).
         extra: the value of each extra grid column (e.g. ``{"trades_beta": 6.0}``); required
             for every extra column the grid has, since no default exists for them.
 
@@ -65,11 +66,11 @@ class FixedAgent:
         self.device = torch.device(spec.device)
         self.reward_interval = _never(spec)
         grid = spec.grid
-        threat = threat_model_for(spec.dataset)
+        default_step, default_iterations, default_epsilon = lookup(spec.dataset).fixed_attack
         requested = {
-            "step_size": (step_size, threat.step_size),
-            "iterations": (iterations, FIXED_ITERATIONS[spec.dataset]),
-            "epsilon": (epsilon, threat.epsilon),
+            "step_size": (step_size, default_step),
+            "iterations": (iterations, default_iterations),
+            "epsilon": (epsilon, default_epsilon),
         }
         extra = dict(extra or {})
         unknown = sorted(set(extra) - set(grid.columns[3:]))

@@ -74,13 +74,11 @@ from agents.credit import CREDITS, Credit, paper_advantages, per_image_advantage
 from agents.strategy_net import StrategyNet
 from las_env.attack import eval_mode
 from las_env.checkpoint import restore_generator
+from las_env.datasets.registry import lookup
 
 RewardFlow = Literal["train_on_scored", "score_then_resample"]
 BnMode = Literal["train", "split"]
 
-# The strategy backbone when none is given: the authors' ResNet-18 for CIFAR-like data,
-# the same small network as the target on 8x8 digits.
-DEFAULT_BACKBONES = {"digits": "small_cnn"}
 
 
 @dataclass
@@ -181,7 +179,8 @@ class ReinforceAgent:
         self.baseline_momentum = float(baseline_momentum)
         self.normalize_advantages = bool(normalize_advantages)
         self.seed = int(spec.seed if seed is None else seed)
-        self.backbone = backbone or DEFAULT_BACKBONES.get(spec.dataset, "resnet18")
+        # The data set's (its registry record): the authors' ResNet-18 for CIFAR-like data, small_cnn on 8x8 digits.
+        self.backbone = backbone or lookup(spec.dataset).backbone_for(*spec.observation_shape[2:])
 
         # The network's initialisation comes from the seed, leaving the global RNG as it was.
         in_channels = spec.observation_shape[1]

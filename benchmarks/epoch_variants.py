@@ -62,7 +62,7 @@ def make_spec(dataset: str, data: ImageData, cfg: LASConfig, total_steps: int, s
               seed: int) -> AgentSpec:
     return AgentSpec(
         grid=cfg.grid,
-        observation_shape=(cfg.batch_size, data.channels, data.image_size, data.image_size),
+        observation_shape=(cfg.batch_size, data.channels, data.height, data.width),
         num_classes=data.num_classes,
         dataset=dataset,
         device=torch.device(cfg.device),

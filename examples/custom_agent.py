@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # `python examples/custom_agent.py`: the reposito
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.base import AgentSpec  # noqa: E402
-from las_env.grids import FIXED_ITERATIONS, threat_model_for  # noqa: E402
+from las_env.datasets import lookup  # noqa: E402
 
 
 def _nearest(values: tuple[float, ...] | list[float], want: float) -> int:
@@ -79,9 +79,9 @@ class EpsilonGreedyBandit:
         self.decay = float(decay)
         self.device = torch.device(spec.device)
         grid = spec.grid
-        threat = threat_model_for(spec.dataset)
-        want_step = threat.step_size if step_size is None else float(step_size)
-        want_iters = FIXED_ITERATIONS.get(spec.dataset, 10) if iterations is None else int(iterations)
+        pgd_at_step, pgd_at_iterations, _ = lookup(spec.dataset).fixed_attack  # the data set's PGD-AT attack
+        want_step = pgd_at_step if step_size is None else float(step_size)
+        want_iters = pgd_at_iterations if iterations is None else int(iterations)
         self._step_idx = torch.tensor(_nearest(grid.step_sizes, want_step), device=self.device)
         self._iter_idx = torch.tensor(_nearest(grid.iterations, want_iters), device=self.device)
         self.epsilons = torch.tensor(grid.epsilons, dtype=torch.float32, device=self.device)

@@ -48,7 +48,7 @@ from experiments.runlock import RunLock
 from experiments.selection import TEST_SELECTION_WARNING, BestWeights, split_validation, with_validation
 from experiments.settings import RunSettings
 from las_env.checkpoint import FORMAT, atomic_save
-from las_env.data import DatasetNotFoundError, ImageData, load_dataset
+from las_env.data import DataError, DatasetNotFoundError, ImageData, load_dataset
 from las_env.env import LASEnv
 from las_env.game import steps_per_epoch
 from las_env.evaluation import (
@@ -116,7 +116,7 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
     per_epoch, total = episode_shape(n_train, cfg.batch_size, cfg.epochs, cfg.max_steps_per_epoch, cfg.last_batch)
     spec = AgentSpec(
         grid=cfg.grid,
-        observation_shape=(cfg.batch_size, data.channels, data.image_size, data.image_size),
+        observation_shape=(cfg.batch_size, data.channels, data.height, data.width),
         num_classes=data.num_classes,
         dataset=cfg.dataset,
         device=torch.device(cfg.device),
@@ -513,6 +513,8 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
             data = load_dataset(cfg.dataset, cfg.data_root, download=True)
         except DatasetNotFoundError as exc:
             raise ConfigError(f"{exc} (data.root={cfg.data_root})") from None
+        except DataError as exc:  # names the file or folder itself
+            raise ConfigError(str(exc)) from None
     sel = settings.selection
     data, val = split_validation(data, sel.val_fraction, sel.split_seed)  # the target never trains on val
     if sel.select_on == "test":

@@ -3,8 +3,8 @@
 :func:`settings_from_config` checks everything that is cheap to check (names of the data set,
 model and agent, the strategy grid, k, the evaluation attacks, the logger) and raises
 :class:`experiments.errors.ConfigError` with one paragraph naming the problem and the valid
-choices. Missing data folders are reported by :func:`las_env.data.load_dataset` when the loop
-loads the data, still before any training.
+choices. Missing data folders and unusable data are reported by :func:`las_env.data.load_dataset`
+when the loop loads the data, still before any training.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.agent_settings import AgentFactory, agent_factory
+from experiments.data_config import resolve_data_section
 from experiments.errors import ConfigError
 from experiments.guard import MODES as NONFINITE_MODES
 from experiments.selection import SelectionSettings, selection_settings
-from las_env.data import DATASET_NAMES
 from las_env.evaluation import attack_spec
 from las_env.game import LASConfig
 from las_env.grids import StrategyGrid
@@ -141,16 +141,6 @@ def _absolute(path: str) -> str:
     return str((base / p).resolve())
 
 
-def _dataset_name(name: str) -> str:
-    key = str(name).lower().replace("_", "-")
-    if key not in DATASET_NAMES:
-        raise ConfigError(
-            f"Unknown data set {name!r}. Valid data sets: {', '.join(DATASET_NAMES)} "
-            f"(data=digits|cifar10|cifar100|svhn|gtsrb|tiny_imagenet)."
-        )
-    return key
-
-
 def _check_model(name: str) -> str:
     try:
         # On the meta device: checks the name (and WRN depth) without allocating any weights.
@@ -252,8 +242,10 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
     except Exception as exc:  # noqa: BLE001 - interpolation errors name the key themselves
         raise ConfigError(f"The configuration cannot be resolved: {exc}") from None
     data = resolved["data"]
-    dataset = _dataset_name(data["name"])
-    model = _check_model(str(resolved["model"]["name"]))
+    record = resolve_data_section(data)  # the registry's defaults for the nulls, in the recorded config too
+    dataset = record.name
+    model_name = str(resolved["model"]["name"])
+    model = None if model_name == "auto" else _check_model(model_name)  # auto: by the loaded images' size
     agent_name = str(resolved["agent"].get("name") or getattr(factory, "target", "agent").rsplit(".", 1)[-1])
 
     grid_cfg = data.get("grid")
@@ -271,7 +263,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         raise ConfigError(f"seed={seed!r} must be a whole number >= 0.")
     env = _build(LASConfig, "game settings", keys=GAME_KEYS, values=dict(
         dataset=dataset,
-        data_root=_absolute(str(data.get("root") or "data")),
+        data_root=_absolute(str(data["path"] if record.needs_path else data.get("root") or "data")),
         model=model,
         batch_size=_whole("data.batch_size", value=data.get("batch_size")),
         epochs=_whole("data.epochs", value=data.get("epochs")),
@@ -305,7 +297,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         agent_name=agent_name,
         seed=seed,
         eval=eval_settings(resolved.get("eval") or {}),
-        logger=logger_settings(resolved.get("logger") or {}, agent=agent_name, data=dataset, model=model, seed=seed),
+        logger=logger_settings(resolved.get("logger") or {}, agent=agent_name, data=dataset, model=model_name, seed=seed),
         resume=bool(resolved.get("resume")),
         stop_after_epochs=stop,
         progress=bool(resolved.get("progress", RunSettings.progress)),

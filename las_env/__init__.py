@@ -2,11 +2,13 @@
 
 ``import las_env`` registers ``"LAS-v0"``, so ``gymnasium.make("LAS-v0")`` builds a
 :class:`LASEnv` on the offline digits data (``gymnasium.make("las_env:LAS-v0")`` imports
-this package by itself).
+this package by itself). ``las_env.register_dataset(name, loader)`` adds a data set, after which
+``gymnasium.make("LAS-v0", dataset=name)`` trains on it.
 """
 
 from gymnasium.envs.registration import register, registry
 
+from las_env.datasets import DatasetRecord, register_dataset
 from las_env.env import LASEnv, make_config
 from las_env.game import LASConfig, LASGame, StepOutcome
 from las_env.grids import StrategyGrid, grid_for, threat_model_for
@@ -26,6 +28,8 @@ __all__ = [
     "make_config",
     "grid_for",
     "threat_model_for",
+    "register_dataset",
+    "DatasetRecord",
 ]
 
 if "LAS-v0" not in registry:

@@ -95,7 +95,7 @@ class LASEnv(gym.Env):
         self.grid = self.game.grid
         d = self.game.data
         b = self.config.batch_size // self.game.shard.world  # under torchrun: this rank's rows (las_env/sharding.py)
-        self.observation_space = spaces.Box(0.0, 1.0, shape=(b, d.channels, d.image_size, d.image_size), dtype=np.float32)
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(b, d.channels, d.height, d.width), dtype=np.float32)
         self.action_space = spaces.MultiDiscrete(np.tile(np.array(self.grid.nvec, dtype=np.int64), (b, 1)))
         self._nvec_np = np.array(self.grid.nvec, dtype=np.int64)
 

@@ -20,8 +20,10 @@ from torch import Tensor
 
 from las_env.attack import eval_mode, per_image_pgd, random_start
 from las_env.checkpoint import restore_generator
-from las_env.data import ImageData, augment_batch, load_dataset
-from las_env.grids import StrategyGrid, grid_for, threat_model_for
+from las_env.augment import augment_batch
+from las_env.data import ImageData, load_dataset
+from las_env.datasets.registry import lookup
+from las_env.grids import StrategyGrid, threat_model_for
 from las_env.lookahead import lookahead_step
 from las_env.methods import MethodBatch, MethodConfig, build_method
 from las_env.models import build_model
@@ -30,7 +32,6 @@ from las_env.sharding import Shard, process_shard, wrap_target
 from las_env.target import OptimConfig, Precision, TargetTrainer, autocast
 from las_env.validate import SettingError, check_interval, check_whole
 
-DEFAULT_MODELS = {"digits": "small_cnn", "tiny-imagenet": "preact_resnet18"}
 SCORE_SEED_OFFSET = 0x5C0DE
 """``score``'s generator is seeded with the episode's seed plus this (a stream of its own)."""
 
@@ -40,19 +41,22 @@ class LASConfig:
     """Everything that defines the game.
 
     Attributes:
-        dataset: "digits" (offline default), "cifar10", "cifar100", "svhn", "gtsrb", "tiny-imagenet".
-        data_root: folder holding the data sets (see ``las_env.data.load_dataset``).
-        model: target architecture; ``None`` takes small_cnn for digits, resnet18 otherwise.
+        dataset: a registered data set (``las_env.datasets``): "digits" (offline default), "cifar10",
+            "cifar100", "svhn", "gtsrb", "tiny-imagenet", "npz", "folder", or one of your own.
+            Its registry record gives every default marked "the data set's" below.
+        data_root: folder holding the data sets (for npz/folder: the file or folder itself).
+        model: target architecture; ``None``: the data set's (for user data: resnet18 for images of
+            32 px and more, small_cnn below, decided once the data is loaded).
         batch_size: images per step (the observation's first dimension); every observation
             has this shape, whatever ``last_batch``.
         epochs: training budget; an episode is ``epochs * steps_per_epoch`` steps.
         max_steps_per_epoch: cap on steps per epoch (benchmarks, smoke tests); ``None`` = all.
-        optim: the target's optimiser and schedule.
+        optim: the target's optimiser and schedule; ``None``: the data set's.
         reward: the reward's terms and measure.
         reward_interval: the full reward (with L2/L3) is computed on every k-th step only
             (the agent's update interval); other steps report ``reward_computed=False``.
         grid: the strategy grid; ``None`` takes the data set's default.
-        augment: random crop (pad 4) + flip on the device; ``None`` = on for 32x32 and larger.
+        augment: random crop (pad 4) + flip on the device; ``None``: the data set's (on for 32 px and larger).
         device: "cpu", "cuda", "cuda:1", ... ("auto" picks cuda when available).
         precision: "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler).
         channels_last: NHWC memory format for conv speed on GPUs.
@@ -85,7 +89,7 @@ class LASConfig:
     batch_size: int = 64
     epochs: int = 10
     max_steps_per_epoch: int | None = None
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.05, schedule="cosine"))
+    optim: OptimConfig | None = None
     reward: RewardConfig = field(default_factory=RewardConfig)
     reward_interval: int = 1
     grid: StrategyGrid | None = None
@@ -117,10 +121,14 @@ class LASConfig:
             raise SettingError("device", self.device, "must be cpu, cuda, cuda:N or auto (cuda when available).")
         if kind == "cuda" and not torch.cuda.is_available():
             raise SettingError("device", self.device, "CUDA is not available here; use device=cpu (or auto).")
-        if self.model is None:
-            self.model = DEFAULT_MODELS.get(self.dataset, "resnet18")
-        if self.grid is None:
-            self.grid = grid_for(self.dataset)
+        try:
+            record = lookup(self.dataset)
+        except KeyError as exc:
+            raise SettingError("dataset", self.dataset, f"is not a registered data set: {exc.args[0]} Add one with "
+                               "las_env.register_dataset(name, loader).") from None
+        self.model = self.model or record.model  # still None for user data: set from the image size
+        self.grid = self.grid if self.grid is not None else record.grid
+        self.optim = self.optim if self.optim is not None else replace(record.optim)  # a copy of the shared record's
         self._check_fidelity_switches()
         self._check_method_columns()
 
@@ -216,7 +224,10 @@ class LASGame:
         per_epoch = steps_per_epoch(n_train, config.batch_size, config.max_steps_per_epoch, config.last_batch)
         self.steps_per_epoch = per_epoch
         self.total_steps = per_epoch * config.epochs
-        self.augment = config.augment if config.augment is not None else self.data.image_size >= 32
+        record = lookup(config.dataset)
+        if config.model is None:
+            config.model = record.model_for(self.data.height, self.data.width)
+        self.augment = config.augment if config.augment is not None else record.augment_for(self.data.height, self.data.width)
         self.rng = torch.Generator(device=self.device)
         # The data order is drawn where the data lives, so indexing never crosses devices.
         self.order_rng = self.rng if self.resident else torch.Generator()

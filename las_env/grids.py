@@ -181,54 +181,43 @@ def _number(v) -> float:
     return float(v)
 
 
-def _range(start: int, stop: int, scale: float = 1.0) -> tuple[float, ...]:
-    return tuple(v * scale for v in range(start, stop + 1))
+class _FixedIterations(Mapping):
+    """Read-only view ``name -> PGD-AT iterations`` over the registry (kept for callers that index
+    it; new code reads ``las_env.datasets.lookup(name).fixed_iterations``)."""
+
+    def __getitem__(self, name: str) -> int:
+        from las_env.datasets.registry import lookup  # noqa: PLC0415 - the registry imports this module
+
+        return lookup(name).fixed_iterations
+
+    def __iter__(self):
+        from las_env.datasets.registry import dataset_names  # noqa: PLC0415
+
+        return iter(dataset_names())
+
+    def __len__(self) -> int:
+        return len(tuple(iter(self)))
 
 
-# The authors' grids (SPEC section 2), in /255 units, inclusive.
-CIFAR10_GRID = StrategyGrid(_range(1, 5, 1 / 255), tuple(range(3, 15)), _range(3, 15, 1 / 255))
-CIFAR100_GRID = StrategyGrid(_range(1, 5, 1 / 255), tuple(range(3, 13)), _range(3, 15, 1 / 255))
-TINY_IMAGENET_GRID = CIFAR10_GRID
-# Digits (8x8, 17 grey levels): the evaluation radius is 0.2 (see the README's threat-model
-# section); the grid spans weak to strong attacks around it, as the CIFAR grid spans 3..15/255
-# around 8/255; the step sizes 0.025..0.125 hold the evaluation step 0.05 = eps/4 at
-# index 1, as CIFAR's 1..5/255 hold 2/255.
-DIGITS_GRID = StrategyGrid(
-    step_sizes=(0.025, 0.05, 0.075, 0.1, 0.125),
-    iterations=(1, 2, 3, 4, 5, 6, 7, 8),
-    epsilons=(0.05, 0.10, 0.15, 0.20, 0.25, 0.30),
-)
-
-GRIDS: dict[str, StrategyGrid] = {
-    "digits": DIGITS_GRID,
-    "cifar10": CIFAR10_GRID,
-    "cifar100": CIFAR100_GRID,
-    "svhn": CIFAR10_GRID,
-    "gtsrb": CIFAR10_GRID,
-    "tiny-imagenet": TINY_IMAGENET_GRID,
-}
-
-THREAT_MODELS: dict[str, ThreatModel] = {
-    "digits": ThreatModel(0.2, 0.05, "L-inf eps=0.2 (digits)"),
-    **{
-        name: ThreatModel(8 / 255, 2 / 255, "L-inf eps=8/255")
-        for name in ("cifar10", "cifar100", "svhn", "gtsrb", "tiny-imagenet")
-    },
-}
-
-# The fixed attack of PGD-AT (the `fixed` agent): 10 steps for CIFAR.
-FIXED_ITERATIONS: dict[str, int] = {"digits": 5, "cifar10": 10, "cifar100": 10, "svhn": 10, "gtsrb": 10, "tiny-imagenet": 10}
+FIXED_ITERATIONS: Mapping[str, int] = _FixedIterations()
+"""PGD-AT's iterations per data set (10 for CIFAR, 5 for digits), read from the registry."""
 
 
 def grid_for(dataset: str) -> StrategyGrid:
-    """The default strategy grid of a data set."""
-    if dataset not in GRIDS:
-        raise ValueError(f"No strategy grid for data set {dataset!r}; known: {sorted(GRIDS)}.")
-    return GRIDS[dataset]
+    """The default strategy grid of a data set (its registry record's)."""
+    from las_env.datasets.registry import lookup  # noqa: PLC0415 - the registry imports this module
+
+    try:
+        return lookup(dataset).grid
+    except KeyError as exc:
+        raise ValueError(f"No strategy grid: {exc.args[0]}") from None
 
 
 def threat_model_for(dataset: str) -> ThreatModel:
-    """The evaluation threat model of a data set."""
-    if dataset not in THREAT_MODELS:
-        raise ValueError(f"No threat model for data set {dataset!r}; known: {sorted(THREAT_MODELS)}.")
-    return THREAT_MODELS[dataset]
+    """The evaluation threat model of a data set (its registry record's)."""
+    from las_env.datasets.registry import lookup  # noqa: PLC0415
+
+    try:
+        return lookup(dataset).threat
+    except KeyError as exc:
+        raise ValueError(f"No threat model: {exc.args[0]}") from None

@@ -38,7 +38,7 @@ from las_env.data import ImageData
 from las_env.env import LASEnv
 from las_env.evaluation import evaluate, evaluate_attack
 from las_env.game import LASConfig, LASGame
-from las_env.grids import CIFAR10_GRID
+from las_env.grids import grid_for
 from las_env.models import build_model
 from las_env.target import OptimConfig, TargetTrainer
 
@@ -144,7 +144,7 @@ def test_per_image_pgd_on_cuda_equals_cpu(model_name, n, max_iterations):
     model = build_model(model_name, 3, 10).eval()
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-    steps, _, eps_table = CIFAR10_GRID.tables(CPU)
+    steps, _, eps_table = grid_for("cifar10").tables(CPU)
     step_size = steps[torch.randint(0, len(steps), (n,), generator=g)]
     epsilon = eps_table[torch.randint(0, len(eps_table), (n,), generator=g)]
     iterations = torch.randint(1, max_iterations + 1, (n,), generator=g)

@@ -1,4 +1,4 @@
-"""Tests for las_env.data: loaders, ImageData validation, and augment_batch."""
+"""Tests for the built-in loaders (las_env.datasets.loaders), ImageData validation, and augment_batch."""
 
 from __future__ import annotations
 
@@ -11,14 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from las_env import data as data_mod
-from las_env.data import (
-    DATASET_NAMES,
-    DatasetNotFoundError,
-    ImageData,
-    augment_batch,
-    load_dataset,
-)
+from las_env.augment import augment_batch
+from las_env.data import DatasetNotFoundError, ImageData, load_dataset
+from las_env.datasets import dataset_names
+from las_env.datasets import loaders as data_mod
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PREPARE = SHARED_DATA / "prepare_cifar.py"
@@ -72,7 +68,7 @@ def test_digits_is_deterministic(digits: ImageData) -> None:
 def test_unknown_name_lists_valid_names() -> None:
     with pytest.raises(ValueError) as err:
         load_dataset("mnist")
-    for name in DATASET_NAMES:
+    for name in dataset_names():
         assert name in str(err.value)
 
 

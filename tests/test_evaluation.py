@@ -36,7 +36,7 @@ from las_env.evaluation import _load_state
 from las_env.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-EPS, STEP = 0.2, 0.05  # the digits threat model (las_env.grids.THREAT_MODELS["digits"])
+EPS, STEP = 0.2, 0.05  # the digits threat model (las_env.datasets.lookup("digits").threat)
 N_EVAL = 200
 
 

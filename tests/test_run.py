@@ -158,10 +158,13 @@ def test_settings_hash_separates_runs_that_differ_in_any_setting():
 
 
 @pytest.mark.parametrize("name", ["digits", "cifar10", "cifar100", "svhn", "gtsrb", "tiny_imagenet"])
-def test_data_configs_spell_out_the_default_grids(name):
-    cfg = config(f"data={name}")
-    key = str(cfg.data.name)
-    assert StrategyGrid.from_config(cfg.data.grid) == grid_for(key)
+def test_data_configs_resolve_to_the_default_grids(name, tmp_path):
+    # The YAML leaves the grid to the registry (null); the settings, and the config a run records,
+    # hold the registry's grid.
+    s = settings_from_config(config(f"data={name}"), tmp_path)
+    key = s.env.dataset
+    assert s.env.grid == grid_for(key)
+    assert StrategyGrid.from_config(s.config["data"]["grid"]) == grid_for(key)
 
 
 SECTION_7_EPOCHS = {"cifar10_wrn34_10_las_trades": 100, "cifar10_wrn34_10_trades": 100,

@@ -18,7 +18,9 @@ from stable_baselines3.common.vec_env import VecCheckNan, VecMonitor
 from agents.base import Agent, AgentSpec
 from agents.sb3 import LASVecEnv, SB3Agent, SingleImageEnv, SmallImageExtractor, default_policy_kwargs
 from las_env import LASEnv
-from las_env.grids import DIGITS_GRID
+from las_env.grids import grid_for
+
+DIGITS_GRID = grid_for("digits")
 
 REPO = Path(__file__).resolve().parents[1]
 
