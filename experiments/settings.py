@@ -23,11 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from agents.base import Agent, AgentSpec
+from evaluation import attack_spec
 from experiments.errors import ConfigError
 from experiments.guard import MODES as NONFINITE_MODES
 from experiments.selection import SelectionSettings, selection_settings
 from las_env.data import DATASET_NAMES
-from las_env.evaluation import attack_spec
 from las_env.game import LASConfig
 from las_env.grids import StrategyGrid
 from las_env.methods import MethodConfig
