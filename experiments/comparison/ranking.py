@@ -16,6 +16,8 @@ from experiments.runfiles import RESULTS_FILE
 
 @dataclass
 class Comparison:
+    """Everything the report and ``summary.json`` show: runs, groups, the tables' rows, warnings."""
+
     runs: list[Run]
     groups: list[Group]  # every group, ranked
     main: list[Group]  # the main table's rows (learned agents, default PGD-AT, best fixed)
