@@ -46,20 +46,8 @@ from experiments.guard import SKIPPED, Context, DivergenceGuard, TrainingDiverge
 from experiments.loggers import Console, Tracker, WandbTracker, make_tracker
 from experiments.recovery import checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
 from experiments.runfiles import (
-    ACCURACY_PNG,
-    AUTOATTACK_STATE,
-    AUTOATTACK_STATE_BEST,
-    BEST,
-    CHECKPOINT,
-    CHOICES_PNG,
-    LOG_FILE,
-    METRICS_FILE,
-    METRICS_FORMAT,
-    RESULTS_FILE,
-    RESULTS_FORMAT,
-    RESULTS_MD,
-    WEIGHTS_FILE,
-)
+    ACCURACY_PNG, AUTOATTACK_STATE, AUTOATTACK_STATE_BEST, BEST, CHECKPOINT, CHOICES_PNG, LOG_FILE, METRICS_FILE,
+    METRICS_FORMAT, RESULTS_FILE, RESULTS_FORMAT, RESULTS_MD, WEIGHTS_FILE)
 from experiments.runlock import RunLock
 from experiments.selection import TEST_SELECTION_WARNING, BestWeights, split_validation, with_validation
 from experiments.settings import RunSettings

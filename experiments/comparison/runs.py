@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments.runfiles import CHECKPOINT, EVALUATION_FORMAT, EVALUATION_GLOB, RESULTS_FILE, RESULTS_FORMAT, WEIGHTS_FILE
+from experiments.runfiles import (CHECKPOINT, EVALUATION_FORMAT, EVALUATION_GLOB, RESULTS_FILE, RESULTS_FORMAT,
+                                  WEIGHTS_FILE)
 from las_env.grids import StrategyGrid, grid_for
 
 WEIGHTS = {"final": "final (last-epoch) weights",
