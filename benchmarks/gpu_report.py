@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from las_env.evaluation import format_eps
+from evaluation import format_eps
 
 
 class PartLike(Protocol):

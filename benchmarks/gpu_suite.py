@@ -54,6 +54,7 @@ for path in (REPO, REPO / "benchmarks"):  # the packages, and gpu_report beside 
 import torch  # noqa: E402
 
 from experiments.errors import fail  # noqa: E402
+from experiments.runfiles import RESULTS_FILE  # noqa: E402
 from gpu_report import Report, machine, table  # noqa: E402
 
 FORMAT = "las-at/gpu-suite/v1"
@@ -288,7 +289,7 @@ def smoke_part(args: argparse.Namespace, run_root: Path, budget: float) -> tuple
 
 
 def finish_smoke(part: Part, run_root: Path, data_note: str) -> None:
-    found = sorted(run_root.glob("**/results.json"))
+    found = sorted(run_root.glob(f"**/{RESULTS_FILE}"))
     part.result = {"preset": PRESET, "data_source": data_note, "overrides": part.command[3:],
                    "schedule": "data.epochs=2: the preset's lr milestones (90% and 94.5% of the budget) fall "
                                "inside these 2 epochs; every other setting is the preset's"}

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import gymnasium
 
     import las_env  # noqa: F401  (registers "LAS-v0")
-    from las_env.evaluation import robust_accuracy
+    from evaluation import robust_accuracy
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=3)

@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+import evaluation
+from evaluation import CleanRobust
 from experiments.errors import ConfigError
-from las_env import evaluation
-from las_env.evaluation import CleanRobust
 from las_env.sharding import Shard, process_shard
 
 DEFAULT_TIMEOUT_S = 900
@@ -233,7 +233,7 @@ def split_for_eval(x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tenso
 
 def robust_accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, eps: float, step: float, iterations: int, *,
                     batch_size: int, seed: int) -> CleanRobust:
-    """:func:`las_env.evaluation.robust_accuracy` of the whole set, each rank evaluating its share
+    """:func:`evaluation.robust_accuracy` of the whole set, each rank evaluating its share
     (:func:`split_for_eval`) and the counts summed; the plain call in one process."""
     xr, yr, batch, draws = split_for_eval(x, y, batch_size)
     with draws:

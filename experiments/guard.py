@@ -38,6 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from experiments.runfiles import RESULTS_FILE
 from las_env.files import write_json
 
 NonFiniteMode = Literal["stop", "skip"]
@@ -254,7 +255,7 @@ def record_failure(error: TrainingDiverged, results: dict[str, Any], tracker: An
            "failure": {"kind": "diverged", "message": str(error), "epoch": error.epoch,
                        "steps": list(error.steps), "first_nonfinite_step": error.first_step,
                        "quantities": {k: str(v) for k, v in error.bad.items()}}}
-    write_json(Path(results["run_dir"]) / "results.json", doc, default=str)
+    write_json(Path(results["run_dir"]) / RESULTS_FILE, doc, default=str)
     console.log(f"las-at: error: {error}")
     tracker.summary({"status": "failed", "failure": str(error)})
     tracker.finish(exit_code=1)

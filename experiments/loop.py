@@ -39,31 +39,25 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from agents.base import Agent, AgentSpec, scores_own_actions
+from evaluation import AttackResult, attack_spec, evaluate, format_eps, format_table
 from experiments import distributed, plots
 from experiments.errors import ConfigError
 from experiments.guard import SKIPPED, Context, DivergenceGuard, TrainingDiverged, record_failure
 from experiments.loggers import Console, Tracker, WandbTracker, make_tracker
-from experiments.recovery import CHECKPOINT, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
+from experiments.recovery import checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
+from experiments.runfiles import (
+    ACCURACY_PNG, AUTOATTACK_STATE, AUTOATTACK_STATE_BEST, BEST, CHECKPOINT, CHOICES_PNG, LOG_FILE, METRICS_FILE,
+    METRICS_FORMAT, RESULTS_FILE, RESULTS_FORMAT, RESULTS_MD, WEIGHTS_FILE)
 from experiments.runlock import RunLock
 from experiments.selection import TEST_SELECTION_WARNING, BestWeights, split_validation, with_validation
 from experiments.settings import RunSettings
-from las_env.checkpoint import FORMAT, atomic_save
+from las_env.checkpoint import FORMAT, atomic_save, export_state_dict
 from las_env.data import DataError, DatasetNotFoundError, ImageData, load_dataset
 from las_env.env import LASEnv
 from las_env.game import steps_per_epoch
-from las_env.evaluation import (
-    AttackResult,
-    attack_spec,
-    evaluate,
-    export_state_dict,
-    format_eps,
-    format_table,
-)
 from las_env.files import atomic_write_text, write_json
 from las_env.grids import ThreatModel, threat_model_for
 
-METRICS_FORMAT = "las-at/metrics/v1"
-RESULTS_FORMAT = "las-at/results/v1"
 TRAIN_SUBSET_SEED = 20220601
 """Seed of the fixed train-subset choice: the same images for every run, whatever its seed."""
 
@@ -494,7 +488,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
     run_dir = settings.run_dir
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)  # process-wide, as a run owns its process
-    console = console or Console(run_dir / "log.txt")
+    console = console or Console(run_dir / LOG_FILE)
     if lock is not None and lock.took_over:
         console.print(f"Took over the lock of an earlier run in this folder that is no longer running "
                       f"(pid {lock.took_over.get('pid')}, started {lock.took_over.get('started')}).")
@@ -658,9 +652,9 @@ def _finish(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatM
             progress=settings.progress, data_description=f"{data.name} test", log=lambda _line: None,
         )
 
-    results = final_evaluation(model, "autoattack_state.json")
+    results = final_evaluation(model, AUTOATTACK_STATE)
     best_model = best.load_into(model, run_dir)
-    best_results = final_evaluation(best_model, "autoattack_state_best.json") if best_model is not None else []
+    best_results = final_evaluation(best_model, AUTOATTACK_STATE_BEST) if best_model is not None else []
     final_s = time.perf_counter() - t0
     seconds = {**loop["seconds"], "final_eval": final_s}
     seconds["total"] = sum(seconds.values())
@@ -676,16 +670,16 @@ def _finish(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatM
 
     files = {
         "checkpoint": run_dir / CHECKPOINT,
-        "weights": run_dir / "target_state_dict.pt",
-        "results_json": run_dir / "results.json",
-        "results_md": run_dir / "results.md",
-        "metrics_json": run_dir / "metrics.json",
-        "accuracy_png": run_dir / "accuracy.png",
-        "choices_png": run_dir / "choices.png",
-        "log": run_dir / "log.txt",
+        "weights": run_dir / WEIGHTS_FILE,
+        "results_json": run_dir / RESULTS_FILE,
+        "results_md": run_dir / RESULTS_MD,
+        "metrics_json": run_dir / METRICS_FILE,
+        "accuracy_png": run_dir / ACCURACY_PNG,
+        "choices_png": run_dir / CHOICES_PNG,
+        "log": run_dir / LOG_FILE,
     }
     if best_results:
-        files["best"] = run_dir / "best.pt"
+        files["best"] = run_dir / BEST
     export_state_dict(model, files["weights"])
     title = f"{settings.agent_name} agent, {cfg.model} on {cfg.dataset}, seed {settings.seed}"
     made = {

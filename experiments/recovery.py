@@ -19,13 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from experiments.errors import ConfigError
+from experiments.runfiles import CHECKPOINT, RUN_FILES
 from las_env.checkpoint import CorruptCheckpointError, load_checkpoint, previous_path
 from las_env.files import stale_temp_files
-
-CHECKPOINT = "checkpoint.pt"
-RUN_FILES = (CHECKPOINT, "checkpoint.prev.pt", "target_state_dict.pt", "metrics.json", "results.json",
-             "results.md", "accuracy.png", "choices.png", "autoattack_state.json")
-"""What a training run writes atomically in its folder (the names of its temporary files)."""
 
 
 def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> list[Path]:

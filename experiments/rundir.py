@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.errors import fail
+from experiments.runfiles import CHECKPOINT, PREVIOUS_CHECKPOINT
 from experiments.runlock import is_held
 
 NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progress", "threads", "run_root",
@@ -97,10 +98,10 @@ def ensure_writable(run_dir: Path, key: str = "run_root") -> None:
 def _resolve_run_dir(*, _root_: DictConfig) -> str:
     target = resume_target(_root_.get("resume"))
     if target is not None:
-        if not (target / "checkpoint.pt").is_file() and not (target / "checkpoint.prev.pt").is_file():
+        if not (target / CHECKPOINT).is_file() and not (target / PREVIOUS_CHECKPOINT).is_file():
             fail(
                 f"resume={target} does not name a run directory with a checkpoint: "
-                f"{target / 'checkpoint.pt'} does not exist. Pass the folder a run printed at its "
+                f"{target / CHECKPOINT} does not exist. Pass the folder a run printed at its "
                 f"end (runs/<data>/<agent>/<model>-seed<seed>-<hash>), or resume=true to continue "
                 f"the run of the same command."
             )

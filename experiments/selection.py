@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from experiments.errors import ConfigError
+from experiments.runfiles import BEST
 from las_env.checkpoint import atomic_save
 from las_env.data import ImageData
 
-BEST = "best.pt"
 SELECT_ON = ("val", "test", "last")
 TEST_SELECTION_WARNING = (
     "WARNING: selection.select_on=test picks the best epoch by its TEST accuracy (the authors' choice) "

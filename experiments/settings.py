@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from evaluation import attack_spec
 from experiments.agent_settings import AgentFactory, agent_factory
 from experiments.data_config import resolve_data_section
 from experiments.errors import ConfigError
 from experiments.guard import MODES as NONFINITE_MODES
 from experiments.selection import SelectionSettings, selection_settings
-from las_env.evaluation import attack_spec
 from las_env.game import LASConfig
 from las_env.grids import StrategyGrid
 from las_env.methods import MethodConfig

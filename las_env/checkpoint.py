@@ -24,10 +24,12 @@ import os
 import pickle
 import shutil
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from las_env.files import atomic_open, temp_path
 
@@ -150,3 +152,77 @@ def restore_generator(generator: torch.Generator, state: torch.Tensor) -> None:
         return
     digest = hashlib.sha256(state.numpy().tobytes()).digest()
     generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def state_fingerprint(module_or_tensors: nn.Module | Sequence[Tensor]) -> str:
+    """SHA-256 (first 16 hex digits) of a model's state_dict or of tensors' bytes.
+
+    Used to tie saved results and AutoAttack state files to the exact weights and images.
+    """
+    h = hashlib.sha256()
+    if isinstance(module_or_tensors, nn.Module):
+        items: list[tuple[str, Tensor]] = list(module_or_tensors.state_dict().items())
+    else:
+        items = [(str(i), t) for i, t in enumerate(module_or_tensors)]
+    for key, t in items:
+        h.update(key.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def export_state_dict(model: nn.Module, path: str | Path) -> Path:
+    """Write the model's weights as a plain ``state_dict`` (tensors only, CPU, no prefix).
+
+    This is what RobustBench's ``load_model(..., custom_checkpoint=PATH)`` and
+    ``model.load_state_dict(torch.load(PATH))`` expect. Written atomically.
+    """
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return atomic_save(state, path)
+
+
+def _few(keys: set[str], shown: int = 4) -> str:
+    ordered = sorted(keys)
+    more = f" (+{len(ordered) - shown} more)" if len(ordered) > shown else ""
+    return (", ".join(ordered[:shown]) or "none") + more
+
+
+def load_plain_state_dict(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a plain ``state_dict`` file into ``model`` (strict), returning the model.
+
+    Accepts a bare mapping of tensors, or one nested under ``"state_dict"`` / ``"model"``
+    (common trainer conventions); a ``module.`` prefix (DataParallel) is removed.
+
+    Raises:
+        FileNotFoundError: no file. ValueError: a LAS-AT checkpoint, or keys/shapes that do not
+        match the architecture (the message names the mismatches).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No state_dict file at {path}.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a plain state_dict"
+        raise ValueError(
+            f"{path} is not a plain state_dict (tensors only); if it is a LAS-AT checkpoint, "
+            f"pass it as checkpoint=PATH. ({type(exc).__name__}: {exc})"
+        ) from exc
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        raise ValueError(f"{path} is a LAS-AT checkpoint, not a plain state_dict: pass it as checkpoint=PATH.")
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state_dict (a mapping of parameter names to tensors).")
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match the architecture: missing keys {_few(missing)}; unexpected keys "
+            f"{_few(unexpected)}. Check model= and data= (channels, classes)."
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not fit the architecture: {exc}") from exc
+    return model

@@ -19,9 +19,13 @@ import pytest
 import torch
 from test_run import TINY, cli, config
 
-from experiments import compare
+from experiments import comparison
+from experiments.compare import EXIT_MISMATCH
+from experiments.compare import main as compare_main
+from experiments.comparison.runs import _weights_fingerprint
 from experiments.loop import train
 from experiments.rundir import run_subdir, settings_hash
+from experiments.runfiles import EVALUATION_FORMAT
 from experiments.settings import settings_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +63,7 @@ def run_dirs(root: Path, agent: str) -> list[Path]:
 
 
 def test_report_has_every_agent_with_mean_and_std_over_seeds(runs, tmp_path, capsys):
-    assert compare.main([str(runs), "--out", str(tmp_path / "report")]) == 0
+    assert compare_main([str(runs), "--out", str(tmp_path / "report")]) == 0
     printed = capsys.readouterr()
     report = (tmp_path / "report" / "report.md").read_text()
     fixed = "fixed(eps=0.2,it=5,step=0.05)"  # the played attack, read from the recorded choices
@@ -97,7 +101,7 @@ def test_fixed_attack_search_is_one_table_with_the_learned_agents(runs, tmp_path
                         row["accuracy"] = accuracy
             clone(src, tmp_path / "search" / f"eps{eps_index}" / src.name, edit)
 
-    c = compare.compare([runs, tmp_path / "search"])
+    c = comparison.compare([runs, tmp_path / "search"])
     assert sorted(g.label for g in c.search) == ["fixed(eps=0.1,it=5,step=0.05)", "fixed(eps=0.2,it=5,step=0.05)",
                                                  "fixed(eps=0.25,it=5,step=0.05)"]
     best, default = c.search[0], next(g for g in c.search if g.label == "fixed(eps=0.2,it=5,step=0.05)")
@@ -107,7 +111,7 @@ def test_fixed_attack_search_is_one_table_with_the_learned_agents(runs, tmp_path
     # the worst fixed setting only in the search table.
     assert {g.label for g in c.main} == {"random", best.label, default.label}
     assert c.winners == [best]
-    files = compare.write_report(c, tmp_path / "report")
+    files = comparison.write_report(c, tmp_path / "report")
     report = files["report"].read_text()
     assert "## Search baseline: fixed attack settings" in report
     assert "(search: best of 3 fixed settings) **← best**" in report
@@ -123,15 +127,15 @@ def test_protocol_mismatch_is_a_loud_warning(runs, tmp_path, capsys):
         doc["config"]["data"]["epochs"] = 9  # and trained longer
 
     clone(src, tmp_path / "odd" / "digits" / "random" / "small_cnn-seed5-00000000", other_protocol)
-    code = compare.main([str(runs), str(tmp_path / "odd"), "--out", str(tmp_path / "report"), "--strict"])
-    assert code == compare.EXIT_MISMATCH
+    code = compare_main([str(runs), str(tmp_path / "odd"), "--out", str(tmp_path / "report"), "--strict"])
+    assert code == EXIT_MISMATCH
     err = capsys.readouterr().err
     assert "compare: WARNING: Final evaluation 'pgd5' (eps, test images) differs" in err
     assert "100 images" in err and "64 images" in err and "Training budget differs" in err
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## ⚠ WARNING: the runs do not share one protocol" in report.split("## Protocol")[0]
     # Without --strict the report is written and the exit status is 0.
-    assert compare.main([str(runs), str(tmp_path / "odd"), "--out", str(tmp_path / "report2")]) == 0
+    assert compare_main([str(runs), str(tmp_path / "odd"), "--out", str(tmp_path / "report2")]) == 0
 
 
 def test_runs_of_one_agent_with_other_settings_get_their_own_labels_and_duplicates_count_once(runs, tmp_path):
@@ -141,7 +145,7 @@ def test_runs_of_one_agent_with_other_settings_get_their_own_labels_and_duplicat
         clone(src, tmp_path / "lr" / src.name, edit)
     dup = run_dirs(runs, "fixed")[0]
     shutil.copytree(dup, tmp_path / "dup" / dup.name)  # the same run twice (e.g. copied folders)
-    c = compare.compare([runs, tmp_path / "lr", tmp_path / "dup"])
+    c = comparison.compare([runs, tmp_path / "lr", tmp_path / "dup"])
     labels = {g.label: len(g.runs) for g in c.groups}
     assert labels == {"fixed(eps=0.2,it=5,step=0.05)": 2, "random(data.optim.lr=0.05)": 2,
                       "random(data.optim.lr=0.2)": 2}
@@ -156,7 +160,7 @@ def test_fixed_images_figure_when_the_runs_record_them(runs, tmp_path):
                 h["fixed_images"] = {"index": [3, 14, 15], "epsilon": [0.1, None, 0.3],
                                      "iterations": [2, None, 8], "step_size": [0.05, None, 0.1]}
         clone(src, tmp_path / "fig5" / src.parent.name / src.name, edit)
-    files = compare.write_report(compare.compare([tmp_path / "fig5"]), tmp_path / "report")
+    files = comparison.write_report(comparison.compare([tmp_path / "fig5"]), tmp_path / "report")
     assert files["fixed_images_strength"].stat().st_size > 10_000
     assert "![fixed_images_strength](fixed_images_strength.png)" in files["report"].read_text()
 
@@ -168,18 +172,18 @@ def test_autoattack_from_evaluate_py_joins_the_table_when_it_scored_the_final_we
     for i, src in enumerate(dirs):
         dest = tmp_path / "aa" / src.name
         shutil.copytree(src, dest)
-        sha = compare._weights_fingerprint(dest / "target_state_dict.pt") if i == 0 else "0123456789abcdef"
+        sha = _weights_fingerprint(dest / "target_state_dict.pt") if i == 0 else "0123456789abcdef"
         (dest / "evaluation_n64.json").write_text(json.dumps({
-            "format": compare.EVALUATION_FORMAT, "fingerprint": {"model_sha256": sha, "eps": 0.2, "n_images": 64},
+            "format": EVALUATION_FORMAT, "fingerprint": {"model_sha256": sha, "eps": 0.2, "n_images": 64},
             "sanity_passed": True,
             "results": [{"name": "autoattack", "label": "AutoAttack (standard, official)", "accuracy": 0.1,
                          "n_images": 64, "epsilon": 0.2}]}))
-    c = compare.compare([tmp_path / "aa"])
+    c = comparison.compare([tmp_path / "aa"])
     assert "autoattack" in c.attacks and c.headline == "pgd5"  # not on every run: PGD still ranks
     (group,) = c.groups
     assert group.accuracy("autoattack").values == [0.1]
     assert any("other weights" in n for n in c.notes)
-    report = compare.markdown_report(c, {})
+    report = comparison.markdown_report(c, {})
     assert "AutoAttack (%)" in report and "10.00 (n=1)" in report and "(from experiments/evaluate.py)" in report
 
 
@@ -188,16 +192,16 @@ def test_only_clean_accuracy_means_no_ranking(runs, tmp_path):
         def edit(doc):
             doc["final"] = [r for r in doc["final"] if r["name"] == "clean"]
         clone(src, tmp_path / "clean" / src.name, edit)
-    c = compare.compare([tmp_path / "clean"])
+    c = comparison.compare([tmp_path / "clean"])
     assert c.headline is None and c.winners == []
-    assert "← best" not in compare.markdown_report(c, {})
+    assert "← best" not in comparison.markdown_report(c, {})
 
 
 def test_no_runs_is_one_line_and_exit_1(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert compare.main([str(tmp_path / "empty")]) == 1
+    assert compare_main([str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("compare: error: No finished runs") and err.count("\n") == 1
+    assert err.startswith("las-at: error: No finished runs") and err.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from agents.base import AgentSpec
+from evaluation import evaluate, evaluate_attack
 from agents.reinforce import ReinforceAgent
 from las_env.attack import per_image_pgd, random_start
 from las_env.checkpoint import FORMAT, atomic_save, load_checkpoint
 from las_env.data import ImageData
 from las_env.env import LASEnv
-from las_env.evaluation import evaluate, evaluate_attack
 from las_env.game import LASConfig, LASGame
 from las_env.grids import grid_for
 from las_env.models import build_model

@@ -18,21 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from las_env.attack import pgd
-from las_env.checkpoint import atomic_save
-from las_env.evaluation import (
+from evaluation import (
     ATTACKS,
     AttackResult,
     attack_spec,
     evaluate,
     evaluate_attack,
-    export_state_dict,
     format_table,
-    load_plain_state_dict,
     robust_accuracy,
     sanity_checks,
 )
-from las_env.evaluation import _load_state
+from evaluation.autoattack import _load_state
+from las_env.attack import pgd
+from las_env.checkpoint import atomic_save, export_state_dict, load_plain_state_dict
 from las_env.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,5 +346,5 @@ def test_cli_rejects_bad_input_before_any_work(run_dir, tmp_path, args, message)
     base = [] if any(a.startswith("checkpoint=") for a in args) else [f"checkpoint={run_dir}"]
     out = _cli(*base, *args, cwd=tmp_path)
     assert out.returncode == 1
-    assert out.stderr.startswith("error: ") and message in out.stderr
+    assert out.stderr.startswith("las-at: error: ") and message in out.stderr
     assert "Traceback" not in out.stderr and not out.stdout

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from experiments.compare import WEIGHTS, compare, markdown_report
+from experiments.comparison import WEIGHTS, compare, markdown_report
 from experiments.errors import ConfigError
 from experiments.loop import train
 from experiments.rundir import settings_hash

@@ -1,0 +1,87 @@
+"""Labels of runs: the agent's name, the attack a fixed agent played, the settings that differ."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from evaluation.attacks import format_eps
+from experiments.comparison.runs import NON_LEARNING_TARGETS, Run
+from las_env.grids import FIXED_ITERATIONS, threat_model_for
+
+NOT_SETTINGS = ("seed", "run_root", "logger", "progress", "threads", "resume", "stop_after_epochs",
+                "log_every_steps", "hydra", "eval", "data.root", "data.threads", "agent.name", "agent.seed",
+                "agent.verbose")
+"""Config keys (dotted prefixes) that never split runs into different labels: how a run was
+run, the seed (aggregated over), and the evaluation (checked as protocol instead)."""
+
+FIXED_ATTACK_KEYS = ("agent.step_size", "agent.iterations", "agent.epsilon", "data.fixed_attack")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v, sort_keys=True) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def _ignored(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _settings(run: Run) -> dict[str, Any]:
+    """The settings that make runs of one agent different experiments (not the seed)."""
+    skip = list(NOT_SETTINGS)
+    if run.is_fixed:
+        skip += FIXED_ATTACK_KEYS  # the attack actually played stands for these
+    if run.target.endswith(NON_LEARNING_TARGETS):
+        skip.append("reward")  # never learns: its training does not depend on the reward
+    return {k: v for k, v in _flatten(run.config).items() if not _ignored(k, skip)}
+
+
+def _fmt_value(key: str, v: Any) -> str:
+    if isinstance(v, float):
+        return format_eps(v) if re.search(r"eps|step_size", key) else f"{v:.4g}"
+    return str(v)
+
+
+def fixed_label(name: str, attack: tuple[float, int, float]) -> str:
+    eps, iters, step = attack
+    return f"{name}(eps={format_eps(eps)},it={iters},step={format_eps(step)})"
+
+
+def assign_labels(runs: Sequence[Run]) -> None:
+    """Set ``run.label``: the agent name, the played attack for fixed agents, and the settings
+    that differ between runs of the same agent name."""
+    by_name: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        by_name[r.agent].append(r)
+    for name, group in by_name.items():
+        settings = [_settings(r) for r in group]
+        keys = sorted(set().union(*settings))
+        differing = [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
+        for r, s in zip(group, settings):
+            base = fixed_label(name, r.fixed_attack) if r.fixed_attack else name
+            if differing:
+                extra = ",".join(f"{k.removeprefix('agent.')}={_fmt_value(k, s.get(k))}" for k in differing)
+                base = f"{base}[{extra}]" if r.fixed_attack else f"{name}({extra})"
+            r.label = base
+
+
+def default_fixed_attack(run: Run) -> tuple[float, int, float] | None:
+    """The data set's PGD-AT attack (``agent=fixed`` without overrides), on the run's grid."""
+    try:
+        dataset = run.dataset.lower().replace("_", "-")
+        threat = threat_model_for(dataset)
+        iters = FIXED_ITERATIONS[dataset]
+    except (KeyError, ValueError):
+        return None
+    i_step, i_it, i_eps = run.grid.index_of(threat.step_size, iters, threat.epsilon)
+    return run.grid.epsilons[i_eps], run.grid.iterations[i_it], run.grid.step_sizes[i_step]

@@ -1,0 +1,107 @@
+"""The comparison: runs read, labelled, checked for one protocol, grouped, ranked; the search baseline."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from experiments.comparison.labels import assign_labels, default_fixed_attack
+from experiments.comparison.protocol import check_protocol
+from experiments.comparison.runs import CompareError, Run, find_runs, load_run
+from experiments.comparison.stats import Group, attack_order, group_runs, headline_attack, rank_key
+from experiments.runfiles import RESULTS_FILE
+
+
+@dataclass
+class Comparison:
+    """Everything the report and ``summary.json`` show: runs, groups, the tables' rows, warnings."""
+
+    runs: list[Run]
+    groups: list[Group]  # every group, ranked
+    main: list[Group]  # the main table's rows (learned agents, default PGD-AT, best fixed)
+    search: list[Group]  # fixed attack settings, ranked, when two or more were run
+    attacks: list[str]
+    headline: str | None
+    warnings: list[str]
+    notes: list[str]
+    unfinished: list[Path]
+    sources: list[str]
+    weights: str = "final"
+
+    def margin_note(self) -> str:
+        """A caveat when the winner's lead over the runner-up is within one std over seeds."""
+        if not self.headline or not self.winners:
+            return ""
+        others = [g for g in self.main if g not in self.winners and not math.isnan(g.accuracy(self.headline).mean)]
+        if not others:
+            return ""
+        best, second = self.winners[0].accuracy(self.headline), others[0].accuracy(self.headline)
+        spread = max((s for s in (best.std, second.std) if not math.isnan(s)), default=math.nan)
+        if math.isnan(spread):
+            return f" (one seed for the winner or the runner-up `{others[0].label}`: no spread to judge the lead by)"
+        if best.mean - second.mean < spread:
+            return (f" (the lead over the runner-up `{others[0].label}`, {100 * (best.mean - second.mean):.2f} points, "
+                    f"is within one standard deviation over seeds: not a clear win)")
+        return ""
+
+    @property
+    def winners(self) -> list[Group]:
+        if not self.headline:
+            return []
+        means = [(g, g.accuracy(self.headline).mean) for g in self.main]
+        best = max((m for _, m in means if not math.isnan(m)), default=math.nan)
+        return [g for g, m in means if not math.isnan(best) and math.isclose(m, best, abs_tol=1e-12)]
+
+
+def compare(paths: Sequence[str | Path], weights: str = "final") -> Comparison:
+    files, unfinished = find_runs(paths)
+    if not files:
+        where = ", ".join(str(p) for p in paths)
+        hint = f" ({len(unfinished)} unfinished run folder(s) hold only a checkpoint)" if unfinished else ""
+        raise CompareError(f"No finished runs ({RESULTS_FILE}) found under {where}{hint}. Pass the folders "
+                           f"experiments/run.py printed, or their run_root.")
+    runs: list[Run] = []
+    skipped: list[str] = []
+    for f in files:
+        try:
+            runs.append(load_run(f, weights))
+        except CompareError as exc:  # e.g. another tool's results.json in the tree
+            skipped.append(f"skipped: {exc}")
+    if not runs:
+        raise CompareError(f"None of the {len(files)} {RESULTS_FILE} files found could be read: {skipped[0]}")
+    runs.sort(key=lambda r: (r.agent, str(r.path)))
+    assign_labels(runs)
+    warnings, notes = check_protocol(runs)
+    groups, dup_notes = group_runs(runs)
+    notes += skipped + dup_notes + [n for r in runs for n in r.notes]
+    for r in runs:
+        if r.is_fixed and r.fixed_attack is None:
+            notes.append(f"{r.path}: a fixed agent whose recorded choices hold more than one value; "
+                         f"labelled by its name only.")
+    headline = headline_attack(runs)
+    groups.sort(key=rank_key(headline))
+    attacks = sorted({n for r in runs for n in r.final}, key=attack_order)
+
+    fixed = [g for g in groups if g.is_fixed]
+    search: list[Group] = []
+    main = [g for g in groups if not g.is_fixed]
+    if len(fixed) >= 2:
+        search = fixed
+        default = {default_fixed_attack(g.runs[0]) for g in fixed} - {None}
+        chosen = []
+        if headline:
+            best = fixed[0]  # groups are ranked
+            best.role = f"search: best of {len(fixed)} fixed settings"
+            chosen.append(best)
+        for g in fixed:
+            if g.runs[0].fixed_attack in default:
+                g.role = (g.role + ", " if g.role else "") + "default PGD-AT"
+                if g not in chosen:
+                    chosen.append(g)
+        main = sorted(main + chosen, key=rank_key(headline))
+    else:
+        main = groups
+    sources = [str(p) for p in paths]
+    return Comparison(runs, groups, main, search, attacks, headline, warnings, notes, unfinished, sources, weights)

@@ -1,0 +1,78 @@
+"""The network to evaluate: built from a LAS-AT checkpoint or a plain ``state_dict``, checked against the attacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from evaluation import import_autoattack
+from experiments.evaluation_job.settings import Settings
+from experiments.runfiles import CHECKPOINT
+from las_env.checkpoint import load_checkpoint, load_plain_state_dict
+from las_env.data import ImageData, load_dataset
+from las_env.models import build_model
+
+
+@dataclass
+class Target:
+    """The network to evaluate and where it came from.
+
+    Attributes:
+        model: The classifier, on the evaluation device, in eval mode.
+        name: Architecture name (``small_cnn``...).
+        dataset: Data set name it was trained on.
+        data_root: Folder the data set is read from.
+        source: The checkpoint or state_dict file.
+        out_dir: Where reports go.
+        meta: The checkpoint's metadata (empty for a plain state_dict).
+        data: The loaded data (``None`` until needed).
+    """
+
+    model: nn.Module
+    name: str
+    dataset: str
+    data_root: str
+    source: Path
+    out_dir: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    data: ImageData | None = None
+
+
+def load_target(s: Settings) -> Target:
+    """Build the network from a LAS-AT checkpoint or a plain state_dict (loads data for the latter)."""
+    if s.checkpoint is not None:
+        ckpt = load_checkpoint(s.checkpoint)
+        meta = dict(ckpt.get("meta") or {})
+        missing = [k for k in ("dataset", "model", "in_channels", "num_classes") if k not in meta]
+        if missing:
+            raise ValueError(f"Checkpoint {s.checkpoint} lacks metadata {missing}; evaluate it as state_dict= instead.")
+        model = build_model(meta["model"], int(meta["in_channels"]), int(meta["num_classes"]))
+        try:
+            model.load_state_dict(ckpt["target"], strict=True)
+        except (KeyError, RuntimeError) as exc:
+            raise ValueError(f"Checkpoint {s.checkpoint}: target weights do not fit {meta['model']}: {exc}") from None
+        source = s.checkpoint / CHECKPOINT if s.checkpoint.is_dir() else s.checkpoint
+        target = Target(model, meta["model"], meta["dataset"], s.data_root or meta.get("data_root") or "data",
+                        source, s.out_dir or source.parent, meta)
+    else:
+        assert s.state_dict is not None and s.model is not None and s.data is not None
+        if not s.state_dict.is_file():
+            raise FileNotFoundError(f"No state_dict file at {s.state_dict}.")
+        root = s.data_root or "data"
+        data = load_dataset(s.data, root)
+        model = load_plain_state_dict(build_model(s.model, data.channels, data.num_classes), s.state_dict)
+        target = Target(model, s.model, s.data, root, s.state_dict, s.out_dir or s.state_dict.parent, data=data)
+    target.model.to(s.device).eval()
+    return target
+
+
+def check_attack_needs(s: Settings, target: Target) -> None:
+    """Fail before any work when a requested attack cannot run on this target."""
+    if "autoattack" in s.attacks:
+        import_autoattack()  # raises a clear ImportError without the official package
+        classes = int(target.meta.get("num_classes") or (target.data.num_classes if target.data else 10))
+        if classes < 10:
+            raise ValueError(f"AutoAttack standard attacks 9 target classes; {target.dataset} has {classes} classes.")
