@@ -60,7 +60,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from las_env.evaluation import atomic_write_text, format_eps  # noqa: E402
 from las_env.files import write_json  # noqa: E402
-from las_env.grids import FIXED_ITERATIONS, StrategyGrid, grid_for, threat_model_for  # noqa: E402
+from las_env.grids import FIXED_ITERATIONS, grid_for, threat_model_for  # noqa: E402
+from las_env.strategy_space import ATTACK_COLUMNS, StrategySpace  # noqa: E402
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = "las-at/results/v1"  # experiments.loop.RESULTS_FORMAT (not imported: it pulls in the env)
@@ -104,7 +105,7 @@ class Run:
     threat: str
     per_epoch_attack: str
     data_description: str
-    grid: StrategyGrid
+    grid: StrategySpace
     fixed_attack: tuple[float, int, float] | None = None  # (epsilon, iterations, step size) played
     posthoc: list[str] = field(default_factory=list)  # attack names read from evaluate.py reports
     notes: list[str] = field(default_factory=list)
@@ -205,17 +206,17 @@ def _weights_fingerprint(path: Path) -> str | None:
         return None
 
 
-def _grid(config: Mapping[str, Any], dataset: str) -> StrategyGrid:
+def _grid(config: Mapping[str, Any], dataset: str) -> StrategySpace:
     cfg = (config.get("data") or {}).get("grid")
     if cfg:
-        return StrategyGrid.from_config(cfg)
+        return StrategySpace.from_config(cfg)
     return grid_for(dataset.lower().replace("_", "-"))
 
 
-def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategyGrid) -> tuple[float, int, float] | None:
+def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategySpace) -> tuple[float, int, float] | None:
     """The one (epsilon, iterations, step size) a fixed agent played, read from the per-epoch
     counts of chosen grid indices; ``None`` when it played more than one value of any."""
-    values = {"step_size": grid.step_sizes, "iterations": grid.iterations, "epsilon": grid.epsilons}
+    values = {name: grid.values[name] for name in ATTACK_COLUMNS}
     out: dict[str, float] = {}
     for name, grid_values in values.items():
         totals = np.zeros(len(grid_values))
@@ -336,8 +337,8 @@ def default_fixed_attack(run: Run) -> tuple[float, int, float] | None:
         iters = FIXED_ITERATIONS[dataset]
     except (KeyError, ValueError):
         return None
-    i_step, i_it, i_eps = run.grid.index_of(threat.step_size, iters, threat.epsilon)
-    return run.grid.epsilons[i_eps], run.grid.iterations[i_it], run.grid.step_sizes[i_step]
+    i_eps, i_it, i_step = run.grid.index_of(epsilon=threat.epsilon, iterations=iters, step_size=threat.step_size)
+    return run.grid.value("epsilon", i_eps), run.grid.value("iterations", i_it), run.grid.value("step_size", i_step)
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -353,9 +354,7 @@ def protocol_of(run: Run) -> dict[str, str]:
         "model": str(run.config.get("model", {}).get("name", "?")),
         "threat model": run.threat,
         "training budget": f"{data.get('epochs', '?')} epochs x {steps} steps x batch {data.get('batch_size', '?')}",
-        "strategy grid": json.dumps(
-            {"eps": [round(v, 6) for v in run.grid.epsilons], "iterations": list(run.grid.iterations),
-             "step": [round(v, 6) for v in run.grid.step_sizes]}),
+        "strategy grid": json.dumps({name: [round(v, 6) for v in values] for name, values in run.grid.values.items()}),
         "per-epoch evaluation": (f"{run.per_epoch_attack} on {first_eval.get('test_images', '?')} test / "
                                  f"{first_eval.get('train_images', '?')} train images"),
     }
@@ -626,7 +625,8 @@ def _protocol_lines(c: Comparison) -> list[str]:
     p = protocol_of(ref)
     lines = [f"- Weights: {WEIGHTS[c.weights]} of each run",
              f"- Data: {p['data set']}; model {p['model']}; {p['training budget']}",
-             f"- Threat model: {ref.threat}"]
+             f"- Threat model: {ref.threat}",
+             f"- Strategy space (column: values): {p['strategy grid']}"]
     for a in c.attacks:
         have = [r for r in c.runs if a in r.final]
         row = have[0].final[a]
@@ -775,7 +775,7 @@ def plot_epsilon_distribution(groups: Sequence[Group], path: Path) -> Path | Non
     fig, axes = _grid_panels(len(groups))
     im = None
     for ax, g in zip(axes, groups):
-        values = list(g.runs[0].grid.epsilons)
+        values = list(g.runs[0].grid.values["epsilon"])
         per_epoch: dict[int, np.ndarray] = {}
         for r in g.runs:
             for h in r.history:
@@ -822,7 +822,7 @@ def plot_fixed_images(groups: Sequence[Group], path: Path, *, images: int = 8) -
     for ax, (g, run) in zip(axes, shown):
         records = _fixed_images(run)
         epochs = [e for e, _ in records]
-        values = list(run.grid.epsilons)
+        values = list(run.grid.values["epsilon"])
         spacing = (values[-1] - values[0]) / max(len(values) - 1, 1) or 1.0
         indices = list(records[0][1].get("index") or range(len(records[0][1]["epsilon"])))[:images]
         for k, image in enumerate(indices):
