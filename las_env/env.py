@@ -24,6 +24,13 @@ from las_env.strategy_space import StrategySpace
 from las_env.target import OptimConfig
 
 
+INFO_KEYS = frozenset({"rewards", "l1", "l2", "l3", "adv_correct", "adv_accuracy", "clean_accuracy",
+                       "probe_accuracy", "train_loss", "batch_terms_before", "reward_computed", "lr", "labels",
+                       "epoch", "step", "reward_next_step"})
+"""The step info's own keys; a strategy column's values sit beside them under its name, so no column may
+take one of these names."""
+
+
 def make_config(**kwargs: Any) -> LASConfig:
     """A :class:`LASConfig` from keyword settings; ``optim``, ``reward``, ``grid`` and ``method``
     may be given as dicts (``method`` also as a name: ``method="trades"``). Unknown keys raise a ValueError listing the valid ones."""
@@ -95,6 +102,10 @@ class LASEnv(gym.Env):
         self.game = LASGame(self.config, data)
         self.tensor_api = tensor_api
         self.space = self.game.space
+        taken = sorted(INFO_KEYS.intersection(self.space.columns))
+        if taken:
+            raise ValueError(f"data.grid.extra names the column(s) {taken}, which the step info already uses for "
+                             f"its own values: rename the column (e.g. my_{taken[0]}).")
         self.grid = self.space  # the earlier name
         d = self.game.data
         b = self.config.batch_size // self.game.shard.world  # under torchrun: this rank's rows (las_env/sharding.py)

@@ -66,6 +66,8 @@ def test_a_column_no_method_reads_is_carried_one_a_method_reads_but_this_one_doe
     torch.testing.assert_close(info["epsilon"], torch.full((6,), 0.2))
     with pytest.raises(RuntimeError, match="before the first step"):
         env.configure_agent(reward_interval=2)
+    with pytest.raises(ValueError, match="rename the column"):
+        LASEnv(data=digits, batch_size=6, grid=StrategySpace((0.05,), (1,), (0.2,), extra={"labels": (1.0,)}))
     beta = StrategySpace((0.05,), (1,), (0.2,), extra={"trades_beta": (6.0,)})
     with pytest.raises(SettingError, match="method=trades"):
         LASEnv(data=digits, batch_size=6, grid=beta, method="pgd_at")
