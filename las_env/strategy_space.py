@@ -216,7 +216,9 @@ class SpaceLookup:
         self.offsets = torch.tensor([sum(map(len, tables[:j])) for j in range(len(tables))], device=device)
 
     def __call__(self, indices: Tensor) -> dict[str, Tensor]:
-        by_column = self.flat[(indices + self.offsets).t()]  # (columns, B), each row contiguous
+        # A contiguous (columns, B) index, so each column's values are one contiguous (B,) tensor
+        # (a transposed index would give strided columns, whose reductions round differently).
+        by_column = self.flat[(indices + self.offsets).t().contiguous()]
         out = dict(zip(self.columns, by_column.unbind(0)))
         out["iterations"] = out["iterations"].long()
         return out

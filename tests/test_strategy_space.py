@@ -34,6 +34,7 @@ def test_lookup_and_decode_agree_with_enumerating_every_action(space):
     got = space.lookup("cpu")(torch.tensor(rows))
     assert list(got) == list(space.columns)
     assert got["iterations"].dtype == torch.long
+    assert all(v.is_contiguous() for v in got.values())  # as a per-column table lookup gives them
     for j, (name, table) in enumerate(space.values.items()):
         want = torch.tensor([table[r[j]] for r in rows], dtype=got[name].dtype)
         torch.testing.assert_close(got[name], want, rtol=0, atol=0)
