@@ -4,16 +4,17 @@ The loop (``experiments/loop.py``) runs, for the whole budget::
 
     obs, info = env.reset(seed=seed)                  # LASEnv(tensor_api=True)
     while not done:
-        action = agent.act(obs, info)                 # (B, 3) long tensor of grid indices
+        action = agent.act(obs, info)                 # (B, columns) long tensor of grid indices
         obs, reward, done, _, info = env.step(action)
         metrics = agent.learn(reward, info)           # learn when info["reward_computed"]
 
 ``info`` is LASEnv's (torch tensors on the training device): before a step it says
 whether that step will carry the full reward (``reward_next_step``); after it, it holds
 the per-image rewards (``rewards``), the terms ``l1``/``l2``/``l3`` and whether they were
-computed (``reward_computed``). An agent is built by Hydra from its config's
-``_target_`` with the config's keys plus ``spec=AgentSpec(...)``, so a user's class
-outside this package works from the command line: ``agent._target_=my_module.MyAgent``.
+computed (``reward_computed``). The env exists first; an agent is built by Hydra from its
+config's ``_target_`` with the config's keys plus ``spec=AgentSpec.from_game(env)``, so a
+user's class outside this package works from the command line: ``agent._target_=my_module.MyAgent``;
+then the env is told the agent's ``k`` (``env.configure_agent``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from las_env.grids import StrategyGrid
+from las_env.strategy_space import StrategySpace
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,9 @@ class AgentSpec:
     """What an agent is told about the game it plays.
 
     Attributes:
-        grid: the strategy grid; an action row is (step-size idx, iterations idx, epsilon idx).
+        grid: the strategy space (:class:`las_env.strategy_space.StrategySpace`): an action row
+            is one index per column of ``grid.columns`` (step size, iterations, epsilon, then
+            any further column); ``grid.lookup(device)`` turns index actions into values.
         observation_shape: (B, C, H, W) of each observation.
         num_classes: classes of the target's task (the strategy does not see labels).
         dataset: data set name ("digits", "cifar10", ...).
@@ -42,7 +45,7 @@ class AgentSpec:
         seed: the run's seed, for the agent's own initialisation.
     """
 
-    grid: StrategyGrid
+    grid: StrategySpace
     observation_shape: tuple[int, int, int, int]
     num_classes: int
     dataset: str
@@ -50,6 +53,28 @@ class AgentSpec:
     total_steps: int
     steps_per_epoch: int
     seed: int = 0
+
+    @property
+    def space(self) -> StrategySpace:
+        """The strategy space (``grid``'s other name)."""
+        return self.grid
+
+    @classmethod
+    def from_game(cls, env_or_game: Any, *, seed: int = 0) -> AgentSpec:
+        """The spec of a built ``LASEnv`` (or its ``LASGame``, or ``distributed.GlobalView``): its
+        space, the GLOBAL batch's observation shape, classes, data set, device and episode length."""
+        game = getattr(env_or_game, "game", env_or_game)
+        data, cfg = game.data, game.config
+        return cls(
+            grid=game.space,
+            observation_shape=(cfg.batch_size, data.channels, data.height, data.width),
+            num_classes=data.num_classes,
+            dataset=cfg.dataset,
+            device=game.device,
+            total_steps=game.total_steps,
+            steps_per_epoch=game.steps_per_epoch,
+            seed=seed,
+        )
 
 
 @runtime_checkable
@@ -69,7 +94,7 @@ class Agent(Protocol):
     reward_interval: int
 
     def act(self, observation: Tensor, info: dict[str, Any]) -> Tensor:
-        """The (B, 3) long tensor of grid indices for this batch, on ``observation.device``."""
+        """The (B, columns) long tensor of grid indices for this batch, on ``observation.device``."""
         ...
 
     def learn(self, reward: Tensor, info: dict[str, Any]) -> dict[str, Any]:

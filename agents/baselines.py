@@ -73,11 +73,11 @@ class FixedAgent:
             "epsilon": (epsilon, default_epsilon),
         }
         extra = dict(extra or {})
-        unknown = sorted(set(extra) - set(grid.columns[3:]))
-        missing = [name for name in grid.columns[3:] if name not in extra]
+        unknown = sorted(set(extra) - set(grid.extra_columns))
+        missing = [name for name in grid.extra_columns if name not in extra]
         if unknown or missing:
             raise ValueError(
-                f"FixedAgent: the grid's extra columns are {list(grid.columns[3:])}, but extra= gives "
+                f"FixedAgent: the grid's extra columns are {list(grid.extra_columns)}, but extra= gives "
                 f"{sorted(extra)}: give one value per extra column, e.g. +agent.extra.trades_beta=6.0 on the "
                 f"command line (values: {dict(grid.extra)})."
             )
@@ -106,10 +106,11 @@ class FixedAgent:
                 )
             indices.append(i)
         self.action_indices: tuple[int, ...] = tuple(indices)
-        self.step_size = float(grid.step_sizes[indices[0]])
-        self.iterations = int(grid.iterations[indices[1]])
-        self.epsilon = float(grid.epsilons[indices[2]])
-        self.extra = {name: values[name][i] for name, i in zip(grid.columns[3:], indices[3:])}
+        played = grid.decode(indices)
+        self.step_size = float(played["step_size"])
+        self.iterations = int(played["iterations"])
+        self.epsilon = float(played["epsilon"])
+        self.extra = {name: played[name] for name in grid.extra_columns}
         # Allocated once; every act returns this same tensor (callers must not modify it).
         batch = spec.observation_shape[0]
         self._action = torch.tensor(indices, dtype=torch.long, device=self.device).repeat(batch, 1)

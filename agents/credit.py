@@ -68,6 +68,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 Credit = Literal["paper", "per_image", "unbiased"]
@@ -115,3 +116,58 @@ def unbiased_advantages(l1: Tensor, batch_terms: Tensor, batch_terms_before: Ten
     b = l1.shape[-1]
     shared = b * (batch_terms.mean(-1, keepdim=True) - batch_terms_before.mean(-1, keepdim=True))
     return (l1 - leave_one_out_mean(l1)) + shared
+
+
+class CreditStats:
+    """The running statistics of the credit (on the device, so updating them never synchronises).
+
+    ``baseline``: EMA (``momentum``) of the batch-mean reward, initialised from the first batch and
+    moved AFTER use, so the baseline subtracted on an update saw only past batches (``per_image``).
+    ``advantage_sq``: EMA of the squared advantages, the scale ``s**2`` they are divided by when
+    ``normalize``: with ``per_image`` the current batch included, with ``unbiased`` past updates only
+    (1 on the first), so the scaling adds no bias. ``paper`` advantages are never rescaled.
+    """
+
+    def __init__(self, device: torch.device, momentum: float, normalize: bool) -> None:
+        self.baseline = torch.zeros((), device=device)
+        self.advantage_sq = torch.ones((), device=device)
+        self.started = False  # the first update initialises them from its batch
+        self.momentum, self.normalize = momentum, normalize
+
+    def advantages(self, credit: Credit, rewards: Tensor, l1: Tensor | None = None,
+                   before: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(advantage (B,), scale, baseline used, batch-mean reward)`` of one update; ``l1`` and
+        ``before`` (the pre-update batch terms) are ``credit="unbiased"``'s inputs."""
+        m, one = self.momentum, torch.ones((), device=rewards.device)
+        batch_mean = rewards.mean()
+        if not self.started:
+            self.baseline.copy_(batch_mean)
+        baseline_used = self.baseline.clone()
+        if credit == "paper":
+            # The authors: the batch's one scalar reward for every image, no baseline.
+            advantage, scale = paper_advantages(rewards), one
+        elif credit == "unbiased":
+            advantage = unbiased_advantages(l1, rewards - l1, before)
+            scale = one
+            if self.normalize:
+                scale = self.advantage_sq.sqrt().clamp_min(1e-6) if self.started else one
+                self._track(advantage.square().mean())
+                advantage = advantage / scale
+        else:
+            advantage, scale = per_image_advantages(rewards, baseline_used), one
+            if self.normalize:
+                self._track(advantage.square().mean())
+                # Floor: a batch whose rewards all equal the baseline has nothing to say.
+                scale = self.advantage_sq.sqrt().clamp_min(1e-6)
+                advantage = advantage / scale
+        # The baseline moves after use, so the one subtracted above saw only past batches.
+        if self.started:
+            self.baseline.mul_(m).add_(batch_mean, alpha=1 - m)
+        self.started = True
+        return advantage, scale, baseline_used, batch_mean
+
+    def _track(self, sq: Tensor) -> None:
+        if self.started:
+            self.advantage_sq.mul_(self.momentum).add_(sq, alpha=1 - self.momentum)
+        else:
+            self.advantage_sq.copy_(sq)

@@ -70,11 +70,13 @@ import torch
 from torch import Tensor
 
 from agents.base import AgentSpec, Scorer
-from agents.credit import CREDITS, Credit, paper_advantages, per_image_advantages, unbiased_advantages
+from agents.credit import CREDITS, Credit, CreditStats
 from agents.strategy_net import StrategyNet
 from las_env.attack import eval_mode
 from las_env.checkpoint import restore_generator
 from las_env.datasets.registry import lookup
+from las_env.strategy_space import ATTACK_COLUMNS
+from las_env.validate import check_interval
 
 RewardFlow = Literal["train_on_scored", "score_then_resample"]
 BnMode = Literal["train", "split"]
@@ -85,7 +87,7 @@ BnMode = Literal["train", "split"]
 class _Pending:
     """What a learning step's ``act`` keeps for ``learn``: autograd-carrying (B,) tensors."""
 
-    actions: Tensor  # (B, 3) long, the sampled grid indices
+    actions: Tensor  # (B, columns) long, the sampled grid indices
     log_prob: Tensor  # (B,) log p(a_i | x_i), summed over the three heads, with graph
     entropy: Tensor  # (B,) entropy of p(. | x_i), summed over the heads, with graph
 
@@ -157,8 +159,7 @@ class ReinforceAgent:
         lr_milestones: Sequence[float] = (),
         lr_gamma: float = 0.1,
     ) -> None:
-        if int(k) != k or k < 1:
-            raise ValueError(f"k (the strategy's update interval) must be a whole number >= 1, got {k}.")
+        k = check_interval("k", k)  # the strategy's update interval
         if credit not in CREDITS:
             raise ValueError(f"credit must be one of {', '.join(CREDITS)}, got {credit!r}.")
         if optimizer not in ("sgd", "adam"):
@@ -201,13 +202,10 @@ class ReinforceAgent:
         self.generator.manual_seed(self.seed)
         self._init_lr_schedule(lr, lr_milestones, lr_gamma)
 
-        # Running statistics, on the device so updating them never synchronises.
-        self.baseline = torch.zeros((), device=self.device)
-        self.advantage_sq = torch.ones((), device=self.device)
-        self._stats_started = False  # the first update initialises them from its batch
+        self.stats = CreditStats(self.device, self.baseline_momentum, self.normalize_advantages)
         self.updates = 0
 
-        self._epsilons = spec.grid.tables(self.device)[2]
+        self._lookup = spec.grid.lookup(self.device)  # index -> value, on the device
         self._pending: _Pending | None = None
         self._warned_unmatched = False
         self._init_flow(reward_flow, bn_mode)
@@ -313,35 +311,8 @@ class ReinforceAgent:
             return {}
 
         rewards = torch.as_tensor(info["rewards"], device=self.device, dtype=torch.float32).detach()
-        batch_mean = rewards.mean()
-        m = self.baseline_momentum
-        if not self._stats_started:
-            self.baseline.copy_(batch_mean)
-        baseline_used = self.baseline.clone()
-
-        if self.credit == "paper":
-            # The authors: the batch's one scalar reward for every image, no baseline.
-            advantage = paper_advantages(rewards)
-            scale = torch.ones((), device=self.device)
-        elif self.credit == "unbiased":
-            advantage, scale = self._unbiased(rewards, info)
-        else:
-            advantage = per_image_advantages(rewards, baseline_used)
-            if self.normalize_advantages:
-                sq = advantage.square().mean()
-                if self._stats_started:
-                    self.advantage_sq.mul_(m).add_(sq, alpha=1 - m)
-                else:
-                    self.advantage_sq.copy_(sq)
-                # Floor: a batch whose rewards all equal the baseline has nothing to say.
-                scale = self.advantage_sq.sqrt().clamp_min(1e-6)
-                advantage = advantage / scale
-            else:
-                scale = torch.ones((), device=self.device)
-        # The baseline moves after use, so the one subtracted above saw only past batches.
-        if self._stats_started:
-            self.baseline.mul_(m).add_(batch_mean, alpha=1 - m)
-        self._stats_started = True
+        l1, before = self._unbiased_inputs(info) if self.credit == "unbiased" else (None, None)
+        advantage, scale, baseline_used, batch_mean = self.stats.advantages(self.credit, rewards, l1, before)
 
         policy_loss = (-advantage * pending.log_prob).mean()
         entropy = pending.entropy.mean()
@@ -368,14 +339,13 @@ class ReinforceAgent:
             "baseline": baseline_used,
             "advantage_scale": scale.detach(),
             "grad_norm": grad_norm.detach(),
-            "step_size_idx": actions[:, 0].float().mean(),
-            "iterations_idx": actions[:, 1].float().mean(),
-            "epsilon_idx": actions[:, 2].float().mean(),
-            "epsilon": self._epsilons[actions[:, 2]].mean(),
+            # The attack's columns (the first three of every space); further columns are in the choice counts.
+            **{f"{name}_idx": actions[:, j].float().mean() for j, name in enumerate(ATTACK_COLUMNS)},
+            "epsilon": self._lookup(actions)["epsilon"].mean(),
         }
 
-    def _unbiased(self, rewards: Tensor, info: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """Advantages of ``credit="unbiased"`` and the scale they were divided by."""
+    def _unbiased_inputs(self, info: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """``credit="unbiased"``'s per-image L1 and pre-update batch terms, or a ValueError."""
         before = info.get("batch_terms_before")
         if before is None:
             raise ValueError(
@@ -385,19 +355,17 @@ class ReinforceAgent:
                 "needs_pre_update_probe is true), or use credit='per_image' or 'paper'."
             )
         l1 = torch.as_tensor(info["l1"], device=self.device, dtype=torch.float32).detach()
-        before = torch.as_tensor(before, device=self.device, dtype=torch.float32).detach()
-        advantage = unbiased_advantages(l1, rewards - l1, before)
-        if not self.normalize_advantages:
-            return advantage, torch.ones((), device=self.device)
-        # The scale comes from PAST updates only (1 on the first): it cannot bias this update.
-        m = self.baseline_momentum
-        scale = self.advantage_sq.sqrt().clamp_min(1e-6) if self._stats_started else torch.ones((), device=self.device)
-        sq = advantage.square().mean()
-        if self._stats_started:
-            self.advantage_sq.mul_(m).add_(sq, alpha=1 - m)
-        else:
-            self.advantage_sq.copy_(sq)
-        return advantage / scale, scale
+        return l1, torch.as_tensor(before, device=self.device, dtype=torch.float32).detach()
+
+    @property
+    def baseline(self) -> Tensor:
+        """0-d: the running mean of batch rewards (``agents.credit.CreditStats``)."""
+        return self.stats.baseline
+
+    @property
+    def advantage_sq(self) -> Tensor:
+        """0-d: the running mean of squared advantages (the scale ``s**2``)."""
+        return self.stats.advantage_sq
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -405,9 +373,9 @@ class ReinforceAgent:
         return {
             "net": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "baseline": self.baseline.clone(),
-            "advantage_sq": self.advantage_sq.clone(),
-            "stats_started": self._stats_started,
+            "baseline": self.stats.baseline.clone(),
+            "advantage_sq": self.stats.advantage_sq.clone(),
+            "stats_started": self.stats.started,
             "updates": self.updates,
             "generator": self.generator.get_state(),
             # For the record (not enforced on load): what produced this state.
@@ -417,9 +385,9 @@ class ReinforceAgent:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.baseline.copy_(state["baseline"])
-        self.advantage_sq.copy_(state["advantage_sq"])
-        self._stats_started = bool(state["stats_started"])
+        self.stats.baseline.copy_(state["baseline"])
+        self.stats.advantage_sq.copy_(state["advantage_sq"])
+        self.stats.started = bool(state["stats_started"])
         self.updates = int(state["updates"])
         restore_generator(self.generator, state["generator"])
         self._pending = None

@@ -8,8 +8,8 @@ on top::
                                                   -> head_iterations -> logits (B, n_iter)
                                                   -> head_epsilon    -> logits (B, n_eps)
 
-The heads are in action-column order (``las_env.grids.ACTION_COLUMNS``): column 0 of an
-action indexes the step-size grid, column 1 the iterations grid, column 2 the epsilon grid.
+The heads are in action-column order (``StrategySpace.columns``): one head per column of the
+space, whatever its columns are (the attack's three, then e.g. ``trades_beta``).
 
 Initialisation: the heads start at ZERO (weights and biases) by default, so the initial
 strategy is exactly uniform over the grid for every image. A randomly initialised head
@@ -38,7 +38,7 @@ class StrategyNet(nn.Module):
         backbone: a :func:`las_env.models.build_model` name: ``"resnet18"`` (the authors'
             strategy network on CIFAR), ``"small_cnn"`` (digits), ``"preact_resnet18"``, ...
         in_channels: channels of the observed images.
-        nvec: number of grid values per action column, ``StrategyGrid.nvec``.
+        nvec: number of values per action column, ``StrategySpace.nvec``.
         zero_init_heads: start every head at zero, i.e. a uniform strategy (see module doc).
 
     Attributes:

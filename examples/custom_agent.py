@@ -10,7 +10,7 @@ rewards can be, and a sanity baseline between ``agent=fixed`` and ``agent=reinfo
 It implements the protocol of ``agents/base.py`` (nothing to inherit from)::
 
     reward_interval: int                 # the env pays the full reward every k-th step
-    act(observation, info) -> (B, 3)     # grid indices: (step size, iterations, epsilon)
+    act(observation, info) -> (B, C)     # grid indices, one per column of spec.grid.columns
     learn(reward, info) -> dict          # called after every step; info["rewards"] is (B,)
     state_dict() / load_state_dict()     # exact resume
 
@@ -47,11 +47,6 @@ from agents.base import AgentSpec  # noqa: E402
 from las_env.datasets import lookup  # noqa: E402
 
 
-def _nearest(values: tuple[float, ...] | list[float], want: float) -> int:
-    """Index of the grid value closest to ``want`` (actions are grid indices, not values)."""
-    return min(range(len(values)), key=lambda i: abs(float(values[i]) - want))
-
-
 class EpsilonGreedyBandit:
     """Epsilon-greedy choice of the attack radius, learned from per-image rewards.
 
@@ -82,10 +77,14 @@ class EpsilonGreedyBandit:
         pgd_at_step, pgd_at_iterations, _ = lookup(spec.dataset).fixed_attack  # the data set's PGD-AT attack
         want_step = pgd_at_step if step_size is None else float(step_size)
         want_iters = pgd_at_iterations if iterations is None else int(iterations)
-        self._step_idx = torch.tensor(_nearest(grid.step_sizes, want_step), device=self.device)
-        self._iter_idx = torch.tensor(_nearest(grid.iterations, want_iters), device=self.device)
-        self.epsilons = torch.tensor(grid.epsilons, dtype=torch.float32, device=self.device)
-        n = len(grid.epsilons)
+        # Actions are grid indices, not values: the space finds the nearest ones by column name.
+        fixed = dict(zip(("step_size", "iterations"), grid.index_of(step_size=want_step, iterations=want_iters)))
+        # One row of indices for every column of the space; a further column (e.g. trades_beta)
+        # is played at its first value. act() overwrites the epsilon column per image.
+        self._row = torch.tensor([fixed.get(name, 0) for name in grid.columns], device=self.device)
+        self._eps_column = grid.column("epsilon")
+        self.epsilons = torch.tensor(grid.values["epsilon"], dtype=torch.float32, device=self.device)
+        n = len(self.epsilons)
 
         # The bandit's whole knowledge: per epsilon ("arm"), decayed sums of rewards and counts.
         # Kept on the training device and updated with tensor ops only: act/learn never wait
@@ -110,7 +109,9 @@ class EpsilonGreedyBandit:
         # Remember what was played on the steps that will carry the full reward (the env says
         # so in advance: info["reward_next_step"]); the other steps' rewards are 0, not data.
         self._played = eps_idx if info.get("reward_next_step", False) else None
-        return torch.stack([self._step_idx.expand(b), self._iter_idx.expand(b), eps_idx], dim=1)
+        action = self._row.expand(b, -1).clone()
+        action[:, self._eps_column] = eps_idx
+        return action
 
     def learn(self, reward: Any, info: dict[str, Any]) -> dict[str, Any]:
         played, self._played = self._played, None
@@ -138,10 +139,7 @@ class EpsilonGreedyBandit:
 
 def spec_for(env: Any, seed: int = 0) -> AgentSpec:
     """What the runner tells an agent, read off a LASEnv (``gymnasium.make`` wraps it)."""
-    game = env.unwrapped.game
-    return AgentSpec(grid=game.grid, observation_shape=tuple(env.observation_space.shape),
-                     num_classes=game.data.num_classes, dataset=game.config.dataset, device=game.device,
-                     total_steps=game.total_steps, steps_per_epoch=game.steps_per_epoch, seed=seed)
+    return AgentSpec.from_game(env.unwrapped, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -133,7 +133,7 @@ class GlobalView:
     """The env as the agent and the loop see it under DDP: the global batch, global rewards.
 
     Wraps this rank's :class:`las_env.env.LASEnv` (``tensor_api=True``), which plays the rank's
-    rows. ``step``/``score`` take the global ``(batch_size, 3)`` action (rank 0's is broadcast),
+    rows. ``step``/``score`` take the global ``(batch_size, columns)`` action (rank 0's is broadcast),
     play this rank's rows, all-gather the per-image info (rewards, L1-L3, adversarial
     correctness, pre-update terms) and average the shard means, so ``info`` has the keys
     and shapes of a single process's. Everything else is the wrapped env's.
@@ -171,7 +171,7 @@ class GlobalView:
     def _shared(self, action) -> Tensor:
         game = self.env.game
         a = torch.as_tensor(action, device=game.device).long().contiguous()
-        expected = (game.config.batch_size, 3)
+        expected = (game.config.batch_size, len(game.space.nvec))
         if tuple(a.shape) != expected:
             raise ValueError(f"Action has shape {tuple(a.shape)}; expected {expected}: one row per image of the "
                              f"global batch (every rank's), under torchrun as in one process.")
@@ -198,7 +198,7 @@ class GlobalView:
         for i, k in enumerate(MEAN_KEYS):
             out[k] = means[i]
         out["adv_accuracy"] = out["adv_correct"].float().mean()
-        out["step_size"], out["iterations"], out["epsilon"] = self.env.game.action_values(action)
+        out.update(self.env.game.strategy(action))  # every column of the space, global rows
         out["labels"] = self.env.game.global_batch[1]
         return out
 

@@ -14,6 +14,7 @@ from las_env.game import LASConfig, LASGame, StepOutcome
 from las_env.grids import StrategyGrid, grid_for, threat_model_for
 from las_env.methods import MethodConfig
 from las_env.reward import RewardConfig
+from las_env.strategy_space import StrategySpace
 from las_env.target import OptimConfig
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "LASConfig",
     "StepOutcome",
     "StrategyGrid",
+    "StrategySpace",
     "RewardConfig",
     "OptimConfig",
     "MethodConfig",

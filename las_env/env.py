@@ -18,10 +18,17 @@ from gymnasium import spaces
 
 from las_env.data import ImageData
 from las_env.game import LASConfig, LASGame, StepOutcome
-from las_env.grids import StrategyGrid
 from las_env.methods import MethodConfig
 from las_env.reward import RewardConfig
+from las_env.strategy_space import StrategySpace
 from las_env.target import OptimConfig
+
+
+INFO_KEYS = frozenset({"rewards", "l1", "l2", "l3", "adv_correct", "adv_accuracy", "clean_accuracy",
+                       "probe_accuracy", "train_loss", "batch_terms_before", "reward_computed", "lr", "labels",
+                       "epoch", "step", "reward_next_step"})
+"""The step info's own keys; a strategy column's values sit beside them under its name, so no column may
+take one of these names."""
 
 
 def make_config(**kwargs: Any) -> LASConfig:
@@ -36,7 +43,7 @@ def make_config(**kwargs: Any) -> LASConfig:
     if isinstance(kwargs.get("reward"), dict):
         kwargs["reward"] = RewardConfig(**kwargs["reward"])
     if isinstance(kwargs.get("grid"), dict):
-        kwargs["grid"] = StrategyGrid.from_config(kwargs["grid"])
+        kwargs["grid"] = StrategySpace.from_config(kwargs["grid"])
     if isinstance(kwargs.get("method"), str):
         kwargs["method"] = {"name": kwargs["method"]}
     if isinstance(kwargs.get("method"), dict):
@@ -51,10 +58,11 @@ class LASEnv(gym.Env):
     batch the next step trains the target on. Element ``[i, c, h, w]`` is channel ``c`` of
     pixel ``(h, w)`` of image ``i``, in ``[0, 1]``. Labels are in ``info["labels"]``.
 
-    Action (``MultiDiscrete`` of shape ``(B, 3)``, or ``(B, 3 + extra)`` when the grid has
-    extra columns such as LAS-TRADES' ``trades_beta``): for image ``i``, ``action[i, 0]`` indexes
-    the step-size grid, ``action[i, 1]`` the iterations grid, ``action[i, 2]`` the epsilon grid
-    and ``action[i, 3:]`` the extra columns in ``env.grid.columns`` order (``env.grid`` holds the values).
+    Action (``MultiDiscrete`` of shape ``(B, columns)``): one index per column of the strategy
+    space ``env.space`` (:class:`las_env.strategy_space.StrategySpace`, also ``env.grid``), in
+    ``env.space.columns`` order: ``action[i, 0]`` indexes the step-size table, ``action[i, 1]``
+    the iterations table, ``action[i, 2]`` the epsilon table and ``action[i, 3:]`` the space's
+    further columns (LAS-TRADES' ``trades_beta``, or any column of the user's own).
 
     Reward: the batch mean of the per-image rewards ``L1 + alpha*L2 + beta*L3``, computed on
     every ``reward_interval``-th step only; ``info["reward_computed"]`` says whether this
@@ -62,7 +70,8 @@ class LASEnv(gym.Env):
 
     ``info`` after a step holds, per image (arrays of shape (B,)): ``rewards``, ``l1``,
     ``l2``, ``l3``, ``adv_correct`` (target right on its adversarial example before the
-    update), ``step_size``, ``iterations``, ``epsilon`` (the physical settings used); and
+    update), and the value played in every column of the space, by column name (``step_size``,
+    ``iterations``, ``epsilon``, then e.g. ``trades_beta``); and
     scalars ``reward_computed``, ``adv_accuracy``, ``clean_accuracy`` and
     ``probe_accuracy`` (of the updated target; NaN when not measured this step),
     ``train_loss``, ``lr``, ``epoch``, ``step``, plus ``labels`` of the NEW observation.
@@ -92,12 +101,25 @@ class LASEnv(gym.Env):
         self.config = config if config is not None else make_config(**settings)
         self.game = LASGame(self.config, data)
         self.tensor_api = tensor_api
-        self.grid = self.game.grid
+        self.space = self.game.space
+        taken = sorted(INFO_KEYS.intersection(self.space.columns))
+        if taken:
+            raise ValueError(f"data.grid.extra names the column(s) {taken}, which the step info already uses for "
+                             f"its own values: rename the column (e.g. my_{taken[0]}).")
+        self.grid = self.space  # the earlier name
         d = self.game.data
         b = self.config.batch_size // self.game.shard.world  # under torchrun: this rank's rows (las_env/sharding.py)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(b, d.channels, d.height, d.width), dtype=np.float32)
-        self.action_space = spaces.MultiDiscrete(np.tile(np.array(self.grid.nvec, dtype=np.int64), (b, 1)))
-        self._nvec_np = np.array(self.grid.nvec, dtype=np.int64)
+        self.action_space = self.space.action_space(b)
+        self._nvec = torch.tensor(self.space.nvec, device=self.game.device)
+
+    def configure_agent(self, *, reward_interval: int | None = None, step_reward: bool | None = None,
+                        pre_update_probe: bool | None = None) -> None:
+        """Tell the env its agent's needs before the first step (``LASGame.configure_agent``):
+        its k, whether steps pay the reward, whether the pre-update probe is wanted."""
+        self.game.configure_agent(reward_interval=reward_interval, step_reward=step_reward,
+                                  pre_update_probe=pre_update_probe)
+        self.config = self.game.config
 
     # ------------------------------------------------------------------ API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -165,9 +187,7 @@ class LASEnv(gym.Env):
             "l2": o.terms.l2,
             "l3": o.terms.l3,
             "adv_correct": o.adv_correct,
-            "step_size": o.step_size,
-            "iterations": o.iterations,
-            "epsilon": o.epsilon,
+            **o.strategy,
             "adv_accuracy": mean(o.adv_correct),
             "clean_accuracy": mean(o.clean_correct),
             "probe_accuracy": mean(o.probe_correct),
@@ -202,7 +222,7 @@ class LASEnv(gym.Env):
         if tuple(t.shape) != expected:
             raise ValueError(
                 f"Action has shape {tuple(t.shape)}; expected {expected} = (batch_size, {expected[1]}): one "
-                f"({', '.join(c + ' index' for c in self.grid.columns)}) row per image."
+                f"({', '.join(c + ' index' for c in self.space.columns)}) row per image."
             )
         if t.dtype.is_floating_point:
             if torch.isnan(t).any():
@@ -211,13 +231,13 @@ class LASEnv(gym.Env):
         if t.dtype == torch.bool or t.is_complex():
             raise ValueError(f"Action dtype is {t.dtype}; actions are integer grid indices.")
         t = t.to(device=self.game.device, dtype=torch.long)
-        nvec = self.game._nvec
+        nvec = self._nvec
         bad = (t < 0) | (t >= nvec)
         if bad.any():  # one small sync; the attack itself needs one per step anyway
             row, col = (int(v) for v in bad.nonzero()[0])
             raise ValueError(
                 f"Action index out of range: action[{row}, {col}] = {int(t[row, col])}, but column {col} "
-                f"({self.grid.columns[col]}) takes 0..{int(nvec[col]) - 1}."
+                f"({self.space.columns[col]}) takes 0..{int(nvec[col]) - 1}."
             )
         return t
 

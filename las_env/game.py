@@ -11,9 +11,7 @@ copy, changing nothing (the authors' reward flow scores actions it does not trai
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -23,175 +21,19 @@ from las_env.checkpoint import restore_generator
 from las_env.augment import augment_batch
 from las_env.data import ImageData, load_dataset
 from las_env.datasets.registry import lookup
-from las_env.grids import StrategyGrid, threat_model_for
+from las_env.game_config import LASConfig, steps_per_epoch  # noqa: F401 (re-exported)
+from las_env.grids import threat_model_for
 from las_env.lookahead import lookahead_step
-from las_env.methods import MethodBatch, MethodConfig, build_method
+from las_env.methods import MethodBatch, build_method
 from las_env.models import build_model
-from las_env.reward import RewardConfig, RewardTerms, probe_updated_target, reward_terms
+from las_env.outcome import StepOutcome
+from las_env.reward import probe_updated_target, reward_terms
 from las_env.sharding import Shard, process_shard, wrap_target
-from las_env.target import OptimConfig, Precision, TargetTrainer, autocast
-from las_env.validate import SettingError, check_interval, check_whole
+from las_env.strategy_space import StrategySpace
+from las_env.target import TargetTrainer, autocast
 
 SCORE_SEED_OFFSET = 0x5C0DE
 """``score``'s generator is seeded with the episode's seed plus this (a stream of its own)."""
-
-
-@dataclass
-class LASConfig:
-    """Everything that defines the game.
-
-    Attributes:
-        dataset: a registered data set (``las_env.datasets``): "digits" (offline default), "cifar10",
-            "cifar100", "svhn", "gtsrb", "tiny-imagenet", "npz", "folder", or one of your own.
-            Its registry record gives every default marked "the data set's" below.
-        data_root: folder holding the data sets (for npz/folder: the file or folder itself).
-        model: target architecture; ``None``: the data set's (for user data: resnet18 for images of
-            32 px and more, small_cnn below, decided once the data is loaded).
-        batch_size: images per step (the observation's first dimension); every observation
-            has this shape, whatever ``last_batch``.
-        epochs: training budget; an episode is ``epochs * steps_per_epoch`` steps.
-        max_steps_per_epoch: cap on steps per epoch (benchmarks, smoke tests); ``None`` = all.
-        optim: the target's optimiser and schedule; ``None``: the data set's.
-        reward: the reward's terms and measure.
-        reward_interval: the full reward (with L2/L3) is computed on every k-th step only
-            (the agent's update interval); other steps report ``reward_computed=False``.
-        grid: the strategy grid; ``None`` takes the data set's default.
-        augment: random crop (pad 4) + flip on the device; ``None``: the data set's (on for 32 px and larger).
-        device: "cpu", "cuda", "cuda:1", ... ("auto" picks cuda when available).
-        precision: "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler).
-        channels_last: NHWC memory format for conv speed on GPUs.
-        data_on_device: ``None``/True keeps the whole data set on the training device (no
-            transfer per step); False keeps it in host memory (pinned on CUDA) and copies each
-            batch with a non-blocking transfer, for data that does not fit on the GPU.
-        attack_start: random start of the training attack. "own_ball" (ours): uniform in
-            each image's own epsilon ball. "threat_ball" (the authors'): uniform in the threat
-            model's ball (8/255 on CIFAR) whatever the image's epsilon, then projected to
-            the image's own ball (a smaller epsilon starts on or near its ball's surface).
-            "gaussian" (the authors' TRADES and LAS-TRADES start): ``x + 0.001 * N(0, 1)``.
-        last_batch: the epoch's last partial batch (``N % batch_size`` images). "drop"
-            (ours): dropped, each image at most once per epoch. "wrap" (our stand-in for the
-            authors' keeping it as a smaller batch): filled up to ``batch_size`` with the
-            first images of the same epoch's order, so every image trains every epoch, the
-            epoch has the authors' ceil(N / B) steps (their per-iteration schedule and k
-            cadence) and observations keep Gymnasium's fixed shape.
-        step_reward: whether ``play`` pays the full reward on reward steps. False when the
-            agent scores its actions itself with ``score`` before acting (the authors'
-            reward flow): reward steps are still flagged, ``play`` reports L1 only.
-        sync_batchnorm: under several processes (``las_env.sharding``), BatchNorm of the target
-            uses the global batch's statistics (on by default: the single process's maths);
-            False = each rank's shard's own (plain DDP). No effect in one process.
-        method: the adversarial-training method (``las_env.methods``): PGD-AT, TRADES or AWP.
-    """
-
-    dataset: str = "digits"
-    data_root: str = "data"
-    model: str | None = None
-    batch_size: int = 64
-    epochs: int = 10
-    max_steps_per_epoch: int | None = None
-    optim: OptimConfig | None = None
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    reward_interval: int = 1
-    grid: StrategyGrid | None = None
-    augment: bool | None = None
-    device: str = "cpu"
-    precision: Precision = "fp32"
-    channels_last: bool = False
-    data_on_device: bool | None = None
-    attack_start: Literal["own_ball", "threat_ball", "gaussian"] = "own_ball"
-    last_batch: Literal["drop", "wrap"] = "drop"
-    step_reward: bool = True
-    sync_batchnorm: bool = True
-    method: MethodConfig = field(default_factory=MethodConfig)
-
-    def __post_init__(self) -> None:
-        check_whole("batch_size", self.batch_size, 1)
-        check_whole("epochs", self.epochs, 1)
-        check_interval("reward_interval", self.reward_interval)  # the agent's update interval k
-        check_whole("max_steps_per_epoch", self.max_steps_per_epoch, 1, allow_none=True)
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise SettingError("precision", self.precision, "must be fp32, bf16 or fp16.")
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            kind = torch.device(self.device).type
-        except (RuntimeError, TypeError):
-            kind = None
-        if kind not in ("cpu", "cuda"):
-            raise SettingError("device", self.device, "must be cpu, cuda, cuda:N or auto (cuda when available).")
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise SettingError("device", self.device, "CUDA is not available here; use device=cpu (or auto).")
-        try:
-            record = lookup(self.dataset)
-        except KeyError as exc:
-            raise SettingError("dataset", self.dataset, f"is not a registered data set: {exc.args[0]} Add one with "
-                               "las_env.register_dataset(name, loader).") from None
-        self.model = self.model or record.model  # still None for user data: set from the image size
-        self.grid = self.grid if self.grid is not None else record.grid
-        self.optim = self.optim if self.optim is not None else replace(record.optim)  # a copy of the shared record's
-        self._check_fidelity_switches()
-        self._check_method_columns()
-
-    def _check_method_columns(self) -> None:
-        reads = build_method(self.method).reads
-        unread = [name for name, _ in self.grid.extra if name not in reads]
-        if unread:
-            raise SettingError("grid.extra", [name for name, _ in self.grid.extra],
-                               f"has the strategy column(s) {unread}, which method={self.method.name} does not read "
-                               f"(trades_beta is TRADES' KL weight): use method=trades (or method=awp "
-                               f"method.awp_base=trades), or drop the column from the grid.")
-
-    def _check_fidelity_switches(self) -> None:
-        if self.attack_start not in ("own_ball", "threat_ball", "gaussian"):
-            raise ValueError(
-                f"attack_start must be 'own_ball' (ours) or 'threat_ball' (the authors' LAS-AT), or 'gaussian' (the "
-                f"authors' TRADES: x + 0.001*N(0,1)), got {self.attack_start!r}."
-            )
-        if self.last_batch not in ("drop", "wrap"):
-            raise ValueError(f"last_batch must be 'drop' (ours) or 'wrap' (the authors' keep it), got {self.last_batch!r}.")
-
-
-def steps_per_epoch(n_train: int, batch_size: int, max_steps_per_epoch: int | None, last_batch: str = "drop") -> int:
-    """Training steps in one epoch: full batches only ("drop") or one more for the partial
-    batch ("wrap"), capped at ``max_steps_per_epoch``."""
-    per_epoch = n_train // batch_size if last_batch == "drop" else math.ceil(n_train / batch_size)
-    if max_steps_per_epoch is not None:
-        per_epoch = min(per_epoch, max_steps_per_epoch)
-    return per_epoch
-
-
-@dataclass
-class StepOutcome:
-    """What one step of the game produced. Tensors stay on the training device.
-
-    Attributes:
-        reward: the batch reward, mean of ``terms.total`` (0-d); 0 when not computed.
-        reward_computed: whether this step paid for the full reward (L2/L3 included).
-        terms: per-image L1, L2, L3 and total reward (B,). L2/L3 are zeros when not computed.
-        adv_correct: target (before the update) right on each adversarial example (B,).
-        clean_correct: updated target right on each clean image (B,), or None when not measured.
-        probe_correct: updated target right under the probe attack (B,), or None.
-        terms_before: ``alpha*L2 + beta*L3`` per image of the target BEFORE this step's update
-            (B,), on reward steps with ``reward.pre_update_probe``; otherwise None.
-        train_loss: the target's mean training loss on this batch (0-d).
-        step_size, iterations, epsilon: the physical attack settings used, per image (B,).
-        step: index of this step in the episode (0-based); epoch: its epoch; lr: its learning rate.
-    """
-
-    reward: Tensor
-    reward_computed: bool
-    terms: RewardTerms
-    adv_correct: Tensor
-    clean_correct: Tensor | None
-    probe_correct: Tensor | None
-    train_loss: Tensor
-    step_size: Tensor
-    iterations: Tensor
-    epsilon: Tensor
-    step: int
-    epoch: int
-    lr: float
-    terms_before: Tensor | None = None
 
 
 class LASGame:
@@ -209,15 +51,14 @@ class LASGame:
             if self.device.type == "cuda":
                 self.data = replace(self.data, x_train=self.data.x_train.pin_memory(),
                                     y_train=self.data.y_train.pin_memory())
-        self.grid: StrategyGrid = config.grid
+        self.space: StrategySpace = config.grid
+        self.grid = self.space  # the earlier name
         self.threat = threat_model_for(config.dataset)
-        self._grid_tables = self.grid.tables(self.device)
-        self._extra_tables = self.grid.extra_tables(self.device)
+        self._lookup = self.space.lookup(self.device)
         self.method = build_method(config.method)
         smooth = config.reward.w_hat_true_class_prob  # the authors' LAS-AWP smooths the copy's step only
         self._lookahead_optim = config.optim if smooth is None else replace(
             config.optim, label_smoothing=0.0, true_class_prob=smooth)
-        self._nvec = torch.tensor(self.grid.nvec, device=self.device)
         n_train = self.data.x_train.shape[0]
         if config.batch_size > n_train:
             raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training images of {data.name}.")
@@ -245,6 +86,28 @@ class LASGame:
                 f"to train as one process does. Run method={config.method.name} in one process (python "
                 f"experiments/run.py ...), or use method=pgd_at with torchrun."
             )
+
+    def configure_agent(self, *, reward_interval: int | None = None, step_reward: bool | None = None,
+                        pre_update_probe: bool | None = None) -> None:
+        """Tell the game what its agent needs, before the first step (the game exists first, the
+        agent is built from it, then the game learns the agent's wishes).
+
+        Args:
+            reward_interval: the agent's k: the full reward is paid on every k-th step only.
+            step_reward: False when the agent scores its actions itself (``score``).
+            pre_update_probe: True when the agent needs ``terms_before`` (``credit="unbiased"``).
+            ``None`` leaves a setting as the config has it.
+        """
+        if self.step_index != 0:
+            raise RuntimeError("configure_agent() is allowed only before the first step of an episode.")
+        changes: dict = {}
+        if reward_interval is not None:
+            changes["reward_interval"] = reward_interval
+        if step_reward is not None:
+            changes["step_reward"] = step_reward
+        if pre_update_probe is not None:
+            changes["reward"] = replace(self.config.reward, pre_update_probe=pre_update_probe)
+        self.config = replace(self.config, **changes)  # checked again (k >= 1 ...)
 
     # ----------------------------------------------------------------- episode
     def reset(self, seed: int) -> None:
@@ -316,14 +179,12 @@ class LASGame:
         self._x, self._y = self.shard.rows(x), self.shard.rows(y)
 
     # -------------------------------------------------------------------- step
-    def action_values(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Physical (step size, iterations, epsilon) per image for an index action (B, 3)."""
-        steps, iters, eps = self._grid_tables
-        return steps[action[:, 0]], iters[action[:, 1]], eps[action[:, 2]]
+    def strategy(self, action: Tensor) -> dict[str, Tensor]:
+        """Column name -> the values ``(B,)`` an index action ``(B, columns)`` plays (one gather)."""
+        return self._lookup(action)
 
-    def extra_values(self, action: Tensor) -> dict[str, Tensor]:
-        """Per-image values ``(B,)`` of the grid's extra columns (e.g. ``trades_beta``), by name."""
-        return {name: table[action[:, 3 + j]] for j, (name, table) in enumerate(self._extra_tables.items())}
+    def _extras(self, chosen: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: chosen[name] for name in self.space.extra_columns}
 
     def is_reward_step(self, step: int | None = None) -> bool:
         """Whether step ``step`` (default: the next one) computes the full reward."""
@@ -349,8 +210,9 @@ class LASGame:
         self._check_playable("play")
         cfg = self.config
         x, y = self._x, self._y
-        step_size, iterations, epsilon = self.action_values(action)
-        extras = self.extra_values(action)
+        chosen = self.strategy(action)
+        step_size, iterations, epsilon = chosen["step_size"], chosen["iterations"], chosen["epsilon"]
+        extras = self._extras(chosen)
         reward_computed = self.is_reward_step() and cfg.step_reward
         # Before the attack, so it cannot depend on this batch's actions (not even via the RNG).
         terms_before = self._terms_before(x, y, self.rng) if reward_computed else None
@@ -377,9 +239,7 @@ class LASGame:
             clean_correct=probe.clean_correct if probe is not None else None,
             probe_correct=probe.probe_correct if probe is not None else None,
             train_loss=result.loss.mean(),
-            step_size=step_size,
-            iterations=iterations,
-            epsilon=epsilon,
+            strategy=chosen,
             step=self.step_index,
             epoch=self.epoch,
             lr=lr,
@@ -414,8 +274,9 @@ class LASGame:
         self._check_playable("score")
         cfg = self.config
         x, y = self._x, self._y
-        step_size, iterations, epsilon = self.action_values(action)
-        extras = self.extra_values(action)
+        chosen = self.strategy(action)
+        step_size, iterations, epsilon = chosen["step_size"], chosen["iterations"], chosen["epsilon"]
+        extras = self._extras(chosen)
         terms_before = self._terms_before(x, y, self.score_rng)
         x_adv = self._attack(x, y, step_size, iterations, epsilon, self.score_rng)
         lr = self.trainer.lr
@@ -433,9 +294,7 @@ class LASGame:
             clean_correct=probe.clean_correct if probe is not None else None,
             probe_correct=probe.probe_correct if probe is not None else None,
             train_loss=look.train_loss,
-            step_size=step_size,
-            iterations=iterations,
-            epsilon=epsilon,
+            strategy=chosen,
             step=self.step_index,
             epoch=self.epoch,
             lr=lr,

@@ -84,13 +84,13 @@ def test_attack_start_draws_in_the_own_or_the_threat_models_ball(digits, start):
 
 
 def test_last_batch_wrap_fills_the_partial_batch_from_the_epochs_first_images(digits):
-    from experiments.loop import episode_shape  # noqa: PLC0415
+    from las_env.game import steps_per_epoch  # noqa: PLC0415
 
     n, b = digits.x_train.shape[0], 64  # 1347 = 21 * 64 + 3
     drop = game(digits, batch_size=b, max_steps_per_epoch=None)
     wrap = game(digits, batch_size=b, max_steps_per_epoch=None, last_batch="wrap")
     assert (drop.steps_per_epoch, wrap.steps_per_epoch) == (n // b, n // b + 1)
-    assert episode_shape(n, b, 1, None, "wrap") == (wrap.steps_per_epoch, wrap.total_steps)
+    assert steps_per_epoch(n, b, None, "wrap") == wrap.steps_per_epoch == wrap.total_steps
     order, seen = wrap.epoch_order, []
     for i in range(wrap.steps_per_epoch):
         wrap.step_index = i

@@ -197,7 +197,7 @@ def test_w_hat_smoothing_reaches_the_look_ahead_copy_only(digits, monkeypatch):
 
 @pytest.mark.parametrize("overrides, words", [
     (["+data.grid.extra.trades_beta=[5,6]"], "data.grid.extra=['trades_beta']: has the strategy column"),
-    (["method=trades", "+data.grid.extra.foo=[1]"], "unknown column 'foo'"),
+    (["method=trades", "+data.grid.extra.foo=[]"], "data.grid.extra.foo=[]: is empty"),
     (["method=awp", "method.awp_gamma=-1"], "method.awp_gamma=-1"),
 ])
 def test_bad_method_settings_are_one_paragraph_naming_the_key(tmp_path, overrides, words):

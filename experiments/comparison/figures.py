@@ -82,7 +82,7 @@ def plot_epsilon_distribution(groups: Sequence[Group], path: Path) -> Path | Non
     fig, axes = _grid_panels(len(groups))
     im = None
     for ax, g in zip(axes, groups):
-        values = list(g.runs[0].grid.epsilons)
+        values = list(g.runs[0].grid.values["epsilon"])
         per_epoch: dict[int, np.ndarray] = {}
         for r in g.runs:
             for h in r.history:
@@ -129,7 +129,7 @@ def plot_fixed_images(groups: Sequence[Group], path: Path, *, images: int = 8) -
     for ax, (g, run) in zip(axes, shown):
         records = _fixed_images(run)
         epochs = [e for e, _ in records]
-        values = list(run.grid.epsilons)
+        values = list(run.grid.values["epsilon"])
         spacing = (values[-1] - values[0]) / max(len(values) - 1, 1) or 1.0
         indices = list(records[0][1].get("index") or range(len(records[0][1]["epsilon"])))[:images]
         for k, image in enumerate(indices):

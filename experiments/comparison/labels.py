@@ -83,5 +83,5 @@ def default_fixed_attack(run: Run) -> tuple[float, int, float] | None:
         iters = FIXED_ITERATIONS[dataset]
     except (KeyError, ValueError):
         return None
-    i_step, i_it, i_eps = run.grid.index_of(threat.step_size, iters, threat.epsilon)
-    return run.grid.epsilons[i_eps], run.grid.iterations[i_it], run.grid.step_sizes[i_step]
+    i_eps, i_it, i_step = run.grid.index_of(epsilon=threat.epsilon, iterations=iters, step_size=threat.step_size)
+    return run.grid.value("epsilon", i_eps), run.grid.value("iterations", i_it), run.grid.value("step_size", i_step)

@@ -21,9 +21,7 @@ def protocol_of(run: Run) -> dict[str, str]:
         "model": str(run.config.get("model", {}).get("name", "?")),
         "threat model": run.threat,
         "training budget": f"{data.get('epochs', '?')} epochs x {steps} steps x batch {data.get('batch_size', '?')}",
-        "strategy grid": json.dumps(
-            {"eps": [round(v, 6) for v in run.grid.epsilons], "iterations": list(run.grid.iterations),
-             "step": [round(v, 6) for v in run.grid.step_sizes]}),
+        "strategy grid": json.dumps({name: [round(v, 6) for v in values] for name, values in run.grid.values.items()}),
         "per-epoch evaluation": (f"{run.per_epoch_attack} on {first_eval.get('test_images', '?')} test / "
                                  f"{first_eval.get('train_images', '?')} train images"),
     }

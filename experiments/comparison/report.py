@@ -45,7 +45,8 @@ def _protocol_lines(c: Comparison) -> list[str]:
     p = protocol_of(ref)
     lines = [f"- Weights: {WEIGHTS[c.weights]} of each run",
              f"- Data: {p['data set']}; model {p['model']}; {p['training budget']}",
-             f"- Threat model: {ref.threat}"]
+             f"- Threat model: {ref.threat}",
+             f"- Strategy space (column: values): {p['strategy grid']}"]
     for a in c.attacks:
         have = [r for r in c.runs if a in r.final]
         row = have[0].final[a]

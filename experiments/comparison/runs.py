@@ -13,7 +13,8 @@ import numpy as np
 
 from experiments.runfiles import (CHECKPOINT, EVALUATION_FORMAT, EVALUATION_GLOB, RESULTS_FILE, RESULTS_FORMAT,
                                   WEIGHTS_FILE)
-from las_env.grids import StrategyGrid, grid_for
+from las_env.grids import grid_for
+from las_env.strategy_space import ATTACK_COLUMNS, StrategySpace
 
 WEIGHTS = {"final": "final (last-epoch) weights",
            "best": "best-epoch weights (best.pt: per-epoch PGD accuracy on the held-out validation images)"}
@@ -41,7 +42,7 @@ class Run:
     threat: str
     per_epoch_attack: str
     data_description: str
-    grid: StrategyGrid
+    grid: StrategySpace
     fixed_attack: tuple[float, int, float] | None = None  # (epsilon, iterations, step size) played
     posthoc: list[str] = field(default_factory=list)  # attack names read from evaluate.py reports
     notes: list[str] = field(default_factory=list)
@@ -142,17 +143,17 @@ def _weights_fingerprint(path: Path) -> str | None:
         return None
 
 
-def _grid(config: Mapping[str, Any], dataset: str) -> StrategyGrid:
+def _grid(config: Mapping[str, Any], dataset: str) -> StrategySpace:
     cfg = (config.get("data") or {}).get("grid")
     if cfg:
-        return StrategyGrid.from_config(cfg)
+        return StrategySpace.from_config(cfg)
     return grid_for(dataset.lower().replace("_", "-"))
 
 
-def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategyGrid) -> tuple[float, int, float] | None:
+def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategySpace) -> tuple[float, int, float] | None:
     """The one (epsilon, iterations, step size) a fixed agent played, read from the per-epoch
     counts of chosen grid indices; ``None`` when it played more than one value of any."""
-    values = {"step_size": grid.step_sizes, "iterations": grid.iterations, "epsilon": grid.epsilons}
+    values = {name: grid.values[name] for name in ATTACK_COLUMNS}
     out: dict[str, float] = {}
     for name, grid_values in values.items():
         totals = np.zeros(len(grid_values))

@@ -16,3 +16,8 @@ def build_method(cfg: MethodConfig) -> TrainingMethod:
 
 __all__ = ["AWP", "METHODS", "PGDAT", "TRADES", "MethodBatch", "MethodConfig", "MethodLoss", "TrainingMethod",
            "build_method", "kl_per_image"]
+
+COLUMNS_METHODS_READ = frozenset((*PGDAT.reads, *TRADES.reads))
+"""Strategy columns some method reads (AWP reads its base's): such a column in a grid whose method
+does not read it is refused (``LASConfig``); any other extra column is the user's own, carried along."""
+__all__.append("COLUMNS_METHODS_READ")

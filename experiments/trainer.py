@@ -1,0 +1,195 @@
+"""One epoch of the agent/env loop, its device-side step metrics and its console/tracker lines."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from agents.base import Agent
+from experiments.epoch_eval import FixedImageChoices
+from experiments.guard import SKIPPED, DivergenceGuard
+from experiments.loggers import Tracker
+from experiments.settings import RunSettings
+from las_env.env import LASEnv
+from evaluation import format_eps
+from las_env.strategy_space import ATTACK_COLUMNS
+
+
+class StepMeter:
+    """Running sums of per-step scalars, kept on the device so adding never synchronises.
+
+    ``flush`` reads every sum back in one transfer and resets; the loop calls it every
+    ``log_every_steps`` steps and at the end of each epoch.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor] = {}
+        self._host: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, name: str, value: Any) -> None:
+        if isinstance(value, Tensor):
+            v = value.detach().float()
+            v = v if v.dim() == 0 else v.mean()
+            self._sums[name] = self._sums[name] + v if name in self._sums else v.clone()
+        else:
+            self._host[name] = self._host.get(name, 0.0) + float(value)
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def flush(self) -> dict[str, tuple[float, int]]:
+        """``name -> (sum, count)`` since the last flush (one device read for all of them)."""
+        names = list(self._sums)
+        values = torch.stack([self._sums[n] for n in names]).tolist() if names else []
+        out = {n: (v, self._counts[n]) for n, v in zip(names, values)}
+        out.update({n: (v, self._counts[n]) for n, v in self._host.items()})
+        self._sums, self._host, self._counts = {}, {}, {}
+        return out
+
+
+def _means(sums: Mapping[str, tuple[float, int]]) -> dict[str, float]:
+    return {n: s / c for n, (s, c) in sums.items() if c}
+
+
+def _record_step(meter: StepMeter, env: LASEnv, reward: Tensor, info: Mapping[str, Any],
+                 metrics: Mapping[str, Any]) -> None:
+    """Everything one step reports, summed on the device."""
+    meter.add("train/loss", info["train_loss"])
+    meter.add("train/adv_accuracy", info["adv_accuracy"])
+    for name in ATTACK_COLUMNS:  # the mean attack; every column's choices are counted in EpochTrainer
+        meter.add(f"attack/{name}", info[name])
+    meter.add("train/lr", info["lr"])
+    if info["reward_computed"]:
+        r = env.config.reward
+        meter.add("reward/total", reward)
+        meter.add("reward/l1", info["l1"])
+        if r.use_l2:
+            meter.add("reward/l2", info["l2"])
+            meter.add("reward/probe_accuracy", info["probe_accuracy"])
+        if r.use_l3:
+            meter.add("reward/l3", info["l3"])
+            meter.add("reward/clean_accuracy", info["clean_accuracy"])
+    for key, value in metrics.items():
+        if isinstance(value, (Tensor, int, float)) and not isinstance(value, bool):
+            meter.add(f"agent/{key}", value)
+
+
+class EpochTotals:
+    """Host-side totals of one epoch, fed by the meter's flushes (so no extra device reads)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, tuple[float, int]] = {}
+
+    def absorb(self, window: Mapping[str, tuple[float, int]]) -> None:
+        for n, (s, c) in window.items():
+            s0, c0 = self.sums.get(n, (0.0, 0))
+            self.sums[n] = (s0 + s, c0 + c)
+
+    def means(self) -> dict[str, float]:
+        return _means(self.sums)
+
+
+def epoch_line(rec: Mapping[str, Any], epochs: int, pgd: str) -> str:
+    t = rec["train"]
+    parts = [f"epoch {rec['epoch']}/{epochs}",
+             f"train loss {t.get('train/loss', math.nan):.3f}, accuracy on its {rec['images']} training images "
+             f"under the agent's attacks {t.get('train/adv_accuracy', math.nan):.1%} (mean chosen eps "
+             f"{format_eps(t.get('attack/epsilon', math.nan))})"]
+    if "reward/total" in t:
+        parts.append(f"reward {t['reward/total']:.3f}")
+    skipped = int(t.get(SKIPPED, 0))
+    if skipped:
+        parts.append(f"{skipped} batches with a non-finite gradient skipped (on_nonfinite=skip)")
+    ev = rec.get("eval")
+    if ev and "val_images" in ev:
+        parts.append(f"validation {ev['val_images']}: clean {ev['val_clean']:.1%}, {pgd} {ev['val_robust']:.1%}")
+    if ev:
+        parts.append(f"test first {ev['test_images']} / train subset {ev['train_images']}: clean "
+                     f"{ev['test_clean']:.1%} / {ev['train_clean']:.1%}, {pgd} {ev['test_robust']:.1%} / "
+                     f"{ev['train_robust']:.1%}")
+    parts.append(f"{rec['seconds']['train'] + rec['seconds']['eval']:.1f}s")
+    return " | ".join(parts)
+
+
+def epoch_scalars(rec: Mapping[str, Any]) -> dict[str, float]:
+    out = {f"epoch/{k}": v for k, v in rec["train"].items()}
+    out.update({f"eval/{k}": v for k, v in (rec.get("eval") or {}).items()})
+    out["epoch"] = rec["epoch"]
+    out["time/epoch_seconds"] = rec["seconds"]["train"] + rec["seconds"]["eval"]
+    out["time/train_images_per_second"] = rec["images"] / max(rec["seconds"]["train"], 1e-9)
+    return out
+
+
+@dataclass
+class _Epoch:
+    """What one epoch of training produced (host values; device work is finished)."""
+
+    totals: dict[str, float]
+    choices: dict[str, list[int]]
+    seconds: float
+    fixed_images: dict[str, list]
+
+
+class EpochTrainer:
+    """Runs epochs of the agent/env loop; keeps what must survive from one epoch to the next
+    (the current observation and info, the step meter) and the per-step constants."""
+
+    def __init__(self, settings: RunSettings, env: LASEnv, agent: Agent, tracker: Tracker,
+                 obs: Tensor, info: dict[str, Any]) -> None:
+        self.settings, self.env, self.agent, self.tracker = settings, env, agent, tracker
+        self.obs, self.info = obs, info
+        self.meter = StepMeter()
+        cfg = settings.env
+        self.device = torch.device(cfg.device)
+        self.nvec = list(env.space.nvec)
+        self.columns = env.space.columns
+        # Chosen settings are counted in one flat vector: [column 0's values | column 1's | ...].
+        self.offsets = torch.tensor([sum(self.nvec[:j]) for j in range(len(self.nvec))], device=self.device)
+        self.ones = torch.ones(cfg.batch_size * len(self.nvec), dtype=torch.long, device=self.device)
+        self.fixed_images = FixedImageChoices(env.game)
+        self.guard = DivergenceGuard(env.game, settings.on_nonfinite)
+
+    def epoch(self, index: int) -> _Epoch:
+        env, agent, meter, every = self.env, self.agent, self.meter, self.settings.log_every_steps
+        batch = self.settings.env.batch_size
+        counts = torch.zeros(sum(self.nvec), dtype=torch.long, device=self.device)
+        totals = EpochTotals()
+        t0 = time.perf_counter()
+        self.fixed_images.start_epoch()
+        with tqdm(total=env.game.steps_per_epoch * batch, desc=f"epoch {index + 1}", unit="img", unit_scale=True,
+                  leave=False, disable=not self.settings.progress, dynamic_ncols=True) as bar:
+            for i in range(env.game.steps_per_epoch):
+                try:
+                    action = agent.act(self.obs, self.info)
+                    self.obs, reward, _, _, self.info = env.step(action)
+                    metrics = agent.learn(reward, self.info)
+                except Exception as exc:
+                    self.guard.flush_after_error(meter, exc)  # a NaN behind it: the divergence paragraph
+                    raise
+                self.guard.record(meter, self.info["train_loss"])
+                self.fixed_images.record(i, self.info)
+                # index_add_, not bincount: bincount on CUDA reads the max back to size its output.
+                a = torch.as_tensor(action, device=self.device).long()
+                counts.index_add_(0, (a + self.offsets).flatten(), self.ones)
+                _record_step(meter, env, reward, self.info, metrics)
+                bar.update(batch)
+                step = env.game.step_index
+                if every and step % every == 0:
+                    window = self.guard.flush(meter)  # raises TrainingDiverged on a non-finite value
+                    totals.absorb(window)
+                    means = _means(window)
+                    self.tracker.log({f"step/{k}": v for k, v in means.items()}, step)
+                    bar.set_postfix(loss=f"{means.get('train/loss', math.nan):.3f}",
+                                    adv_acc=f"{means.get('train/adv_accuracy', math.nan):.2f}",
+                                    eps=format_eps(means.get("attack/epsilon", math.nan)), refresh=False)
+        totals.absorb(self.guard.flush(meter))  # also waits for the device: the timing below is honest
+        seconds = time.perf_counter() - t0
+        flat, ends = counts.tolist(), [sum(self.nvec[:j + 1]) for j in range(len(self.nvec))]
+        choices = {name: flat[end - n:end] for name, n, end in zip(self.columns, self.nvec, ends)}
+        return _Epoch(self.guard.epoch_totals(totals.sums), choices, seconds, self.fixed_images.result())
