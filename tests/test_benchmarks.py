@@ -59,3 +59,16 @@ def test_epoch_cost_compares_las_x_with_x(method):
     assert out["method"] == method
     assert positive(out["las_k20_vs_pgdat"]) and positive(out["las_k1_vs_pgdat"])
     assert out["iterations_mean"]["pgdat"] == 5.0  # the baseline X keeps the fixed PGD-5 attack
+
+
+def test_method_cost_compares_each_method_with_pgd_at():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "method_cost.py"), "--batch-size", "8", "--batches", "2",
+         "--rounds", "1", "--methods", "trades"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out["seconds_median"]) == {"pgd_at", "las_pgd_at", "trades", "las_trades"}  # PGD-AT added as reference
+    assert positive(out["ratios"]["trades_vs_pgd_at"]) and positive(out["ratios"]["las_trades_vs_las_pgd_at"])
+    assert out["iterations_mean"]["trades"] == out["iterations_mean"]["pgd_at"] == 5.0  # same fixed attack

@@ -117,6 +117,20 @@ def test_fixed_attack_search_is_one_table_with_the_learned_agents(runs, tmp_path
     assert "(search: best of 3 fixed settings) **← best**" in report
 
 
+
+def test_fixed_runs_of_different_methods_are_not_one_search(runs, tmp_path):
+    # The same fixed attack trained with TRADES is another baseline, not another PGD-AT setting.
+    for src in run_dirs(runs, "fixed"):
+        def edit(doc):
+            doc["config"]["method"] = {"name": "trades", "trades_beta": 6.0}
+            doc["agent"] = doc["config"]["agent"]["name"] = "trades"
+        clone(src, tmp_path / "trades" / src.name, edit)
+    c = comparison.compare([runs, tmp_path / "trades"])
+    assert c.search == []  # one fixed setting per method: nothing was searched
+    assert {g.label for g in c.main} == {"fixed(eps=0.2,it=5,step=0.05)", "trades(eps=0.2,it=5,step=0.05)", "random"}
+    assert all("search" not in g.role for g in c.main)
+    assert comparison.method_of(c.runs[0]) in ("pgd_at", "trades")
+
 def test_protocol_mismatch_is_a_loud_warning(runs, tmp_path, capsys):
     src = run_dirs(runs, "random")[0]
 

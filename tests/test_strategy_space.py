@@ -20,9 +20,10 @@ from experiments.loop import train
 from experiments.rundir import settings_hash
 from experiments.settings import settings_from_config
 from las_env import LASEnv, StrategySpace
-from las_env.grids import DIGITS_GRID, StrategyGrid
+from las_env.grids import StrategyGrid, grid_for
 from las_env.validate import SettingError
 
+DIGITS_GRID = grid_for("digits")
 TOY = (0.5, 1.0, 2.0)
 TOY_SPACE = StrategySpace(step_sizes=(0.05, 0.1), iterations=(1, 3, 5), epsilons=(0.1, 0.2), extra={"toy_gain": TOY})
 

@@ -9,7 +9,7 @@
 - :mod:`~experiments.comparison.figures`: the PNG figures (paper Figs. 1, 4, 5).
 """
 
-from experiments.comparison.ranking import Comparison, compare
+from experiments.comparison.ranking import Comparison, compare, method_of
 from experiments.comparison.report import markdown_report, results_table, summary_json, write_report
 from experiments.comparison.runs import WEIGHTS, CompareError, Run, find_runs, load_run, played_attack
 from experiments.comparison.stats import Group, Stat, attack_order, attack_title, headline_attack
@@ -28,6 +28,7 @@ __all__ = [
     "headline_attack",
     "load_run",
     "markdown_report",
+    "method_of",
     "played_attack",
     "results_table",
     "summary_json",

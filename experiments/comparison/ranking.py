@@ -55,6 +55,45 @@ class Comparison:
         return [g for g, m in means if not math.isnan(best) and math.isclose(m, best, abs_tol=1e-12)]
 
 
+METHOD_TITLES = {"pgd_at": "PGD-AT", "trades": "TRADES", "awp": "AWP"}
+
+
+def method_of(run: Run) -> str:
+    """The run's training method (``method.name``; runs from before methods existed: PGD-AT)."""
+    return str((run.config.get("method") or {}).get("name") or "pgd_at")
+
+
+def pick_main_rows(groups: Sequence[Group], headline: str | None) -> tuple[list[Group], list[Group]]:
+    """``(main rows, search rows)``. Fixed attacks are a search only among runs of ONE training
+    method (the best TRADES setting is not a PGD-AT setting): per method with two or more fixed
+    settings, the main table gets the best of them and the data set's default attack."""
+    main = [g for g in groups if not g.is_fixed]
+    search: list[Group] = []
+    by_method: dict[str, list[Group]] = {}
+    for g in groups:  # ranked order kept within each method
+        if g.is_fixed:
+            by_method.setdefault(method_of(g.runs[0]), []).append(g)
+    for method, fixed in by_method.items():
+        if len(fixed) < 2:
+            main += fixed
+            continue
+        title = METHOD_TITLES.get(method, method)
+        search += fixed
+        default = {default_fixed_attack(g.runs[0]) for g in fixed} - {None}
+        chosen = []
+        if headline:
+            what = "fixed settings" if method == "pgd_at" else f"fixed {title} settings"
+            fixed[0].role = f"search: best of {len(fixed)} {what}"  # groups are ranked
+            chosen.append(fixed[0])
+        for g in fixed:
+            if g.runs[0].fixed_attack in default:
+                g.role = (g.role + ", " if g.role else "") + f"default {title}"
+                if g not in chosen:
+                    chosen.append(g)
+        main += chosen
+    return sorted(main, key=rank_key(headline)), search
+
+
 def compare(paths: Sequence[str | Path], weights: str = "final") -> Comparison:
     files, unfinished = find_runs(paths)
     if not files:
@@ -84,24 +123,6 @@ def compare(paths: Sequence[str | Path], weights: str = "final") -> Comparison:
     groups.sort(key=rank_key(headline))
     attacks = sorted({n for r in runs for n in r.final}, key=attack_order)
 
-    fixed = [g for g in groups if g.is_fixed]
-    search: list[Group] = []
-    main = [g for g in groups if not g.is_fixed]
-    if len(fixed) >= 2:
-        search = fixed
-        default = {default_fixed_attack(g.runs[0]) for g in fixed} - {None}
-        chosen = []
-        if headline:
-            best = fixed[0]  # groups are ranked
-            best.role = f"search: best of {len(fixed)} fixed settings"
-            chosen.append(best)
-        for g in fixed:
-            if g.runs[0].fixed_attack in default:
-                g.role = (g.role + ", " if g.role else "") + "default PGD-AT"
-                if g not in chosen:
-                    chosen.append(g)
-        main = sorted(main + chosen, key=rank_key(headline))
-    else:
-        main = groups
+    main, search = pick_main_rows(groups, headline)
     sources = [str(p) for p in paths]
     return Comparison(runs, groups, main, search, attacks, headline, warnings, notes, unfinished, sources, weights)
