@@ -1,7 +1,7 @@
 """Each default lives once: the YAML under experiments/conf/ is the command line's source, and the
 typed configs' and classes' own defaults (for Python users) equal it, key by key.
 
-The rule (README, "Configuration"): a key's default value is written in ``experiments/conf/``;
+The rule (README, "The main job", "Defaults live once"): a key's default value is written in ``experiments/conf/``;
 the dataclass or ``__init__`` that reads it carries the same value, and this file fails when the
 two drift. Two kinds of keys are not compared: a value computed from another key (an
 interpolation such as ``${data.threads}``; the type's ``None`` then means "computed"), and the
