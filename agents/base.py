@@ -11,10 +11,16 @@ The loop (``experiments/loop.py``) runs, for the whole budget::
 ``info`` is LASEnv's (torch tensors on the training device): before a step it says
 whether that step will carry the full reward (``reward_next_step``); after it, it holds
 the per-image rewards (``rewards``), the terms ``l1``/``l2``/``l3`` and whether they were
-computed (``reward_computed``). The env exists first; an agent is built by Hydra from its
-config's ``_target_`` with the config's keys plus ``spec=AgentSpec.from_game(env)``, so a
-user's class outside this package works from the command line: ``agent._target_=my_module.MyAgent``;
-then the env is told the agent's ``k`` (``env.configure_agent``).
+computed (``reward_computed``).
+
+The env is built with its final settings and never changed. What it needs from the agent is
+read from the agent's settings before either exists (``experiments/settings.py``): ``agent.k``
+becomes the env's ``reward_interval`` (absent: no reward step, as for fixed and random),
+``agent.credit=unbiased`` switches on ``reward.pre_update_probe``, and
+``agent.reward_flow=score_then_resample`` sets ``step_reward=False`` (the agent scores its own
+actions with ``env.score``). The agent is then built by Hydra from its config's ``_target_`` with
+the other keys plus ``spec=AgentSpec.from_game(env)``, so a user's class outside this package
+works from the command line: ``agent._target_=my_module.MyAgent``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from las_env.grids import ThreatModel
 from las_env.strategy_space import StrategySpace
 
 
@@ -43,6 +50,9 @@ class AgentSpec:
         device: where observations live and actions must be put.
         total_steps, steps_per_epoch: the episode's length.
         seed: the run's seed, for the agent's own initialisation.
+        reward_interval: k, the env's: every k-th step carries the full reward (an agent that
+            learns from it updates every k steps); ``None``: no step does.
+        threat: the run's threat model (PGD-AT's default attack); ``None``: the data set's.
     """
 
     grid: StrategySpace
@@ -53,6 +63,8 @@ class AgentSpec:
     total_steps: int
     steps_per_epoch: int
     seed: int = 0
+    reward_interval: int | None = 1
+    threat: ThreatModel | None = None
 
     @property
     def space(self) -> StrategySpace:
@@ -74,24 +86,14 @@ class AgentSpec:
             total_steps=game.total_steps,
             steps_per_epoch=game.steps_per_epoch,
             seed=seed,
+            reward_interval=cfg.reward_interval,
+            threat=cfg.threat,
         )
 
 
 @runtime_checkable
 class Agent(Protocol):
-    """A player of the attack-strategy side of LAS-AT.
-
-    Attributes:
-        reward_interval: k, the env computes the full reward (L2/L3) on every k-th step
-            only; an agent that learns every k steps sets it to k so nothing is wasted.
-
-    Optional attribute, read by the training loop with ``getattr``: ``needs_pre_update_probe``
-    (bool), true when the agent needs ``info["batch_terms_before"]`` (the batch terms of the
-    target before each reward step's update; ``RewardConfig.pre_update_probe``), as
-    ``credit="unbiased"`` does.
-    """
-
-    reward_interval: int
+    """A player of the attack-strategy side of LAS-AT (its k is ``spec.reward_interval``)."""
 
     def act(self, observation: Tensor, info: dict[str, Any]) -> Tensor:
         """The (B, columns) long tensor of grid indices for this batch, on ``observation.device``."""
@@ -111,24 +113,6 @@ class Agent(Protocol):
 
 Scorer = Callable[[Tensor], tuple[Tensor, dict[str, Any]]]
 """``LASEnv.score``: actions -> ``(reward, info)`` of those actions on the current batch,
-measured on a look-ahead copy of the target, without training the target on them."""
-
-
-@runtime_checkable
-class ScoringAgent(Protocol):
-    """An agent that scores its actions itself before acting (the authors' reward flow).
-
-    When ``scores_actions`` is true the loop builds the env with ``step_reward=False`` (its
-    steps pay no reward; reward steps are still flagged by ``info["reward_next_step"]``) and
-    calls ``bind_scorer(env.score)`` once; on a reward step the agent scores a sample, learns
-    from it, and returns the actions the target really trains on.
-    """
-
-    scores_actions: bool
-
-    def bind_scorer(self, scorer: Scorer) -> None: ...
-
-
-def scores_own_actions(agent: Any) -> bool:
-    """Whether ``agent`` wants to score its actions itself (:class:`ScoringAgent`)."""
-    return bool(getattr(agent, "scores_actions", False)) and callable(getattr(agent, "bind_scorer", None))
+measured on a look-ahead copy of the target, without training the target on them. An agent with
+``reward_flow="score_then_resample"`` (the authors') gets it through ``bind_scorer(env.score)``,
+and its env is built with ``step_reward=False``."""

@@ -1,10 +1,8 @@
 """Strategies that do not learn: a fixed attack (PGD-AT) and uniform random choices.
 
-Neither agent ever learns, so neither wants the env to pay for the L2/L3 probe: their
-``reward_interval`` is ``spec.total_steps + 1``. The env computes the full reward on step
-``s`` (0-based) when ``(s + 1) % reward_interval == 0``, which for that interval first
-happens at ``s = total_steps``, one past the end of the episode: no step is a reward step,
-and every step costs only the attack and the training step (L1 comes for free).
+Neither agent ever learns, so neither wants the env to pay for the L2/L3 probe: their configs
+have no ``k``, and their env has ``reward_interval=None`` (no reward step; every step costs only
+the attack and the training step, L1 comes for free).
 """
 
 from __future__ import annotations
@@ -21,18 +19,13 @@ from las_env.checkpoint import restore_generator
 from las_env.datasets.registry import lookup
 
 
-def _never(spec: AgentSpec) -> int:
-    """A reward interval that makes no step of the episode a reward step (see module doc)."""
-    return int(spec.total_steps) + 1
-
-
 class FixedAgent:
     """The same attack for every image on every step: PGD adversarial training (PGD-AT).
 
     Args:
         spec: the game.
         step_size, iterations, epsilon: the attack (pixel units). ``None`` takes the data
-            set's PGD-AT attack (its registry record's ``fixed_attack``: the threat model's
+            set's PGD-AT attack (the run's threat model, ``spec.threat``, with its record's iterations: the threat model's
             epsilon and step, 8/255 and 2/255 on CIFAR, 0.2 and 0.05 on digits, with 10
             iterations on CIFAR, 5 on digits).
         extra: the value of each extra grid column (e.g. ``{"trades_beta": 6.0}``); required
@@ -47,7 +40,6 @@ class FixedAgent:
     the value actually used, so a default run still works but never misreports its attack.
 
     Attributes:
-        reward_interval: ``spec.total_steps + 1``: no step pays for the L2/L3 reward.
         step_size, iterations, epsilon: the physical attack actually played.
         action_indices: its grid indices (step size, iterations, epsilon, then the extra columns).
         extra: the extra columns' values actually played, by name.
@@ -64,9 +56,10 @@ class FixedAgent:
     ) -> None:
         self.spec = spec
         self.device = torch.device(spec.device)
-        self.reward_interval = _never(spec)
         grid = spec.grid
-        default_step, default_iterations, default_epsilon = lookup(spec.dataset).fixed_attack
+        record = lookup(spec.dataset)
+        threat = spec.threat or record.threat  # the run's (data.threat.*), else the data set's
+        default_step, default_iterations, default_epsilon = threat.step_size, record.fixed_iterations, threat.epsilon
         requested = {
             "step_size": (step_size, default_step),
             "iterations": (iterations, default_iterations),
@@ -147,14 +140,12 @@ class RandomAgent:
             ``spec.seed``.
 
     Attributes:
-        reward_interval: ``spec.total_steps + 1``: no step pays for the L2/L3 reward.
         generator: the sampling RNG (its state is the agent's whole state).
     """
 
     def __init__(self, spec: AgentSpec, *, seed: int | None = None) -> None:
         self.spec = spec
         self.device = torch.device(spec.device)
-        self.reward_interval = _never(spec)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(spec.seed if seed is None else seed))
         self._nvec = torch.tensor(spec.grid.nvec, dtype=torch.float32, device=self.device)

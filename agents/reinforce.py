@@ -31,7 +31,7 @@ objective it estimates:
   the shared target update, so it is in effect the "L1 only" ablation.
 - ``"unbiased"``: ``A_i = (L1_i - mean_{j != i} L1_j) + B * (G(w_hat) - G(w))``, with ``G`` the
   batch terms ``alpha*mean L2 + beta*mean L3`` of the updated target and of the target before
-  the update (measured by the env when the agent asks: ``needs_pre_update_probe``), divided by
+  the update (measured by the env with ``reward.pre_update_probe``), divided by
   a running RMS of PAST updates' advantages only. Unbiased for grad J (see ``agents/credit.py``).
 
 All modes: optional entropy bonus ``- entropy_coef * H``, gradient-norm clipping to
@@ -60,7 +60,6 @@ a resumed run samples exactly the actions the uninterrupted one would have.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -76,7 +75,7 @@ from las_env.attack import eval_mode
 from las_env.checkpoint import restore_generator
 from las_env.datasets.registry import lookup
 from las_env.strategy_space import ATTACK_COLUMNS
-from las_env.validate import check_interval
+from las_env.validate import check_number
 
 RewardFlow = Literal["train_on_scored", "score_then_resample"]
 BnMode = Literal["train", "split"]
@@ -93,12 +92,11 @@ class _Pending:
 
 
 class ReinforceAgent:
-    """The strategy player of LAS-AT, trained by REINFORCE every ``k`` steps.
+    """The strategy player of LAS-AT, trained by REINFORCE every ``k = spec.reward_interval`` steps
+    (the env's; the authors' default 20, their best 40).
 
     Args:
-        spec: the game (grid, observation shape, device, seed).
-        k: update interval; also ``reward_interval``, so the env pays for L2/L3 only on the
-            steps this agent learns from (the authors' default 20, their best 40).
+        spec: the game (grid, observation shape, device, seed, k).
         credit: ``"per_image"`` (per-image rewards minus a running baseline), ``"paper"``
             (one scalar reward per batch, no baseline: the authors' estimator) or ``"unbiased"``
             (per-image credit that estimates the gradient of the paper's J; needs the env to
@@ -122,13 +120,12 @@ class ReinforceAgent:
         reward_flow: ``"train_on_scored"`` (ours) or ``"score_then_resample"`` (the
             authors'; needs ``bind_scorer``); see the module docstring.
         bn_mode: ``"train"`` (ours) or ``"split"`` (the authors'); see the module docstring.
-        lr_milestones: fractions of the episode's updates (``spec.total_steps // k``) where the
+        lr_milestones: fractions of the episode's updates (``total_steps // k``) where the
             strategy's learning rate is multiplied by ``lr_gamma``; empty (the default) = constant.
             The authors' LAS-TRADES: ``[0.75, 0.9]``; LAS-AWP: ``[0.5, 0.75]`` (the target's).
         lr_gamma: the decay factor at each milestone.
 
     Attributes:
-        reward_interval: ``k``.
         net: the :class:`StrategyNet`.
         optimizer: its optimiser.
         generator: the sampling RNG, on ``spec.device``.
@@ -141,7 +138,6 @@ class ReinforceAgent:
         self,
         spec: AgentSpec,
         *,
-        k: int = 20,
         credit: Credit = "per_image",
         lr: float = 1e-4,
         optimizer: Literal["sgd", "adam"] = "sgd",
@@ -159,22 +155,23 @@ class ReinforceAgent:
         lr_milestones: Sequence[float] = (),
         lr_gamma: float = 0.1,
     ) -> None:
-        k = check_interval("k", k)  # the strategy's update interval
+        if spec.reward_interval is None:
+            raise ValueError("ReinforceAgent learns on reward steps, but its env has none: build the env with "
+                             "reward_interval=k (agent.k on the command line).")
         if credit not in CREDITS:
             raise ValueError(f"credit must be one of {', '.join(CREDITS)}, got {credit!r}.")
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
-        if not 0.0 <= baseline_momentum < 1.0:
-            raise ValueError(f"baseline_momentum must be in [0, 1), got {baseline_momentum}.")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}.")
+        check_number("lr", lr, 0, low_open=True, meaning="(a step size; e.g. 1e-3 with Adam, the authors' 1e-4 with SGD)")
+        check_number("momentum", momentum, 0, 1, high_open=True)
+        check_number("baseline_momentum", baseline_momentum, 0, 1, high_open=True, meaning="(a moving average's keep factor)")
+        check_number("weight_decay", weight_decay, 0)
+        check_number("entropy_coef", entropy_coef, 0, meaning="(a loss weight; 0 switches the term off)")
+        if grad_clip is not None:
+            check_number("grad_clip", grad_clip, 0, meaning="(gradient norm clip; 0 or null: no clipping)")
         self.spec = spec
         self.device = torch.device(spec.device)
-        self.reward_interval = int(k)
         self.credit = credit
-        # credit=unbiased needs the batch terms of the target before the update (its control
-        # variate); the training loop reads this and asks the env to measure them.
-        self.needs_pre_update_probe = credit == "unbiased"
         self.entropy_coef = float(entropy_coef)
         self.grad_clip = float(grad_clip) if grad_clip else 0.0
         self.baseline_momentum = float(baseline_momentum)
@@ -207,14 +204,13 @@ class ReinforceAgent:
 
         self._lookup = spec.grid.lookup(self.device)  # index -> value, on the device
         self._pending: _Pending | None = None
-        self._warned_unmatched = False
         self._init_flow(reward_flow, bn_mode)
 
     def _init_lr_schedule(self, lr: float, milestones: Sequence[float], gamma: float) -> None:
         if any(not 0 <= float(m) <= 1 for m in milestones) or not 0 < float(gamma) <= 1:
             raise ValueError(f"lr_milestones must be fractions of the run in [0, 1] and lr_gamma in (0, 1], got "
                              f"{list(milestones)} and {gamma} (the authors' LAS-TRADES: [0.75, 0.9] and 0.1).")
-        per_episode = max(1, int(self.spec.total_steps) // self.reward_interval)
+        per_episode = max(1, int(self.spec.total_steps) // self.spec.reward_interval)
         self._lr0, self._lr_gamma = float(lr), float(gamma)
         self._lr_milestone_updates = [round(float(m) * per_episode) for m in milestones]
 
@@ -231,7 +227,7 @@ class ReinforceAgent:
         if bn_mode not in ("train", "split"):
             raise ValueError(f"bn_mode must be 'train' (ours) or 'split' (the authors'), got {bn_mode!r}.")
         self.reward_flow, self.bn_mode = reward_flow, bn_mode
-        self.scores_actions = reward_flow == "score_then_resample"  # agents.base.ScoringAgent
+        self.scores_actions = reward_flow == "score_then_resample"  # its env has step_reward=False
         self._scorer: Scorer | None = None
         self._scored_metrics: dict[str, Any] | None = None
 
@@ -299,15 +295,7 @@ class ReinforceAgent:
         pending, self._pending = self._pending, None  # the graph is used at most once
         if not info.get("reward_computed", False):
             return {}
-        if pending is None:
-            if not self._warned_unmatched:
-                warnings.warn(
-                    "ReinforceAgent.learn got a reward step it kept no log-probabilities for: the "
-                    f"env's reward_interval does not match the agent's k={self.reward_interval} "
-                    "(build the env with reward_interval=agent.reward_interval). Skipping it.",
-                    stacklevel=2,
-                )
-                self._warned_unmatched = True
+        if pending is None:  # a reward step act did not see coming (an env other than spec's)
             return {}
 
         rewards = torch.as_tensor(info["rewards"], device=self.device, dtype=torch.float32).detach()
@@ -351,8 +339,8 @@ class ReinforceAgent:
             raise ValueError(
                 "credit='unbiased' needs the batch terms of the target before each reward step's update "
                 "(info['batch_terms_before']), and the env did not measure them: build the env with "
-                "reward=RewardConfig(pre_update_probe=True) (experiments/loop.py does so when the agent's "
-                "needs_pre_update_probe is true), or use credit='per_image' or 'paper'."
+                "reward=RewardConfig(pre_update_probe=True) (the command line does so for agent.credit=unbiased), "
+                "or use credit='per_image' or 'paper'."
             )
         l1 = torch.as_tensor(info["l1"], device=self.device, dtype=torch.float32).detach()
         return l1, torch.as_tensor(before, device=self.device, dtype=torch.float32).detach()
@@ -379,7 +367,7 @@ class ReinforceAgent:
             "updates": self.updates,
             "generator": self.generator.get_state(),
             # For the record (not enforced on load): what produced this state.
-            "hparams": {"k": self.reward_interval, "credit": self.credit, "backbone": self.backbone},
+            "hparams": {"k": self.spec.reward_interval, "credit": self.credit, "backbone": self.backbone},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -52,7 +52,6 @@ from experiments.trainer import EpochTrainer, epoch_line, epoch_scalars
 from las_env.checkpoint import FORMAT, atomic_save
 from las_env.data import DataError, DatasetNotFoundError, ImageData, load_dataset
 from las_env.env import LASEnv
-from las_env.grids import threat_model_for
 
 
 def _rng_states(device: torch.device) -> dict[str, Any]:
@@ -152,7 +151,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
     if sel.select_on == "test":
         console.print(TEST_SELECTION_WARNING)
     env, agent, _ = build_game(settings, data)
-    threat = threat_model_for(cfg.dataset)
+    threat = cfg.threat
     pgd = pgd_name(settings, threat)
 
     obs, info = env.reset(seed=settings.seed)
@@ -171,8 +170,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
         if settings.resume:
             console.print(f"resume=true but {run_dir} holds no checkpoint yet: starting the run.")
         k = env.config.reward_interval
-        reward = (f"full strategy reward every {k} steps" if k <= env.game.total_steps
-                  else f"no step pays the full strategy reward (interval {k} > {env.game.total_steps} steps)")
+        reward = f"full strategy reward every {k} steps" if k else "no step pays the full strategy reward"
         console.print(
             f"LAS-AT training: {settings.agent_name} agent, {cfg.model} on {data.description}; {cfg.epochs} epochs "
             f"x {env.game.steps_per_epoch} steps of {cfg.batch_size} images, {reward}; threat model "

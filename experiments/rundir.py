@@ -153,7 +153,7 @@ def register_resolvers() -> None:
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
-    from experiments.data_config import register_data_resolvers  # noqa: PLC0415 - model=default's resolver
+    from experiments.settings import register_data_resolvers  # noqa: PLC0415 - model=default's resolver
 
     register_data_resolvers()
 

@@ -40,7 +40,7 @@ TEST_SELECTION_WARNING = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class SelectionSettings:
     """How the reported best weights are chosen (``conf/config.yaml``, section ``selection``).
 
@@ -52,9 +52,9 @@ class SelectionSettings:
             (keep the final weights only).
     """
 
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    select_on: str = "val"
+    val_fraction: float = 0.1  # training images held out for validation (stratified); 0 = none
+    split_seed: int = 0  # which images (the same for every run, whatever its seed)
+    select_on: str = "val"  # val (ours) | test (the authors': leaks the test set, warned) | last (final only)
 
 
 def selection_settings(cfg: Mapping[str, Any]) -> SelectionSettings:

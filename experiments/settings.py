@@ -1,74 +1,40 @@
-"""From a composed Hydra config to validated, typed run settings, before anything is loaded.
+"""From a composed Hydra config to complete, frozen run settings, before anything is built.
 
-:func:`settings_from_config` checks everything that is cheap to check (names of the data set,
-model and agent, the strategy grid, k, the evaluation attacks, the logger) and raises
-:class:`experiments.errors.ConfigError` with one paragraph naming the problem and the valid
-choices. Missing data folders and unusable data are reported by :func:`las_env.data.load_dataset`
-when the loop loads the data, still before any training.
+:func:`settings_from_config` is the one resolver: it imports ``data.plugin``, fills the data set's
+registry defaults (grid, optimiser, threat model) into the values the user left ``null``, reads
+what the game needs from the agent's settings (its k, its reward flow, whether it needs the
+pre-update probe), and builds the game's :class:`las_env.game.LASConfig` with all of it. Nothing
+built later changes these settings. Every bad value raises :class:`experiments.errors.ConfigError`
+with one paragraph naming the key; types were checked by Hydra against ``experiments/schema.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation import attack_spec
 from experiments.agent_settings import AgentFactory, agent_factory
-from experiments.data_config import resolve_data_section
 from experiments.errors import ConfigError
 from experiments.guard import MODES as NONFINITE_MODES
+from experiments.schema import EvalSettings, LoggerSettings, RunConfig
 from experiments.selection import SelectionSettings, selection_settings
+from las_env.datasets import dataset_names, is_registered, lookup
+from las_env.datasets.registry import DatasetRecord
+from las_env.datasets.user import peek_size
 from las_env.game import LASConfig
-from las_env.grids import StrategyGrid
+from las_env.grids import StrategyGrid, ThreatModel
 from las_env.methods import MethodConfig
 from las_env.models import build_model
 from las_env.reward import RewardConfig
 from las_env.target import OptimConfig
-from las_env.validate import SettingError, check_whole
-
-FIDELITY_KEYS = ("attack_start", "last_batch")
-"""Top-level config keys that are ours-vs-the-authors' switches of ``LASConfig`` (defaults there)."""
-
-LOGGERS = ("none", "wandb")
-WANDB_MODES = ("offline", "online", "disabled")
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Evaluation during and after training (see ``conf/config.yaml``, section ``eval``; the
-    defaults equal that section's, ``tests/test_defaults.py``)."""
-
-    every: int = 1
-    test_subset: int | None = 500
-    train_subset: int | None = 500
-    pgd_iterations: int = 10
-    batch_size: int = 512
-    final_attacks: tuple[str, ...] = ("clean", "pgd10", "pgd20")
-    final_n: int | None = None
-    autoattack: bool = False
-    autoattack_n: int = 1000
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class LoggerSettings:
-    """The experiment tracker (see ``conf/logger/*.yaml``)."""
-
-    name: str = "none"
-    mode: str = "offline"
-    project: str = "las-at"
-    entity: str | None = None
-    group: str | None = None
-    run_name: str | None = None
-    tags: tuple[str, ...] = ()
-    log_checkpoint: bool = True
+from las_env.validate import SettingError
 
 
 @dataclass
@@ -77,7 +43,7 @@ class RunSettings:
 
     Attributes:
         run_dir: the run's own folder (checkpoint, results, plots, logs).
-        env: the game's settings; ``reward_interval`` is replaced by the agent's.
+        env: the game's final settings (k included: ``reward_interval``).
         agent: a factory ``spec -> Agent`` (a plain callable, or built from a Hydra node).
         agent_name: short name for folders, tags and tables ("reinforce", "fixed", ...).
         seed: the episode's seed (``env.reset(seed=...)``; agents get it in their spec).
@@ -114,48 +80,11 @@ class RunSettings:
     init_from: Path | None = None
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _whole(name: str, value: Any, low: int = 1, *, allow_none: bool = False) -> Any:
-    """A whole number >= ``low`` (or ``None`` when allowed: the key says what ``null`` means, e.g.
-    all images); else one paragraph naming ``name`` (:func:`las_env.validate.check_whole`)."""
-    try:
-        return check_whole(name, value, low, allow_none=allow_none)
-    except SettingError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _absolute(path: str) -> str:
-    """``path`` made absolute against the directory the command was run from (Hydra may
-    change the working directory of a job; the user meant the one they typed in)."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return str(p)
-    try:
-        from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
-
-        base = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path(os.getcwd())
-    except Exception:  # noqa: BLE001
-        base = Path(os.getcwd())
-    return str((base / p).resolve())
-
-
-def _check_model(name: str) -> str:
-    try:
-        # On the meta device: checks the name (and WRN depth) without allocating any weights.
-        with torch.device("meta"):
-            build_model(name, 3, 10)
-    except ValueError as exc:
-        raise ConfigError(f"model.name={name!r}: {exc} Set it with model=GROUP_OPTION or model.name=NAME.") from None
-    return name
-
-
 GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
-             "reward_interval": "agent.k", "device": "device", "precision": "precision",
-             "channels_last": "channels_last", "augment": "data.augment", "sync_batchnorm": "ddp.sync_batchnorm",
-             "grid.extra": "data.grid.extra"}
-"""Command-line key of each :class:`LASConfig` field that is not in a section of its own."""
+             "reward_interval": "agent.k", "grid.extra": "data.grid.extra", "augment": "data.augment",
+             "threat.epsilon": "data.threat.epsilon", "threat.step_size": "data.threat.step_size",
+             "sync_batchnorm": "ddp.sync_batchnorm"}
+"""Command-line key of each :class:`LASConfig` field that is not a top-level key of its own name."""
 
 
 def _build(cls: type, section: str, values: Mapping[str, Any], keys: Mapping[str, str] | None = None) -> Any:
@@ -168,145 +97,201 @@ def _build(cls: type, section: str, values: Mapping[str, Any], keys: Mapping[str
     try:
         return cls(**values)
     except SettingError as exc:
-        raise ConfigError(exc.describe(key=(keys or {}).get(exc.key) or f"{section}.{exc.key}")) from None
+        prefix = f"{section}." if section else ""
+        raise ConfigError(exc.describe(key=(keys or {}).get(exc.key) or prefix + exc.key)) from None
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{section}: {exc}") from None
+        raise ConfigError(f"{section or 'settings'}: {exc}") from None
 
 
-def eval_settings(cfg: Mapping[str, Any]) -> EvalSettings:
-    attacks = [str(a) for a in cfg.get("final_attacks", EvalSettings.final_attacks) or ()]
-    if not attacks:
-        raise ConfigError("eval.final_attacks is empty: name at least one attack, e.g. [clean, pgd20].")
-    for name in attacks:
-        try:
-            attack_spec(name)
-        except ValueError as exc:
-            raise ConfigError(f"eval.final_attacks: {exc}") from None
-    autoattack = bool(cfg.get("autoattack", EvalSettings.autoattack))
-    if autoattack or "autoattack" in attacks:
-        if not any(importlib.util.find_spec(m) for m in ("pyautoattack", "autoattack")):
-            raise ConfigError(
-                "AutoAttack was asked for (eval.autoattack=true or in eval.final_attacks) but the "
-                "official implementation is not installed: `pip install pyautoattack` (torch and "
-                "numpy only), or set eval.autoattack=false."
-            )
-    return EvalSettings(
-        every=_whole("eval.every", value=cfg.get("every", EvalSettings.every)),
-        test_subset=_whole("eval.test_subset", allow_none=True, value=cfg.get("test_subset", EvalSettings.test_subset)),
-        train_subset=_whole("eval.train_subset", allow_none=True, value=cfg.get("train_subset", EvalSettings.train_subset)),
-        pgd_iterations=_whole("eval.pgd_iterations", value=cfg.get("pgd_iterations", EvalSettings.pgd_iterations)),
-        batch_size=_whole("eval.batch_size", value=cfg.get("batch_size", EvalSettings.batch_size)),
-        final_attacks=tuple(attacks),
-        final_n=_whole("eval.final_n", allow_none=True, value=cfg.get("final_n", EvalSettings.final_n)),
-        autoattack=autoattack,
-        autoattack_n=_whole("eval.autoattack_n", value=cfg.get("autoattack_n", EvalSettings.autoattack_n)),
-        seed=_whole("eval.seed", cfg.get("seed", EvalSettings.seed), 0),
-    )
+def _absolute(path: str) -> str:
+    """``path`` made absolute against the directory the command was run from."""
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (Path(os.getcwd()) / p).resolve())
 
 
-def logger_settings(cfg: Mapping[str, Any], *, agent: str, data: str, model: str, seed: int) -> LoggerSettings:
-    name = str(cfg.get("name", LoggerSettings.name))
-    if name not in LOGGERS:
-        raise ConfigError(f"Unknown logger {name!r}; valid loggers: {', '.join(LOGGERS)} (logger=wandb|none).")
-    if name == "none":
-        return LoggerSettings(name="none")
-    mode = str(cfg.get("mode") or LoggerSettings.mode).lower()
-    if mode not in WANDB_MODES:
-        raise ConfigError(f"logger.mode={mode!r} (or WANDB_MODE) must be one of {', '.join(WANDB_MODES)}.")
-    if importlib.util.find_spec("wandb") is None:
-        raise ConfigError("logger=wandb but the wandb package is not installed: `pip install wandb`, or logger=none.")
-    extra = tuple(str(t) for t in cfg.get("tags") or ())
-    return LoggerSettings(
-        name="wandb",
-        mode=mode,
-        project=str(cfg.get("project") or LoggerSettings.project),
-        entity=cfg.get("entity"),
-        group=str(cfg.get("group") or f"{data}-{model}"),
-        run_name=str(cfg.get("run_name") or f"{agent}-seed{seed}"),
-        # agent, data set and model as tags: W&B filters and groups runs side by side by them.
-        tags=tuple(dict.fromkeys((agent, data, model, *extra))),
-        log_checkpoint=bool(cfg.get("log_checkpoint", LoggerSettings.log_checkpoint)),
-    )
-
-
-def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash: str | None = None) -> RunSettings:
-    """Validate a composed ``conf/config.yaml`` and build :class:`RunSettings` for ``run_dir``.
-
-    Raises:
-        ConfigError: anything wrong, one paragraph naming the key and the valid choices.
-    """
-    agent_node = cfg.agent
-    factory = agent_factory(agent_node)  # first: agent=custom without _target_ cannot be resolved
+def import_plugin(module: str | None) -> None:
+    """``data.plugin``: import the user's module (it registers a data set) before the registry is read."""
+    if not module:
+        return
     try:
-        resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    except Exception as exc:  # noqa: BLE001 - interpolation errors name the key themselves
-        raise ConfigError(f"The configuration cannot be resolved: {exc}") from None
-    data = resolved["data"]
-    record = resolve_data_section(data)  # the registry's defaults for the nulls, in the recorded config too
-    dataset = record.name
-    model_name = str(resolved["model"]["name"])
-    model = None if model_name == "auto" else _check_model(model_name)  # auto: by the loaded images' size
-    agent_name = str(resolved["agent"].get("name") or getattr(factory, "target", "agent").rsplit(".", 1)[-1])
+        importlib.import_module(str(module))
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
+        raise ConfigError(f"data.plugin={module} cannot be imported ({type(exc).__name__}: {exc}). Give a module "
+                          f"importable from the current directory or PYTHONPATH that calls "
+                          f"las_env.register_dataset(...) (README, \"Your own data\").") from None
 
-    grid_cfg = data.get("grid")
+
+def dataset_record(data: Mapping[str, Any]) -> DatasetRecord:
+    """The record of ``data.name``, or the one-paragraph error listing the registered names."""
+    name = str(data["name"])
+    if not is_registered(name):
+        names = dataset_names()
+        raise ConfigError(
+            f"Unknown data set {name!r}. Valid data sets: {', '.join(names)} "
+            f"(data={'|'.join(n.replace('-', '_') for n in names)}); your own images: data=npz data.path=FILE.npz "
+            f"or data=folder data.path=DIR, or a data set your module registers: data.plugin=MODULE data.name=NAME "
+            f"(README, \"Your own data\")."
+        )
+    record = lookup(name)
+    if record.needs_path and not data.get("path"):
+        raise ConfigError(
+            f"data={record.name} needs the data: add data.path=FILE ({record.description}). Example: python "
+            f"experiments/run.py data={record.name} data.path=/path/to/mine{'.npz' if record.name == 'npz' else ''}."
+        )
+    return record
+
+
+def fill_from_registry(data: dict[str, Any], record: DatasetRecord) -> None:
+    """The data set's grid, optimiser and threat model into the ``null`` values of a resolved ``data``
+    section (in place), so the recorded config holds what the run trains and evaluates with."""
+    grid = data["grid"]
+    for key in ("step_sizes", "iterations", "epsilons"):
+        if grid.get(key) is None:
+            grid[key] = list(getattr(record.grid, key))
+    if not grid.get("extra") and record.grid.extra:
+        grid["extra"] = {name: list(values) for name, values in record.grid.extra}
+    for f in fields(OptimConfig):
+        if data["optim"].get(f.name) is None:
+            value = getattr(record.optim, f.name)
+            data["optim"][f.name] = list(value) if isinstance(value, tuple) else value
+    threat = data["threat"]
+    threat["epsilon"] = record.threat.epsilon if threat.get("epsilon") is None else threat["epsilon"]
+    threat["step_size"] = record.threat.step_size if threat.get("step_size") is None else threat["step_size"]
+
+
+def _threat(values: Mapping[str, Any], record: DatasetRecord) -> ThreatModel:
+    eps, step = values["epsilon"], values["step_size"]
+    if (eps, step) == (record.threat.epsilon, record.threat.step_size):
+        return record.threat
+    return ThreatModel(eps, step, f"L-inf eps={eps:g} (data.threat)")
+
+
+def _check_model(name: str) -> str:
     try:
-        grid = StrategyGrid.from_config(grid_cfg) if grid_cfg is not None else None
+        with torch.device("meta"):  # checks the name (and WRN depth) without allocating any weights
+            build_model(name, 3, 10)
+    except ValueError as exc:
+        raise ConfigError(f"model.name={name!r}: {exc} Set it with model=GROUP_OPTION or model.name=NAME.") from None
+    return name
+
+
+def _game(resolved: dict[str, Any], record: DatasetRecord) -> LASConfig:
+    """The game's final settings: the command line's, k and the reward flow from the agent's."""
+    data, agent = resolved["data"], resolved["agent"]
+    model = str(resolved["model"]["name"])
+    try:
+        grid = StrategyGrid.from_config(data["grid"])
     except SettingError as exc:
         raise ConfigError(exc.describe("data.grid.")) from None
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"data.grid: {exc}") from None
-    optim = _build(OptimConfig, "data.optim", data.get("optim") or {})
-    reward = _build(RewardConfig, "reward", resolved.get("reward") or {})
-    method = _build(MethodConfig, "method", resolved.get("method") or {})
-    seed = resolved.get("seed", RunSettings.seed)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed={seed!r} must be a whole number >= 0.")
-    env = _build(LASConfig, "game settings", keys=GAME_KEYS, values=dict(
-        dataset=dataset,
-        data_root=_absolute(str(data["path"] if record.needs_path else data.get("root") or "data")),
-        model=model,
-        batch_size=_whole("data.batch_size", value=data.get("batch_size")),
-        epochs=_whole("data.epochs", value=data.get("epochs")),
-        max_steps_per_epoch=_whole("data.max_steps_per_epoch", allow_none=True, value=data.get("max_steps_per_epoch")),
-        optim=optim,
-        reward=reward,
-        reward_interval=1,  # replaced by the agent's once it is built
+    reward = dict(resolved["reward"])
+    # credit=unbiased's control variate: the batch terms of the target before each reward step's update.
+    reward["pre_update_probe"] = bool(reward.get("pre_update_probe")) or agent.get("credit") == "unbiased"
+    return _build(LASConfig, "", keys=GAME_KEYS, values=dict(
+        dataset=record.name,
+        data_root=_absolute(str(data["path"] if record.needs_path else data["root"])),
+        model=None if model == "auto" else _check_model(model),  # auto: by the loaded images' size
+        batch_size=data["batch_size"],
+        epochs=data["epochs"],
+        max_steps_per_epoch=data["max_steps_per_epoch"],
+        optim=_build(OptimConfig, "data.optim", data["optim"]),
+        reward=_build(RewardConfig, "reward", reward),
+        reward_interval=agent.get("k"),  # None: no reward step (fixed, random)
+        step_reward=agent.get("reward_flow") != "score_then_resample",  # the authors': the agent scores itself
         grid=grid,
-        method=method,
-        augment=data.get("augment"),
-        device=str(resolved.get("device", LASConfig.device)),
-        precision=str(resolved.get("precision", LASConfig.precision)),
-        channels_last=bool(resolved.get("channels_last", LASConfig.channels_last)),
-        **({"sync_batchnorm": resolved["ddp"]["sync_batchnorm"]} if "sync_batchnorm" in (resolved.get("ddp") or {}) else {}),
-        **{key: resolved[key] for key in FIDELITY_KEYS if key in resolved},
+        threat=_threat(data["threat"], record),
+        method=_build(MethodConfig, "method", resolved["method"]),
+        augment=data["augment"],
+        device=resolved["device"],
+        precision=resolved["precision"],
+        channels_last=resolved["channels_last"],
+        sync_batchnorm=resolved["ddp"]["sync_batchnorm"],
+        attack_start=resolved["attack_start"],
+        last_batch=resolved["last_batch"],
     ))
-    stop = _whole("stop_after_epochs", allow_none=True, value=resolved.get("stop_after_epochs"))
-    log_every = resolved.get("log_every_steps", RunSettings.log_every_steps)
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
-        raise ConfigError(f"log_every_steps={log_every!r} must be a whole number >= 0 (0: once per epoch).")
-    threads = _whole("threads", allow_none=True, value=resolved.get("threads"))
-    on_nonfinite = str(resolved.get("on_nonfinite") or RunSettings.on_nonfinite)
-    if on_nonfinite not in NONFINITE_MODES:
-        raise ConfigError(f"on_nonfinite={on_nonfinite!r} must be stop (a non-finite loss, reward, gradient or "
-                          f"weight ends the run) or skip (drop the updates of batches with a non-finite gradient).")
-    init_from = resolved.get("init_from")
+
+
+def _logger(resolved: dict[str, Any], agent: str, model: str) -> LoggerSettings:
+    logger = _build(LoggerSettings, "logger", resolved["logger"])
+    if logger.name == "none":
+        return LoggerSettings()
+    seed, extra = resolved["seed"], tuple(logger.tags)
+    return replace(logger, group=logger.group or f"{resolved['data']['name']}-{model}",
+                   run_name=logger.run_name or f"{agent}-seed{seed}",
+                   # agent, data set and model as tags: W&B filters and groups runs side by side by them.
+                   tags=list(dict.fromkeys((agent, resolved["data"]["name"], model, *extra))))
+
+
+def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash: str | None = None) -> RunSettings:
+    """Resolve a composed ``conf/config.yaml`` (or a recorded one) into :class:`RunSettings` for ``run_dir``.
+
+    Raises:
+        ConfigError: anything wrong, one paragraph naming the key and the valid choices.
+    """
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)  # a recorded config gets the schema too
+    import_plugin(cfg.data.plugin)  # before anything reads the registry
+    factory = agent_factory(cfg.agent)  # first: agent=custom without _target_ cannot be resolved
+    try:
+        resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    except Exception as exc:  # noqa: BLE001 - interpolation errors name the key themselves
+        raise ConfigError(f"The configuration cannot be resolved: {exc}") from None
+    record = dataset_record(resolved["data"])
+    fill_from_registry(resolved["data"], record)
+    env = _game(resolved, record)
+    resolved["data"]["name"] = record.name
+    agent_name = str(resolved["agent"].get("name") or getattr(factory, "target", "agent").rsplit(".", 1)[-1])
+    if resolved["on_nonfinite"] not in NONFINITE_MODES:
+        raise ConfigError(f"on_nonfinite={resolved['on_nonfinite']!r} must be stop (a non-finite loss, reward, "
+                          f"gradient or weight ends the run) or skip (drop the updates of batches with a "
+                          f"non-finite gradient).")
+    for key, low in (("seed", 0), ("log_every_steps", 0), ("threads", 1), ("stop_after_epochs", 1)):
+        value = resolved[key]
+        if value is not None and value < low:
+            raise ConfigError(f"{key}={value} must be a whole number >= {low}"
+                              f"{' or null' if key in ('threads', 'stop_after_epochs') else ''}.")
+    init_from = resolved["init_from"]
     return RunSettings(
         run_dir=Path(run_dir),
         env=env,
         agent=factory,
         agent_name=agent_name,
-        seed=seed,
-        eval=eval_settings(resolved.get("eval") or {}),
-        logger=logger_settings(resolved.get("logger") or {}, agent=agent_name, data=dataset, model=model_name, seed=seed),
-        resume=bool(resolved.get("resume")),
-        stop_after_epochs=stop,
-        progress=bool(resolved.get("progress", RunSettings.progress)),
-        log_every_steps=int(log_every),
-        threads=threads,
-        selection=selection_settings(resolved.get("selection") or {}),
+        seed=resolved["seed"],
+        eval=_build(EvalSettings, "eval", resolved["eval"]),
+        logger=_logger(resolved, agent_name, str(resolved["model"]["name"])),
+        resume=bool(resolved["resume"]),
+        stop_after_epochs=resolved["stop_after_epochs"],
+        progress=resolved["progress"],
+        log_every_steps=resolved["log_every_steps"],
+        threads=resolved["threads"],
+        selection=selection_settings(resolved["selection"]),
         config=resolved,
         settings_hash=settings_hash,
-        on_nonfinite=on_nonfinite,
+        on_nonfinite=resolved["on_nonfinite"],
         init_from=None if init_from in (None, "") else Path(_absolute(str(init_from))),
     )
 
+
+def _resolve_default_model(*, _root_: DictConfig) -> str:
+    """``${las_default_model:}``: ``model=default``'s architecture, the data set's record's; for
+    user data decided by the image size (peeked at, not loaded). An unknown data set gives a
+    placeholder here: settings reject it with the proper message."""
+    data = _root_.data
+    import_plugin(OmegaConf.select(_root_, "data.plugin", default=None))
+    if not is_registered(str(data.name)):
+        return "unknown"
+    record = lookup(str(data.name))
+    if record.model:
+        return record.model
+    path = OmegaConf.select(_root_, "data.path", default=None)
+    size = peek_size(record.name, Path(str(path)).expanduser()) if path else None
+    return record.model_for(*size) if size else "auto"
+
+
+def register_data_resolvers() -> None:
+    """Register ``las_default_model`` (idempotent)."""
+    if not OmegaConf.has_resolver("las_default_model"):
+        OmegaConf.register_new_resolver("las_default_model", _resolve_default_model)
+
+
+register_data_resolvers()  # also for configs composed outside run.py (tests, notebooks)

@@ -113,14 +113,6 @@ class LASEnv(gym.Env):
         self.action_space = self.space.action_space(b)
         self._nvec = torch.tensor(self.space.nvec, device=self.game.device)
 
-    def configure_agent(self, *, reward_interval: int | None = None, step_reward: bool | None = None,
-                        pre_update_probe: bool | None = None) -> None:
-        """Tell the env its agent's needs before the first step (``LASGame.configure_agent``):
-        its k, whether steps pay the reward, whether the pre-update probe is wanted."""
-        self.game.configure_agent(reward_interval=reward_interval, step_reward=step_reward,
-                                  pre_update_probe=pre_update_probe)
-        self.config = self.game.config
-
     # ------------------------------------------------------------------ API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start a fresh target network and data order. The same ``seed`` gives the same

@@ -22,7 +22,6 @@ from las_env.augment import augment_batch
 from las_env.data import ImageData, load_dataset
 from las_env.datasets.registry import lookup
 from las_env.game_config import LASConfig, steps_per_epoch  # noqa: F401 (re-exported)
-from las_env.grids import threat_model_for
 from las_env.lookahead import lookahead_step
 from las_env.methods import MethodBatch, build_method
 from las_env.models import build_model
@@ -53,7 +52,7 @@ class LASGame:
                                     y_train=self.data.y_train.pin_memory())
         self.space: StrategySpace = config.grid
         self.grid = self.space  # the earlier name
-        self.threat = threat_model_for(config.dataset)
+        self.threat = config.threat
         self._lookup = self.space.lookup(self.device)
         self.method = build_method(config.method)
         smooth = config.reward.w_hat_true_class_prob  # the authors' LAS-AWP smooths the copy's step only
@@ -86,28 +85,6 @@ class LASGame:
                 f"to train as one process does. Run method={config.method.name} in one process (python "
                 f"experiments/run.py ...), or use method=pgd_at with torchrun."
             )
-
-    def configure_agent(self, *, reward_interval: int | None = None, step_reward: bool | None = None,
-                        pre_update_probe: bool | None = None) -> None:
-        """Tell the game what its agent needs, before the first step (the game exists first, the
-        agent is built from it, then the game learns the agent's wishes).
-
-        Args:
-            reward_interval: the agent's k: the full reward is paid on every k-th step only.
-            step_reward: False when the agent scores its actions itself (``score``).
-            pre_update_probe: True when the agent needs ``terms_before`` (``credit="unbiased"``).
-            ``None`` leaves a setting as the config has it.
-        """
-        if self.step_index != 0:
-            raise RuntimeError("configure_agent() is allowed only before the first step of an episode.")
-        changes: dict = {}
-        if reward_interval is not None:
-            changes["reward_interval"] = reward_interval
-        if step_reward is not None:
-            changes["step_reward"] = step_reward
-        if pre_update_probe is not None:
-            changes["reward"] = replace(self.config.reward, pre_update_probe=pre_update_probe)
-        self.config = replace(self.config, **changes)  # checked again (k >= 1 ...)
 
     # ----------------------------------------------------------------- episode
     def reset(self, seed: int) -> None:
@@ -189,7 +166,8 @@ class LASGame:
     def is_reward_step(self, step: int | None = None) -> bool:
         """Whether step ``step`` (default: the next one) computes the full reward."""
         step = self.step_index if step is None else step
-        return (step + 1) % self.config.reward_interval == 0
+        k = self.config.reward_interval  # None: no step is (fixed and random agents never learn)
+        return k is not None and (step + 1) % k == 0
 
     def play(self, action: Tensor) -> StepOutcome:
         """Attack the current batch with ``action``, train the target one step, score it.

@@ -6,14 +6,13 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-import torch
-
 from las_env.datasets.registry import lookup
+from las_env.grids import ThreatModel
 from las_env.methods import COLUMNS_METHODS_READ, MethodConfig, build_method
 from las_env.reward import RewardConfig
 from las_env.strategy_space import StrategySpace
 from las_env.target import OptimConfig, Precision
-from las_env.validate import SettingError, check_interval, check_whole
+from las_env.validate import SettingError, check_device, check_interval, check_number, check_whole
 
 @dataclass
 class LASConfig:
@@ -32,8 +31,11 @@ class LASConfig:
         max_steps_per_epoch: cap on steps per epoch (benchmarks, smoke tests); ``None`` = all.
         optim: the target's optimiser and schedule; ``None``: the data set's.
         reward: the reward's terms and measure.
-        reward_interval: the full reward (with L2/L3) is computed on every k-th step only
-            (the agent's update interval); other steps report ``reward_computed=False``.
+        reward_interval: k, the agent's update interval: the full reward (with L2/L3) is computed
+            on every k-th step only; other steps report ``reward_computed=False``. ``None``: on no
+            step (agents that never learn: fixed, random).
+        threat: the evaluation threat model (L-inf epsilon and PGD step), also the L2 probe's and
+            PGD-AT's default; ``None``: the data set's.
         grid: the strategy space (:class:`las_env.strategy_space.StrategySpace`, alias
             ``StrategyGrid``); ``None`` takes the data set's default grid.
         augment: random crop (pad 4) + flip on the device; ``None``: the data set's (on for 32 px and larger).
@@ -71,8 +73,9 @@ class LASConfig:
     max_steps_per_epoch: int | None = None
     optim: OptimConfig | None = None
     reward: RewardConfig = field(default_factory=RewardConfig)
-    reward_interval: int = 1
+    reward_interval: int | None = 1
     grid: StrategySpace | None = None
+    threat: ThreatModel | None = None
     augment: bool | None = None
     device: str = "cpu"
     precision: Precision = "fp32"
@@ -87,20 +90,12 @@ class LASConfig:
     def __post_init__(self) -> None:
         check_whole("batch_size", self.batch_size, 1)
         check_whole("epochs", self.epochs, 1)
-        check_interval("reward_interval", self.reward_interval)  # the agent's update interval k
+        if self.reward_interval is not None:
+            check_interval("reward_interval", self.reward_interval)
         check_whole("max_steps_per_epoch", self.max_steps_per_epoch, 1, allow_none=True)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise SettingError("precision", self.precision, "must be fp32, bf16 or fp16.")
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            kind = torch.device(self.device).type
-        except (RuntimeError, TypeError):
-            kind = None
-        if kind not in ("cpu", "cuda"):
-            raise SettingError("device", self.device, "must be cpu, cuda, cuda:N or auto (cuda when available).")
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise SettingError("device", self.device, "CUDA is not available here; use device=cpu (or auto).")
+        self.device = check_device("device", self.device)  # "auto" decided here, once
         try:
             record = lookup(self.dataset)
         except KeyError as exc:
@@ -109,6 +104,11 @@ class LASConfig:
         self.model = self.model or record.model  # still None for user data: set from the image size
         self.grid = self.grid if self.grid is not None else record.grid
         self.optim = self.optim if self.optim is not None else replace(record.optim)  # a copy of the shared record's
+        self.threat = self.threat if self.threat is not None else record.threat
+        check_number("threat.epsilon", self.threat.epsilon, 0, 1, low_open=True,
+                     meaning="(the L-inf radius in pixel units for images in [0, 1]; CIFAR: 8/255)")
+        check_number("threat.step_size", self.threat.step_size, 0, self.threat.epsilon, low_open=True,
+                     meaning="(the evaluation PGD step: at most epsilon; CIFAR: 2/255 = epsilon / 4)")
         self._check_fidelity_switches()
         self._check_method_columns()
 

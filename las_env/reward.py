@@ -12,7 +12,6 @@ accuracy, L3 = clean accuracy), with alpha = 4 and beta = 2.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +58,8 @@ class RewardConfig:
             BEFORE the step's update, on the same batch with the same probe (reported per image
             as ``batch_terms_before``): the control variate of ``credit="unbiased"``
             (``agents/credit.py``). Costs one more probe per reward step (a PGD-
-            ``probe_iterations`` attack plus two forward passes on the batch). Set by the
-            training loop when the agent declares ``needs_pre_update_probe``.
+            ``probe_iterations`` attack plus two forward passes on the batch). Switched on by the
+            command line for an agent with ``credit=unbiased``.
     """
 
     alpha: float = 4.0
@@ -68,14 +67,14 @@ class RewardConfig:
     use_l1: bool = True
     use_l2: bool = True
     use_l3: bool = True
-    measure: Literal["accuracy", "loss"] = "accuracy"
+    measure: str = "accuracy"
     l1_clamp: float = 10.0
     probe_iterations: int = 10
     probe_epsilon: float | None = None
     probe_step_size: float | None = None
-    w_hat: Literal["this_step", "deepcopy"] = "this_step"
-    l1_forward: Literal["train", "eval"] = "train"
-    l1_clamp_scope: Literal["per_image", "batch_mean"] = "per_image"
+    w_hat: str = "this_step"
+    l1_forward: str = "train"
+    l1_clamp_scope: str = "per_image"
     probe_restarts: int = 1
     pre_update_probe: bool = False
     w_hat_true_class_prob: float | None = None

@@ -44,7 +44,7 @@ class OptimConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: Literal["piecewise", "cosine", "constant"] = "piecewise"
+    schedule: str = "piecewise"
     milestones: tuple[float, ...] = (99 / 110, 104 / 110)
     gamma: float = 0.1
     label_smoothing: float = 0.0

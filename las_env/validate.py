@@ -15,6 +15,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 
 class SettingError(ValueError):
     """A setting outside its meaningful range.
@@ -97,10 +99,27 @@ def check_whole(key: str, value: Any, low: int = 1, *, allow_none: bool = False)
 def check_interval(key: str, value: Any) -> int:
     """The strategy's update interval k (``k``, ``reward_interval``): a whole number >= 1.
 
-    The one check of k: the env pays for the full reward (with its L2/L3 probes) every k-th step.
+    The one check of k (``LASConfig.reward_interval``, given on the command line as ``agent.k``):
+    the env pays for the full reward (with its L2/L3 probes) every k-th step.
     """
     try:
         return check_whole(key, value, 1)  # type: ignore[return-value]
     except SettingError:
         raise SettingError(key, value, "must be a whole number >= 1: the strategy's update interval k (the "
                                        "env pays for the full reward every k steps; the paper uses 20 or 40).") from None
+
+
+def check_device(key: str, value: Any) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` as given, ``auto`` as cuda when available else cpu; the one
+    parser of a device setting (training and evaluation)."""
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(str(value)).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise SettingError(key, value, "must be cpu, cuda, cuda:N or auto (cuda when available).")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SettingError(key, value, "CUDA is not available here; use {key}=cpu (or auto).")
+    return str(value)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ from agents.sb3.algos import _plain, _policy_kwargs, resolve_algo
 from agents.sb3.extractor import per_image_spaces
 from agents.sb3.vecenv import _SpecVecEnv
 from las_env.checkpoint import restore_generator
-from las_env.validate import check_interval
+from las_env.validate import check_number, check_whole
 
 
 @dataclass
@@ -32,18 +31,38 @@ class _Pending:
     log_probs: Tensor  # (B,)
 
 
+_POSITIVE = ("learning_rate", "clip_range", "max_grad_norm")
+_NON_NEGATIVE = ("ent_coef", "vf_coef")
+_FRACTIONS = ("gamma", "gae_lambda")
+_COUNTS = ("n_steps", "n_epochs", "batch_size")
+
+
+def _check_numbers(kwargs: dict[str, Any]) -> None:
+    """The numeric SB3 arguments in their meaningful range (a schedule or ``None`` is SB3's to read)."""
+    for key, value in kwargs.items():
+        if value is None or callable(value) or isinstance(value, (dict, list, str)):
+            continue
+        if key in _POSITIVE:
+            check_number(key, value, 0, low_open=True)
+        elif key in _NON_NEGATIVE:
+            check_number(key, value, 0, meaning="(a loss weight; 0 switches the term off)")
+        elif key in _FRACTIONS:
+            check_number(key, value, 0, 1)
+        elif key in _COUNTS:
+            check_whole(key, value, 1)
+
+
 class SB3Agent:
     """The strategy player, trained by a Stable-Baselines3 on-policy algorithm.
 
     Our loop drives (see the module docstring): ``act`` samples from SB3's policy on every
     step; ``learn`` adds one rollout-buffer step (B transitions, one per image) on each step
-    that carries the real reward and runs SB3's ``train()`` when ``n_steps`` of them are in.
+    that carries the real reward (every ``k = spec.reward_interval``-th) and runs SB3's
+    ``train()`` when ``n_steps`` of them are in.
 
     Args:
         spec: the game.
         algo: ``"ppo"``, ``"a2c"`` or ``"module:Class"`` of an SB3 on-policy algorithm.
-        reward_interval: k; the env computes the full reward on every k-th step and SB3
-            learns from those steps only (the agent acts on every step).
         policy: SB3 policy name or class (``"CnnPolicy"``: an actor-critic policy; its
             features extractor is replaced by :class:`SmallImageExtractor` unless
             ``policy_kwargs`` says otherwise).
@@ -62,7 +81,6 @@ class SB3Agent:
     Attributes:
         model: the SB3 algorithm (``model.policy`` is the network, ``model.rollout_buffer``
             the buffer).
-        reward_interval: k.
         updates: number of SB3 ``train()`` calls.
         buffer_additions: number of rollout-buffer steps added (one per reward step).
         generator: the sampling RNG, on ``spec.device``.
@@ -73,7 +91,6 @@ class SB3Agent:
         spec: AgentSpec,
         *,
         algo: str = "ppo",
-        reward_interval: int = 1,
         policy: str | type = "CnnPolicy",
         policy_kwargs: dict | None = None,
         features_dim: int = 128,
@@ -83,11 +100,10 @@ class SB3Agent:
         name: str | None = None,
         **algo_kwargs: Any,
     ) -> None:
-        check_interval("reward_interval", reward_interval)
+        _check_numbers(algo_kwargs)
         self.spec = spec
         self.name = name
         self.device = torch.device(spec.device)
-        self.reward_interval = int(reward_interval)
         self.seed = int(spec.seed if seed is None else seed)
         self.algo_class = resolve_algo(algo)
         b = int(spec.observation_shape[0])
@@ -121,7 +137,6 @@ class SB3Agent:
         self.updates = 0
         self.buffer_additions = 0
         self._pending: _Pending | None = None
-        self._warned_unmatched = False
         self._lookup = spec.grid.lookup(self.device)  # index -> value, on the device
 
     @staticmethod
@@ -192,15 +207,7 @@ class SB3Agent:
         pending, self._pending = self._pending, None
         if not info.get("reward_computed", False):
             return {}
-        if pending is None:
-            if not self._warned_unmatched:
-                warnings.warn(
-                    "SB3Agent.learn got a reward step it kept no observations for: the env's "
-                    f"reward_interval does not match the agent's ({self.reward_interval}); build the env "
-                    "with reward_interval=agent.reward_interval. Skipping it.",
-                    stacklevel=2,
-                )
-                self._warned_unmatched = True
+        if pending is None:  # a reward step act did not see coming (an env other than spec's)
             return {}
 
         b = self.num_envs
@@ -284,7 +291,7 @@ class SB3Agent:
                 "gauss": float(gauss),
             },
             # For the record (not enforced on load): what produced this state.
-            "hparams": {"algo": self.algo_class.__name__, "reward_interval": self.reward_interval, "n_steps": self.n_steps},
+            "hparams": {"algo": self.algo_class.__name__, "reward_interval": self.spec.reward_interval, "n_steps": self.n_steps},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

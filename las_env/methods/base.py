@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -43,9 +42,9 @@ class MethodConfig:
         awp_proxy_lr: learning rate of the proxy's one ascent step (0.01).
     """
 
-    name: Literal["pgd_at", "trades", "awp"] = "pgd_at"
+    name: str = "pgd_at"
     trades_beta: float = 6.0
-    awp_base: Literal["pgd_at", "trades"] = "pgd_at"
+    awp_base: str = "pgd_at"
     awp_gamma: float = 0.01
     awp_warmup_epochs: int = 0
     awp_proxy_lr: float = 0.01
