@@ -65,11 +65,16 @@ def hydra_message(exc: BaseException, program: str, conf_dir: Path) -> str:
     if isinstance(exc, ConfigCompositionException):
         match = re.search(r"Could not override '([^']+)'", str(exc))
         cause = _flat(exc.__cause__) if exc.__cause__ is not None else ""
-        if match and "not in struct" in cause:
+        if match and ("not in struct" in cause or re.search(r"Key '[^']+' not in '", cause)):
             key = match.group(1)
             return (f"{key} is not a setting of {program} (check its spelling: `{command} --cfg job` "
                     f"lists every key). Only a key the config lacks (a setting of your own agent "
                     f"class, say) is added, with +{key}=VALUE.")
+        typed = re.search(r"(Value '.*' of type '\w+' could not be converted to \w+)", cause)
+        merged = re.search(r"Error merging override ([^=\s]+)=", str(exc))
+        if (match or merged) and typed:  # OmegaConf checked the value against experiments/schema.py
+            return (f"{(match or merged).group(1)}: {typed.group(1)}. Give a value of the key's type; "
+                    f"`{command} --cfg job` shows every key's current value.")
         if match:
             return (f"{match.group(1)} cannot be set that way ({cause or _flat(exc)}). "
                     f"`{command} --cfg job` shows the key's current value and type.")

@@ -31,6 +31,7 @@ from experiments.errors import ConfigError
 from experiments.runfiles import BEST
 from las_env.checkpoint import atomic_save
 from las_env.data import ImageData
+from las_env.validate import SettingError, check_number, check_whole
 
 SELECT_ON = ("val", "test", "last")
 TEST_SELECTION_WARNING = (
@@ -64,13 +65,12 @@ def selection_settings(cfg: Mapping[str, Any]) -> SelectionSettings:
         ConfigError: a fraction outside [0, 0.5], an unknown ``select_on``, or ``select_on=val``
             without a validation split.
     """
-    fraction = cfg.get("val_fraction", 0.1)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 0.5:
-        raise ConfigError(f"selection.val_fraction={fraction!r} must be a number in [0, 0.5] (0.1 holds out 10% "
-                          f"of the training images for validation; 0 holds out none).")
-    seed = cfg.get("split_seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"selection.split_seed={seed!r} must be a whole number >= 0.")
+    try:
+        fraction = check_number("selection.val_fraction", cfg.get("val_fraction", 0.1), 0, 0.5, meaning="(0.1 holds "
+                                "out 10% of the training images for validation; 0 holds out none)")
+        seed = check_whole("selection.split_seed", cfg.get("split_seed", 0), 0)
+    except SettingError as exc:
+        raise ConfigError(str(exc)) from None
     select_on = str(cfg.get("select_on", "val"))
     if select_on not in SELECT_ON:
         raise ConfigError(f"selection.select_on={select_on!r}: valid choices are val (best epoch on the held-out "

@@ -338,7 +338,7 @@ def test_cli_updates_the_logged_runs_summary_offline(run_dir, tmp_path):
     ("args", "message"),
     [
         (["attacks=[clean,pgd10,deepfool]"], "Unknown attack 'deepfool'"),
-        (["n=0"], "n must be a whole number >= 1"),
+        (["n=0"], "n=0: must be a whole number >= 1"),
         (["checkpoint=/nonexistent/run"], "No checkpoint at /nonexistent/run"),
     ],
 )

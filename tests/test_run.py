@@ -200,7 +200,7 @@ BAD_INPUTS = {
     (["data.grid.step_sizes=[-0.1,0.1]"], "non-positive"),
     (["agent=custom"], "agent._target_"),
     (["agent=custom", "agent._target_=no_such_module.Agent"], "cannot be imported"),
-    (["agent=fixed", "+agent.k=3"], "does not accept"),
+    (["agent=fixed", "+agent.lr=3"], "does not accept"),
     (["eval.final_attacks=[deepfool]"], "Unknown attack"),
     (["reward.measure=vibes"], "reward.measure"),
 ])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ import las_env
 from agents.base import AgentSpec
 from agents.baselines import FixedAgent
 from agents.reinforce import ReinforceAgent
+from experiments.errors import ConfigError
 from experiments.settings import settings_from_config
 from las_env.data import DataError, DatasetNotFoundError, ImageData, load_dataset
 from las_env.datasets import dataset_names, lookup
@@ -264,13 +266,20 @@ def _results(run_root: Path) -> dict:
 def test_two_epochs_on_an_npz_and_an_image_folder_through_run_py(tmp_path):
     npz = _npz(tmp_path / "mine.npz", **_arrays(n_train=40, n_test=20, shape=(10, 12)))  # grey, non-square
     folder = _folder(tmp_path / "imgs", n_train=40, n_test=20, size=(9, 7))  # colour, non-square
+    # The npz run brings its own threat model from the command line (issue 22): trained, probed and reported at 0.1.
+    threat = {"npz": ["data.threat.epsilon=0.1", "data.threat.step_size=0.025"], "folder": []}
     for kind, path, shape in (("npz", npz, [1, 10, 12]), ("folder", folder, [3, 7, 9])):
-        proc = _cli(f"data={kind}", f"data.path={path}", f"run_root={tmp_path / kind}", *TINY, cwd=tmp_path)
+        proc = _cli(f"data={kind}", f"data.path={path}", f"run_root={tmp_path / kind}", *TINY, *threat[kind], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         res = _results(tmp_path / kind)
         assert res["status"] == "completed" and res["model"] == "small_cnn" and len(res["history"]) == 2
         assert all(row["n_images"] == 20 for row in res["final"])  # the whole test split
-        assert "40 train / 20 test" in res["data"] and res["threat_model"] == "L-inf eps=8/255"
+        eps = 0.1 if kind == "npz" else 8 / 255
+        assert "40 train / 20 test" in res["data"] and all(row["epsilon"] == pytest.approx(eps) for row in res["final"][1:])
+        assert res["config"]["data"]["threat"] == {"epsilon": pytest.approx(eps), "step_size": pytest.approx(eps / 4)}
+        table = next((tmp_path / kind).rglob("results.md")).read_text()
+        assert ("| 0.1 |" in table) == (kind == "npz") and f"eps = {'0.1' if kind == 'npz' else '8/255'}" in table
+        assert ("step 0.025" in table) == (kind == "npz")  # the PGD step of data.threat.step_size
         assert res["config"]["data"]["grid"]["epsilons"] == list(lookup(kind).grid.epsilons)
         ckpt = torch.load(next((tmp_path / kind).rglob("checkpoint.pt")), map_location="cpu", weights_only=False)
         assert ckpt["meta"]["in_channels"] == shape[0]
@@ -312,3 +321,43 @@ def test_user_record_without_a_model_picks_one_from_the_loaded_size():
         assert env.unwrapped.game.threat == lookup("cifar10").threat
     finally:
         env.close()
+
+
+# ----------------------------------------------------------------------------- the command line's threat model, plugins
+
+
+def test_threat_model_from_the_command_line_is_checked_hashed_and_used(tmp_path):
+    from experiments.rundir import settings_hash  # noqa: PLC0415
+
+    s = _settings(tmp_path, "data.threat.epsilon=0.1", "data.threat.step_size=0.025")
+    assert (s.env.threat.epsilon, s.env.threat.step_size) == (0.1, 0.025)
+    assert s.config["data"]["threat"] == {"epsilon": 0.1, "step_size": 0.025}
+    default = _settings(tmp_path)
+    assert default.env.threat == lookup("digits").threat and default.config["data"]["threat"]["epsilon"] == 0.2
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hashes = {settings_hash(compose("config", overrides=o)) for o in ([], ["data.threat.epsilon=0.1"])}
+    assert len(hashes) == 2
+    for overrides, key in ((["data.threat.epsilon=0"], "data.threat.epsilon=0"),
+                           (["data.threat.epsilon=nan"], "data.threat.epsilon=nan"),
+                           (["data.threat.epsilon=0.1", "data.threat.step_size=0.2"], "data.threat.step_size=0.2")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            _settings(tmp_path, *overrides)
+
+
+def test_a_plugin_module_registers_a_data_set_from_the_command_line(tmp_path, monkeypatch):
+    (tmp_path / "my_plugin_data.py").write_text(
+        "import torch\n"
+        "from las_env import register_dataset\n"
+        "from las_env.data import ImageData\n"
+        "from las_env.grids import ThreatModel\n\n"
+        "def load(root, download):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return ImageData(name='plugged', x_train=torch.rand(32, 1, 8, 8, generator=g), y_train=torch.arange(32) % 2,\n"
+        "                     x_test=torch.rand(8, 1, 8, 8, generator=g), y_test=torch.arange(8) % 2, num_classes=2,\n"
+        "                     class_names=['a', 'b'], description='plugged toy')\n\n"
+        "register_dataset('plugged', load, threat=ThreatModel(0.1, 0.025, 'L-inf eps=0.1'), replace=True)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = _settings(tmp_path, "data.plugin=my_plugin_data", "data.name=plugged")
+    assert s.env.dataset == "plugged" and s.env.threat.epsilon == 0.1  # model: by the loaded size
+    with pytest.raises(ConfigError, match="data.plugin=no_such_plugin cannot be imported"):
+        _settings(tmp_path, "data.plugin=no_such_plugin")

@@ -49,7 +49,7 @@ def prepare(s: Settings) -> Job | None:
         return None
     check_attack_needs(s, target)
     data = target.data or load_dataset(target.dataset, target.data_root)
-    threat = threat_model_for(data.name)
+    threat = target.threat or threat_model_for(data.name)
     eps = threat.epsilon if s.eps is None else s.eps
     n_total = data.x_test.shape[0]
     n = n_total if s.n is None else min(s.n, n_total)

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation import DEFAULT_ATTACKS, attack_spec
+from las_env.validate import check_device, check_whole
 
 
 @dataclass
@@ -40,14 +41,6 @@ class Settings:
     wandb_mode: str | None
 
 
-def _positive_int(value: Any, key: str, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be a whole number >= 1{' or null' if allow_none else ''}, got {value!r}.")
-    return value
-
-
 def _epsilon(value: Any) -> float | None:
     if value is None:
         return None
@@ -65,18 +58,6 @@ def _gap(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ValueError(f"sanity_max_gap must be a fraction in [0, 1] (0.15 = 15 points), got {value!r}.")
     return float(value)
-
-
-def _device(value: str) -> torch.device:
-    if value == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise ValueError(f"device must be auto, cpu or cuda[:i], got {value!r}.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={value} was asked for but no CUDA GPU is available; use device=cpu or auto.")
-    return device
 
 
 def parse_settings(cfg: DictConfig) -> Settings:
@@ -112,7 +93,7 @@ def parse_settings(cfg: DictConfig) -> Settings:
     n_per_attack: dict[str, int] = {}
     for key, value in (raw.get("n_per_attack") or {}).items():
         if value is not None:
-            n_per_attack[attack_spec(str(key)).name] = _positive_int(value, f"n_per_attack.{key}")  # type: ignore[assignment]
+            n_per_attack[attack_spec(str(key)).name] = check_whole(f"n_per_attack.{key}", value)  # type: ignore[assignment]
     wandb_mode = raw.get("wandb_mode")
     if wandb_mode not in (None, "offline", "online", "disabled"):
         raise ValueError(f"wandb_mode must be null, offline, online or disabled, got {wandb_mode!r}.")
@@ -123,16 +104,16 @@ def parse_settings(cfg: DictConfig) -> Settings:
         data=data_cfg.get("name"),
         data_root=raw.get("data_root") or data_cfg.get("root"),
         attacks=attacks,
-        n=_positive_int(raw.get("n"), "n", allow_none=True),
+        n=check_whole("n", raw.get("n"), allow_none=True),
         n_per_attack=n_per_attack,
         eps=_epsilon(raw.get("eps")),
-        restarts=_positive_int(raw.get("restarts"), "restarts"),  # type: ignore[arg-type]
-        batch_size=_positive_int(raw.get("batch_size"), "batch_size"),  # type: ignore[arg-type]
-        device=_device(str(raw.get("device", "auto"))),
-        threads=_positive_int(raw.get("threads"), "threads", allow_none=True),
+        restarts=check_whole("restarts", raw.get("restarts")),  # type: ignore[arg-type]
+        batch_size=check_whole("batch_size", raw.get("batch_size")),  # type: ignore[arg-type]
+        device=torch.device(check_device("device", raw.get("device", "auto"))),
+        threads=check_whole("threads", raw.get("threads"), allow_none=True),
         seed=int(raw.get("seed", 0)),
         sanity=bool(raw.get("sanity", True)),
-        sanity_n=_positive_int(raw.get("sanity_n", 200), "sanity_n"),  # type: ignore[arg-type]
+        sanity_n=check_whole("sanity_n", raw.get("sanity_n", 200)),  # type: ignore[arg-type]
         sanity_max_gap=_gap(raw.get("sanity_max_gap", 0.15)),
         fail_on_sanity=bool(raw.get("fail_on_sanity", True)),
         export=None if raw.get("export") is None else Path(str(raw["export"])),

@@ -13,6 +13,7 @@ from experiments.evaluation_job.settings import Settings
 from experiments.runfiles import CHECKPOINT
 from las_env.checkpoint import load_checkpoint, load_plain_state_dict
 from las_env.data import ImageData, load_dataset
+from las_env.grids import ThreatModel
 from las_env.models import build_model
 
 
@@ -29,6 +30,7 @@ class Target:
         out_dir: Where reports go.
         meta: The checkpoint's metadata (empty for a plain state_dict).
         data: The loaded data (``None`` until needed).
+        threat: the threat model the run recorded (``data.threat``); ``None``: the data set's.
     """
 
     model: nn.Module
@@ -39,6 +41,14 @@ class Target:
     out_dir: Path
     meta: dict[str, Any] = field(default_factory=dict)
     data: ImageData | None = None
+    threat: ThreatModel | None = None
+
+
+def _recorded_threat(ckpt: dict[str, Any]) -> ThreatModel | None:
+    recorded = ((ckpt.get("config") or {}).get("data") or {}).get("threat") or {}
+    if recorded.get("epsilon") is None or recorded.get("step_size") is None:
+        return None  # a run from before data.threat: the data set's
+    return ThreatModel(float(recorded["epsilon"]), float(recorded["step_size"]), "the run's data.threat")
 
 
 def load_target(s: Settings) -> Target:
@@ -56,7 +66,7 @@ def load_target(s: Settings) -> Target:
             raise ValueError(f"Checkpoint {s.checkpoint}: target weights do not fit {meta['model']}: {exc}") from None
         source = s.checkpoint / CHECKPOINT if s.checkpoint.is_dir() else s.checkpoint
         target = Target(model, meta["model"], meta["dataset"], s.data_root or meta.get("data_root") or "data",
-                        source, s.out_dir or source.parent, meta)
+                        source, s.out_dir or source.parent, meta, threat=_recorded_threat(ckpt))
     else:
         assert s.state_dict is not None and s.model is not None and s.data is not None
         if not s.state_dict.is_file():
