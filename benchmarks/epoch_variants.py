@@ -69,6 +69,7 @@ def make_spec(dataset: str, data: ImageData, cfg: LASConfig, total_steps: int, s
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         seed=seed,
+        reward_interval=cfg.reward_interval,
     )
 
 
@@ -98,6 +99,7 @@ class Variant:
             batch_size=args.batch_size,
             epochs=epochs,
             max_steps_per_epoch=per_epoch,
+            reward_interval=None if kind == "pgdat" else k,
             optim=OptimConfig(lr=0.05 if dataset == "digits" else 0.1, schedule="constant"),
             method=MethodConfig(name=args.method),
             grid=method_grid(dataset, args.method, learns=kind != "pgdat"),
@@ -109,10 +111,9 @@ class Variant:
         if kind == "pgdat":
             self.agent: Any = FixedAgent(spec)
         else:
-            self.agent = ReinforceAgent(spec, k=k, backbone=args.strategy_backbone, seed=args.seed)
+            self.agent = ReinforceAgent(spec, backbone=args.strategy_backbone, seed=args.seed)
             if channels_last:
                 self.agent.net.to(memory_format=torch.channels_last)
-        cfg = replace(cfg, reward_interval=self.agent.reward_interval)
         self.initial = copy.deepcopy(self.agent.state_dict())
         if kind == "game":
             self.game = LASGame(cfg, data)

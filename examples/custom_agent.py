@@ -9,7 +9,6 @@ rewards can be, and a sanity baseline between ``agent=fixed`` and ``agent=reinfo
 
 It implements the protocol of ``agents/base.py`` (nothing to inherit from)::
 
-    reward_interval: int                 # the env pays the full reward every k-th step
     act(observation, info) -> (B, C)     # grid indices, one per column of spec.grid.columns
     learn(reward, info) -> dict          # called after every step; info["rewards"] is (B,)
     state_dict() / load_state_dict()     # exact resume
@@ -21,7 +20,9 @@ It implements the protocol of ``agents/base.py`` (nothing to inherit from)::
 (b) Through the project's runner (checkpoints, evaluation, results, plots, W&B), run from the
 repository root: ``run.py`` puts the repository root on ``sys.path``, so ``examples.`` imports
 wherever you run it from; a module of your own elsewhere needs its folder as the current
-directory or on ``PYTHONPATH``. Settings that ``agent=custom`` does not list take a ``+``::
+directory or on ``PYTHONPATH``. Settings that ``agent=custom`` does not list take a ``+``;
+``agent.k`` is the env's (every k-th step pays the full reward), read by the runner, not passed to
+the class (the agent sees it as ``spec.reward_interval``)::
 
     python experiments/run.py agent=custom agent._target_=examples.custom_agent.EpsilonGreedyBandit \
         agent.name=bandit +agent.k=5 +agent.explore=0.2
@@ -48,12 +49,11 @@ from las_env.datasets import lookup  # noqa: E402
 
 
 class EpsilonGreedyBandit:
-    """Epsilon-greedy choice of the attack radius, learned from per-image rewards.
+    """Epsilon-greedy choice of the attack radius, learned from per-image rewards on the steps that
+    carry the full reward (every ``spec.reward_interval``-th, the env's k).
 
     Args:
         spec: the game (the runner builds the agent as ``EpsilonGreedyBandit(spec=..., **settings)``).
-        k: reward interval: the env computes the full reward (with the costly L2 probe) on
-            every k-th step only, and the bandit learns on exactly those steps.
         explore: probability that an image gets a uniformly random epsilon instead of the best.
         decay: each update first multiplies the reward statistics by this factor, so the
             means track the target as it trains (1.0: plain averages over the whole run).
@@ -62,14 +62,13 @@ class EpsilonGreedyBandit:
         seed: seed of the agent's own random generator; ``None`` takes ``spec.seed``.
     """
 
-    def __init__(self, spec: AgentSpec, *, k: int = 5, explore: float = 0.2, decay: float = 0.9,
+    def __init__(self, spec: AgentSpec, *, explore: float = 0.2, decay: float = 0.9,
                  step_size: float | None = None, iterations: int | None = None,
                  seed: int | None = None) -> None:
         if not 0.0 <= explore <= 1.0:
             raise ValueError(f"explore must be in [0, 1], got {explore}.")
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {decay}.")
-        self.reward_interval = int(k)  # the one attribute the protocol requires
         self.explore = float(explore)
         self.decay = float(decay)
         self.device = torch.device(spec.device)
@@ -161,10 +160,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    # The agent's reward interval must be the env's: choose k first, build both with it.
+    # k is the env's; the agent reads it from its spec.
     env = gymnasium.make("LAS-v0", dataset="digits", batch_size=args.batch_size, epochs=args.epochs,
                          max_steps_per_epoch=args.steps_per_epoch, reward_interval=args.k)
-    agent = EpsilonGreedyBandit(spec_for(env, args.seed), k=args.k)
+    agent = EpsilonGreedyBandit(spec_for(env, args.seed))
 
     obs, info = env.reset(seed=args.seed)  # NumPy observations, as Gymnasium expects
     done, steps, learned, per_epoch = False, 0, 0, []

@@ -4,6 +4,8 @@ a learning sanity check on a synthetic bandit (per-image credit vs the paper's s
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import copy
 import math
 
@@ -30,7 +32,8 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def make_spec(dataset: str = "digits", batch: int = 16, device: str = "cpu", total_steps: int = 100, seed: int = 0):
+def make_spec(dataset: str = "digits", batch: int = 16, device: str = "cpu", total_steps: int = 100, seed: int = 0,
+              k: int | None = 1):
     return AgentSpec(
         grid=grid_for(dataset),
         observation_shape=(batch, *SHAPES[dataset]),
@@ -40,6 +43,7 @@ def make_spec(dataset: str = "digits", batch: int = 16, device: str = "cpu", tot
         total_steps=total_steps,
         steps_per_epoch=10,
         seed=seed,
+        reward_interval=k,
     )
 
 
@@ -61,7 +65,7 @@ def flat_params(module: torch.nn.Module) -> torch.Tensor:
 
 
 def all_agents(spec: AgentSpec):
-    return [ReinforceAgent(spec, k=3), FixedAgent(spec), RandomAgent(spec)]
+    return [ReinforceAgent(replace(spec, reward_interval=3)), FixedAgent(spec), RandomAgent(spec)]
 
 
 # --------------------------------------------------------------------------- protocol
@@ -82,12 +86,11 @@ def test_agents_follow_the_protocol_and_return_valid_actions(device):
         assert isinstance(agent.state_dict(), dict)
 
 
-def test_baselines_never_make_the_env_pay_for_the_full_reward():
-    spec = make_spec(total_steps=37)
-    for agent in (FixedAgent(spec), RandomAgent(spec)):
-        # LASGame's rule: step s is a reward step when (s + 1) % reward_interval == 0.
-        assert not any((s + 1) % agent.reward_interval == 0 for s in range(spec.total_steps))
-    assert ReinforceAgent(spec, k=7).reward_interval == 7
+def test_reinforce_needs_reward_steps_and_takes_its_k_from_the_spec():
+    with pytest.raises(ValueError, match="reward_interval=k"):
+        ReinforceAgent(make_spec(k=None))
+    agent = ReinforceAgent(make_spec(total_steps=70, k=7), lr_milestones=[0.5])
+    assert agent.state_dict()["hparams"]["k"] == 7 and agent._lr_milestone_updates == [5]  # 70 // 7 = 10 updates
 
 
 # ------------------------------------------------------------------------ StrategyNet
@@ -135,7 +138,7 @@ def test_resnet18_strategy_for_cifar():
 
 def test_non_learning_steps_keep_no_graph_and_learning_steps_do():
     spec = make_spec()
-    agent = ReinforceAgent(spec, k=2)
+    agent = ReinforceAgent(replace(spec, reward_interval=2))
     x = images(spec)
     agent.act(x, NO_LEARN)
     assert agent._pending is None
@@ -152,16 +155,15 @@ def test_non_learning_steps_keep_no_graph_and_learning_steps_do():
 
 def test_learn_ignores_steps_without_the_full_reward():
     spec = make_spec()
-    agent = ReinforceAgent(spec, k=2, lr=0.1)
+    agent = ReinforceAgent(replace(spec, reward_interval=2), lr=0.1)
     x = images(spec)
     before = flat_params(agent.net)
     agent.act(x, LEARN)
     assert agent.learn(torch.tensor(0.0), {"reward_computed": False, "rewards": torch.ones(16)}) == {}
     assert agent._pending is None and agent.updates == 0
-    # A reward step whose act kept nothing (env interval != k): skipped, with one warning.
+    # A reward step whose act kept nothing (an env other than the spec's): skipped.
     agent.act(x, NO_LEARN)
-    with pytest.warns(UserWarning, match="reward_interval"):
-        assert agent.learn(torch.tensor(1.0), reward_info(torch.ones(16))) == {}
+    assert agent.learn(torch.tensor(1.0), reward_info(torch.ones(16))) == {}
     torch.testing.assert_close(flat_params(agent.net), before, rtol=0, atol=0)
 
 
@@ -181,7 +183,7 @@ def _manual_update(agent: ReinforceAgent, x, actions, advantage, entropy_coef=0.
 def _trained_agent(**kw) -> ReinforceAgent:
     # Non-zero heads, so the backbone's gradient is non-zero too and the check covers it.
     spec = make_spec()
-    return ReinforceAgent(spec, k=1, lr=0.05, grad_clip=0, zero_init_heads=False, **kw)
+    return ReinforceAgent(replace(spec, reward_interval=1), lr=0.05, grad_clip=0, zero_init_heads=False, **kw)
 
 
 def test_paper_credit_matches_the_authors_loss():
@@ -243,7 +245,7 @@ def test_per_image_credit_uses_a_running_baseline(normalize):
 
 def test_gradient_norm_is_clipped():
     spec = make_spec()
-    agent = ReinforceAgent(spec, k=1, credit="paper", lr=1.0, grad_clip=1e-3, zero_init_heads=False)
+    agent = ReinforceAgent(replace(spec, reward_interval=1), credit="paper", lr=1.0, grad_clip=1e-3, zero_init_heads=False)
     x = images(spec)
     before = flat_params(agent.net)
     agent.act(x, LEARN)
@@ -268,12 +270,12 @@ def test_state_dict_round_trip_reproduces_the_run_exactly():
             agent.learn(r.mean(), {**reward_info(r), "reward_computed": bool(s % 2)})
         return out
 
-    a = ReinforceAgent(spec, k=2, optimizer="adam", lr=1e-2, seed=3)
+    a = ReinforceAgent(replace(spec, reward_interval=2), optimizer="adam", lr=1e-2, seed=3)
     play(a, 6, 0)
     state = copy.deepcopy(a.state_dict())
     continued = play(a, 6, 100)
 
-    b = ReinforceAgent(spec, k=2, optimizer="adam", lr=1e-2, seed=99)  # different init, overwritten
+    b = ReinforceAgent(replace(spec, reward_interval=2), optimizer="adam", lr=1e-2, seed=99)  # different init, overwritten
     b.load_state_dict(state)
     resumed = play(b, 6, 100)
     for x, y in zip(continued, resumed):
@@ -298,7 +300,7 @@ def test_seed_determines_the_agent_and_leaves_global_rng_alone():
 
 def test_bad_settings_raise():
     spec = make_spec()
-    for kw in ({"credit": "batch"}, {"optimizer": "rmsprop"}, {"k": 0}, {"baseline_momentum": 1.0}):
+    for kw in ({"credit": "batch"}, {"optimizer": "rmsprop"}, {"lr": 0}, {"baseline_momentum": 1.0}):
         with pytest.raises(ValueError):
             ReinforceAgent(spec, **kw)
 
@@ -374,8 +376,7 @@ def test_reinforce_agent_drives_the_env(digits):
         steps_per_epoch=game.steps_per_epoch,
         seed=0,
     )
-    agent = ReinforceAgent(spec, k=k, lr=1e-2)
-    assert agent.reward_interval == env.config.reward_interval
+    agent = ReinforceAgent(replace(spec, reward_interval=k), lr=1e-2)
     before = {n: p.detach().clone() for n, p in agent.net.named_parameters()}
     obs, info = env.reset(seed=0)
     done, logged = False, []
@@ -400,7 +401,7 @@ def _bandit(credit: str, updates: int, batch: int = 32, target: int = 3, seed: i
     like the real reward's (accuracy measure: mean ~4-5, per-image std ~2). Returns the mean
     P(target) over a fixed batch after each update, stopping once it reaches ``stop_at``."""
     spec = make_spec(batch=batch, seed=seed)
-    agent = ReinforceAgent(spec, k=1, credit=credit, optimizer="adam", lr=1e-3)
+    agent = ReinforceAgent(replace(spec, reward_interval=1), credit=credit, optimizer="adam", lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     x_eval = torch.rand((64, 1, 8, 8), generator=g)
     probs: list[float] = []

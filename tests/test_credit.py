@@ -134,7 +134,7 @@ LEARN = {"reward_next_step": True}
 
 def _spec(batch: int = 16, device: str = "cpu") -> AgentSpec:
     return AgentSpec(grid=grid_for("digits"), observation_shape=(batch, 1, 8, 8), num_classes=10, dataset="digits",
-                     device=torch.device(device), total_steps=100, steps_per_epoch=10, seed=0)
+                     device=torch.device(device), total_steps=100, steps_per_epoch=10, seed=0, reward_interval=1)
 
 
 def _manual_params(agent: ReinforceAgent, x, actions, advantage) -> torch.Tensor:
@@ -153,8 +153,7 @@ def _flat(module: torch.nn.Module) -> torch.Tensor:
 
 def test_agent_unbiased_update_uses_the_credit_and_a_past_only_scale():
     torch.set_num_threads(1)
-    agent = ReinforceAgent(_spec(), k=1, credit="unbiased", lr=0.05, grad_clip=0, zero_init_heads=False)
-    assert agent.needs_pre_update_probe
+    agent = ReinforceAgent(_spec(), credit="unbiased", lr=0.05, grad_clip=0, zero_init_heads=False)
     g = torch.Generator().manual_seed(0)
     sq_past = None
     for update in range(2):
@@ -175,7 +174,7 @@ def test_agent_unbiased_update_uses_the_credit_and_a_past_only_scale():
 
 
 def test_agent_unbiased_without_the_pre_update_probe_says_how_to_fix_it():
-    agent = ReinforceAgent(_spec(), k=1, credit="unbiased")
+    agent = ReinforceAgent(_spec(), credit="unbiased")
     agent.act(torch.rand(16, 1, 8, 8), LEARN)
     info = {"reward_computed": True, "rewards": torch.ones(16), "l1": torch.ones(16)}
     with pytest.raises(ValueError, match="pre_update_probe=True"):
@@ -204,19 +203,23 @@ def test_game_measures_the_pre_update_target_before_the_attack(digits):
     assert not torch.equal(_flat(game.target), _flat(twin.target))
 
 
-def test_training_loop_asks_the_env_for_the_probe_when_the_agent_needs_it(digits, tmp_path):
-    from experiments.loop import build_game
-    from experiments.settings import RunSettings
+def test_the_command_line_asks_the_env_for_the_probe_when_the_credit_needs_it(digits, tmp_path):
+    from hydra import compose, initialize_config_dir
 
-    cfg = LASConfig(batch_size=32, epochs=1, max_steps_per_epoch=4)
+    from experiments.loop import build_game
+    from experiments.settings import settings_from_config
+
+    def settings(credit):
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "experiments" / "conf"),
+                                   version_base="1.3"):
+            cfg = compose("config", overrides=["logger=none", "agent.k=2", f"agent.credit={credit}", "data.batch_size=32",
+                                               "data.epochs=1", "data.max_steps_per_epoch=4"])
+        return settings_from_config(cfg, tmp_path)
+
     for credit, wanted in (("unbiased", True), ("per_image", False)):
-        settings = RunSettings(run_dir=tmp_path, env=cfg, agent_name="reinforce",
-                               agent=lambda spec, c=credit: ReinforceAgent(spec, k=2, credit=c))
-        env, agent, _ = build_game(settings, digits)
-        assert env.config.reward.pre_update_probe is wanted
+        assert settings(credit).env.reward.pre_update_probe is wanted
     # The unbiased agent plays a short episode end to end and learns on every reward step.
-    env, agent, _ = build_game(RunSettings(run_dir=tmp_path, env=cfg, agent_name="reinforce",
-                                           agent=lambda spec: ReinforceAgent(spec, k=2, credit="unbiased")), digits)
+    env, agent, _ = build_game(settings("unbiased"), digits)
     obs, info = env.reset(seed=0)
     done, updates = False, 0
     while not done:

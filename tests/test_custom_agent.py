@@ -45,7 +45,7 @@ def _spec(batch: int = 8, seed: int = 0) -> AgentSpec:
 
 
 def test_the_example_agent_implements_the_protocol_and_resumes_exactly():
-    agent = EpsilonGreedyBandit(_spec(), k=2, explore=0.5)
+    agent = EpsilonGreedyBandit(_spec(), explore=0.5)
     assert isinstance(agent, Agent)
     obs = torch.rand(8, 1, 8, 8)
     grid = grid_for("digits")
@@ -64,7 +64,7 @@ def test_the_example_agent_implements_the_protocol_and_resumes_exactly():
 
     state = {k: v.clone() for k, v in agent.state_dict().items()}
     expected = [agent.act(obs, {}) for _ in range(3)]
-    resumed = EpsilonGreedyBandit(_spec(seed=7), k=2, explore=0.5)  # another seed: the state decides
+    resumed = EpsilonGreedyBandit(_spec(seed=7), explore=0.5)  # another seed: the state decides
     resumed.load_state_dict(state)
     assert all(torch.equal(a, resumed.act(obs, {})) for a in expected)
 

@@ -225,11 +225,11 @@ def test_env_score_returns_step_like_info(digits):
 
 def spec(batch: int = 16) -> AgentSpec:
     return AgentSpec(grid=grid_for("digits"), observation_shape=(batch, 1, 8, 8), num_classes=10,
-                     dataset="digits", device=torch.device("cpu"), total_steps=100, steps_per_epoch=10)
+                     dataset="digits", device=torch.device("cpu"), total_steps=100, steps_per_epoch=10, reward_interval=2)
 
 
 def test_score_then_resample_scores_learns_and_trains_on_a_new_sample(digits):
-    agent = ReinforceAgent(spec(), k=2, reward_flow="score_then_resample", lr=1e-2, optimizer="adam")
+    agent = ReinforceAgent(spec(), reward_flow="score_then_resample", lr=1e-2, optimizer="adam")
     assert agent.scores_actions
     env = LASEnv(batch_size=16, epochs=1, max_steps_per_epoch=4, reward_interval=2, step_reward=False,
                  data=digits, tensor_api=True)
@@ -272,7 +272,7 @@ def test_the_loop_binds_the_scorer_and_turns_off_the_steps_reward(tmp_path, digi
 
 @pytest.mark.parametrize("mode", ["train", "split"])
 def test_bn_mode_split_samples_training_actions_in_eval_mode(mode):
-    agent = ReinforceAgent(spec(), k=2, bn_mode=mode)
+    agent = ReinforceAgent(spec(), bn_mode=mode)
     seen = []
     agent.net.register_forward_pre_hook(lambda module, args: seen.append(module.training))
     x = torch.rand(16, 1, 8, 8)

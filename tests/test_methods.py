@@ -213,14 +213,15 @@ def test_a_trades_beta_column_without_trades_is_refused():
 def _spec(env: LASEnv) -> AgentSpec:
     g = env.game
     return AgentSpec(grid=env.grid, observation_shape=env.observation_space.shape, num_classes=10, dataset="digits",
-                     device=g.device, total_steps=g.total_steps, steps_per_epoch=g.steps_per_epoch, seed=0)
+                     device=g.device, total_steps=g.total_steps, steps_per_epoch=g.steps_per_epoch, seed=0,
+                     reward_interval=g.config.reward_interval)
 
 
 AGENTS = {
-    "reinforce": lambda s: ReinforceAgent(s, k=2),
+    "reinforce": lambda s: ReinforceAgent(s),
     "fixed": lambda s: FixedAgent(s, extra={"trades_beta": 6.0} if len(s.grid.nvec) > 3 else None),
     "random": lambda s: RandomAgent(s),
-    "ppo": lambda s: SB3Agent(s, algo="ppo", reward_interval=2, n_steps=2, batch_size=16, n_epochs=1),
+    "ppo": lambda s: SB3Agent(s, algo="ppo", n_steps=2, batch_size=16, n_epochs=1),
     "custom": lambda s: EpsilonGreedyBandit(s),
 }
 
@@ -231,9 +232,8 @@ def test_every_agent_plays_every_method(digits, agent, method):
     # The example custom agent plays three columns: with it TRADES has one beta for every image.
     grid = TRADES_GRID if method == "trades" and agent != "custom" else None
     env = LASEnv(data=digits, tensor_api=True, batch_size=16, epochs=1, max_steps_per_epoch=4, method=method,
-                 grid=grid, reward_interval=2)
+                 grid=grid, reward_interval=None if agent in ("fixed", "random") else 2)
     player = AGENTS[agent](_spec(env))
-    env.game.config.reward_interval = player.reward_interval
     obs, info = env.reset(seed=0)
     done = False
     while not done:

@@ -57,7 +57,8 @@ def preset(name: str, tmp_path: Path):
 def agent_spec(s, dataset: str) -> AgentSpec:
     size = 64 if dataset == "tiny-imagenet" else 32
     return AgentSpec(grid=s.env.grid, observation_shape=(128, 3, size, size), num_classes=10, dataset=dataset,
-                     device=torch.device("cpu"), total_steps=1000, steps_per_epoch=391, seed=0)
+                     device=torch.device("cpu"), total_steps=1000, steps_per_epoch=391, seed=0,
+                     reward_interval=s.env.reward_interval)
 
 
 def check_target_training(s, dataset: str, model: str) -> None:
@@ -104,7 +105,7 @@ def test_lasat_presets_are_the_authors_setting(name, tmp_path):
     # The policy: ResNet-18, REINFORCE every k steps, one scalar per batch, plain SGD 1e-4, clip 1.
     agent = s.agent(agent_spec(s, dataset))
     assert isinstance(agent, ReinforceAgent)
-    assert (agent.reward_interval, agent.credit, agent.backbone) == (k, "paper", "resnet18")
+    assert (s.env.reward_interval, agent.credit, agent.backbone) == (k, "paper", "resnet18")
     opt = agent.optimizer
     assert type(opt) is torch.optim.SGD
     group = opt.param_groups[0]

@@ -38,7 +38,8 @@ def compose_preset(name: str, tmp_path: Path, *extra: str):
 
 def spec_of(s, total_steps: int) -> AgentSpec:
     return AgentSpec(grid=s.env.grid, observation_shape=(128, 3, 32, 32), num_classes=10, dataset="cifar10",
-                     device=torch.device("cpu"), total_steps=total_steps, steps_per_epoch=PER_EPOCH, seed=0)
+                     device=torch.device("cpu"), total_steps=total_steps, steps_per_epoch=PER_EPOCH, seed=0,
+                     reward_interval=s.env.reward_interval)
 
 
 def target_lrs(s, epochs: int, at: list[int]) -> list[float]:
@@ -72,7 +73,7 @@ def check_grid(grid, eps, iters, step, beta=None) -> None:
 
 def check_policy(s, *, momentum: float, weight_decay: float, milestones: list[int], total_steps: int) -> None:
     agent = s.agent(spec_of(s, total_steps))
-    assert isinstance(agent, ReinforceAgent) and agent.reward_interval == 1 and s.env.reward_interval == 1
+    assert isinstance(agent, ReinforceAgent) and s.env.reward_interval == 1
     assert agent.backbone == "resnet18" and agent.credit == "paper" and agent.grad_clip == 1.0
     assert agent.entropy_coef == 0.0 and len(agent.net.heads) == len(s.env.grid.nvec)
     group = agent.optimizer.param_groups[0]
@@ -168,8 +169,9 @@ def test_presets_run_two_steps_on_the_exact_cifar10_subset(tmp_path, cifar_root,
 
 def test_the_policy_lr_schedule_steps_with_the_agent_updates():
     spec = AgentSpec(grid=StrategyGrid((0.05,), (1,), (0.1, 0.2)), observation_shape=(4, 1, 8, 8), num_classes=10,
-                     dataset="digits", device=torch.device("cpu"), total_steps=8, steps_per_epoch=8, seed=0)
-    agent = ReinforceAgent(spec, k=2, lr=0.1, lr_milestones=[0.5, 0.75], lr_gamma=0.1)  # 4 updates: at 2 and 3
+                     dataset="digits", device=torch.device("cpu"), total_steps=8, steps_per_epoch=8, seed=0,
+                     reward_interval=2)
+    agent = ReinforceAgent(spec, lr=0.1, lr_milestones=[0.5, 0.75], lr_gamma=0.1)  # 4 updates: at 2 and 3
     seen = []
     for _ in range(4):
         agent.act(torch.rand(4, 1, 8, 8), {"reward_next_step": True})
@@ -177,7 +179,7 @@ def test_the_policy_lr_schedule_steps_with_the_agent_updates():
         seen.append(agent.optimizer.param_groups[0]["lr"])
     assert seen == pytest.approx([0.1, 0.1, 0.01, 0.001])
     with pytest.raises(ValueError, match="lr_milestones"):
-        ReinforceAgent(spec, k=2, lr_milestones=[75])
+        ReinforceAgent(spec, lr_milestones=[75])
 
 
 def test_w_hat_smoothing_reaches_the_look_ahead_copy_only(digits, monkeypatch):

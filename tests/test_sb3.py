@@ -42,7 +42,7 @@ def small_env(digits, **kw):
     return LASEnv(data=digits, **settings)
 
 
-def spec_for(b=16, shape=(1, 8, 8), total_steps=100, seed=0):
+def spec_for(b=16, shape=(1, 8, 8), total_steps=100, seed=0, k=1):
     return AgentSpec(
         grid=DIGITS_GRID,
         observation_shape=(b, *shape),
@@ -52,6 +52,7 @@ def spec_for(b=16, shape=(1, 8, 8), total_steps=100, seed=0):
         total_steps=total_steps,
         steps_per_epoch=total_steps,
         seed=seed,
+        reward_interval=k,
     )
 
 
@@ -171,10 +172,9 @@ def test_agent_in_a_plain_loop_learns_from_reward_steps_only(digits, algo):
     k = 2
     kw = dict(n_steps=2, batch_size=16, n_epochs=2) if algo == "ppo" else dict(n_steps=2)
     env = LASEnv(data=digits, tensor_api=True, batch_size=16, epochs=1, max_steps_per_epoch=8, reward_interval=k)
-    spec = spec_for(b=16, total_steps=env.game.total_steps)
-    agent = SB3Agent(spec, algo=algo, reward_interval=k, features_dim=32, **kw)
-    assert isinstance(agent, Agent) and agent.reward_interval == k
-    assert env.config.reward_interval == agent.reward_interval
+    spec = AgentSpec.from_game(env)
+    agent = SB3Agent(spec, algo=algo, features_dim=32, **kw)
+    assert isinstance(agent, Agent) and spec.reward_interval == k
     before = [p.detach().clone() for p in agent.model.policy.parameters()]
     obs, info = env.reset(seed=0)
     reward_steps, sb3_logs, done = 0, [], False
@@ -207,7 +207,7 @@ def synthetic_steps(agent, n, seed, start_step=0):
     b = agent.num_envs
     actions = []
     for s in range(start_step, start_step + n):
-        rewarded = (s + 1) % agent.reward_interval == 0
+        rewarded = (s + 1) % agent.spec.reward_interval == 0
         a = agent.act(torch.rand(b, 1, 8, 8, generator=g), {"reward_next_step": rewarded})
         actions.append(a)
         r = a[:, 2].float() + 0.1 * torch.randn(b, generator=g)
@@ -227,13 +227,13 @@ def test_agent_improves_on_a_bandit_it_can_solve():
 @pytest.mark.parametrize("algo", ["ppo", "a2c"])
 def test_state_dict_round_trip_reproduces_the_continuation(algo, tmp_path):
     kw = dict(n_steps=3, batch_size=12, n_epochs=2) if algo == "ppo" else dict(n_steps=3)
-    spec = spec_for(b=8, total_steps=40)
-    a = SB3Agent(spec, algo=algo, reward_interval=2, features_dim=16, seed=1, **kw)
+    spec = spec_for(b=8, total_steps=40, k=2)
+    a = SB3Agent(spec, algo=algo, features_dim=16, seed=1, **kw)
     synthetic_steps(a, 8, seed=5)  # 4 reward steps: one update, one step in the buffer
     assert a.updates == 1 and a.buffer.pos == 1
     torch.save(a.state_dict(), tmp_path / "agent.pt")
     state = torch.load(tmp_path / "agent.pt", weights_only=True)  # tensors and plain values only
-    b = SB3Agent(spec, algo=algo, reward_interval=2, features_dim=16, seed=99, **kw)
+    b = SB3Agent(spec, algo=algo, features_dim=16, seed=99, **kw)
     b.load_state_dict(state)
     cont_a = synthetic_steps(a, 10, seed=6, start_step=8)  # crosses the next update
     cont_b = synthetic_steps(b, 10, seed=6, start_step=8)
@@ -270,12 +270,11 @@ def test_unknown_algorithms_are_refused():
 def test_agent_configs_build_through_the_runners_factory(name):
     from omegaconf import OmegaConf
 
-    from experiments.settings import agent_factory
+    from experiments.agent_settings import agent_factory
 
     cfg = OmegaConf.load(REPO / "experiments" / "conf" / "agent" / f"{name}.yaml")
     assert cfg._target_ == "agents.sb3.SB3Agent" and cfg.algo == name and cfg.name == name
-    agent = agent_factory(cfg)(spec_for(b=64))
-    assert agent.reward_interval == cfg.reward_interval
+    agent = agent_factory(cfg)(spec_for(b=64, k=cfg.k))  # k goes to the env, the agent reads its spec
     assert isinstance(agent.model, PPO if name == "ppo" else A2C)
     assert agent.model.n_steps == cfg.n_steps
     if name == "ppo":

@@ -66,8 +66,6 @@ def test_a_column_no_method_reads_is_carried_one_a_method_reads_but_this_one_doe
     _, _, _, _, info = env.step(action)
     torch.testing.assert_close(info["toy_gain"], torch.tensor([TOY[i % 3] for i in range(6)]))
     torch.testing.assert_close(info["epsilon"], torch.full((6,), 0.2))
-    with pytest.raises(RuntimeError, match="before the first step"):
-        env.configure_agent(reward_interval=2)
     with pytest.raises(ValueError, match="rename the column"):
         LASEnv(data=digits, batch_size=6, grid=StrategySpace((0.05,), (1,), (0.2,), extra={"labels": (1.0,)}))
     beta = StrategySpace((0.05,), (1,), (0.2,), extra={"trades_beta": (6.0,)})
@@ -75,14 +73,13 @@ def test_a_column_no_method_reads_is_carried_one_a_method_reads_but_this_one_doe
         LASEnv(data=digits, batch_size=6, grid=beta, method="pgd_at")
 
 
-def test_agent_spec_from_the_game_and_the_agent_configures_the_env(digits):
-    env = LASEnv(data=digits, tensor_api=True, batch_size=8, epochs=2, max_steps_per_epoch=3, grid=TOY_SPACE)
+def test_agent_spec_from_the_game_carries_its_k_and_threat_model(digits):
+    env = LASEnv(data=digits, tensor_api=True, batch_size=8, epochs=2, max_steps_per_epoch=3, grid=TOY_SPACE,
+                 reward_interval=3)
     spec = AgentSpec.from_game(env, seed=7)
     assert spec == AgentSpec(grid=TOY_SPACE, observation_shape=(8, 1, 8, 8), num_classes=10, dataset="digits",
-                             device=torch.device("cpu"), total_steps=6, steps_per_epoch=3, seed=7)
-    env.configure_agent(reward_interval=3, step_reward=False, pre_update_probe=True)
-    assert env.config is env.game.config and env.config.reward_interval == 3
-    assert env.config.step_reward is False and env.config.reward.pre_update_probe is True
+                             device=torch.device("cpu"), total_steps=6, steps_per_epoch=3, seed=7, reward_interval=3,
+                             threat=env.game.threat)
     assert [env.game.is_reward_step(s) for s in range(6)] == [False, False, True, False, False, True]
 
 
@@ -91,7 +88,6 @@ class ToyGainAgent:
     name, asked from the space (what a user's agent with its own knob does)."""
 
     def __init__(self, spec: AgentSpec) -> None:
-        self.reward_interval = spec.total_steps + 1  # never learns
         space = spec.grid
         b = spec.observation_shape[0]
         self.action = torch.zeros((b, len(space.columns)), dtype=torch.long, device=spec.device)

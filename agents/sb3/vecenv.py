@@ -62,7 +62,7 @@ class LASVecEnv(VecEnv):
                 f"LASVecEnv needs an env that computes the reward on every step (reward_interval=1), "
                 f"got reward_interval={k}: SB3 learns from every transition, and on the other steps "
                 "LASEnv reports a reward of 0 that was never computed. Build LASEnv(reward_interval=1), "
-                "or let our training loop drive SB3 through agents.sb3.SB3Agent(reward_interval=k), "
+                "or let our training loop drive SB3 through agents.sb3.SB3Agent (agent=ppo agent.k=K), "
                 "which learns only from the steps that carry the real reward."
             )
         self.env = env
