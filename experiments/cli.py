@@ -26,9 +26,6 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 
 from experiments.errors import fail
 
-EXIT_HYDRA = 1
-"""Exit status of a failure Hydra reports (Hydra's own status; the commands' "bad input")."""
-
 GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
 
@@ -45,7 +42,7 @@ def _flat(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def hydra_message(exc: BaseException, program: str, conf_dir: Path) -> str:
+def hydra_message(exc: BaseException, program: str, conf_dir: Path, hints: dict[str, str] | None = None) -> str:
     """The paragraph for an exception Hydra raised before the task function ran."""
     command = f"python {program}"
     if isinstance(exc, OverrideParseException):
@@ -59,8 +56,9 @@ def hydra_message(exc: BaseException, program: str, conf_dir: Path) -> str:
         options = sorted(exc.options or []) or sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
         if group:
             what = f"{group}= needs an option" if not option else f"Unknown {group} option {option!r}"
-            return (f"{what}. Valid choices for {group}=: {', '.join(options)} "
-                    f"({conf_dir.parent.name}/{conf_dir.name}/{group}/*.yaml), e.g. {group}={options[0] if options else 'NAME'}.")
+            return (f"{what}. Valid choices for {group}=: {', '.join(options)} ({conf_dir.parent.name}/"
+                    f"{conf_dir.name}/{group}/*.yaml), e.g. {group}={options[0] if options else 'NAME'}."
+                    f"{(hints or {}).get(group, '')}")
         return f"A config file is missing ({_flat(exc)}). Check the group=option names on the command line."
     if isinstance(exc, ConfigCompositionException):
         match = re.search(r"Could not override '([^']+)'", str(exc))
@@ -87,13 +85,15 @@ def hydra_message(exc: BaseException, program: str, conf_dir: Path) -> str:
             f"Set HYDRA_FULL_ERROR=1 for the full traceback.")
 
 
-def hydra_entry(main: Callable[[], Any], *, conf_dir: Path, program: str | None = None) -> None:
+def hydra_entry(main: Callable[[], Any], *, conf_dir: Path, program: str | None = None,
+                hints: dict[str, str] | None = None) -> None:
     """Run the ``@hydra.main``-decorated ``main``; a failure of Hydra's own is one paragraph.
 
     Args:
         main: the decorated function (its ``__wrapped__`` is the task function).
         conf_dir: the command's config folder (for the list of a group's options).
         program: how users invoke it, e.g. ``experiments/run.py`` (default: ``sys.argv[0]``).
+        hints: a sentence added to the message for an unknown option of a group.
     """
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's tracebacks
         main()
@@ -106,6 +106,6 @@ def hydra_entry(main: Callable[[], Any], *, conf_dir: Path, program: str | None 
     except Exception as exc:  # noqa: BLE001 - each is either reported here or re-raised untouched
         if _raised_inside(exc.__traceback__, task_code):
             raise
-        fail(hydra_message(exc, str(program), conf_dir), code=EXIT_HYDRA)
+        fail(hydra_message(exc, str(program), conf_dir, hints))  # Hydra's own status 1, the commands' "bad input"
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -50,7 +50,6 @@ from experiments.rundir import ensure_writable, register_resolvers, resume_targe
 from experiments.settings import settings_from_config  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-GROUPS = ("agent", "data", "model", "logger", "experiment", "sweep")
 GROUP_HINTS = {
     "agent": " A class of your own: agent=custom agent._target_=my_module.MyAgent.",
     "model": " Any other architecture name: model.name=NAME (e.g. wrn-28-10).",
@@ -60,24 +59,6 @@ RESUME_KEEPS = ("resume", "stop_after_epochs", "progress", "threads", "ddp_timeo
 """Overrides that may accompany ``resume=<run_dir>`` (they do not change the run's settings)."""
 
 register_resolvers()
-
-
-def check_group_choices(argv: list[str]) -> None:
-    """One clear paragraph for ``agent=nope`` (and data/model/logger/experiment) before Hydra
-    composes anything; Hydra's own message for this is a multi-line search-path dump."""
-    for arg in argv:
-        match = re.fullmatch(rf"\+{{0,2}}({'|'.join(GROUPS)})=(.*)", arg)
-        if not match:
-            continue
-        group, value = match.groups()
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        for choice in value.split(","):
-            choice = choice.strip()
-            if not re.fullmatch(r"[\w.\-]+", choice) or (group == "experiment" and choice == "null"):
-                continue  # sweep syntax (glob(...), range(...)): Hydra reports those itself
-            if choice not in options:
-                fail(f"Unknown {group} {choice!r}. Valid choices for {group}=: {', '.join(options)} "
-                     f"(experiments/conf/{group}/*.yaml).{GROUP_HINTS.get(group, '')}")
 
 
 def recorded_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
@@ -147,8 +128,7 @@ def check_output_dirs(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    check_group_choices(sys.argv[1:])
     check_output_dirs(sys.argv[1:])
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 alone writes the run's .hydra record
         sys.argv.append("hydra.output_subdir=null")
-    hydra_entry(main, conf_dir=CONF_DIR)
+    hydra_entry(main, conf_dir=CONF_DIR, hints=GROUP_HINTS)

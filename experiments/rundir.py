@@ -36,12 +36,6 @@ NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progre
 """Top-level keys that say how to run, not what to compute; left out of the settings hash.
 (``run_root`` is already the folder's first component; ``threads`` only moves CPU time.)"""
 
-HASHED_WHEN_SET: dict[str, Any] = {"init_from": None, "on_nonfinite": "stop", "ddp": {"sync_batchnorm": True},
-                                   "method": {"name": "pgd_at"}}
-"""Top-level keys added after runs already existed, with their defaults: they enter the hash
-only when set to something else, so the folders (and ``resume=true``) of earlier runs stay the
-same."""
-
 HASH_LENGTH = 8
 
 SWEEP_ID = time.strftime("%Y%m%d-%H%M%S")
@@ -56,8 +50,7 @@ def settings_hash(config: DictConfig | dict[str, Any]) -> str:
     else:
         container = dict(config)
     assert isinstance(container, dict)
-    settings = {k: v for k, v in container.items()
-                if k not in NON_SETTINGS and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
+    settings = {k: v for k, v in container.items() if k not in NON_SETTINGS}
     blob = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:HASH_LENGTH]
 
