@@ -68,11 +68,11 @@ def hydra_message(exc: BaseException, program: str, conf_dir: Path, hints: dict[
             return (f"{key} is not a setting of {program} (check its spelling: `{command} --cfg job` "
                     f"lists every key). Only a key the config lacks (a setting of your own agent "
                     f"class, say) is added, with +{key}=VALUE.")
-        typed = re.search(r"(Value '.*' of type '\w+' could not be converted to \w+)", cause)
+        typed = re.search(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", cause)
         merged = re.search(r"Error merging override ([^=\s]+)=", str(exc))
         if (match or merged) and typed:  # OmegaConf checked the value against experiments/schema.py
-            return (f"{(match or merged).group(1)}: {typed.group(1)}. Give a value of the key's type; "
-                    f"`{command} --cfg job` shows every key's current value.")
+            return (f"{(match or merged).group(1)}={typed.group(1)}: must be of type {typed.group(2)} (OmegaConf: "
+                    f"{typed.group(0)}); `{command} --cfg job` shows every key's current value and type.")
         if match:
             return (f"{match.group(1)} cannot be set that way ({cause or _flat(exc)}). "
                     f"`{command} --cfg job` shows the key's current value and type.")

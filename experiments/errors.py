@@ -9,28 +9,18 @@ from __future__ import annotations
 
 import sys
 
-PREFIX = "las-at: error: "
-"""How every command-line error starts (tests and scripts may match on it)."""
-
-EXIT_BAD_INPUT = 1
-"""Exit status of bad input reported before any work starts."""
-
 
 class ConfigError(ValueError):
     """Bad input found before training starts; its message is the paragraph users see."""
 
 
-def error_line(message: object) -> str:
-    """``message`` as the one-line paragraph users see (whitespace and newlines folded)."""
-    return PREFIX + " ".join(str(message).split())
-
-
-def fail(message: object, code: int = EXIT_BAD_INPUT) -> None:
-    """Print ``message`` as one paragraph on stderr and exit with ``code``, without a traceback.
+def fail(message: object, code: int = 1) -> None:
+    """Print ``message`` as one paragraph on stderr and exit with ``code`` (1: bad input reported before
+    any work starts), without a traceback.
 
     ``SystemExit`` is not an ``Exception``, so Hydra (which prints a traceback for those) lets
     it through unchanged.
     """
-    sys.stderr.write(error_line(message) + "\n")
+    sys.stderr.write("las-at: error: " + " ".join(str(message).split()) + "\n")  # whitespace folded: one line
     sys.stderr.flush()
     raise SystemExit(code)

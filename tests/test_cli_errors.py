@@ -27,8 +27,7 @@ CASES = {
     "run-key-not-in-config": ("run", ["nosuchkey=1"], ["nosuchkey is not a setting", "+nosuchkey=VALUE"]),
     "run-nested-key-not-in-config": ("run", ["eval.nosuch=3"], ["eval.nosuch is not a setting", "--cfg job"]),
     "run-bad-syntax": ("run", ["seed=[1"], ["cannot be parsed", "override_grammar"]),
-    "run-wrong-type": ("run", ["data.batch_size=abc"], ["data.batch_size: Value 'abc' of type 'str' could not be "
-                                                        "converted to Integer", "--cfg job"]),
+    "run-wrong-type": ("run", ["data.batch_size=abc"], ["data.batch_size=abc: must be of type Integer", "--cfg job"]),
     "evaluate-unwritable-dir": ("evaluate", ["hydra.run.dir=/proc/forbidden"], ["/proc/forbidden", "hydra.run.dir"]),
     "evaluate-unknown-option": ("evaluate", ["data=nosuch"], ["'nosuch'", "cifar10"]),
     "evaluate-empty-option": ("evaluate", ["model="], ["model= needs an option", "resnet18"]),

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation import DEFAULT_ATTACKS, attack_spec
-from las_env.validate import check_device, check_whole
+from las_env.validate import check_device, check_number, check_whole
 
 
 @dataclass
@@ -52,12 +52,6 @@ def _epsilon(value: Any) -> float | None:
     if not eps >= 0 or eps == float("inf"):
         raise ValueError(f"eps must be a finite number >= 0, got {value!r}.")
     return eps
-
-
-def _gap(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"sanity_max_gap must be a fraction in [0, 1] (0.15 = 15 points), got {value!r}.")
-    return float(value)
 
 
 def parse_settings(cfg: DictConfig) -> Settings:
@@ -114,7 +108,8 @@ def parse_settings(cfg: DictConfig) -> Settings:
         seed=int(raw.get("seed", 0)),
         sanity=bool(raw.get("sanity", True)),
         sanity_n=check_whole("sanity_n", raw.get("sanity_n", 200)),  # type: ignore[arg-type]
-        sanity_max_gap=_gap(raw.get("sanity_max_gap", 0.15)),
+        sanity_max_gap=check_number("sanity_max_gap", raw.get("sanity_max_gap", 0.15), 0, 1,
+                                    meaning="(a fraction: 0.15 = 15 points)"),
         fail_on_sanity=bool(raw.get("fail_on_sanity", True)),
         export=None if raw.get("export") is None else Path(str(raw["export"])),
         out_dir=None if raw.get("out_dir") is None else Path(str(raw["out_dir"])),
