@@ -15,12 +15,15 @@ import torch
 from agents.base import AgentSpec
 from agents.baselines import FixedAgent
 from agents.reinforce import ReinforceAgent
-from las_env.data import ImageData, load_dataset
+from las_env.data import ImageData
+from las_env.datasets import load_dataset
 from las_env.env import LASEnv
-from las_env.game import LASConfig, LASGame
-from las_env.grids import StrategyGrid, grid_for
+from las_env.game_config import LASConfig
+from las_env.game import LASGame
+from las_env.strategy_space import StrategySpace
+from las_env.datasets.registry import lookup
 from las_env.methods import MethodConfig
-from las_env.target import OptimConfig
+from las_env.optim import OptimConfig
 
 VARIANT_KINDS = ("pgdat", "las", "game")
 
@@ -72,9 +75,9 @@ def make_spec(dataset: str, data: ImageData, cfg: LASConfig, total_steps: int, s
     )
 
 
-def method_grid(dataset: str, method: str, *, learns: bool) -> StrategyGrid:
+def method_grid(dataset: str, method: str, *, learns: bool) -> StrategySpace:
     """The data set's grid; a learning agent of TRADES also picks beta (the authors' 5..9)."""
-    grid = grid_for(dataset)
+    grid = lookup(dataset).grid
     return replace(grid, extra=(("trades_beta", (5, 6, 7, 8, 9)),)) if method == "trades" and learns else grid
 
 

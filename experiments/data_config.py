@@ -19,7 +19,7 @@ from experiments.errors import ConfigError
 from las_env.datasets import dataset_names, is_registered, lookup
 from las_env.datasets.registry import DatasetRecord
 from las_env.datasets.user import peek_size
-from las_env.target import OptimConfig
+from las_env.optim import OptimConfig
 
 GRID_KEYS = ("step_sizes", "iterations", "epsilons")
 

@@ -25,12 +25,12 @@ from experiments.data_config import resolve_data_section
 from experiments.errors import ConfigError
 from experiments.guard import MODES as NONFINITE_MODES
 from experiments.selection import SelectionSettings, selection_settings
-from las_env.game import LASConfig
-from las_env.grids import StrategyGrid
+from las_env.game_config import LASConfig
+from las_env.strategy_space import StrategySpace
 from las_env.methods import MethodConfig
 from las_env.models import build_model
 from las_env.reward import RewardConfig
-from las_env.target import OptimConfig
+from las_env.optim import OptimConfig
 from las_env.validate import SettingError, check_whole
 
 FIDELITY_KEYS = ("attack_start", "last_batch")
@@ -250,7 +250,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
 
     grid_cfg = data.get("grid")
     try:
-        grid = StrategyGrid.from_config(grid_cfg) if grid_cfg is not None else None
+        grid = StrategySpace.from_config(grid_cfg) if grid_cfg is not None else None
     except SettingError as exc:
         raise ConfigError(exc.describe("data.grid.")) from None
     except (ValueError, TypeError, KeyError) as exc:

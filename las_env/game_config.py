@@ -12,7 +12,7 @@ from las_env.datasets.registry import lookup
 from las_env.methods import COLUMNS_METHODS_READ, MethodConfig, build_method
 from las_env.reward import RewardConfig
 from las_env.strategy_space import StrategySpace
-from las_env.target import OptimConfig, Precision
+from las_env.optim import OptimConfig, Precision
 from las_env.validate import SettingError, check_interval, check_whole
 
 @dataclass
@@ -35,7 +35,7 @@ class LASConfig:
         reward_interval: the full reward (with L2/L3) is computed on every k-th step only
             (the agent's update interval); other steps report ``reward_computed=False``.
         grid: the strategy space (:class:`las_env.strategy_space.StrategySpace`, alias
-            ``StrategyGrid``); ``None`` takes the data set's default grid.
+            ``StrategySpace``); ``None`` takes the data set's default grid.
         augment: random crop (pad 4) + flip on the device; ``None``: the data set's (on for 32 px and larger).
         device: "cpu", "cuda", "cuda:1", ... ("auto" picks cuda when available).
         precision: "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler).

@@ -125,15 +125,16 @@ def test_estimates_are_not_all_zero(credit):
 import copy  # noqa: E402
 
 from agents import AgentSpec, ReinforceAgent  # noqa: E402
-from las_env.game import LASConfig, LASGame  # noqa: E402
-from las_env.grids import grid_for  # noqa: E402
+from las_env.game_config import LASConfig  # noqa: E402
+from las_env.game import LASGame  # noqa: E402
+from las_env.datasets.registry import lookup  # noqa: E402
 from las_env.reward import RewardConfig  # noqa: E402
 
 LEARN = {"reward_next_step": True}
 
 
 def _spec(batch: int = 16, device: str = "cpu") -> AgentSpec:
-    return AgentSpec(grid=grid_for("digits"), observation_shape=(batch, 1, 8, 8), num_classes=10, dataset="digits",
+    return AgentSpec(grid=lookup("digits").grid, observation_shape=(batch, 1, 8, 8), num_classes=10, dataset="digits",
                      device=torch.device(device), total_steps=100, steps_per_epoch=10, seed=0)
 
 
@@ -205,7 +206,7 @@ def test_game_measures_the_pre_update_target_before_the_attack(digits):
 
 
 def test_training_loop_asks_the_env_for_the_probe_when_the_agent_needs_it(digits, tmp_path):
-    from experiments.loop import build_game
+    from experiments.game_setup import build_game
     from experiments.settings import RunSettings
 
     cfg = LASConfig(batch_size=32, epochs=1, max_steps_per_epoch=4)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from experiments.selection import SelectionSettings
 from experiments.settings import EvalSettings, LoggerSettings, RunSettings
-from las_env.game import LASConfig
+from las_env.game_config import LASConfig
 from las_env.methods import MethodConfig
 from las_env.reward import RewardConfig
 

@@ -17,8 +17,9 @@ from torch import nn
 from agents import AgentSpec, ReinforceAgent
 from las_env import LASEnv
 from las_env.attack import pgd
-from las_env.game import LASConfig, LASGame
-from las_env.grids import grid_for
+from las_env.game_config import LASConfig
+from las_env.game import LASGame
+from las_env.datasets.registry import lookup
 from las_env.reward import RewardConfig, probe_updated_target, reward_terms
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
@@ -43,7 +44,7 @@ def game(digits, seed: int = 0, **kw) -> LASGame:
 def actions(g: LASGame, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     b = g.config.batch_size
-    return torch.stack([torch.randint(0, n, (b,), generator=gen) for n in g.grid.nvec], dim=1)
+    return torch.stack([torch.randint(0, n, (b,), generator=gen) for n in g.space.nvec], dim=1)
 
 
 class Flat(nn.Module):
@@ -84,7 +85,7 @@ def test_attack_start_draws_in_the_own_or_the_threat_models_ball(digits, start):
 
 
 def test_last_batch_wrap_fills_the_partial_batch_from_the_epochs_first_images(digits):
-    from las_env.game import steps_per_epoch  # noqa: PLC0415
+    from las_env.game_config import steps_per_epoch  # noqa: PLC0415
 
     n, b = digits.x_train.shape[0], 64  # 1347 = 21 * 64 + 3
     drop = game(digits, batch_size=b, max_steps_per_epoch=None)
@@ -224,7 +225,7 @@ def test_env_score_returns_step_like_info(digits):
 
 
 def spec(batch: int = 16) -> AgentSpec:
-    return AgentSpec(grid=grid_for("digits"), observation_shape=(batch, 1, 8, 8), num_classes=10,
+    return AgentSpec(grid=lookup("digits").grid, observation_shape=(batch, 1, 8, 8), num_classes=10,
                      dataset="digits", device=torch.device("cpu"), total_steps=100, steps_per_epoch=10)
 
 
@@ -261,7 +262,7 @@ def test_score_then_resample_scores_learns_and_trains_on_a_new_sample(digits):
 def test_the_loop_binds_the_scorer_and_turns_off_the_steps_reward(tmp_path, digits):
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
 
-    from experiments.loop import build_game  # noqa: PLC0415
+    from experiments.game_setup import build_game  # noqa: PLC0415
     from experiments.settings import settings_from_config  # noqa: PLC0415
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -17,8 +17,8 @@ from torch import nn
 
 from agents import AgentSpec, FixedAgent, ReinforceAgent
 from experiments.settings import settings_from_config
-from las_env.game import steps_per_epoch
-from las_env.grids import threat_model_for
+from las_env.game_config import steps_per_epoch
+from las_env.datasets.registry import lookup
 from las_env.target import TargetTrainer
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
@@ -56,7 +56,7 @@ def preset(name: str, tmp_path: Path):
 
 def agent_spec(s, dataset: str) -> AgentSpec:
     size = 64 if dataset == "tiny-imagenet" else 32
-    return AgentSpec(grid=s.env.grid, observation_shape=(128, 3, size, size), num_classes=10, dataset=dataset,
+    return AgentSpec(grid=s.env.space, observation_shape=(128, 3, size, size), num_classes=10, dataset=dataset,
                      device=torch.device("cpu"), total_steps=1000, steps_per_epoch=391, seed=0)
 
 
@@ -77,7 +77,7 @@ def check_target_training(s, dataset: str, model: str) -> None:
 
 def check_grid(s, dataset: str) -> None:
     (e0, e1), (i0, i1), (s0, s1) = GRIDS[dataset]
-    grid = s.env.grid
+    grid = s.env.space
     assert grid.epsilons == pytest.approx([v / 255 for v in range(e0, e1 + 1)])
     assert list(grid.iterations) == list(range(i0, i1 + 1))
     assert grid.step_sizes == pytest.approx([v / 255 for v in range(s0, s1 + 1)])
@@ -94,7 +94,7 @@ def test_lasat_presets_are_the_authors_setting(name, tmp_path):
 
     # Reward: R1 = clamp(mean CE, 0, 10) from an eval-mode forward; R2 = 4 x PGD-10 accuracy
     # (8/255, step 2/255, 2 restarts) and R3 = 2 x clean accuracy of a deep-copied w_hat.
-    threat = threat_model_for(dataset)
+    threat = lookup(dataset).threat
     assert (threat.epsilon, threat.step_size) == pytest.approx((8 / 255, 2 / 255))
     assert (r.alpha, r.beta, r.measure, r.l1_clamp) == (4.0, 2.0, "accuracy", 10.0)
     assert (r.use_l1, r.use_l2, r.use_l3) == (True, True, True)

@@ -22,13 +22,13 @@ from agents.base import AgentSpec
 from agents.baselines import FixedAgent
 from agents.reinforce import ReinforceAgent
 from experiments.settings import settings_from_config
-from las_env.data import DataError, DatasetNotFoundError, ImageData, load_dataset
-from las_env.datasets import dataset_names, lookup
+from las_env.data import DataError, DatasetNotFoundError, ImageData
+from las_env.datasets import ThreatModel, dataset_names, load_dataset, lookup
 from las_env.datasets.user import peek_size
-from las_env.game import LASConfig
-from las_env.grids import StrategyGrid, ThreatModel, grid_for, threat_model_for
+from las_env.game_config import LASConfig
+from las_env.strategy_space import StrategySpace
 from las_env.models import build_model
-from las_env.target import OptimConfig
+from las_env.optim import OptimConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "experiments" / "conf"
@@ -94,15 +94,15 @@ def _toy_loader(root: Path, download: bool) -> ImageData:
 
 @pytest.fixture(scope="module")
 def toy_record():
-    grid = StrategyGrid(step_sizes=(0.01, 0.02), iterations=(1, 3), epsilons=(0.05, 0.1, 0.15))
+    grid = StrategySpace(step_sizes=(0.01, 0.02), iterations=(1, 3), epsilons=(0.05, 0.1, 0.15))
     return las_env.register_dataset(
         "toy-reg", _toy_loader, grid=grid, threat=ThreatModel(0.1, 0.02, "L-inf eps=0.1 (toy)"), fixed_iterations=3,
         model="small_cnn", backbone="small_cnn", optim=OptimConfig(lr=0.02, schedule="constant"), replace=True)
 
 
 def test_the_record_drives_grid_threat_model_optimiser_and_pgd_at(toy_record):
-    assert grid_for("toy-reg") is toy_record.grid and grid_for("toy_reg") is toy_record.grid
-    assert threat_model_for("toy-reg") == ThreatModel(0.1, 0.02, "L-inf eps=0.1 (toy)")
+    assert lookup("toy-reg").grid is toy_record.grid and lookup("toy_reg").grid is toy_record.grid
+    assert lookup("toy-reg").threat == ThreatModel(0.1, 0.02, "L-inf eps=0.1 (toy)")
     cfg = LASConfig(dataset="toy-reg")
     assert cfg.grid == toy_record.grid and cfg.model == "small_cnn"
     assert cfg.optim == OptimConfig(lr=0.02, schedule="constant") and cfg.optim is not toy_record.optim
@@ -135,7 +135,7 @@ def test_yaml_overrides_one_fact_and_leaves_the_rest_to_the_record(tmp_path):
     s = _settings(tmp_path, "data=cifar10", "data.optim.lr=0.05", "data.grid.epsilons=[0.02,0.03]")
     rec = lookup("cifar10")
     assert s.env.optim == OptimConfig(**{**vars(rec.optim), "lr": 0.05})
-    assert s.env.grid.epsilons == (0.02, 0.03) and s.env.grid.step_sizes == rec.grid.step_sizes
+    assert s.env.space.epsilons == (0.02, 0.03) and s.env.space.step_sizes == rec.grid.step_sizes
     assert s.env.model == "resnet18" and s.config["data"]["optim"]["momentum"] == 0.9  # recorded as trained
     s = _settings(tmp_path, "data=tiny_imagenet", "model=small_cnn")
     assert s.env.model == "small_cnn"
