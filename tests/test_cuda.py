@@ -194,7 +194,7 @@ def test_game_keeps_data_resident_on_the_device():
         assert x.device.type == DEV.type and torch.equal(x, want_x) and torch.equal(y, want_y)
         out = game.play(random_action(game, step))
         assert out.iterations.device.type == DEV.type and out.reward.device.type == DEV.type
-        assert torch.isfinite(out.train_loss) and torch.isfinite(out.terms.total).all()
+        assert torch.isfinite(out.train_loss) and torch.isfinite(out.rewards).all()
 
 
 def test_host_resident_data_is_pinned_and_copied_without_blocking():
@@ -243,7 +243,7 @@ def test_mixed_precision_training_step_tracks_fp32(precision):
     game.reset(0)
     for step in range(game.total_steps):
         out = game.play(random_action(game, step))
-        assert torch.isfinite(out.train_loss) and torch.isfinite(out.terms.total).all()
+        assert torch.isfinite(out.train_loss) and torch.isfinite(out.rewards).all()
     assert torch.isfinite(flat_params(game.target)).all()
 
 

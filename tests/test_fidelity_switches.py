@@ -123,18 +123,18 @@ def test_l1_comes_from_the_train_or_the_eval_mode_forward_of_the_target_before_i
         eval_ce = F.cross_entropy(before.eval()(x), y, reduction="none")
     assert not torch.allclose(train_ce, eval_ce)  # BatchNorm: the two forwards differ
     out = g.play(actions(g))
-    torch.testing.assert_close(out.terms.l1, train_ce if forward == "train" else eval_ce)
+    torch.testing.assert_close(out.terms["l1"], train_ce if forward == "train" else eval_ce)
 
 
 def test_l1_clamp_per_image_or_on_the_batch_mean():
     ce = torch.tensor([2.0, 30.0, 4.0, 12.0])  # mean 12
-    per_image = reward_terms(RewardConfig(l1_clamp=10.0), ce, None).l1
+    per_image = reward_terms(RewardConfig(l1_clamp=10.0), ce, None)[0]["l1"]
     torch.testing.assert_close(per_image, torch.tensor([2.0, 10.0, 4.0, 10.0]))
-    batch = reward_terms(RewardConfig(l1_clamp=10.0, l1_clamp_scope="batch_mean"), ce, None).l1
+    batch = reward_terms(RewardConfig(l1_clamp=10.0, l1_clamp_scope="batch_mean"), ce, None)[0]["l1"]
     torch.testing.assert_close(batch.mean(), torch.tensor(10.0))  # the authors' clamp(mean CE, 0, 10)
     torch.testing.assert_close(batch / ce, torch.full((4,), 10.0 / 12.0))  # same factor for every image
     small = torch.tensor([1.0, 3.0])  # mean below the clamp: untouched
-    torch.testing.assert_close(reward_terms(RewardConfig(l1_clamp_scope="batch_mean"), small, None).l1, small)
+    torch.testing.assert_close(reward_terms(RewardConfig(l1_clamp_scope="batch_mean"), small, None)[0]["l1"], small)
 
 
 # ----------------------------------------------------------------------------- probe restarts
@@ -193,10 +193,10 @@ def test_score_changes_nothing_and_leaves_the_training_stream_as_it_was(digits, 
     out = scored.score(actions(scored, seed=5))
     _assert_same(before, _snapshot(scored))
     assert out.reward_computed and out.step == scored.step_index and torch.isfinite(out.reward)
-    assert out.probe_correct is not None and out.terms.total.shape == (32,)
+    assert out.probe_correct is not None and out.rewards.shape == (32,)
     a = actions(scored, seed=6)
     o1, o2 = scored.play(a), plain.play(a)  # the same step as if score had never been called
-    assert torch.equal(o1.terms.total, o2.terms.total) and torch.equal(o1.train_loss, o2.train_loss)
+    assert torch.equal(o1.rewards, o2.rewards) and torch.equal(o1.train_loss, o2.train_loss)
     _assert_same(scored.target.state_dict(), plain.target.state_dict())
 
 
@@ -207,8 +207,8 @@ def test_score_with_this_step_measures_exactly_the_target_the_real_step_produces
         g.play(actions(g, seed=s))  # non-zero momentum: the look-ahead must continue it
     a = actions(g, seed=9)
     look, real = g.score(a), g.play(a)
-    torch.testing.assert_close(look.terms.l3, real.terms.l3)  # -CE(clean) of the updated target
-    torch.testing.assert_close(look.terms.l1, real.terms.l1)
+    torch.testing.assert_close(look.terms["l3"], real.terms["l3"])  # -CE(clean) of the updated target
+    torch.testing.assert_close(look.terms["l1"], real.terms["l1"])
 
 
 def test_env_score_returns_step_like_info(digits):

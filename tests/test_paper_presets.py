@@ -56,7 +56,7 @@ def preset(name: str, tmp_path: Path):
 
 def agent_spec(s, dataset: str) -> AgentSpec:
     size = 64 if dataset == "tiny-imagenet" else 32
-    return AgentSpec(grid=s.env.space, observation_shape=(128, 3, size, size), num_classes=10, dataset=dataset,
+    return AgentSpec(grid=s.env.grid, observation_shape=(128, 3, size, size), num_classes=10, dataset=dataset,
                      device=torch.device("cpu"), total_steps=1000, steps_per_epoch=391, seed=0)
 
 
@@ -77,7 +77,7 @@ def check_target_training(s, dataset: str, model: str) -> None:
 
 def check_grid(s, dataset: str) -> None:
     (e0, e1), (i0, i1), (s0, s1) = GRIDS[dataset]
-    grid = s.env.space
+    grid = s.env.grid
     assert grid.epsilons == pytest.approx([v / 255 for v in range(e0, e1 + 1)])
     assert list(grid.iterations) == list(range(i0, i1 + 1))
     assert grid.step_sizes == pytest.approx([v / 255 for v in range(s0, s1 + 1)])

@@ -37,7 +37,7 @@ def compose_preset(name: str, tmp_path: Path, *extra: str):
 
 
 def spec_of(s, total_steps: int) -> AgentSpec:
-    return AgentSpec(grid=s.env.space, observation_shape=(128, 3, 32, 32), num_classes=10, dataset="cifar10",
+    return AgentSpec(grid=s.env.grid, observation_shape=(128, 3, 32, 32), num_classes=10, dataset="cifar10",
                      device=torch.device("cpu"), total_steps=total_steps, steps_per_epoch=PER_EPOCH, seed=0)
 
 
@@ -74,7 +74,7 @@ def check_policy(s, *, momentum: float, weight_decay: float, milestones: list[in
     agent = s.agent(spec_of(s, total_steps))
     assert isinstance(agent, ReinforceAgent) and agent.reward_interval == 1 and s.env.reward_interval == 1
     assert agent.backbone == "resnet18" and agent.credit == "paper" and agent.grad_clip == 1.0
-    assert agent.entropy_coef == 0.0 and len(agent.net.heads) == len(s.env.space.nvec)
+    assert agent.entropy_coef == 0.0 and len(agent.net.heads) == len(s.env.grid.nvec)
     group = agent.optimizer.param_groups[0]
     assert isinstance(agent.optimizer, torch.optim.SGD)
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (1e-4, momentum, weight_decay)
@@ -96,7 +96,7 @@ def check_reward(r, alpha: float, beta: float, clamp: float, w_hat_smoothing) ->
 def test_las_trades_preset_is_spec_section_7(tmp_path):
     s = compose_preset("cifar10_wrn34_10_las_trades", tmp_path)
     check_target(s, 100, (75, 90), "trades")
-    check_grid(s.env.space, eps=(5, 9), iters=(7, 14), step=(2, 4), beta=(5, 9))
+    check_grid(s.env.grid, eps=(5, 9), iters=(7, 14), step=(2, 4), beta=(5, 9))
     assert s.env.attack_start == "gaussian"
     total = 100 * PER_EPOCH
     check_policy(s, momentum=0.9, weight_decay=5e-4, milestones=[round(0.75 * total), round(0.9 * total)],
@@ -110,7 +110,7 @@ def test_las_awp_preset_is_spec_section_7(tmp_path):
     check_target(s, 200, (100, 150), "awp")
     m = s.env.method
     assert (m.awp_base, m.awp_gamma, m.awp_warmup_epochs, m.awp_proxy_lr) == ("pgd_at", 0.01, 0, 0.01)
-    check_grid(s.env.space, eps=(7, 15), iters=(8, 16), step=(2, 5))
+    check_grid(s.env.grid, eps=(7, 15), iters=(8, 16), step=(2, 5))
     assert s.env.attack_start == "threat_ball"
     total = 200 * PER_EPOCH
     check_policy(s, momentum=0.0, weight_decay=0.0, milestones=[total // 2, round(0.75 * total)], total_steps=total)
@@ -213,4 +213,4 @@ def test_method_trades_with_a_beta_column_builds_a_four_column_game(tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["method=trades", "+data.grid.extra.trades_beta=[5,6]", "logger=none"])
     s = settings_from_config(cfg, tmp_path)
-    assert s.env.space.columns == ("step_size", "iterations", "epsilon", "trades_beta") and s.env.space.nvec[3] == 2
+    assert s.env.grid.columns == ("step_size", "iterations", "epsilon", "trades_beta") and s.env.grid.nvec[3] == 2

@@ -164,7 +164,7 @@ def test_data_configs_resolve_to_the_default_grids(name, tmp_path):
     # hold the registry's grid.
     s = settings_from_config(config(f"data={name}"), tmp_path)
     key = s.env.dataset
-    assert s.env.space == lookup(key).grid
+    assert s.env.grid == lookup(key).grid
     assert StrategySpace.from_config(s.config["data"]["grid"]) == lookup(key).grid
 
 

@@ -135,7 +135,7 @@ def test_yaml_overrides_one_fact_and_leaves_the_rest_to_the_record(tmp_path):
     s = _settings(tmp_path, "data=cifar10", "data.optim.lr=0.05", "data.grid.epsilons=[0.02,0.03]")
     rec = lookup("cifar10")
     assert s.env.optim == OptimConfig(**{**vars(rec.optim), "lr": 0.05})
-    assert s.env.space.epsilons == (0.02, 0.03) and s.env.space.step_sizes == rec.grid.step_sizes
+    assert s.env.grid.epsilons == (0.02, 0.03) and s.env.grid.step_sizes == rec.grid.step_sizes
     assert s.env.model == "resnet18" and s.config["data"]["optim"]["momentum"] == 0.9  # recorded as trained
     s = _settings(tmp_path, "data=tiny_imagenet", "model=small_cnn")
     assert s.env.model == "small_cnn"
