@@ -134,8 +134,8 @@ class Variant:
         agent = self.agent
         if self.kind == "game":  # what LASEnv.step does, minus validation and the info dict
             outcome = self.game.play(agent.act(self.game.batch[0], {"reward_next_step": self.game.is_reward_step()}))
-            agent.learn(outcome.reward, {"reward_computed": outcome.reward_computed, "rewards": outcome.terms.total})
-            return outcome.iterations
+            agent.learn(outcome.reward, {"reward_computed": outcome.reward_computed, "rewards": outcome.rewards})
+            return outcome.strategy["iterations"]
         action = agent.act(self.obs, self.info)  # the training loop's hot loop (experiments/loop.py)
         self.obs, reward, _, _, self.info = self.env.step(action)
         agent.learn(reward, self.info)
