@@ -193,7 +193,7 @@ def test_game_keeps_data_resident_on_the_device():
         want_x, want_y = expected_batch(game)
         assert x.device.type == DEV.type and torch.equal(x, want_x) and torch.equal(y, want_y)
         out = game.play(random_action(game, step))
-        assert out.iterations.device.type == DEV.type and out.reward.device.type == DEV.type
+        assert out.strategy["iterations"].device.type == DEV.type and out.reward.device.type == DEV.type
         assert torch.isfinite(out.train_loss) and torch.isfinite(out.rewards).all()
 
 
