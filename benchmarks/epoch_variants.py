@@ -24,6 +24,7 @@ from las_env.strategy_space import StrategySpace
 from las_env.datasets.registry import lookup
 from las_env.methods import MethodConfig
 from las_env.optim import OptimConfig
+from las_env.reward import RewardConfig
 
 VARIANT_KINDS = ("pgdat", "las", "game")
 
@@ -103,6 +104,7 @@ class Variant:
             max_steps_per_epoch=per_epoch,
             optim=OptimConfig(lr=0.05 if dataset == "digits" else 0.1, schedule="constant"),
             method=MethodConfig(name=args.method),
+            reward=RewardConfig(probe_fraction=args.probe_fraction),
             grid=method_grid(dataset, args.method, learns=kind != "pgdat"),
             device=args.device,
             precision=precision,

@@ -78,6 +78,11 @@ class LASGame:
         # Several processes: this rank plays its rows of every global batch (las_env/sharding.py).
         self.shard: Shard = process_shard()
         self.shard.check_batch(config.batch_size)
+        if self.shard.distributed and config.reward.probe_fraction < 1:
+            raise ValueError(
+                f"reward.probe_fraction={config.reward.probe_fraction} does not run under torchrun yet: the probe's "
+                f"subset is drawn per process. Use reward.probe_fraction=1 with torchrun, or run in one process."
+            )
         if self.shard.distributed and config.method.name != "pgd_at":
             # Not yet verified against one process (AWP's proxy step would see one rank's shard).
             raise ValueError(
@@ -231,8 +236,9 @@ class LASGame:
         extras = {name: chosen[name] for name in self.space.extra_columns}
         full = (self.is_reward_step() and cfg.step_reward) if train else True
         probed = full and r.needs_updated_target
-        # Before the attack, so it cannot depend on this batch's actions (not even via the RNG).
-        terms_before = self._terms_before(x, y, rng) if full else None
+        # Before the attack, so neither can depend on this batch's actions (not even via the RNG).
+        rows = self._probe_rows(rng) if probed and r.probe_fraction < 1 else None
+        terms_before = self._terms_before(x, y, rng, rows) if full else None
         x_adv = self._attack(x, y, chosen["step_size"], chosen["iterations"], chosen["epsilon"], rng)
         lr = self.trainer.lr
         eval_l1 = self._eval_l1(x, x_adv, y, extras) if full and r.l1_forward == "eval" else None
@@ -244,13 +250,13 @@ class LASGame:
             w_hat, fit = lookahead_step(self.target, x_adv, y, self._lookahead_optim, lr, precision=cfg.precision,
                                         optimizer_state=momentum, method=self.method, x=x, extras=extras,
                                         epoch=self.epoch)
-            probe = self._probe(w_hat, x, y, rng) if probed else None
+            probe = self._probe(w_hat, x, y, rng, rows) if probed else None
         if train:
             fit = self.trainer.train_step(x_adv, y, x=x, extras=extras, epoch=self.epoch)
             if probed and r.w_hat == "this_step":
-                probe = self._probe(self.target, x, y, rng)
+                probe = self._probe(self.target, x, y, rng, rows)
 
-        terms, rewards = reward_terms(r, fit.per_image if eval_l1 is None else eval_l1, probe)
+        terms, rewards = reward_terms(r, fit.per_image if eval_l1 is None else eval_l1, probe, rows)
         record = StepRecord(
             reward=rewards.mean() if full else torch.zeros((), device=self.device),
             reward_computed=full,
@@ -279,14 +285,21 @@ class LASGame:
                 self._new_epoch_order()
             self._load_batch()
 
-    def _terms_before(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor | None:
+    def _probe_rows(self, generator: torch.Generator) -> Tensor:
+        """The images this reward step's probes measure (``reward.probe_fraction`` < 1): a fresh
+        uniformly random subset of ``max(1, round(fraction * B))`` rows, in batch order."""
+        b = self._y.shape[0]
+        m = max(1, round(self.config.reward.probe_fraction * b))
+        return torch.randperm(b, generator=generator, device=self.device)[:m].sort().values
+
+    def _terms_before(self, x: Tensor, y: Tensor, generator: torch.Generator, rows: Tensor | None) -> Tensor | None:
         """``alpha*L2 + beta*L3`` per image of the target before the update (``credit="unbiased"``'s
         control variate), or None when ``reward.pre_update_probe`` is off."""
         r = self.config.reward
         if not (r.pre_update_probe and r.needs_updated_target):
             return None
-        before = self._probe(self.target, x, y, generator)
-        return updated_target_total(r, before, y.shape[0], y.device)
+        before = self._probe(self.target, x, y, generator, rows)
+        return updated_target_total(r, before, y.shape[0], y.device, rows)
 
     def _attack(self, x: Tensor, y: Tensor, step_size: Tensor, iterations: Tensor, epsilon: Tensor,
                 generator: torch.Generator) -> Tensor:
@@ -309,9 +322,13 @@ class LASGame:
             return self.method.loss(self.target, MethodBatch(x, x_adv, y, extras), self.config.optim,
                                     self.config.precision).per_image
 
-    def _probe(self, model: torch.nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> UpdatedTargetProbe:
-        """The reward's probe of ``model`` (the updated target, or the target before the update)."""
+    def _probe(self, model: torch.nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
+               rows: Tensor | None = None) -> UpdatedTargetProbe:
+        """The reward's probe of ``model`` (the updated target, or the target before the update) on
+        the batch's ``rows`` (None: all of it)."""
         r = self.config.reward
+        if rows is not None:
+            x, y = x[rows], y[rows]
         eps = r.probe_epsilon if r.probe_epsilon is not None else self.threat.epsilon
         step = r.probe_step_size if r.probe_step_size is not None else self.threat.step_size
         return probe_updated_target(model, x, y, r, eps, step, generator=generator,

@@ -68,6 +68,14 @@ class RewardConfig:
             (``agents/credit.py``). Costs one more probe per reward step (a PGD-
             ``probe_iterations`` attack plus two forward passes on the batch). Set by the
             training loop when the agent declares ``needs_pre_update_probe``.
+        probe_fraction: the share of the batch the L2/L3 probe (and the pre-update probe)
+            measures: on each reward step a fresh uniformly random subset of
+            ``m = max(1, round(probe_fraction * B))`` images, the same for both probes. Each term
+            of the updated target is then ``B / m`` times its value on the probed images and 0 on
+            the others (inverse-probability weighting), so for every image its expectation over
+            the subset equals the whole-batch value, and every batch mean stays unbiased
+            (``credit="unbiased"`` included); the variance grows as the fraction falls. 1.0 (the
+            default): the whole batch, no subset drawn.
     """
 
     alpha: float = 4.0
@@ -86,6 +94,7 @@ class RewardConfig:
     probe_restarts: int = 1
     pre_update_probe: bool = False
     w_hat_true_class_prob: float | None = None
+    probe_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.measure not in ("accuracy", "loss"):
@@ -98,6 +107,8 @@ class RewardConfig:
         check_number("beta", self.beta, meaning=weight)
         check_number("l1_clamp", self.l1_clamp, 0, low_open=True, meaning="(upper clamp of L1; the authors' 10)")
         check_whole("probe_iterations", self.probe_iterations, 1)
+        check_number("probe_fraction", self.probe_fraction, 0, 1, low_open=True,
+                     meaning="(the share of the batch the L2/L3 probe measures; 1 = the whole batch)")
         pixel = "(pixel units for images in [0, 1]; null takes the data set's threat model)"
         for key in ("probe_epsilon", "probe_step_size"):
             if getattr(self, key) is not None:
@@ -216,31 +227,51 @@ def register_reward_term(term: RewardTerm) -> None:
     REWARD_TERMS[term.name] = term
 
 
-def reward_terms(cfg: RewardConfig, adv_loss: Tensor, probe: UpdatedTargetProbe | None) -> tuple[dict[str, Tensor], Tensor]:
+def spread_over_batch(values: Tensor, rows: Tensor | None, zeros: Tensor) -> Tensor:
+    """A probed subset's per-image values ``(m,)`` as the whole batch's ``(B,)``: ``B / m`` times
+    the value on the probed ``rows``, 0 elsewhere (inverse-probability weighting: for a uniform
+    random subset each image's expectation is its own value). ``rows=None``: ``values`` as they are."""
+    if rows is None:
+        return values
+    return zeros.index_copy(0, rows, values * (zeros.shape[0] / rows.shape[0]))
+
+
+def reward_terms(cfg: RewardConfig, adv_loss: Tensor, probe: UpdatedTargetProbe | None,
+                 rows: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
     """``(terms, total)``: every term's per-image value (zeros when switched off or, for a term of
     the updated target, when ``probe`` is None) and the per-image reward, the weighted sum.
 
     ``adv_loss`` is the method's per-image loss of the target on the strategy's examples (L1's
     raw form). With ``probe=None`` (a step that does not pay for the full reward) only L1 is set.
+    ``rows``: the images the probe measured (``reward.probe_fraction`` < 1), spread over the
+    batch by :func:`spread_over_batch`; None: the whole batch.
     """
     zeros = torch.zeros_like(adv_loss)
     terms: dict[str, Tensor] = {}
     total = zeros
     for name, term in REWARD_TERMS.items():
-        measured = term.enabled(cfg) and (probe is not None or not term.needs_updated_target)
-        terms[name] = term.value(cfg, adv_loss, probe) if measured else zeros
+        if not term.enabled(cfg) or (term.needs_updated_target and probe is None):
+            terms[name] = zeros
+        elif term.needs_updated_target:
+            probed_loss = adv_loss if rows is None else adv_loss[rows]
+            terms[name] = spread_over_batch(term.value(cfg, probed_loss, probe), rows, zeros)
+        else:
+            terms[name] = term.value(cfg, adv_loss, probe)
         total = total + term.weight(cfg) * terms[name]
     return terms, total
 
 
-def updated_target_total(cfg: RewardConfig, probe: UpdatedTargetProbe, batch: int, device: torch.device) -> Tensor:
+def updated_target_total(cfg: RewardConfig, probe: UpdatedTargetProbe, batch: int, device: torch.device,
+                         rows: Tensor | None = None) -> Tensor:
     """The weighted sum of the terms that measure the updated target (``alpha*L2 + beta*L3``)
-    per image ``(batch,)``: what ``credit="unbiased"`` compares before and after the update."""
+    per image ``(batch,)``: what ``credit="unbiased"`` compares before and after the update
+    (``rows``: the probed images, spread as :func:`reward_terms` spreads them)."""
     zeros = torch.zeros(batch, device=device)
+    probed = zeros if rows is None else zeros[rows]
     total = zeros
     for term in REWARD_TERMS.values():
-        if term.needs_updated_target:
-            total = total + term.weight(cfg) * (term.value(cfg, zeros, probe) if term.enabled(cfg) else zeros)
+        if term.needs_updated_target and term.enabled(cfg):
+            total = total + term.weight(cfg) * spread_over_batch(term.value(cfg, probed, probe), rows, zeros)
     return total
 
 

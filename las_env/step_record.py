@@ -34,8 +34,9 @@ class StepRecord:
             a term of the updated target is zeros when not computed.
         adv_correct: whether the target (before the update) classified each adversarial
             example correctly ``(B,)``.
-        clean_correct: the updated target right on each clean image ``(B,)``, or None when not measured.
-        probe_correct: the updated target right under the probe attack ``(B,)``, or None.
+        clean_correct: the updated target right on each probed clean image ``(m,)`` (the whole batch,
+            or the subset of ``reward.probe_fraction``), or None when not measured.
+        probe_correct: the updated target right on each probed image under the probe attack ``(m,)``, or None.
         terms_before: the updated-target terms (``alpha*L2 + beta*L3``) per image of the target
             BEFORE this step's update ``(B,)``, on reward steps with ``reward.pre_update_probe``;
             otherwise None.
