@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from las_env.grids import ThreatModel
+from las_env.datasets.registry import ThreatModel
 from las_env.strategy_space import StrategySpace
 
 

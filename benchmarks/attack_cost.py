@@ -25,7 +25,7 @@ import time
 import torch
 
 from las_env.attack import masked_pgd, per_image_pgd, random_start
-from las_env.grids import grid_for
+from las_env.datasets.registry import lookup
 from las_env.models import build_model
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     b = args.batch_size
     x = torch.rand(b, 3, 32, 32, generator=gen, device=device)
     y = torch.randint(0, 10, (b,), generator=gen, device=device)
-    steps, iters_grid, eps_grid = grid_for("cifar10").tables(device)
+    steps, iters_grid, eps_grid = lookup("cifar10").grid.tables(device)
     pick = lambda table: table[torch.randint(0, len(table), (b,), generator=gen, device=device)]  # noqa: E731
     iterations, epsilon, step_size = pick(iters_grid), pick(eps_grid), pick(steps)
     start = random_start(x, epsilon, gen)

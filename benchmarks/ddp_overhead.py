@@ -43,9 +43,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from experiments.distributed import global_view, process_group  # noqa: E402
-from las_env.data import load_dataset  # noqa: E402
+from las_env.datasets import load_dataset  # noqa: E402
 from las_env.env import LASEnv  # noqa: E402
-from las_env.game import LASConfig  # noqa: E402
+from las_env.game_config import LASConfig  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
         env = global_view(LASEnv(config=config, data=load_dataset("digits"), tensor_api=True))
         env.reset(seed=0)
         g = torch.Generator().manual_seed(0)
-        nvec = env.game.grid.nvec
+        nvec = env.game.space.nvec
         steps = []
         for i in range(args.warmup + args.steps):
             action = torch.stack([torch.randint(0, n, (args.batch_size,), generator=g) for n in nvec], 1)

@@ -43,6 +43,7 @@ own cost per step measured in isolation (``env_wrapper_s``, ``env_overhead_from_
     python benchmarks/epoch_cost.py --data digits --batch-size 64 --batches 40   # the digits demo
     python benchmarks/epoch_cost.py --data cifar10 --data-root data --model resnet18 \\
         --batch-size 128 --batches 40 --device cuda --precision bf16 --channels-last
+    python benchmarks/epoch_cost.py --probe-fraction 0.25          # the L2/L3 probe on a quarter of each batch
     python benchmarks/epoch_cost.py --precision fp32 bf16 --variants pgdat   # precision speed
     python benchmarks/epoch_cost.py --memory-format nchw channels_last --variants pgdat las --k 20
 
@@ -130,10 +131,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", choices=list(METHODS), default="pgd_at",
                    help="training method of every variant: LAS-X vs X (default pgd_at: LAS-AT vs PGD-AT)")
+    p.add_argument("--probe-fraction", type=float, default=1.0,
+                   help="reward.probe_fraction of the LAS variants: the share of each batch the L2/L3 probe "
+                        "measures (default 1.0, the whole batch)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the strategy-forward and wrapper timings")
     args = p.parse_args(argv)
     if args.batches < 1 or args.batch_size < 1 or args.rounds < 1 or min(args.k) < 1:
         p.error("--batches, --batch-size, --rounds and --k must be >= 1")
+    if not 0 < args.probe_fraction <= 1:
+        p.error("--probe-fraction must be in (0, 1] (the share of each batch the L2/L3 probe measures)")
     return args
 
 
@@ -201,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dataset": dataset,
         "model": args.model,
         "method": args.method,
+        "probe_fraction": args.probe_fraction,
         "strategy_backbone": args.strategy_backbone,
         "batch_size": args.batch_size,
         "batches": args.batches,

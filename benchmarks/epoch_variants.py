@@ -15,12 +15,16 @@ import torch
 from agents.base import AgentSpec
 from agents.baselines import FixedAgent
 from agents.reinforce import ReinforceAgent
-from las_env.data import ImageData, load_dataset
+from las_env.data import ImageData
+from las_env.datasets import load_dataset
 from las_env.env import LASEnv
-from las_env.game import LASConfig, LASGame
-from las_env.grids import StrategyGrid, grid_for
+from las_env.game_config import LASConfig
+from las_env.game import LASGame
+from las_env.strategy_space import StrategySpace
+from las_env.datasets.registry import lookup
 from las_env.methods import MethodConfig
-from las_env.target import OptimConfig
+from las_env.optim import OptimConfig
+from las_env.reward import RewardConfig
 
 VARIANT_KINDS = ("pgdat", "las", "game")
 
@@ -73,9 +77,9 @@ def make_spec(dataset: str, data: ImageData, cfg: LASConfig, total_steps: int, s
     )
 
 
-def method_grid(dataset: str, method: str, *, learns: bool) -> StrategyGrid:
+def method_grid(dataset: str, method: str, *, learns: bool) -> StrategySpace:
     """The data set's grid; a learning agent of TRADES also picks beta (the authors' 5..9)."""
-    grid = grid_for(dataset)
+    grid = lookup(dataset).grid
     return replace(grid, extra=(("trades_beta", (5, 6, 7, 8, 9)),)) if method == "trades" and learns else grid
 
 
@@ -102,6 +106,7 @@ class Variant:
             reward_interval=None if kind == "pgdat" else k,
             optim=OptimConfig(lr=0.05 if dataset == "digits" else 0.1, schedule="constant"),
             method=MethodConfig(name=args.method),
+            reward=RewardConfig(probe_fraction=args.probe_fraction),
             grid=method_grid(dataset, args.method, learns=kind != "pgdat"),
             device=args.device,
             precision=precision,
@@ -132,8 +137,8 @@ class Variant:
         agent = self.agent
         if self.kind == "game":  # what LASEnv.step does, minus validation and the info dict
             outcome = self.game.play(agent.act(self.game.batch[0], {"reward_next_step": self.game.is_reward_step()}))
-            agent.learn(outcome.reward, {"reward_computed": outcome.reward_computed, "rewards": outcome.terms.total})
-            return outcome.iterations
+            agent.learn(outcome.reward, {"reward_computed": outcome.reward_computed, "rewards": outcome.rewards})
+            return outcome.strategy["iterations"]
         action = agent.act(self.obs, self.info)  # the training loop's hot loop (experiments/loop.py)
         self.obs, reward, _, _, self.info = self.env.step(action)
         agent.learn(reward, self.info)

@@ -25,6 +25,7 @@ from evaluation.autoattack import run_autoattack
 from evaluation.batches import attack_generator, check_inputs, model_device, predict, slices
 from evaluation.records import AttackResult, CleanRobust
 from las_env.attack import Loss, eval_mode, pgd
+from las_env.sharding import Shard
 
 
 def _pgd_robust(
@@ -67,13 +68,15 @@ def robust_accuracy(
     loss: Loss = "ce",
     seed: int = 0,
     generator: torch.Generator | None = None,
+    shard: Shard | None = None,
 ) -> CleanRobust:
     """Clean and PGD-``iterations`` accuracy of ``model`` on ``(x, y)``: the cheap per-epoch probe.
 
     Batched, one PGD run per batch, no per-image Python, no progress bar. The model is in eval
     mode during the call and its mode is restored after. Random starts come from ``generator``
     (default: a fresh one seeded with ``seed``, so successive epochs are probed alike and the
-    global RNG is untouched). Robust = correct on the clean image and on the PGD image.
+    global RNG is untouched; ``shard``: this rank's rows of each batch under several processes,
+    the starts drawn for the whole batch). Robust = correct on the clean image and on the PGD image.
 
     Returns:
         ``CleanRobust(clean, robust)``, fractions in ``[0, 1]`` over ``len(x)`` images.
@@ -85,7 +88,7 @@ def robust_accuracy(
     for s in slices(x.shape[0], batch_size):
         xb, yb = x[s].to(device), y[s].to(device)
         ok = predict(model, xb) == yb
-        x_adv = pgd(model, xb, yb, eps, step, iterations, loss=loss, generator=gen)
+        x_adv = pgd(model, xb, yb, eps, step, iterations, loss=loss, generator=gen, shard=shard)
         clean += int(ok.sum())
         robust += int((ok & (predict(model, x_adv) == yb)).sum())
     n = x.shape[0]

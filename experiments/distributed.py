@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import AbstractContextManager as ContextManager
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -33,12 +32,12 @@ from torch import Tensor
 import evaluation
 from evaluation import CleanRobust
 from experiments.errors import ConfigError
+from las_env.reward import REWARD_TERMS
 from las_env.sharding import Shard, process_shard
+from las_env.step_record import BATCH_MEANS, PER_IMAGE
 
 DEFAULT_TIMEOUT_S = 900
 """How long a collective waits for a silent rank before the job fails (``ddp_timeout_s``)."""
-PER_IMAGE_KEYS = ("rewards", "l1", "l2", "l3", "adv_correct", "batch_terms_before")
-MEAN_KEYS = ("clean_accuracy", "probe_accuracy", "train_loss")
 EXIT_RANK_LOST = 3
 
 
@@ -184,20 +183,23 @@ class GlobalView:
         return torch.zeros((), device=self.env.game.device)
 
     def _global_info(self, action: Tensor, info: dict[str, Any]) -> dict[str, Any]:
-        keys = [k for k in PER_IMAGE_KEYS if k in info]
-        local = torch.stack([info[k].float() for k in keys])  # (keys, B / world)
+        # The step record's per-image values (reward terms included) are gathered, its batch means
+        # averaged (equal shards); float64 carries indices, flags and float32 values exactly.
+        keys = [k for k in (*PER_IMAGE, *REWARD_TERMS) if k in info]
+        local = torch.stack([info[k].double() for k in keys])  # (keys, B / world)
         parts = [torch.empty_like(local) for _ in range(self.shard.world)]
         dist.all_gather(parts, local)
         full = torch.cat(parts, dim=1)
-        means = torch.stack([info[k].float() for k in MEAN_KEYS])
+        averaged = [k for k in BATCH_MEANS if k != "adv_accuracy"]  # adv_accuracy: of the gathered flags
+        means = torch.stack([info[k].float() for k in averaged])
         dist.all_reduce(means)
         means /= self.shard.world
         out = dict(info)
         for i, k in enumerate(keys):
-            out[k] = full[i].bool() if k == "adv_correct" else full[i]
-        for i, k in enumerate(MEAN_KEYS):
+            out[k] = full[i].to(info[k].dtype)
+        for i, k in enumerate(averaged):
             out[k] = means[i]
-        out["adv_accuracy"] = out["adv_correct"].float().mean()
+        out["adv_accuracy"] = out["adv_correct"].float().mean()  # exactly the single process's
         out.update(self.env.game.strategy(action))  # every column of the space, global rows
         out["labels"] = self.env.game.global_batch[1]
         return out
@@ -209,35 +211,34 @@ def global_view(env: Any) -> Any:
     return GlobalView(env, shard) if shard.distributed else env
 
 
-def split_for_eval(x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor, int, ContextManager]:
-    """``(x_r, y_r, batch_size_r, draws)``: this rank's share of an evaluation set.
+def split_for_eval(x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor, int, Shard | None]:
+    """``(x_r, y_r, batch_size_r, shard)``: this rank's share of an evaluation set.
 
     When every evaluation batch splits evenly (``batch_size`` and the last batch's size are
     multiples of the ranks), rank r takes its block of rows of EACH batch, evaluates with
-    ``batch_size / world`` inside ``draws`` (random starts drawn for the whole batch, this
+    ``batch_size / world`` with ``shard`` (random starts drawn for the whole batch, this
     rank's rows kept): exactly the numbers of one process. Otherwise it takes a contiguous
-    block of the set and its own random starts (the counts are the same; robust accuracy is
-    then within the attack's random-start noise of one process's)."""
+    block of the set and its own random starts, ``shard`` None (the counts are the same; robust
+    accuracy is then within the attack's random-start noise of one process's)."""
     shard = process_shard()
     if not shard.distributed:
-        return x, y, batch_size, nullcontext()
+        return x, y, batch_size, None
     n, w, r = x.shape[0], shard.world, shard.rank
     if batch_size % w == 0 and (n % batch_size) % w == 0:
         starts = range(0, n, batch_size)
         blocks = [(s, (min(batch_size, n - s)) // w) for s in starts]
         idx = torch.cat([torch.arange(s + r * m, s + (r + 1) * m) for s, m in blocks]).to(x.device)
-        return x[idx], y[idx], batch_size // w, shard.draws()
+        return x[idx], y[idx], batch_size // w, shard
     lo, hi = n * r // w, n * (r + 1) // w
-    return x[lo:hi], y[lo:hi], batch_size, nullcontext()
+    return x[lo:hi], y[lo:hi], batch_size, None
 
 
 def robust_accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, eps: float, step: float, iterations: int, *,
                     batch_size: int, seed: int) -> CleanRobust:
     """:func:`evaluation.robust_accuracy` of the whole set, each rank evaluating its share
     (:func:`split_for_eval`) and the counts summed; the plain call in one process."""
-    xr, yr, batch, draws = split_for_eval(x, y, batch_size)
-    with draws:
-        r = evaluation.robust_accuracy(model, xr, yr, eps, step, iterations, batch_size=batch, seed=seed)
+    xr, yr, batch, shard = split_for_eval(x, y, batch_size)
+    r = evaluation.robust_accuracy(model, xr, yr, eps, step, iterations, batch_size=batch, seed=seed, shard=shard)
     n, m = x.shape[0], xr.shape[0]
     if m == n:
         return r

@@ -14,7 +14,7 @@ from experiments import distributed
 from experiments.settings import RunSettings
 from las_env.data import ImageData
 from evaluation import format_eps
-from las_env.grids import ThreatModel
+from las_env.datasets.registry import ThreatModel
 from las_env.strategy_space import ATTACK_COLUMNS
 
 

@@ -24,7 +24,7 @@ from las_env.checkpoint import export_state_dict
 from las_env.data import ImageData
 from las_env.env import LASEnv
 from las_env.files import atomic_write_text, write_json
-from las_env.grids import ThreatModel
+from las_env.datasets.registry import ThreatModel
 
 
 @dataclass

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from experiments.runfiles import RESULTS_FILE
 from las_env.files import write_json
+from las_env.reward import REWARD_TERMS
 
 NonFiniteMode = Literal["stop", "skip"]
 MODES: tuple[str, ...] = ("stop", "skip")
@@ -55,11 +56,18 @@ WATCHED = {
     GRAD_NORM: "the norm of the target's gradient",
     WEIGHT_NORM: "the target's weights",
     "reward/total": "the strategy's reward",
-    "reward/l1": "the reward term L1",
-    "reward/l2": "the reward term L2",
-    "reward/l3": "the reward term L3",
 }
-"""Quantities that stop the run when not finite (plus every ``agent/*`` metric)."""
+"""Quantities that stop the run when not finite (plus every reward term ``reward/<term>`` and every
+``agent/*`` metric)."""
+
+
+def _watched(name: str) -> str | None:
+    """What a non-finite ``name`` means in the message, or None when it does not stop the run."""
+    if name in WATCHED:
+        return WATCHED[name]
+    if name.startswith("reward/") and name.split("/", 1)[1] in REWARD_TERMS:
+        return f"the reward term {name.split('/', 1)[1]}"
+    return None
 
 SKIPPABLE = ("train/loss", GRAD_NORM)
 """What ``on_nonfinite=skip`` tolerates (the batch's update is dropped instead)."""
@@ -177,7 +185,7 @@ class DivergenceGuard:
         steps = (self._window_start, self.game.step_index)
         self._window_start = self.game.step_index + 1
         bad = {name: s for name, (s, _) in window.items()
-               if not math.isfinite(s) and (name in WATCHED or name.startswith("agent/"))}
+               if not math.isfinite(s) and (_watched(name) or name.startswith("agent/"))}
         if self.mode == "skip":
             bad = {n: v for n, v in bad.items() if n not in SKIPPABLE}
         if bad:
@@ -206,8 +214,8 @@ class DivergenceGuard:
     def _diverged(self, bad: dict[str, float], steps: tuple[int, int], first: int | None) -> TrainingDiverged:
         game, ctx = self.game, self.context
         epoch = (steps[1] - 1) // game.steps_per_epoch + 1
-        named = [f"{WATCHED[n]} ({n}) was {v}" for n, v in bad.items() if n in WATCHED]
-        agent = [n.split("/", 1)[1] for n in bad if n not in WATCHED]
+        named = [f"{_watched(n)} ({n}) was {v}" for n, v in bad.items() if _watched(n)]
+        agent = [n.split("/", 1)[1] for n in bad if not _watched(n)]
         if agent:
             shown = ", ".join(agent[:3]) + (f" and {len(agent) - 3} more" if len(agent) > 3 else "")
             named.append(f"the agent's metrics {shown} (agent/*) were not finite")

@@ -39,18 +39,19 @@ from agents.base import Agent
 from experiments import distributed
 from experiments.epoch_eval import eval_subsets, evaluate_epoch, pgd_name
 from experiments.errors import ConfigError
-from experiments.finish import RunResult, finish_run, offline_dir  # noqa: F401
-from experiments.game_setup import build_game, current_observation  # noqa: F401 (re-exported)
+from experiments.finish import RunResult, finish_run, offline_dir
+from experiments.game_setup import build_game, current_observation
 from experiments.guard import Context, TrainingDiverged, record_failure
 from experiments.loggers import Console, make_tracker
 from experiments.recovery import checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
-from experiments.runfiles import CHECKPOINT, LOG_FILE, METRICS_FORMAT, RESULTS_FORMAT  # noqa: F401 (formats re-exported)
+from experiments.runfiles import CHECKPOINT, LOG_FILE, RESULTS_FORMAT
 from experiments.runlock import RunLock
 from experiments.selection import TEST_SELECTION_WARNING, BestWeights, split_validation, with_validation
 from experiments.settings import RunSettings
 from experiments.trainer import EpochTrainer, epoch_line, epoch_scalars
 from las_env.checkpoint import FORMAT, atomic_save
-from las_env.data import DataError, DatasetNotFoundError, ImageData, load_dataset
+from las_env.data import DataError, DatasetNotFoundError, ImageData
+from las_env.datasets import load_dataset
 from las_env.env import LASEnv
 
 

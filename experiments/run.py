@@ -45,7 +45,8 @@ from experiments.cli import hydra_entry  # noqa: E402
 from experiments.distributed import EXIT_RANK_LOST, RankLost  # noqa: E402
 from experiments.errors import ConfigError, fail  # noqa: E402
 from experiments.guard import TrainingDiverged  # noqa: E402
-from experiments.loop import RunResult, train  # noqa: E402
+from experiments.finish import RunResult  # noqa: E402
+from experiments.loop import train  # noqa: E402
 from experiments.rundir import ensure_writable, register_resolvers, resume_target, settings_hash  # noqa: E402
 from experiments.settings import settings_from_config  # noqa: E402
 

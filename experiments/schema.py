@@ -8,7 +8,7 @@ builds them. ``python experiments/run.py --cfg job`` prints every key.
 
 The sections ``reward`` and ``method`` are the game's own configs (:class:`las_env.reward.RewardConfig`,
 :class:`las_env.methods.MethodConfig`, documented there); ``data.optim`` takes the fields of
-:class:`las_env.target.OptimConfig`, each ``null`` meaning "the data set's" (its registry record,
+:class:`las_env.optim.OptimConfig`, each ``null`` meaning "the data set's" (its registry record,
 ``las_env/datasets/builtin.py``), like ``data.grid`` and ``data.threat``.
 """
 
@@ -26,7 +26,7 @@ from evaluation import attack_spec
 from las_env.game_config import LASConfig
 from las_env.methods import MethodConfig
 from las_env.reward import RewardConfig
-from las_env.target import OptimConfig
+from las_env.optim import OptimConfig
 from las_env.validate import SettingError, check_whole
 from experiments.selection import SelectionSettings
 
@@ -36,7 +36,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 _OPTIM_TYPES = typing.get_type_hints(OptimConfig)
 OptimOverrides = make_dataclass(
     "OptimOverrides", [(f.name, Optional[_OPTIM_TYPES[f.name]], None) for f in fields(OptimConfig)])
-"""``data.optim``: :class:`las_env.target.OptimConfig`'s fields, each ``null`` = the data set's."""
+"""``data.optim``: :class:`las_env.optim.OptimConfig`'s fields, each ``null`` = the data set's."""
 
 
 @dataclass

@@ -26,14 +26,14 @@ from experiments.guard import MODES as NONFINITE_MODES
 from experiments.schema import EvalSettings, LoggerSettings, RunConfig
 from experiments.selection import SelectionSettings, selection_settings
 from las_env.datasets import dataset_names, is_registered, lookup
-from las_env.datasets.registry import DatasetRecord
+from las_env.datasets.registry import DatasetRecord, ThreatModel
 from las_env.datasets.user import peek_size
-from las_env.game import LASConfig
-from las_env.grids import StrategyGrid, ThreatModel
+from las_env.game_config import LASConfig
+from las_env.strategy_space import StrategySpace
 from las_env.methods import MethodConfig
 from las_env.models import build_model
 from las_env.reward import RewardConfig
-from las_env.target import OptimConfig
+from las_env.optim import OptimConfig
 from las_env.validate import SettingError
 
 
@@ -180,7 +180,7 @@ def _game(resolved: dict[str, Any], record: DatasetRecord) -> LASConfig:
     data, agent = resolved["data"], resolved["agent"]
     model = str(resolved["model"]["name"])
     try:
-        grid = StrategyGrid.from_config(data["grid"])
+        grid = StrategySpace.from_config(data["grid"])
     except SettingError as exc:
         raise ConfigError(exc.describe("data.grid.")) from None
     except (ValueError, TypeError, KeyError) as exc:

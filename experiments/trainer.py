@@ -18,6 +18,7 @@ from experiments.guard import SKIPPED, DivergenceGuard
 from experiments.loggers import Tracker
 from experiments.settings import RunSettings
 from las_env.env import LASEnv
+from las_env.reward import REWARD_TERMS
 from evaluation import format_eps
 from las_env.strategy_space import ATTACK_COLUMNS
 
@@ -68,12 +69,12 @@ def _record_step(meter: StepMeter, env: LASEnv, reward: Tensor, info: Mapping[st
     if info["reward_computed"]:
         r = env.config.reward
         meter.add("reward/total", reward)
-        meter.add("reward/l1", info["l1"])
+        for name, term in REWARD_TERMS.items():
+            if term.enabled(r):
+                meter.add(f"reward/{name}", info[name])
         if r.use_l2:
-            meter.add("reward/l2", info["l2"])
             meter.add("reward/probe_accuracy", info["probe_accuracy"])
         if r.use_l3:
-            meter.add("reward/l3", info["l3"])
             meter.add("reward/clean_accuracy", info["clean_accuracy"])
     for key, value in metrics.items():
         if isinstance(value, (Tensor, int, float)) and not isinstance(value, bool):

@@ -10,26 +10,24 @@ from gymnasium.envs.registration import register, registry
 
 from las_env.datasets import DatasetRecord, register_dataset
 from las_env.env import LASEnv, make_config
-from las_env.game import LASConfig, LASGame, StepOutcome
-from las_env.grids import StrategyGrid, grid_for, threat_model_for
+from las_env.game import LASGame
+from las_env.game_config import LASConfig
 from las_env.methods import MethodConfig
+from las_env.optim import OptimConfig
 from las_env.reward import RewardConfig
+from las_env.step_record import StepRecord
 from las_env.strategy_space import StrategySpace
-from las_env.target import OptimConfig
 
 __all__ = [
     "LASEnv",
     "LASGame",
     "LASConfig",
-    "StepOutcome",
-    "StrategyGrid",
+    "StepRecord",
     "StrategySpace",
     "RewardConfig",
     "OptimConfig",
     "MethodConfig",
     "make_config",
-    "grid_for",
-    "threat_model_for",
     "register_dataset",
     "DatasetRecord",
 ]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from las_env.sharding import uniform_noise
+from las_env.sharding import Shard
 
 Loss = Literal["ce", "margin", "kl"]
 
@@ -50,10 +50,12 @@ def attack_loss(logits: Tensor, y: Tensor, loss: Loss = "ce") -> Tensor:
     raise ValueError(f"Unknown attack loss {loss!r}; use 'ce', 'margin' or 'kl'.")
 
 
-def random_start(x: Tensor, epsilon: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def random_start(x: Tensor, epsilon: Tensor, generator: torch.Generator | None = None,
+                 shard: Shard | None = None) -> Tensor:
     """A uniform random perturbation inside each image's own L-inf ball (``epsilon``: (B,)).
-    Under several processes the game draws it for the global batch (``las_env.sharding``)."""
-    u = uniform_noise(x.shape, generator, x.device, x.dtype)
+    With ``shard`` (several processes) the noise is drawn for the global batch and this rank's
+    rows kept (:meth:`las_env.sharding.Shard.noise`)."""
+    u = (shard or Shard()).noise(x.shape, generator, x.device, x.dtype)
     return (2 * u - 1) * epsilon.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
@@ -71,6 +73,7 @@ def per_image_pgd(
     start: Tensor | None = None,
     generator: torch.Generator | None = None,
     loss: Loss = "ce",
+    shard: Shard | None = None,
 ) -> Tensor:
     """Adversarial examples with per-image settings.
 
@@ -85,6 +88,8 @@ def per_image_pgd(
         start: initial perturbation ``(B, C, H, W)``; drawn uniformly inside each image's
             ball from ``generator`` when omitted.
         loss: ``"ce"`` (cross-entropy), ``"margin"`` (C&W-inf) or ``"kl"`` (TRADES).
+        shard: under several processes, this rank's rows of the global batch (the random start
+            is drawn for the global batch); ``None``: one process.
 
     Returns:
         ``x + delta`` with ``|delta|_inf <= epsilon`` per image, clipped to ``[0, 1]``.
@@ -94,7 +99,7 @@ def per_image_pgd(
         if t.shape != (b,):
             raise ValueError(f"{name} must have shape ({b},) (one value per image), got {tuple(t.shape)}.")
     if start is None:
-        start = random_start(x, epsilon.to(x.device), generator)
+        start = random_start(x, epsilon.to(x.device), generator, shard)
     elif start.shape != x.shape:
         raise ValueError(f"start must have the images' shape {tuple(x.shape)}, got {tuple(start.shape)}.")
 
@@ -163,6 +168,7 @@ def pgd(
     random_start: bool = True,
     loss: Loss = "ce",
     generator: torch.Generator | None = None,
+    shard: Shard | None = None,
 ) -> Tensor:
     """Plain PGD with the same settings for every image (the evaluation and probe attack).
 
@@ -172,7 +178,7 @@ def pgd(
     b = x.shape[0]
     eps = torch.full((b,), float(epsilon), device=x.device)
     step = torch.full((b,), float(step_size), device=x.device)
-    start = _random_start(x, eps, generator) if random_start else torch.zeros_like(x)
+    start = _random_start(x, eps, generator, shard) if random_start else torch.zeros_like(x)
     return _sorted_pgd(model, x, y, eps, step, start, [int(iterations)] * b, None, loss)
 
 

@@ -3,8 +3,8 @@
 Every data set is loaded once into an :class:`ImageData`: ``float32`` images in ``[0, 1]``,
 layout ``NCHW``, ``int64`` labels. There is no input normalisation anywhere (epsilons are in
 pixel units, as in the authors' setting). Which data sets exist, how they load and what their
-defaults are is the registry's business (:mod:`las_env.datasets`); :func:`load_dataset` is
-re-exported here for the callers that import it from this module.
+defaults are is the registry's business (:mod:`las_env.datasets`, which also loads them:
+:func:`las_env.datasets.load_dataset`).
 """
 
 from __future__ import annotations
@@ -130,8 +130,4 @@ class ImageData:
         )
 
 
-# Re-exported for callers that import loading from here; defined by the registry, which imports
-# this module's types (hence at the end).
-from las_env.datasets.registry import load_dataset  # noqa: E402
-
-__all__ = ["DataError", "DatasetNotFoundError", "ImageData", "load_dataset"]
+__all__ = ["DataError", "DatasetNotFoundError", "ImageData"]

@@ -17,18 +17,19 @@ import torch
 from gymnasium import spaces
 
 from las_env.data import ImageData
-from las_env.game import LASConfig, LASGame, StepOutcome
+from las_env.game import LASGame
+from las_env.game_config import LASConfig
 from las_env.methods import MethodConfig
-from las_env.reward import RewardConfig
+from las_env.optim import OptimConfig
+from las_env.reward import REWARD_TERMS, RewardConfig
+from las_env.step_record import BATCH_MEANS, PER_IMAGE, SCALARS, StepRecord
 from las_env.strategy_space import StrategySpace
-from las_env.target import OptimConfig
 
 
-INFO_KEYS = frozenset({"rewards", "l1", "l2", "l3", "adv_correct", "adv_accuracy", "clean_accuracy",
-                       "probe_accuracy", "train_loss", "batch_terms_before", "reward_computed", "lr", "labels",
-                       "epoch", "step", "reward_next_step"})
-"""The step info's own keys; a strategy column's values sit beside them under its name, so no column may
-take one of these names."""
+def info_keys() -> frozenset[str]:
+    """The step info's own keys; a strategy column's values sit beside them under its name, so no
+    column may take one of these names."""
+    return frozenset((*PER_IMAGE, *REWARD_TERMS, *BATCH_MEANS, *SCALARS))
 
 
 def make_config(**kwargs: Any) -> LASConfig:
@@ -59,7 +60,7 @@ class LASEnv(gym.Env):
     pixel ``(h, w)`` of image ``i``, in ``[0, 1]``. Labels are in ``info["labels"]``.
 
     Action (``MultiDiscrete`` of shape ``(B, columns)``): one index per column of the strategy
-    space ``env.space`` (:class:`las_env.strategy_space.StrategySpace`, also ``env.grid``), in
+    space ``env.space`` (:class:`las_env.strategy_space.StrategySpace`), in
     ``env.space.columns`` order: ``action[i, 0]`` indexes the step-size table, ``action[i, 1]``
     the iterations table, ``action[i, 2]`` the epsilon table and ``action[i, 3:]`` the space's
     further columns (LAS-TRADES' ``trades_beta``, or any column of the user's own).
@@ -68,9 +69,11 @@ class LASEnv(gym.Env):
     every ``reward_interval``-th step only; ``info["reward_computed"]`` says whether this
     step's reward is real (on the others it is 0.0 and L2/L3 were not paid for).
 
-    ``info`` after a step holds, per image (arrays of shape (B,)): ``rewards``, ``l1``,
-    ``l2``, ``l3``, ``adv_correct`` (target right on its adversarial example before the
-    update), and the value played in every column of the space, by column name (``step_size``,
+    ``info`` after a step (:meth:`las_env.step_record.StepRecord.info`) holds, per image (arrays
+    of shape (B,)): ``rewards``, each reward term by name (``l1``, ``l2``, ``l3``),
+    ``adv_correct`` (target right on its adversarial example before the update), ``indices``
+    (the training-set index of each image), and the value played in every column of the
+    space, by column name (``step_size``,
     ``iterations``, ``epsilon``, then e.g. ``trades_beta``); and
     scalars ``reward_computed``, ``adv_accuracy``, ``clean_accuracy`` and
     ``probe_accuracy`` (of the updated target; NaN when not measured this step),
@@ -102,11 +105,10 @@ class LASEnv(gym.Env):
         self.game = LASGame(self.config, data)
         self.tensor_api = tensor_api
         self.space = self.game.space
-        taken = sorted(INFO_KEYS.intersection(self.space.columns))
+        taken = sorted(info_keys().intersection(self.space.columns))
         if taken:
             raise ValueError(f"data.grid.extra names the column(s) {taken}, which the step info already uses for "
                              f"its own values: rename the column (e.g. my_{taken[0]}).")
-        self.grid = self.space  # the earlier name
         d = self.game.data
         b = self.config.batch_size // self.game.shard.world  # under torchrun: this rank's rows (las_env/sharding.py)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(b, d.channels, d.height, d.width), dtype=np.float32)
@@ -124,10 +126,10 @@ class LASEnv(gym.Env):
 
     def step(self, action):
         action_t = self._validate(action)
-        outcome = self.game.play(action_t)
+        record = self.game.play(action_t)
         terminated = self.game.done
-        info = self._step_info(outcome)
-        reward = outcome.reward if self.tensor_api else float(outcome.reward)
+        info = self._step_info(record)
+        reward = record.reward if self.tensor_api else float(record.reward)
         return self._observation(), reward, terminated, False, info
 
     def score(self, action) -> tuple[Any, dict[str, Any]]:
@@ -141,9 +143,9 @@ class LASEnv(gym.Env):
         (see :meth:`las_env.game.LASGame.score`).
         """
         action_t = self._validate(action)
-        outcome = self.game.score(action_t)
-        info = self._step_info(outcome)
-        return (outcome.reward if self.tensor_api else float(outcome.reward)), info
+        record = self.game.score(action_t)
+        info = self._step_info(record)
+        return (record.reward if self.tensor_api else float(record.reward)), info
 
     def observe(self) -> tuple[Any, dict[str, Any]]:
         """The current observation and its info, as ``reset`` returns them (e.g. after
@@ -167,32 +169,13 @@ class LASEnv(gym.Env):
             "reward_next_step": self.game.is_reward_step() if not self.game.done else False,
         }
 
-    def _step_info(self, o: StepOutcome) -> dict[str, Any]:
-        nan = torch.full((), float("nan"), device=o.reward.device)
-
-        def mean(t):
-            return t.float().mean() if t is not None else nan
-
-        info: dict[str, Any] = {
-            "rewards": o.terms.total,
-            "l1": o.terms.l1,
-            "l2": o.terms.l2,
-            "l3": o.terms.l3,
-            "adv_correct": o.adv_correct,
-            **o.strategy,
-            "adv_accuracy": mean(o.adv_correct),
-            "clean_accuracy": mean(o.clean_correct),
-            "probe_accuracy": mean(o.probe_correct),
-            "train_loss": o.train_loss,
-        }
-        if o.terms_before is not None:  # reward steps with reward.pre_update_probe only
-            info["batch_terms_before"] = o.terms_before
+    def _step_info(self, record: StepRecord) -> dict[str, Any]:
+        info = record.info()
         if not self.tensor_api:
-            info = {k: (v.cpu().numpy() if v.dim() else float(v)) for k, v in info.items()}
-        info.update(reward_computed=o.reward_computed, lr=o.lr)
-        info.update(self._batch_info())
-        info["step"] = o.step
-        info["epoch"] = o.epoch
+            info = {k: (v.cpu().numpy() if v.dim() else float(v)) if isinstance(v, torch.Tensor) else v
+                    for k, v in info.items()}
+        batch = self._batch_info()  # the NEW observation's labels; step and epoch stay the record's
+        info.update(labels=batch["labels"], reward_next_step=batch["reward_next_step"])
         return info
 
     def _validate(self, action) -> torch.Tensor:

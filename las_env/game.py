@@ -17,19 +17,20 @@ import torch
 from torch import Tensor
 
 from las_env.attack import eval_mode, per_image_pgd, random_start
-from las_env.checkpoint import restore_generator
 from las_env.augment import augment_batch
-from las_env.data import ImageData, load_dataset
-from las_env.datasets.registry import lookup
-from las_env.game_config import LASConfig, steps_per_epoch  # noqa: F401 (re-exported)
+from las_env.checkpoint import restore_generator
+from las_env.data import ImageData
+from las_env.datasets.registry import load_dataset, lookup
+from las_env.game_config import LASConfig, steps_per_epoch
 from las_env.lookahead import lookahead_step
-from las_env.methods import MethodBatch, build_method
+from las_env.methods import MethodBatch, MethodLoss, build_method
 from las_env.models import build_model
-from las_env.outcome import StepOutcome
-from las_env.reward import probe_updated_target, reward_terms
+from las_env.optim import autocast
+from las_env.reward import UpdatedTargetProbe, probe_updated_target, reward_terms, updated_target_total
 from las_env.sharding import Shard, process_shard, wrap_target
+from las_env.step_record import StepRecord
 from las_env.strategy_space import StrategySpace
-from las_env.target import TargetTrainer, autocast
+from las_env.target import TargetTrainer
 
 SCORE_SEED_OFFSET = 0x5C0DE
 """``score``'s generator is seeded with the episode's seed plus this (a stream of its own)."""
@@ -51,7 +52,6 @@ class LASGame:
                 self.data = replace(self.data, x_train=self.data.x_train.pin_memory(),
                                     y_train=self.data.y_train.pin_memory())
         self.space: StrategySpace = config.grid
-        self.grid = self.space  # the earlier name
         self.threat = config.threat
         self._lookup = self.space.lookup(self.device)
         self.method = build_method(config.method)
@@ -78,6 +78,11 @@ class LASGame:
         # Several processes: this rank plays its rows of every global batch (las_env/sharding.py).
         self.shard: Shard = process_shard()
         self.shard.check_batch(config.batch_size)
+        if self.shard.distributed and config.reward.probe_fraction < 1:
+            raise ValueError(
+                f"reward.probe_fraction={config.reward.probe_fraction} does not run under torchrun yet: the probe's "
+                f"subset is drawn per process. Use reward.probe_fraction=1 with torchrun, or run in one process."
+            )
         if self.shard.distributed and config.method.name != "pgd_at":
             # Not yet verified against one process (AWP's proxy step would see one rank's shard).
             raise ValueError(
@@ -136,12 +141,17 @@ class LASGame:
         x_train = self.data.x_train
         self._order = torch.randperm(x_train.shape[0], generator=self.order_rng, device=x_train.device)
 
-    def _load_batch(self) -> None:
+    def _batch_indices(self) -> Tensor:
+        """The training-set indices of the current step's global batch (where the data lives)."""
         b = self.config.batch_size
         i = self.step_index % self.steps_per_epoch
         idx = self._order[i * b : (i + 1) * b]
         if idx.shape[0] < b:  # last_batch="wrap": fill up from the start of this epoch's order
             idx = torch.cat([idx, self._order[: b - idx.shape[0]]])
+        return idx
+
+    def _load_batch(self) -> None:
+        idx = self._batch_indices()
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         if not self.resident:
             if self.device.type == "cuda":
@@ -154,14 +164,12 @@ class LASGame:
             x = x.contiguous(memory_format=torch.channels_last)
         self._x_global, self._y_global = x, y
         self._x, self._y = self.shard.rows(x), self.shard.rows(y)
+        self._indices = self.shard.rows(idx.to(self.device))
 
     # -------------------------------------------------------------------- step
     def strategy(self, action: Tensor) -> dict[str, Tensor]:
         """Column name -> the values ``(B,)`` an index action ``(B, columns)`` plays (one gather)."""
         return self._lookup(action)
-
-    def _extras(self, chosen: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: chosen[name] for name in self.space.extra_columns}
 
     def is_reward_step(self, step: int | None = None) -> bool:
         """Whether step ``step`` (default: the next one) computes the full reward."""
@@ -169,68 +177,15 @@ class LASGame:
         k = self.config.reward_interval  # None: no step is (fixed and random agents never learn)
         return k is not None and (step + 1) % k == 0
 
-    def play(self, action: Tensor) -> StepOutcome:
+    def play(self, action: Tensor) -> StepRecord:
         """Attack the current batch with ``action``, train the target one step, score it.
 
         ``action`` is a long tensor (B, columns) on the game's device whose entries are valid
         grid indices (``LASEnv`` validates what users send).
         """
-        with self.shard.draws():
-            return self._play(action)
+        return self._step(action, train=True)
 
-    def _check_playable(self, verb: str) -> None:
-        if self.target is None:
-            raise RuntimeError(f"Call reset(seed) before {verb}().")
-        if self.done:
-            raise RuntimeError("The episode is over (the whole training budget is spent); call reset().")
-
-    def _play(self, action: Tensor) -> StepOutcome:
-        self._check_playable("play")
-        cfg = self.config
-        x, y = self._x, self._y
-        chosen = self.strategy(action)
-        step_size, iterations, epsilon = chosen["step_size"], chosen["iterations"], chosen["epsilon"]
-        extras = self._extras(chosen)
-        reward_computed = self.is_reward_step() and cfg.step_reward
-        # Before the attack, so it cannot depend on this batch's actions (not even via the RNG).
-        terms_before = self._terms_before(x, y, self.rng) if reward_computed else None
-        x_adv = self._attack(x, y, step_size, iterations, epsilon, self.rng)
-
-        lr = self.trainer.lr
-        probe = None
-        eval_l1 = self._eval_l1(x, x_adv, y, extras) if reward_computed and cfg.reward.l1_forward == "eval" else None
-        if reward_computed and cfg.reward.needs_updated_target and cfg.reward.w_hat == "deepcopy":
-            look = lookahead_step(self.target, x_adv, y, self._lookahead_optim, lr, precision=cfg.precision,
-                                  method=self.method, x=x, extras=extras, epoch=self.epoch)
-            probe = self._probe(look.model, x, y, self.rng)
-        result = self.trainer.train_step(x_adv, y, x=x, extras=extras, epoch=self.epoch)
-        if reward_computed and cfg.reward.needs_updated_target and cfg.reward.w_hat == "this_step":
-            probe = self._probe(self.target, x, y, self.rng)
-
-        terms = reward_terms(cfg.reward, result.loss if eval_l1 is None else eval_l1, probe)
-        reward = terms.total.mean() if reward_computed else torch.zeros((), device=self.device)
-        outcome = StepOutcome(
-            reward=reward,
-            reward_computed=reward_computed,
-            terms=terms,
-            adv_correct=result.correct,
-            clean_correct=probe.clean_correct if probe is not None else None,
-            probe_correct=probe.probe_correct if probe is not None else None,
-            train_loss=result.loss.mean(),
-            strategy=chosen,
-            step=self.step_index,
-            epoch=self.epoch,
-            lr=lr,
-            terms_before=terms_before,
-        )
-        self.step_index += 1
-        if not self.done:
-            if self.step_index % self.steps_per_epoch == 0:
-                self._new_epoch_order()
-            self._load_batch()
-        return outcome
-
-    def score(self, action: Tensor) -> StepOutcome:
+    def score(self, action: Tensor) -> StepRecord:
         """The full reward ``play(action)`` would pay on the current batch, measured on a
         look-ahead copy of the target; the game itself does not change.
 
@@ -241,52 +196,89 @@ class LASGame:
         its optimiser and schedule, the step counter, the data position and the current
         batch are untouched. Random numbers (attack and probe starts) come from
         ``score_rng``, a generator of its own (seeded from the episode's seed, checkpointed),
-        so scoring never shifts the training stream's numbers. The outcome's ``step``,
+        so scoring never shifts the training stream's numbers. The record's ``step``,
         ``epoch`` and ``lr`` are those of the step that will train on this batch;
         ``adv_correct`` and ``train_loss`` come from the copy's training forward.
         """
-        with self.shard.draws():
-            return self._score(action)
+        return self._step(action, train=False)
 
-    def _score(self, action: Tensor) -> StepOutcome:
-        self._check_playable("score")
-        cfg = self.config
+    def _step(self, action: Tensor, *, train: bool) -> StepRecord:
+        """``play`` (``train=True``: the real target steps) or ``score`` (a look-ahead copy steps)."""
+        if self.target is None:
+            raise RuntimeError(f"Call reset(seed) before {'play' if train else 'score'}().")
+        if self.done:
+            raise RuntimeError("The episode is over (the whole training budget is spent); call reset().")
+        cfg, r = self.config, self.config.reward
         x, y = self._x, self._y
+        rng = self.rng if train else self.score_rng
         chosen = self.strategy(action)
-        step_size, iterations, epsilon = chosen["step_size"], chosen["iterations"], chosen["epsilon"]
-        extras = self._extras(chosen)
-        terms_before = self._terms_before(x, y, self.score_rng)
-        x_adv = self._attack(x, y, step_size, iterations, epsilon, self.score_rng)
+        extras = {name: chosen[name] for name in self.space.extra_columns}
+        full = (self.is_reward_step() and cfg.step_reward) if train else True
+        probed = full and r.needs_updated_target
+        # Before the attack, so neither can depend on this batch's actions (not even via the RNG).
+        rows = self._probe_rows(rng) if probed and r.probe_fraction < 1 else None
+        terms_before = self._terms_before(x, y, rng, rows) if full else None
+        x_adv = self._attack(x, y, chosen["step_size"], chosen["iterations"], chosen["epsilon"], rng)
         lr = self.trainer.lr
-        momentum = self.trainer.optimizer.state_dict() if cfg.reward.w_hat == "this_step" else None
-        look = lookahead_step(self.target, x_adv, y, self._lookahead_optim, lr, precision=cfg.precision,
-                              optimizer_state=momentum, method=self.method, x=x, extras=extras, epoch=self.epoch)
-        l1 = self._eval_l1(x, x_adv, y, extras) if cfg.reward.l1_forward == "eval" else look.loss
-        probe = self._probe(look.model, x, y, self.score_rng) if cfg.reward.needs_updated_target else None
-        terms = reward_terms(cfg.reward, l1, probe)
-        return StepOutcome(
-            reward=terms.total.mean(),
-            reward_computed=True,
+        eval_l1 = self._eval_l1(x, x_adv, y, extras) if full and r.l1_forward == "eval" else None
+        probe: UpdatedTargetProbe | None = None
+        fit: MethodLoss | None = None
+        if not train or (probed and r.w_hat == "deepcopy"):
+            # score: the copy continues the real optimiser's momentum under w_hat="this_step"
+            momentum = self.trainer.optimizer.state_dict() if not train and r.w_hat == "this_step" else None
+            w_hat, fit = lookahead_step(self.target, x_adv, y, self._lookahead_optim, lr, precision=cfg.precision,
+                                        optimizer_state=momentum, method=self.method, x=x, extras=extras,
+                                        epoch=self.epoch)
+            probe = self._probe(w_hat, x, y, rng, rows) if probed else None
+        if train:
+            fit = self.trainer.train_step(x_adv, y, x=x, extras=extras, epoch=self.epoch)
+            if probed and r.w_hat == "this_step":
+                probe = self._probe(self.target, x, y, rng, rows)
+
+        terms, rewards = reward_terms(r, fit.per_image if eval_l1 is None else eval_l1, probe, rows)
+        record = StepRecord(
+            reward=rewards.mean() if full else torch.zeros((), device=self.device),
+            reward_computed=full,
+            rewards=rewards,
             terms=terms,
-            adv_correct=look.correct,
+            adv_correct=fit.correct,
             clean_correct=probe.clean_correct if probe is not None else None,
             probe_correct=probe.probe_correct if probe is not None else None,
-            train_loss=look.train_loss,
+            terms_before=terms_before,
+            train_loss=fit.per_image.mean(),
             strategy=chosen,
+            indices=self._indices,
             step=self.step_index,
             epoch=self.epoch,
             lr=lr,
-            terms_before=terms_before,
         )
+        if train:
+            self._advance()
+        return record
 
-    def _terms_before(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor | None:
+    def _advance(self) -> None:
+        """The next step's batch (a new epoch order at an epoch's end)."""
+        self.step_index += 1
+        if not self.done:
+            if self.step_index % self.steps_per_epoch == 0:
+                self._new_epoch_order()
+            self._load_batch()
+
+    def _probe_rows(self, generator: torch.Generator) -> Tensor:
+        """The images this reward step's probes measure (``reward.probe_fraction`` < 1): a fresh
+        uniformly random subset of ``max(1, round(fraction * B))`` rows, in batch order."""
+        b = self._y.shape[0]
+        m = max(1, round(self.config.reward.probe_fraction * b))
+        return torch.randperm(b, generator=generator, device=self.device)[:m].sort().values
+
+    def _terms_before(self, x: Tensor, y: Tensor, generator: torch.Generator, rows: Tensor | None) -> Tensor | None:
         """``alpha*L2 + beta*L3`` per image of the target before the update (``credit="unbiased"``'s
         control variate), or None when ``reward.pre_update_probe`` is off."""
         r = self.config.reward
         if not (r.pre_update_probe and r.needs_updated_target):
             return None
-        before = self._probe(self.target, x, y, generator)
-        return reward_terms(r, torch.zeros_like(y, dtype=torch.float32), before).total
+        before = self._probe(self.target, x, y, generator, rows)
+        return updated_target_total(r, before, y.shape[0], y.device, rows)
 
     def _attack(self, x: Tensor, y: Tensor, step_size: Tensor, iterations: Tensor, epsilon: Tensor,
                 generator: torch.Generator) -> Tensor:
@@ -294,13 +286,13 @@ class LASGame:
         the random start ``config.attack_start`` asks for."""
         start = None  # per_image_pgd's own: uniform in each image's ball
         if self.config.attack_start == "threat_ball":
-            start = random_start(x, torch.full_like(epsilon, self.threat.epsilon), generator)
+            start = random_start(x, torch.full_like(epsilon, self.threat.epsilon), generator, self.shard)
         elif self.config.attack_start == "gaussian":
             start = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         loss, reference = self.method.attack_objective(self.target, x, y, self.config.precision)
         with autocast(self.device, self.config.precision):
             return per_image_pgd(self.target, x, reference, epsilon, step_size, iterations, start=start,
-                                 generator=generator, loss=loss)
+                                 generator=generator, loss=loss, shard=self.shard)
 
     def _eval_l1(self, x: Tensor, x_adv: Tensor, y: Tensor, extras: dict[str, Tensor]) -> Tensor:
         """The method's per-image L1 of the target (not yet updated) in eval mode: the authors' L1
@@ -309,11 +301,17 @@ class LASGame:
             return self.method.loss(self.target, MethodBatch(x, x_adv, y, extras), self.config.optim,
                                     self.config.precision).per_image
 
-    def _probe(self, model: torch.nn.Module, x: Tensor, y: Tensor, generator: torch.Generator):
+    def _probe(self, model: torch.nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
+               rows: Tensor | None = None) -> UpdatedTargetProbe:
+        """The reward's probe of ``model`` (the updated target, or the target before the update) on
+        the batch's ``rows`` (None: all of it)."""
         r = self.config.reward
+        if rows is not None:
+            x, y = x[rows], y[rows]
         eps = r.probe_epsilon if r.probe_epsilon is not None else self.threat.epsilon
         step = r.probe_step_size if r.probe_step_size is not None else self.threat.step_size
-        return probe_updated_target(model, x, y, r, eps, step, generator=generator, precision=self.config.precision)
+        return probe_updated_target(model, x, y, r, eps, step, generator=generator,
+                                    precision=self.config.precision, shard=self.shard)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -343,3 +341,4 @@ class LASGame:
         self._order = state["order"].to(self.data.x_train.device)
         self._x_global, self._y_global = (t.to(self.device) for t in state["batch"])
         self._x, self._y = self.shard.rows(self._x_global), self.shard.rows(self._y_global)
+        self._indices = self.shard.rows(self._batch_indices().to(self.device))

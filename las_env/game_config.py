@@ -6,12 +6,11 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from las_env.datasets.registry import lookup
-from las_env.grids import ThreatModel
+from las_env.datasets.registry import ThreatModel, lookup
 from las_env.methods import COLUMNS_METHODS_READ, MethodConfig, build_method
 from las_env.reward import RewardConfig
 from las_env.strategy_space import StrategySpace
-from las_env.target import OptimConfig, Precision
+from las_env.optim import OptimConfig, Precision
 from las_env.validate import SettingError, check_device, check_interval, check_number, check_whole
 
 @dataclass
@@ -37,7 +36,7 @@ class LASConfig:
         threat: the evaluation threat model (L-inf epsilon and PGD step), also the L2 probe's and
             PGD-AT's default; ``None``: the data set's.
         grid: the strategy space (:class:`las_env.strategy_space.StrategySpace`, alias
-            ``StrategyGrid``); ``None`` takes the data set's default grid.
+            ``StrategySpace``); ``None`` takes the data set's default grid.
         augment: random crop (pad 4) + flip on the device; ``None``: the data set's (on for 32 px and larger).
         device: "cpu", "cuda", "cuda:1", ... ("auto" picks cuda when available).
         precision: "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler).

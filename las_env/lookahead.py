@@ -18,33 +18,14 @@ updates the COPY's running statistics), as the real step's is; its per-image CE 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from las_env.methods import PGDAT, MethodBatch, TrainingMethod
+from las_env.methods import PGDAT, MethodBatch, MethodLoss, TrainingMethod
+from las_env.optim import OptimConfig, Precision
 from las_env.sharding import average_gradients
-from las_env.target import OptimConfig, Precision
-
-
-@dataclass
-class LookAhead:
-    """A trained copy of the target and what its training forward saw.
-
-    Attributes:
-        model: ``w_hat``, the copy after one SGD step.
-        loss: the method's per-image L1 of the copy BEFORE its step, in train mode (B,) (= the
-            real target's, which it equals before the step; PGD-AT: plain CE).
-        correct: whether that forward classified each example correctly (B,).
-        train_loss: the (smoothed) training loss the copy stepped on (0-d).
-    """
-
-    model: nn.Module
-    loss: Tensor
-    correct: Tensor
-    train_loss: Tensor
 
 
 def lookahead_step(
@@ -60,8 +41,12 @@ def lookahead_step(
     x: Tensor | None = None,
     extras: dict[str, Tensor] | None = None,
     epoch: int = 0,
-) -> LookAhead:
+) -> tuple[nn.Module, MethodLoss]:
     """Deep-copy ``target`` and train the copy one step on ``(x_adv, y)`` by ``method``.
+
+    Returns ``(w_hat, loss)``: the copy after its step, and the method's loss of the copy BEFORE
+    its step, in train mode (= the real target's, which it equals before the step): the
+    per-image L1 and correctness of the training forward.
 
     Args:
         optim: the target's optimiser settings (momentum, weight decay, label smoothing).
@@ -86,4 +71,4 @@ def lookahead_step(
     batch = MethodBatch(x if x is not None else x_adv, x_adv, y, extras or {})
     # under torchrun: the global batch's step, as DDP's for the real target (las_env/sharding.py)
     out = method.step(w_hat, opt, batch, optim, precision, epoch=epoch, before_update=average_gradients)
-    return LookAhead(w_hat, out.per_image, out.correct, out.loss.detach())
+    return w_hat, out

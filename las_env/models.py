@@ -104,18 +104,20 @@ class BasicBlock(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation residual block (He et al. 2016b): BN-ReLU-conv-BN-ReLU-conv, plus shortcut.
+    """Pre-activation residual block (He et al. 2016b): BN-ReLU-conv-BN-ReLU-(dropout)-conv, plus
+    shortcut; PreAct-ResNet's block and, with ``drop_rate``, Wide-ResNet's.
 
-    A projecting shortcut takes the already activated input, so the identity path of
-    every block carries the un-normalised signal only when shapes match.
+    A projecting shortcut takes the already activated input (as in the reference WRN), so the
+    identity path of every block carries the un-normalised signal only when shapes match.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, stride: int, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_ch)
         self.conv1 = _conv3x3(in_ch, out_ch, stride)
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.conv2 = _conv3x3(out_ch, out_ch)
+        self.drop_rate = drop_rate
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False)
@@ -123,9 +125,10 @@ class PreActBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         act = F.relu(self.bn1(x))
         skip = self.shortcut(act) if self.shortcut is not None else x
-        out = self.conv1(act)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + skip
+        out = F.relu(self.bn2(self.conv1(act)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return self.conv2(out) + skip
 
 
 class ResNet18(_Classifier):
@@ -173,37 +176,11 @@ class ResNet18(_Classifier):
 # ----------------------------------------------------------------------------- Wide ResNet
 
 
-class WideBlock(nn.Module):
-    """Wide-ResNet block: BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3, plus shortcut.
-
-    As in the reference WRN, a 1x1 projecting shortcut reads the activated input.
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int, drop_rate: float) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_ch)
-        self.conv1 = _conv3x3(in_ch, out_ch, stride)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-        self.conv2 = _conv3x3(out_ch, out_ch)
-        self.drop_rate = drop_rate
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        act = F.relu(self.bn1(x))
-        skip = self.shortcut(act) if self.shortcut is not None else x
-        out = F.relu(self.bn2(self.conv1(act)))
-        if self.drop_rate > 0:
-            out = F.dropout(out, p=self.drop_rate, training=self.training)
-        return self.conv2(out) + skip
-
-
 class WideResNet(_Classifier):
     """WRN-depth-widen_factor (Zagoruyko & Komodakis 2016), the adversarial-robustness variant.
 
     A 3x3 stem with 16 channels, then three groups of ``(depth - 4) / 6`` wide blocks with
-    widths ``16k, 32k, 64k`` (``k = widen_factor``) and strides 1, 2, 2, then BN-ReLU,
+    widths ``16k, 32k, 64k`` (``k = widen_factor``; :class:`PreActBlock` with dropout) and strides 1, 2, 2, then BN-ReLU,
     global average pooling and a linear layer. WRN-34-10 has ~46.2M parameters.
 
     Args:
@@ -237,7 +214,7 @@ class WideResNet(_Classifier):
         groups: list[nn.Module] = []
         in_ch = widths[0]
         for width, stride in zip(widths[1:], (1, 2, 2)):
-            blocks = [WideBlock(in_ch if i == 0 else width, width, stride if i == 0 else 1, drop_rate)
+            blocks = [PreActBlock(in_ch if i == 0 else width, width, stride if i == 0 else 1, drop_rate)
                       for i in range(n)]
             groups.append(nn.Sequential(*blocks))
             in_ch = width

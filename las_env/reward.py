@@ -7,10 +7,16 @@
 Two measures: ``"loss"`` follows the slides (L1 = CE, L2 = -CE(probe), L3 = -CE(clean));
 ``"accuracy"`` follows the authors' code (L1 = CE clamped to [0, 10], L2 = probe
 accuracy, L3 = clean accuracy), with alpha = 4 and beta = 2.
+
+Each term is a :class:`RewardTerm` in :data:`REWARD_TERMS` (name, weight, switch, value): the
+env's ``info``, the training loop's ``reward/<name>`` metrics, the divergence guard and the
+several-process gather all iterate over that table, so a new term is its entry here, its
+setting in :class:`RewardConfig` and its test (:func:`register_reward_term`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from las_env.attack import eval_mode, pgd
-from las_env.target import Precision, autocast
+from las_env.optim import Precision, autocast
+from las_env.sharding import Shard
 from las_env.validate import SettingError, check_number, check_whole
 
 
@@ -60,6 +67,14 @@ class RewardConfig:
             (``agents/credit.py``). Costs one more probe per reward step (a PGD-
             ``probe_iterations`` attack plus two forward passes on the batch). Switched on by the
             command line for an agent with ``credit=unbiased``.
+        probe_fraction: the share of the batch the L2/L3 probe (and the pre-update probe)
+            measures: on each reward step a fresh uniformly random subset of
+            ``m = max(1, round(probe_fraction * B))`` images, the same for both probes. Each term
+            of the updated target is then ``B / m`` times its value on the probed images and 0 on
+            the others (inverse-probability weighting), so for every image its expectation over
+            the subset equals the whole-batch value, and every batch mean stays unbiased
+            (``credit="unbiased"`` included); the variance grows as the fraction falls. 1.0 (the
+            default): the whole batch, no subset drawn.
     """
 
     alpha: float = 4.0
@@ -78,6 +93,7 @@ class RewardConfig:
     probe_restarts: int = 1
     pre_update_probe: bool = False
     w_hat_true_class_prob: float | None = None
+    probe_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.measure not in ("accuracy", "loss"):
@@ -90,6 +106,8 @@ class RewardConfig:
         check_number("beta", self.beta, meaning=weight)
         check_number("l1_clamp", self.l1_clamp, 0, low_open=True, meaning="(upper clamp of L1; the authors' 10)")
         check_whole("probe_iterations", self.probe_iterations, 1)
+        check_number("probe_fraction", self.probe_fraction, 0, 1, low_open=True,
+                     meaning="(the share of the batch the L2/L3 probe measures; 1 = the whole batch)")
         pixel = "(pixel units for images in [0, 1]; null takes the data set's threat model)"
         for key in ("probe_epsilon", "probe_step_size"):
             if getattr(self, key) is not None:
@@ -115,7 +133,8 @@ class RewardConfig:
 
     @property
     def needs_updated_target(self) -> bool:
-        return self.use_l2 or self.use_l3
+        """Whether some switched-on term measures the updated target (the probe is paid for)."""
+        return any(t.needs_updated_target and t.enabled(self) for t in REWARD_TERMS.values())
 
 
 @dataclass
@@ -143,15 +162,18 @@ def probe_updated_target(
     *,
     generator: torch.Generator | None = None,
     precision: Precision = "fp32",
+    shard: Shard | None = None,
 ) -> UpdatedTargetProbe:
     """Measure the updated target on the clean batch and under the probe attack (with
-    ``cfg.probe_restarts`` restarts, each image keeping the one with the highest CE)."""
+    ``cfg.probe_restarts`` restarts, each image keeping the one with the highest CE; ``shard``:
+    this rank's rows, random starts drawn for the global batch)."""
     device = x.device
     clean_loss = clean_correct = probe_loss = probe_correct = None
     with eval_mode(model):
         if cfg.use_l2:
             with autocast(device, precision):
-                x_probe = pgd(model, x, y, epsilon, step_size, cfg.probe_iterations, generator=generator)
+                x_probe = pgd(model, x, y, epsilon, step_size, cfg.probe_iterations, generator=generator,
+                              shard=shard)
         with torch.no_grad(), autocast(device, precision):
             if cfg.use_l3:
                 logits = model(x).float()
@@ -163,7 +185,8 @@ def probe_updated_target(
                 probe_correct = logits.argmax(1) == y
         for _ in range(1, cfg.probe_restarts if cfg.use_l2 else 1):
             with autocast(device, precision):
-                x_probe = pgd(model, x, y, epsilon, step_size, cfg.probe_iterations, generator=generator)
+                x_probe = pgd(model, x, y, epsilon, step_size, cfg.probe_iterations, generator=generator,
+                              shard=shard)
             with torch.no_grad(), autocast(device, precision):
                 logits = model(x_probe).float()
             loss = F.cross_entropy(logits, y, reduction="none")
@@ -173,31 +196,82 @@ def probe_updated_target(
     return UpdatedTargetProbe(clean_loss, clean_correct, probe_loss, probe_correct)
 
 
-@dataclass
-class RewardTerms:
-    """Per-image reward and its terms, shape (B,). A switched-off term is zeros."""
+@dataclass(frozen=True)
+class RewardTerm:
+    """One term of the reward: per image, ``weight(cfg) * value(cfg, adv_loss, probe)``.
 
-    l1: Tensor
-    l2: Tensor
-    l3: Tensor
-    total: Tensor
+    Attributes:
+        name: the term's name: its ``info`` key, its metric ``reward/<name>``.
+        weight: the term's weight in the total (L1: 1, L2: ``alpha``, L3: ``beta``).
+        enabled: whether the settings switch the term on (off: zeros, not computed).
+        value: the per-image value ``(B,)`` from L1's raw form ``adv_loss`` (the method's
+            per-image loss before the update) and the updated target's probe.
+        needs_updated_target: the value reads the probe, which only reward steps pay for;
+            the term is zeros when there is none.
+    """
+
+    name: str
+    weight: Callable[[RewardConfig], float]
+    enabled: Callable[[RewardConfig], bool]
+    value: Callable[[RewardConfig, Tensor, UpdatedTargetProbe | None], Tensor]
+    needs_updated_target: bool = False
 
 
-def reward_terms(cfg: RewardConfig, adv_loss: Tensor, probe: UpdatedTargetProbe | None) -> RewardTerms:
-    """Combine the measurements into per-image rewards ``L1 + alpha*L2 + beta*L3``.
+REWARD_TERMS: dict[str, RewardTerm] = {}
+"""The reward's terms by name, in the order they are summed."""
 
-    ``adv_loss`` is the target's per-image CE on the strategy's examples (L1's raw form).
-    With ``probe=None`` (a step that does not pay for the full reward) only L1 is set.
+
+def register_reward_term(term: RewardTerm) -> None:
+    """Add ``term`` to the reward (``info[term.name]``, ``reward/<name>``, its share of the total)."""
+    REWARD_TERMS[term.name] = term
+
+
+def spread_over_batch(values: Tensor, rows: Tensor | None, zeros: Tensor) -> Tensor:
+    """A probed subset's per-image values ``(m,)`` as the whole batch's ``(B,)``: ``B / m`` times
+    the value on the probed ``rows``, 0 elsewhere (inverse-probability weighting: for a uniform
+    random subset each image's expectation is its own value). ``rows=None``: ``values`` as they are."""
+    if rows is None:
+        return values
+    return zeros.index_copy(0, rows, values * (zeros.shape[0] / rows.shape[0]))
+
+
+def reward_terms(cfg: RewardConfig, adv_loss: Tensor, probe: UpdatedTargetProbe | None,
+                 rows: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """``(terms, total)``: every term's per-image value (zeros when switched off or, for a term of
+    the updated target, when ``probe`` is None) and the per-image reward, the weighted sum.
+
+    ``adv_loss`` is the method's per-image loss of the target on the strategy's examples (L1's
+    raw form). With ``probe=None`` (a step that does not pay for the full reward) only L1 is set.
+    ``rows``: the images the probe measured (``reward.probe_fraction`` < 1), spread over the
+    batch by :func:`spread_over_batch`; None: the whole batch.
     """
     zeros = torch.zeros_like(adv_loss)
-    accuracy = cfg.measure == "accuracy"
-    l1 = (clamp_l1(adv_loss, cfg) if accuracy else adv_loss) if cfg.use_l1 else zeros
-    l2 = l3 = zeros
-    if probe is not None and cfg.use_l2:
-        l2 = probe.probe_correct.float() if accuracy else -probe.probe_loss
-    if probe is not None and cfg.use_l3:
-        l3 = probe.clean_correct.float() if accuracy else -probe.clean_loss
-    return RewardTerms(l1=l1, l2=l2, l3=l3, total=l1 + cfg.alpha * l2 + cfg.beta * l3)
+    terms: dict[str, Tensor] = {}
+    total = zeros
+    for name, term in REWARD_TERMS.items():
+        if not term.enabled(cfg) or (term.needs_updated_target and probe is None):
+            terms[name] = zeros
+        elif term.needs_updated_target:
+            probed_loss = adv_loss if rows is None else adv_loss[rows]
+            terms[name] = spread_over_batch(term.value(cfg, probed_loss, probe), rows, zeros)
+        else:
+            terms[name] = term.value(cfg, adv_loss, probe)
+        total = total + term.weight(cfg) * terms[name]
+    return terms, total
+
+
+def updated_target_total(cfg: RewardConfig, probe: UpdatedTargetProbe, batch: int, device: torch.device,
+                         rows: Tensor | None = None) -> Tensor:
+    """The weighted sum of the terms that measure the updated target (``alpha*L2 + beta*L3``)
+    per image ``(batch,)``: what ``credit="unbiased"`` compares before and after the update
+    (``rows``: the probed images, spread as :func:`reward_terms` spreads them)."""
+    zeros = torch.zeros(batch, device=device)
+    probed = zeros if rows is None else zeros[rows]
+    total = zeros
+    for term in REWARD_TERMS.values():
+        if term.needs_updated_target and term.enabled(cfg):
+            total = total + term.weight(cfg) * spread_over_batch(term.value(cfg, probed, probe), rows, zeros)
+    return total
 
 
 def clamp_l1(adv_loss: Tensor, cfg: RewardConfig) -> Tensor:
@@ -208,3 +282,17 @@ def clamp_l1(adv_loss: Tensor, cfg: RewardConfig) -> Tensor:
         return adv_loss.clamp(0, cfg.l1_clamp)
     mean = adv_loss.mean()
     return adv_loss * (mean.clamp(0, cfg.l1_clamp) / mean.clamp_min(torch.finfo(adv_loss.dtype).tiny))
+
+
+def _l2(cfg: RewardConfig, adv_loss: Tensor, probe: UpdatedTargetProbe | None) -> Tensor:
+    return probe.probe_correct.float() if cfg.measure == "accuracy" else -probe.probe_loss
+
+
+def _l3(cfg: RewardConfig, adv_loss: Tensor, probe: UpdatedTargetProbe | None) -> Tensor:
+    return probe.clean_correct.float() if cfg.measure == "accuracy" else -probe.clean_loss
+
+
+register_reward_term(RewardTerm("l1", lambda cfg: 1.0, lambda cfg: cfg.use_l1,
+                                lambda cfg, adv_loss, probe: clamp_l1(adv_loss, cfg) if cfg.measure == "accuracy" else adv_loss))
+register_reward_term(RewardTerm("l2", lambda cfg: cfg.alpha, lambda cfg: cfg.use_l2, _l2, needs_updated_target=True))
+register_reward_term(RewardTerm("l3", lambda cfg: cfg.beta, lambda cfg: cfg.use_l3, _l3, needs_updated_target=True))

@@ -4,8 +4,9 @@ Under ``torchrun`` every rank runs the same :class:`las_env.game.LASGame` with t
 so every rank draws the same epoch order, loads the same GLOBAL batch of ``batch_size`` images
 and augments it with the same generator; then it keeps its own contiguous block of rows
 (:meth:`Shard.rows`, rank ``r`` of ``W`` keeps rows ``r*B/W .. (r+1)*B/W``). The random starts
-of the training attack and of the reward's probe are drawn the same way (:meth:`Shard.draws`:
-the noise of the whole global batch is drawn, the rank keeps its rows), so a shard's images get
+of the training attack and of the reward's probe are drawn the same way (:meth:`Shard.noise`,
+which the game passes to the attack and the probe: the noise of the whole global batch is drawn,
+the rank keeps its rows), so a shard's images get
 exactly the numbers the single process gives the same images, and every generator advances
 alike on every rank. The cost is ``B x C x H x W`` random numbers per draw instead of ``B/W x
 ...``: nothing next to the attack.
@@ -22,17 +23,11 @@ here is the identity: the single-process game is bit-identical to what it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-
-_ACTIVE: "Shard | None" = None
-"""The shard whose draws are under way (set by :meth:`Shard.draws`), read by :func:`uniform_noise`."""
-
 
 @dataclass(frozen=True)
 class Shard:
@@ -61,15 +56,14 @@ class Shard:
         n = t.shape[0] // self.world
         return t[self.rank * n:(self.rank + 1) * n]
 
-    @contextmanager
-    def draws(self) -> Iterator[None]:
-        """Inside: random starts (:func:`uniform_noise`) are drawn for the global batch and cut to this rank's rows."""
-        global _ACTIVE
-        previous, _ACTIVE = _ACTIVE, (self if self.distributed else None)
-        try:
-            yield
-        finally:
-            _ACTIVE = previous
+    def noise(self, shape: torch.Size, generator: torch.Generator | None, device: torch.device,
+              dtype: torch.dtype) -> Tensor:
+        """``torch.rand(shape)`` for this rank's rows: the whole global batch's draw (``shape[0]``
+        rows per rank), cut to this rank's rows; a plain draw in one process."""
+        if self.world == 1:
+            return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+        full = torch.rand((shape[0] * self.world, *shape[1:]), generator=generator, device=device, dtype=dtype)
+        return self.rows(full)
 
 
 def process_shard() -> Shard:
@@ -77,17 +71,6 @@ def process_shard() -> Shard:
     if dist.is_available() and dist.is_initialized():
         return Shard(dist.get_rank(), dist.get_world_size())
     return Shard()
-
-
-def uniform_noise(shape: torch.Size, generator: torch.Generator | None, device: torch.device,
-                  dtype: torch.dtype) -> Tensor:
-    """``torch.rand(shape)``, or, inside :meth:`Shard.draws`, this rank's rows of the global
-    batch's draw (``shape[0]`` is the shard's size)."""
-    shard = _ACTIVE
-    if shard is None:
-        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    full = torch.rand((shape[0] * shard.world, *shape[1:]), generator=generator, device=device, dtype=dtype)
-    return shard.rows(full)
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -184,5 +167,4 @@ def wrap_target(model: nn.Module, shard: Shard, sync_batchnorm: bool) -> tuple[n
     return model, trained
 
 
-__all__ = ["GlobalBatchNorm", "Shard", "average_gradients", "global_batchnorm", "process_shard", "uniform_noise",
-           "wrap_target"]
+__all__ = ["GlobalBatchNorm", "Shard", "average_gradients", "global_batchnorm", "process_shard", "wrap_target"]

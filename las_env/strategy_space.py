@@ -26,7 +26,6 @@ from las_env.validate import SettingError, check_numbers
 
 ATTACK_COLUMNS = ("step_size", "iterations", "epsilon")
 """The attack's columns, always the first three of an action; further columns follow them."""
-ACTION_COLUMNS = ATTACK_COLUMNS  # the earlier name
 _EXAMPLES = {"step_sizes": "[0.0078,0.0157]", "iterations": "[3,5,10]", "epsilons": "[0.0314,0.0627]"}
 """What the error messages suggest (CIFAR-like values in pixel units)."""
 _PIXEL = "(pixel units for images in [0, 1]: 8/255 = 0.0314; a value above 1 covers the whole pixel range)"
@@ -194,9 +193,6 @@ class StrategySpace:
                                    "numbers or {start, stop, scale}, e.g. {key}={start: 5, stop: 9}.") from None
         return cls(**values, extra=tuple(extra))
 
-
-StrategyGrid = StrategySpace
-"""The earlier name of :class:`StrategySpace` (configs, tests and user code use both)."""
 
 
 class SpaceLookup:

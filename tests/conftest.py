@@ -23,7 +23,7 @@ def _wandb_offline(monkeypatch):
 
 @pytest.fixture(scope="session")
 def digits():
-    from las_env.data import load_dataset
+    from las_env.datasets import load_dataset
 
     return load_dataset("digits")
 

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from experiments.distributed import RankLost, global_view, process_group  # noqa: E402
-from las_env.data import load_dataset  # noqa: E402
+from las_env.datasets import load_dataset  # noqa: E402
 from las_env.env import LASEnv  # noqa: E402
-from las_env.game import LASConfig  # noqa: E402
+from las_env.game_config import LASConfig  # noqa: E402
 from las_env.reward import RewardConfig  # noqa: E402
 
 STEPS = 3
@@ -35,7 +35,7 @@ def make_env(sync_bn: bool, w_hat: str = "this_step") -> object:
 
 def actions(env) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    nvec = env.game.grid.nvec
+    nvec = env.game.space.nvec
     return [torch.stack([torch.randint(0, n, (BATCH,), generator=g) for n in nvec], 1) for _ in range(STEPS)]
 
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from experiments.errors import ConfigError
 from experiments.game_setup import build_game
 from experiments.settings import settings_from_config
-from las_env.data import load_dataset
+from las_env.datasets import load_dataset
 from las_env.imports import import_object
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"

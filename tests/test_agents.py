@@ -16,7 +16,7 @@ from torch.distributions import Categorical
 from agents import Agent, AgentSpec, FixedAgent, RandomAgent, ReinforceAgent, StrategyNet
 from agents.strategy_net import sample_categoricals
 from las_env import LASEnv
-from las_env.grids import FIXED_ITERATIONS, grid_for, threat_model_for
+from las_env.datasets.registry import lookup
 
 SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -35,7 +35,7 @@ def _one_thread():
 def make_spec(dataset: str = "digits", batch: int = 16, device: str = "cpu", total_steps: int = 100, seed: int = 0,
               k: int | None = 1):
     return AgentSpec(
-        grid=grid_for(dataset),
+        grid=lookup(dataset).grid,
         observation_shape=(batch, *SHAPES[dataset]),
         num_classes=10,
         dataset=dataset,
@@ -311,13 +311,13 @@ def test_bad_settings_raise():
 def test_fixed_agent_plays_pgd_at_of_the_threat_model_on_cifar():
     spec = make_spec("cifar10", batch=8)
     agent = FixedAgent(spec)
-    threat = threat_model_for("cifar10")
+    threat = lookup("cifar10").threat
     a = agent.act(images(spec), NO_LEARN)
     grid = spec.grid
     assert torch.equal(a, a[:1].expand(8, 3))
     i_step, i_iter, i_eps = a[0].tolist()
     assert math.isclose(grid.step_sizes[i_step], threat.step_size) and math.isclose(threat.step_size, 2 / 255)
-    assert grid.iterations[i_iter] == FIXED_ITERATIONS["cifar10"] == 10
+    assert grid.iterations[i_iter] == lookup("cifar10").fixed_iterations == 10
     assert math.isclose(grid.epsilons[i_eps], threat.epsilon) and math.isclose(threat.epsilon, 8 / 255)
     assert agent.act(images(spec), NO_LEARN) is a  # preallocated, no per-step allocation
     assert agent.learn(torch.tensor(0.0), reward_info(torch.ones(8))) == {}
@@ -329,14 +329,14 @@ def test_fixed_agent_plays_pgd_at_of_the_threat_model_on_cifar():
 
 def test_fixed_agent_on_digits_defaults_or_warns():
     spec = make_spec("digits")
-    threat = threat_model_for("digits")
+    threat = lookup("digits").threat
     if any(math.isclose(v, threat.step_size) for v in spec.grid.step_sizes):
         agent = FixedAgent(spec)
     else:  # the default step size is not on the digits grid: nearest value, said out loud
         with pytest.warns(UserWarning, match="not on the strategy grid"):
             agent = FixedAgent(spec)
     assert agent.epsilon == pytest.approx(threat.epsilon)
-    assert agent.iterations == FIXED_ITERATIONS["digits"]
+    assert agent.iterations == lookup("digits").fixed_iterations
     assert min(abs(v - threat.step_size) for v in spec.grid.step_sizes) == pytest.approx(
         abs(agent.step_size - threat.step_size)
     )
@@ -367,7 +367,7 @@ def test_reinforce_agent_drives_the_env(digits):
     env = LASEnv(data=digits, tensor_api=True, batch_size=32, epochs=1, max_steps_per_epoch=6, reward_interval=k)
     game = env.game
     spec = AgentSpec(
-        grid=env.grid,
+        grid=env.space,
         observation_shape=env.observation_space.shape,
         num_classes=digits.num_classes,
         dataset="digits",

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from agents.credit import leave_one_out_mean, paper_advantages, per_image_advantages, unbiased_advantages
+from las_env.reward import spread_over_batch
 
 B, N_ACTIONS = 3, 3
 EPS = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
@@ -64,7 +65,15 @@ def sample_estimates(theta: torch.Tensor, n: int, credit: str, seed: int = 0) ->
         expected_m = (probs * EPS).sum(-1).mean()
         m_before = expected_m.expand(n, 1)
         before = 4.0 * (1.0 - 3.0 * (m_before - 0.35) ** 2) + SIGMA_G * torch.randn(n, 1, generator=g, dtype=torch.float64)
-        adv = unbiased_advantages(l1, terms, before.expand(n, B))
+        before = before.expand(n, B)
+        if credit.startswith("unbiased_subset"):
+            # reward.probe_fraction: both probes measure the same fresh random subset of m images,
+            # drawn independently of the actions, each spread over the batch with weight B / m.
+            m = int(credit.rsplit("_", 1)[1])
+            probed = torch.zeros(n, B, dtype=torch.float64).scatter_(
+                1, torch.rand(n, B, generator=g).argsort(1)[:, :m], B / m)
+            terms, before = terms * probed, before * probed
+        adv = unbiased_advantages(l1, terms, before)
     # grad_theta_j log p(a_j) = onehot(a_j) - p_j, in row j only.
     score = torch.nn.functional.one_hot(actions, N_ACTIONS).double() - probs
     return adv.unsqueeze(-1) * score / B  # (n, B, N_ACTIONS): row j = (1/B) A_j grad log p(a_j)
@@ -83,6 +92,39 @@ def test_unbiased_credit_matches_exact_gradient_within_standard_error():
     mean, se = _mean_and_se(sample_estimates(THETA, N, "unbiased"))
     z = (mean - exact).abs() / se
     assert z.max() < 4.0, f"unbiased credit: |mean - exact| / SE = {z}"
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_unbiased_credit_with_a_subset_probe_matches_exact_gradient_within_standard_error(m):
+    exact = exact_gradient(THETA)
+    estimates = sample_estimates(THETA, N, f"unbiased_subset_{m}")
+    mean, se = _mean_and_se(estimates)
+    z = (mean - exact).abs() / se
+    assert z.max() < 4.0, f"unbiased credit, probe on {m} of {B} images: |mean - exact| / SE = {z}"
+    # The price: more variance than the whole-batch probe.
+    assert estimates.var(0).sum() > sample_estimates(THETA, N, "unbiased").var(0).sum()
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_subset_probe_averages_to_the_whole_batch_credit_exactly(m):
+    """For every joint action (and noise draw), the mean over all C(B, m) subsets of the credit
+    computed from the subset-probed terms (the game's own spreading, ``spread_over_batch``) equals
+    the whole-batch credit exactly: with the subset drawn independently of the actions,
+    E[A_j grad log p(a_j)] is unchanged, so the estimator above stays unbiased for grad J."""
+    g = torch.Generator().manual_seed(0)
+    zeros = torch.zeros(B, dtype=torch.float64)
+    subsets = [torch.tensor(c) for c in itertools.combinations(range(B), m)]
+    for actions in itertools.product(range(N_ACTIONS), repeat=B):
+        a = torch.tensor(actions)
+        l1 = L1_TABLE[torch.arange(B), a] + SIGMA_L1 * torch.randn(B, generator=g, dtype=torch.float64)
+        terms = batch_terms(a) + SIGMA_G * torch.randn(B, generator=g, dtype=torch.float64)
+        before = 4.0 * torch.rand(B, generator=g, dtype=torch.float64)
+        whole = unbiased_advantages(l1, terms, before)
+        spread = [(spread_over_batch(terms[s], s, zeros), spread_over_batch(before[s], s, zeros)) for s in subsets]
+        by_subset = torch.stack([unbiased_advantages(l1, t, b) for t, b in spread])
+        torch.testing.assert_close(by_subset.mean(0), whole, rtol=0, atol=1e-12)
+        torch.testing.assert_close(torch.stack([t for t, _ in spread]).mean(0), terms, rtol=0, atol=1e-12)
+        assert not torch.allclose(by_subset[0], whole)  # one subset alone is not the whole batch
 
 
 def test_paper_credit_is_unbiased_for_grad_j_over_b_with_larger_variance():
@@ -125,15 +167,16 @@ def test_estimates_are_not_all_zero(credit):
 import copy  # noqa: E402
 
 from agents import AgentSpec, ReinforceAgent  # noqa: E402
-from las_env.game import LASConfig, LASGame  # noqa: E402
-from las_env.grids import grid_for  # noqa: E402
+from las_env.game_config import LASConfig  # noqa: E402
+from las_env.game import LASGame  # noqa: E402
+from las_env.datasets.registry import lookup  # noqa: E402
 from las_env.reward import RewardConfig  # noqa: E402
 
 LEARN = {"reward_next_step": True}
 
 
 def _spec(batch: int = 16, device: str = "cpu") -> AgentSpec:
-    return AgentSpec(grid=grid_for("digits"), observation_shape=(batch, 1, 8, 8), num_classes=10, dataset="digits",
+    return AgentSpec(grid=lookup("digits").grid, observation_shape=(batch, 1, 8, 8), num_classes=10, dataset="digits",
                      device=torch.device(device), total_steps=100, steps_per_epoch=10, seed=0, reward_interval=1)
 
 
@@ -203,10 +246,38 @@ def test_game_measures_the_pre_update_target_before_the_attack(digits):
     assert not torch.equal(_flat(game.target), _flat(twin.target))
 
 
+def test_probe_fraction_probes_a_fresh_subset_and_spreads_it_over_the_batch(digits):
+    torch.set_num_threads(1)
+    cfg = LASConfig(batch_size=32, epochs=1, max_steps_per_epoch=4,
+                    reward=RewardConfig(pre_update_probe=True, probe_fraction=0.25))
+    game = LASGame(cfg, digits)
+    game.reset(0)
+    action = torch.zeros((32, 3), dtype=torch.long)
+    probed_rows = []
+    for _ in range(3):
+        twin = copy.deepcopy(game)
+        rows = twin._probe_rows(twin.rng)  # the stream play() draws the subset from, first
+        x, y = twin.batch
+        before = twin._probe(twin.target, x, y, twin.rng, rows)
+        record = game.play(action)
+        assert rows.shape == (8,) and record.clean_correct.shape == (8,)
+        probed_rows.append(rows.tolist())
+        measured = torch.zeros(32, dtype=torch.bool)
+        measured[rows] = True
+        for name in ("l2", "l3"):  # 4 x the 0/1 accuracy on the probed images, 0 elsewhere
+            assert set(record.terms[name][measured].tolist()) <= {0.0, 4.0}
+            assert not record.terms[name][~measured].any()
+        torch.testing.assert_close(record.terms["l3"][rows] / 4, record.clean_correct.float())
+        expected_before = 4 * (4.0 * before.probe_correct.float() + 2.0 * before.clean_correct.float())
+        torch.testing.assert_close(record.terms_before[rows], expected_before)
+        assert not record.terms_before[~measured].any()
+    assert len({tuple(r) for r in probed_rows}) == 3  # drawn fresh each reward step
+
+
 def test_the_command_line_asks_the_env_for_the_probe_when_the_credit_needs_it(digits, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from experiments.loop import build_game
+    from experiments.game_setup import build_game
     from experiments.settings import settings_from_config
 
     def settings(credit):

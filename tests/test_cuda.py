@@ -37,10 +37,12 @@ from las_env.attack import per_image_pgd, random_start
 from las_env.checkpoint import FORMAT, atomic_save, load_checkpoint
 from las_env.data import ImageData
 from las_env.env import LASEnv
-from las_env.game import LASConfig, LASGame
-from las_env.grids import grid_for
+from las_env.game_config import LASConfig
+from las_env.game import LASGame
+from las_env.datasets.registry import lookup
 from las_env.models import build_model
-from las_env.target import OptimConfig, TargetTrainer
+from las_env.optim import OptimConfig
+from las_env.target import TargetTrainer
 
 DRY_RUN = os.environ.get("LAS_AT_CUDA_TEST_DEVICE", "") == "cpu"
 HAS_CUDA = torch.cuda.is_available()
@@ -99,7 +101,7 @@ def config(**kw) -> LASConfig:
 
 def random_action(game: LASGame, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    cols = [torch.randint(0, n, (game.config.batch_size,), generator=g) for n in game.grid.nvec]
+    cols = [torch.randint(0, n, (game.config.batch_size,), generator=g) for n in game.space.nvec]
     return torch.stack(cols, 1).to(game.device)
 
 
@@ -144,7 +146,7 @@ def test_per_image_pgd_on_cuda_equals_cpu(model_name, n, max_iterations):
     model = build_model(model_name, 3, 10).eval()
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-    steps, _, eps_table = grid_for("cifar10").tables(CPU)
+    steps, _, eps_table = lookup("cifar10").grid.tables(CPU)
     step_size = steps[torch.randint(0, len(steps), (n,), generator=g)]
     epsilon = eps_table[torch.randint(0, len(eps_table), (n,), generator=g)]
     iterations = torch.randint(1, max_iterations + 1, (n,), generator=g)
@@ -191,8 +193,8 @@ def test_game_keeps_data_resident_on_the_device():
         want_x, want_y = expected_batch(game)
         assert x.device.type == DEV.type and torch.equal(x, want_x) and torch.equal(y, want_y)
         out = game.play(random_action(game, step))
-        assert out.iterations.device.type == DEV.type and out.reward.device.type == DEV.type
-        assert torch.isfinite(out.train_loss) and torch.isfinite(out.terms.total).all()
+        assert out.strategy["iterations"].device.type == DEV.type and out.reward.device.type == DEV.type
+        assert torch.isfinite(out.train_loss) and torch.isfinite(out.rewards).all()
 
 
 def test_host_resident_data_is_pinned_and_copied_without_blocking():
@@ -241,7 +243,7 @@ def test_mixed_precision_training_step_tracks_fp32(precision):
     game.reset(0)
     for step in range(game.total_steps):
         out = game.play(random_action(game, step))
-        assert torch.isfinite(out.train_loss) and torch.isfinite(out.terms.total).all()
+        assert torch.isfinite(out.train_loss) and torch.isfinite(out.rewards).all()
     assert torch.isfinite(flat_params(game.target)).all()
 
 

@@ -18,7 +18,7 @@ from agents.base import Agent, AgentSpec
 from experiments.loop import train
 from experiments.rundir import settings_hash
 from experiments.settings import settings_from_config
-from las_env.grids import grid_for
+from las_env.datasets.registry import lookup
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `examples` is not an installed package: import it from the checkout
@@ -40,7 +40,7 @@ def _restore_threads():
 
 
 def _spec(batch: int = 8, seed: int = 0) -> AgentSpec:
-    return AgentSpec(grid=grid_for("digits"), observation_shape=(batch, 1, 8, 8), num_classes=10, dataset="digits",
+    return AgentSpec(grid=lookup("digits").grid, observation_shape=(batch, 1, 8, 8), num_classes=10, dataset="digits",
                      device=torch.device("cpu"), total_steps=20, steps_per_epoch=10, seed=seed)
 
 
@@ -48,7 +48,7 @@ def test_the_example_agent_implements_the_protocol_and_resumes_exactly():
     agent = EpsilonGreedyBandit(_spec(), explore=0.5)
     assert isinstance(agent, Agent)
     obs = torch.rand(8, 1, 8, 8)
-    grid = grid_for("digits")
+    grid = lookup("digits").grid
     for _ in range(3):  # a few reward steps
         action = agent.act(obs, {"reward_next_step": True})
         assert action.shape == (8, 3) and action.dtype == torch.long

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from las_env.augment import augment_batch
-from las_env.data import DatasetNotFoundError, ImageData, load_dataset
+from las_env.data import DatasetNotFoundError, ImageData
+from las_env.datasets import load_dataset
 from las_env.datasets import dataset_names
 from las_env.datasets import loaders as data_mod
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from las_env.sharding import Shard, uniform_noise
+from las_env.sharding import Shard
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "ddp_worker.py"
@@ -86,14 +86,13 @@ def test_refusals_are_one_paragraph():
     assert timeout_s({}) == 900
 
 
-def test_draws_cut_the_global_draw_to_the_rank_rows():
+def test_shard_noise_cuts_the_global_draw_to_the_rank_rows():
     shape = torch.Size((4, 2, 3))
     full = torch.rand((8, 2, 3), generator=torch.Generator().manual_seed(1))
-    with Shard(1, 2).draws():
-        mine = uniform_noise(shape, torch.Generator().manual_seed(1), torch.device("cpu"), torch.float32)
-    outside = uniform_noise(shape, torch.Generator().manual_seed(1), torch.device("cpu"), torch.float32)
+    mine = Shard(1, 2).noise(shape, torch.Generator().manual_seed(1), torch.device("cpu"), torch.float32)
+    alone = Shard().noise(shape, torch.Generator().manual_seed(1), torch.device("cpu"), torch.float32)
     assert torch.equal(mine, full[4:])
-    assert torch.equal(outside, full[:4])  # outside the context: a plain draw of the shard's shape
+    assert torch.equal(alone, full[:4])  # one process: a plain draw of the shard's shape
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:

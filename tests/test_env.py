@@ -54,7 +54,7 @@ def test_info_carries_per_image_terms_and_physical_values():
     _, reward, _, _, info = env.step(action)
     for key in ("rewards", "l1", "l2", "l3", "step_size", "iterations", "epsilon", "adv_correct"):
         assert info[key].shape == (32,), key
-    grid = env.grid
+    grid = env.space
     np.testing.assert_allclose(info["epsilon"], np.array(grid.epsilons, dtype=np.float32)[action[:, 2]])
     np.testing.assert_array_equal(info["iterations"], np.array(grid.iterations)[action[:, 1]])
     np.testing.assert_allclose(info["step_size"], np.array(grid.step_sizes, dtype=np.float32)[action[:, 0]])

@@ -17,8 +17,9 @@ from torch import nn
 from agents import AgentSpec, ReinforceAgent
 from las_env import LASEnv
 from las_env.attack import pgd
-from las_env.game import LASConfig, LASGame
-from las_env.grids import grid_for
+from las_env.game_config import LASConfig
+from las_env.game import LASGame
+from las_env.datasets.registry import lookup
 from las_env.reward import RewardConfig, probe_updated_target, reward_terms
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
@@ -43,7 +44,7 @@ def game(digits, seed: int = 0, **kw) -> LASGame:
 def actions(g: LASGame, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     b = g.config.batch_size
-    return torch.stack([torch.randint(0, n, (b,), generator=gen) for n in g.grid.nvec], dim=1)
+    return torch.stack([torch.randint(0, n, (b,), generator=gen) for n in g.space.nvec], dim=1)
 
 
 class Flat(nn.Module):
@@ -84,7 +85,7 @@ def test_attack_start_draws_in_the_own_or_the_threat_models_ball(digits, start):
 
 
 def test_last_batch_wrap_fills_the_partial_batch_from_the_epochs_first_images(digits):
-    from las_env.game import steps_per_epoch  # noqa: PLC0415
+    from las_env.game_config import steps_per_epoch  # noqa: PLC0415
 
     n, b = digits.x_train.shape[0], 64  # 1347 = 21 * 64 + 3
     drop = game(digits, batch_size=b, max_steps_per_epoch=None)
@@ -122,18 +123,18 @@ def test_l1_comes_from_the_train_or_the_eval_mode_forward_of_the_target_before_i
         eval_ce = F.cross_entropy(before.eval()(x), y, reduction="none")
     assert not torch.allclose(train_ce, eval_ce)  # BatchNorm: the two forwards differ
     out = g.play(actions(g))
-    torch.testing.assert_close(out.terms.l1, train_ce if forward == "train" else eval_ce)
+    torch.testing.assert_close(out.terms["l1"], train_ce if forward == "train" else eval_ce)
 
 
 def test_l1_clamp_per_image_or_on_the_batch_mean():
     ce = torch.tensor([2.0, 30.0, 4.0, 12.0])  # mean 12
-    per_image = reward_terms(RewardConfig(l1_clamp=10.0), ce, None).l1
+    per_image = reward_terms(RewardConfig(l1_clamp=10.0), ce, None)[0]["l1"]
     torch.testing.assert_close(per_image, torch.tensor([2.0, 10.0, 4.0, 10.0]))
-    batch = reward_terms(RewardConfig(l1_clamp=10.0, l1_clamp_scope="batch_mean"), ce, None).l1
+    batch = reward_terms(RewardConfig(l1_clamp=10.0, l1_clamp_scope="batch_mean"), ce, None)[0]["l1"]
     torch.testing.assert_close(batch.mean(), torch.tensor(10.0))  # the authors' clamp(mean CE, 0, 10)
     torch.testing.assert_close(batch / ce, torch.full((4,), 10.0 / 12.0))  # same factor for every image
     small = torch.tensor([1.0, 3.0])  # mean below the clamp: untouched
-    torch.testing.assert_close(reward_terms(RewardConfig(l1_clamp_scope="batch_mean"), small, None).l1, small)
+    torch.testing.assert_close(reward_terms(RewardConfig(l1_clamp_scope="batch_mean"), small, None)[0]["l1"], small)
 
 
 # ----------------------------------------------------------------------------- probe restarts
@@ -192,10 +193,10 @@ def test_score_changes_nothing_and_leaves_the_training_stream_as_it_was(digits, 
     out = scored.score(actions(scored, seed=5))
     _assert_same(before, _snapshot(scored))
     assert out.reward_computed and out.step == scored.step_index and torch.isfinite(out.reward)
-    assert out.probe_correct is not None and out.terms.total.shape == (32,)
+    assert out.probe_correct is not None and out.rewards.shape == (32,)
     a = actions(scored, seed=6)
     o1, o2 = scored.play(a), plain.play(a)  # the same step as if score had never been called
-    assert torch.equal(o1.terms.total, o2.terms.total) and torch.equal(o1.train_loss, o2.train_loss)
+    assert torch.equal(o1.rewards, o2.rewards) and torch.equal(o1.train_loss, o2.train_loss)
     _assert_same(scored.target.state_dict(), plain.target.state_dict())
 
 
@@ -206,8 +207,8 @@ def test_score_with_this_step_measures_exactly_the_target_the_real_step_produces
         g.play(actions(g, seed=s))  # non-zero momentum: the look-ahead must continue it
     a = actions(g, seed=9)
     look, real = g.score(a), g.play(a)
-    torch.testing.assert_close(look.terms.l3, real.terms.l3)  # -CE(clean) of the updated target
-    torch.testing.assert_close(look.terms.l1, real.terms.l1)
+    torch.testing.assert_close(look.terms["l3"], real.terms["l3"])  # -CE(clean) of the updated target
+    torch.testing.assert_close(look.terms["l1"], real.terms["l1"])
 
 
 def test_env_score_returns_step_like_info(digits):
@@ -224,7 +225,7 @@ def test_env_score_returns_step_like_info(digits):
 
 
 def spec(batch: int = 16) -> AgentSpec:
-    return AgentSpec(grid=grid_for("digits"), observation_shape=(batch, 1, 8, 8), num_classes=10,
+    return AgentSpec(grid=lookup("digits").grid, observation_shape=(batch, 1, 8, 8), num_classes=10,
                      dataset="digits", device=torch.device("cpu"), total_steps=100, steps_per_epoch=10, reward_interval=2)
 
 
@@ -261,7 +262,7 @@ def test_score_then_resample_scores_learns_and_trains_on_a_new_sample(digits):
 def test_the_loop_binds_the_scorer_and_turns_off_the_steps_reward(tmp_path, digits):
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
 
-    from experiments.loop import build_game  # noqa: PLC0415
+    from experiments.game_setup import build_game  # noqa: PLC0415
     from experiments.settings import settings_from_config  # noqa: PLC0415
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

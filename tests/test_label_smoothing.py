@@ -18,7 +18,8 @@ from torch import nn
 
 from experiments.errors import ConfigError
 from las_env.lookahead import lookahead_step
-from las_env.target import OptimConfig, TargetTrainer, training_loss
+from las_env.optim import OptimConfig, training_loss
+from las_env.target import TargetTrainer
 
 
 def authors_targets(y: torch.Tensor, k: int, f: float) -> torch.Tensor:
@@ -77,10 +78,10 @@ def test_target_step_and_the_deepcopy_w_hat_step_both_train_on_the_authors_loss(
     optim = OptimConfig(lr=0.5, momentum=0.9, weight_decay=5e-4, schedule="constant", true_class_prob=0.7)
     expected = _sgd_step_on_definition(model, x, y, 0.7, 0.5, 0.9, 5e-4)
 
-    look = lookahead_step(model, x, y, optim, lr=0.5)  # the authors' w_hat
+    w_hat, _ = lookahead_step(model, x, y, optim, lr=0.5)  # the authors' w_hat
     trainer = TargetTrainer(copy.deepcopy(model), optim, total_steps=10)
     trainer.train_step(x, y)  # the target's own step
-    for trained in (look.model, trainer.model):
+    for trained in (w_hat, trainer.model):
         for p, q in zip(trained.parameters(), expected.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 

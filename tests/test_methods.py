@@ -18,7 +18,7 @@ from las_env import LASEnv
 from las_env.attack import per_image_pgd
 from las_env.methods import AWP, PGDAT, TRADES, MethodBatch, MethodConfig, build_method
 from las_env.models import build_model
-from las_env.target import OptimConfig
+from las_env.optim import OptimConfig
 from las_env.validate import SettingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +185,7 @@ def test_awp_warm_up_trains_unperturbed(digits):
 def test_a_four_column_action_reaches_the_attack_and_the_loss(digits):
     env = LASEnv(data=digits, tensor_api=True, batch_size=6, epochs=1, max_steps_per_epoch=2, method="trades",
                  grid=TRADES_GRID, reward={"measure": "loss", "l1_forward": "train"}, reward_interval=1)
-    assert env.action_space.shape == (6, 4) and env.grid.columns[3] == "trades_beta"
+    assert env.action_space.shape == (6, 4) and env.space.columns[3] == "trades_beta"
     seen = {}
     loss = env.game.method.loss
 
@@ -212,7 +212,7 @@ def test_a_trades_beta_column_without_trades_is_refused():
 
 def _spec(env: LASEnv) -> AgentSpec:
     g = env.game
-    return AgentSpec(grid=env.grid, observation_shape=env.observation_space.shape, num_classes=10, dataset="digits",
+    return AgentSpec(grid=env.space, observation_shape=env.observation_space.shape, num_classes=10, dataset="digits",
                      device=g.device, total_steps=g.total_steps, steps_per_epoch=g.steps_per_epoch, seed=0,
                      reward_interval=g.config.reward_interval)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from las_env.data import load_dataset
+from las_env.datasets import load_dataset
 from las_env.models import MODEL_NAMES, WideResNet, build_model
 
 

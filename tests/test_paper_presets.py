@@ -17,8 +17,8 @@ from torch import nn
 
 from agents import AgentSpec, FixedAgent, ReinforceAgent
 from experiments.settings import settings_from_config
-from las_env.game import steps_per_epoch
-from las_env.grids import threat_model_for
+from las_env.game_config import steps_per_epoch
+from las_env.datasets.registry import lookup
 from las_env.target import TargetTrainer
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
@@ -95,7 +95,7 @@ def test_lasat_presets_are_the_authors_setting(name, tmp_path):
 
     # Reward: R1 = clamp(mean CE, 0, 10) from an eval-mode forward; R2 = 4 x PGD-10 accuracy
     # (8/255, step 2/255, 2 restarts) and R3 = 2 x clean accuracy of a deep-copied w_hat.
-    threat = threat_model_for(dataset)
+    threat = lookup(dataset).threat
     assert (threat.epsilon, threat.step_size) == pytest.approx((8 / 255, 2 / 255))
     assert (r.alpha, r.beta, r.measure, r.l1_clamp) == (4.0, 2.0, "accuracy", 10.0)
     assert (r.use_l1, r.use_l2, r.use_l3) == (True, True, True)

@@ -20,8 +20,8 @@ from torch import nn
 
 from agents import AgentSpec, FixedAgent, ReinforceAgent
 from experiments.settings import settings_from_config
-from las_env.game import steps_per_epoch
-from las_env.grids import StrategyGrid
+from las_env.game_config import steps_per_epoch
+from las_env.strategy_space import StrategySpace
 from las_env.target import TargetTrainer
 from tests.conftest import SHARED_DATA, requires_shared_data
 
@@ -168,7 +168,7 @@ def test_presets_run_two_steps_on_the_exact_cifar10_subset(tmp_path, cifar_root,
 
 
 def test_the_policy_lr_schedule_steps_with_the_agent_updates():
-    spec = AgentSpec(grid=StrategyGrid((0.05,), (1,), (0.1, 0.2)), observation_shape=(4, 1, 8, 8), num_classes=10,
+    spec = AgentSpec(grid=StrategySpace((0.05,), (1,), (0.1, 0.2)), observation_shape=(4, 1, 8, 8), num_classes=10,
                      dataset="digits", device=torch.device("cpu"), total_steps=8, steps_per_epoch=8, seed=0,
                      reward_interval=2)
     agent = ReinforceAgent(spec, lr=0.1, lr_milestones=[0.5, 0.75], lr_gamma=0.1)  # 4 updates: at 2 and 3

@@ -25,7 +25,8 @@ from experiments.loop import train
 from experiments.rundir import settings_hash
 from experiments.settings import settings_from_config
 from las_env.checkpoint import load_checkpoint
-from las_env.grids import StrategyGrid, grid_for
+from las_env.strategy_space import StrategySpace
+from las_env.datasets.registry import lookup
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "experiments" / "conf"
@@ -163,8 +164,8 @@ def test_data_configs_resolve_to_the_default_grids(name, tmp_path):
     # hold the registry's grid.
     s = settings_from_config(config(f"data={name}"), tmp_path)
     key = s.env.dataset
-    assert s.env.grid == grid_for(key)
-    assert StrategyGrid.from_config(s.config["data"]["grid"]) == grid_for(key)
+    assert s.env.grid == lookup(key).grid
+    assert StrategySpace.from_config(s.config["data"]["grid"]) == lookup(key).grid
 
 
 SECTION_7_EPOCHS = {"cifar10_wrn34_10_las_trades": 100, "cifar10_wrn34_10_trades": 100,

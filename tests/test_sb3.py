@@ -18,9 +18,9 @@ from stable_baselines3.common.vec_env import VecCheckNan, VecMonitor
 from agents.base import Agent, AgentSpec
 from agents.sb3 import LASVecEnv, SB3Agent, SingleImageEnv, SmallImageExtractor, default_policy_kwargs
 from las_env import LASEnv
-from las_env.grids import grid_for
+from las_env.datasets.registry import lookup
 
-DIGITS_GRID = grid_for("digits")
+DIGITS_GRID = lookup("digits").grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_vecenv_spaces_shapes_and_one_step_episodes(digits):
         np.testing.assert_array_equal(infos[i]["terminal_observation"], obs[i])
         assert not infos[i]["game_over"]
     assert not np.array_equal(new_obs, obs)  # the next batch
-    assert venv.get_attr("grid") == [venv.las.grid] * 8
+    assert venv.get_attr("space") == [venv.las.space] * 8
     assert venv.env_is_wrapped(VecMonitor) == [False] * 8
 
 

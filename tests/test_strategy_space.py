@@ -20,10 +20,10 @@ from experiments.loop import train
 from experiments.rundir import settings_hash
 from experiments.settings import settings_from_config
 from las_env import LASEnv, StrategySpace
-from las_env.grids import StrategyGrid, grid_for
+from las_env.datasets import lookup
 from las_env.validate import SettingError
 
-DIGITS_GRID = grid_for("digits")
+DIGITS_GRID = lookup("digits").grid
 TOY = (0.5, 1.0, 2.0)
 TOY_SPACE = StrategySpace(step_sizes=(0.05, 0.1), iterations=(1, 3, 5), epsilons=(0.1, 0.2), extra={"toy_gain": TOY})
 
@@ -43,7 +43,6 @@ def test_lookup_and_decode_agree_with_enumerating_every_action(space):
         values = space.decode(r)
         assert space.index_of(**values) == r  # tables hold distinct values: exact round trip
         assert space.index_of(*values.values()) == r
-    assert StrategyGrid is StrategySpace
 
 
 def test_columns_shape_and_nearest_index_by_name():

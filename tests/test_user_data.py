@@ -24,13 +24,13 @@ from agents.baselines import FixedAgent
 from agents.reinforce import ReinforceAgent
 from experiments.errors import ConfigError
 from experiments.settings import settings_from_config
-from las_env.data import DataError, DatasetNotFoundError, ImageData, load_dataset
-from las_env.datasets import dataset_names, lookup
+from las_env.data import DataError, DatasetNotFoundError, ImageData
+from las_env.datasets import ThreatModel, dataset_names, load_dataset, lookup
 from las_env.datasets.user import peek_size
-from las_env.game import LASConfig
-from las_env.grids import StrategyGrid, ThreatModel, grid_for, threat_model_for
+from las_env.game_config import LASConfig
+from las_env.strategy_space import StrategySpace
 from las_env.models import build_model
-from las_env.target import OptimConfig
+from las_env.optim import OptimConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "experiments" / "conf"
@@ -96,15 +96,15 @@ def _toy_loader(root: Path, download: bool) -> ImageData:
 
 @pytest.fixture(scope="module")
 def toy_record():
-    grid = StrategyGrid(step_sizes=(0.01, 0.02), iterations=(1, 3), epsilons=(0.05, 0.1, 0.15))
+    grid = StrategySpace(step_sizes=(0.01, 0.02), iterations=(1, 3), epsilons=(0.05, 0.1, 0.15))
     return las_env.register_dataset(
         "toy-reg", _toy_loader, grid=grid, threat=ThreatModel(0.1, 0.02, "L-inf eps=0.1 (toy)"), fixed_iterations=3,
         model="small_cnn", backbone="small_cnn", optim=OptimConfig(lr=0.02, schedule="constant"), replace=True)
 
 
 def test_the_record_drives_grid_threat_model_optimiser_and_pgd_at(toy_record):
-    assert grid_for("toy-reg") is toy_record.grid and grid_for("toy_reg") is toy_record.grid
-    assert threat_model_for("toy-reg") == ThreatModel(0.1, 0.02, "L-inf eps=0.1 (toy)")
+    assert lookup("toy-reg").grid is toy_record.grid and lookup("toy_reg").grid is toy_record.grid
+    assert lookup("toy-reg").threat == ThreatModel(0.1, 0.02, "L-inf eps=0.1 (toy)")
     cfg = LASConfig(dataset="toy-reg")
     assert cfg.grid == toy_record.grid and cfg.model == "small_cnn"
     assert cfg.optim == OptimConfig(lr=0.02, schedule="constant") and cfg.optim is not toy_record.optim
@@ -349,7 +349,7 @@ def test_a_plugin_module_registers_a_data_set_from_the_command_line(tmp_path, mo
         "import torch\n"
         "from las_env import register_dataset\n"
         "from las_env.data import ImageData\n"
-        "from las_env.grids import ThreatModel\n\n"
+        "from las_env.datasets.registry import ThreatModel\n\n"
         "def load(root, download):\n"
         "    g = torch.Generator().manual_seed(0)\n"
         "    return ImageData(name='plugged', x_train=torch.rand(32, 1, 8, 8, generator=g), y_train=torch.arange(32) % 2,\n"

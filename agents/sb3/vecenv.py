@@ -13,6 +13,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import Tensor
 
 from agents.sb3.extractor import per_image_spaces
+from las_env.reward import REWARD_TERMS
 
 
 def _np(x) -> np.ndarray:
@@ -68,7 +69,7 @@ class LASVecEnv(VecEnv):
         self.env = env
         self.las = las
         b = las.config.batch_size
-        obs_space, act_space = per_image_spaces(las.observation_space.shape, las.grid.nvec)
+        obs_space, act_space = per_image_spaces(las.observation_space.shape, las.space.nvec)
         super().__init__(b, obs_space, act_space)
         self._obs: np.ndarray | None = None
         self._actions: np.ndarray | None = None
@@ -92,16 +93,10 @@ class LASVecEnv(VecEnv):
         played = self._obs
         obs, _, terminated, truncated, info = self.env.step(self._actions)
         rewards = _np(info["rewards"]).astype(np.float32)
-        l1, l2, l3 = (_np(info[key]) for key in ("l1", "l2", "l3"))
+        terms = {name: _np(info[name]) for name in REWARD_TERMS}
         game_over = bool(terminated or truncated)
         infos = [
-            {
-                "terminal_observation": played[i],
-                "l1": float(l1[i]),
-                "l2": float(l2[i]),
-                "l3": float(l3[i]),
-                "game_over": game_over,
-            }
+            {"terminal_observation": played[i], **{name: float(v[i]) for name, v in terms.items()}, "game_over": game_over}
             for i in range(self.num_envs)
         ]
         if game_over:
@@ -161,7 +156,7 @@ class SingleImageEnv(gym.Env):
             )
         self.env = env
         self.las = las
-        self.observation_space, self.action_space = per_image_spaces(las.observation_space.shape, las.grid.nvec)
+        self.observation_space, self.action_space = per_image_spaces(las.observation_space.shape, las.space.nvec)
         self._obs: np.ndarray | None = None
         self._info: dict[str, Any] = {}
         self._started = False
@@ -183,7 +178,7 @@ class SingleImageEnv(gym.Env):
         a = np.asarray(action).reshape(1, -1)
         obs, _, _, _, info = self.env.step(a)
         reward = float(_np(info["rewards"])[0])
-        step_info = {k: float(_np(info[k])[0]) for k in ("l1", "l2", "l3")}
+        step_info = {name: float(_np(info[name])[0]) for name in REWARD_TERMS}
         if not self.las.game.done:  # the next image, shown by the next reset()
             self._obs = _np(obs)[0].astype(np.float32)
             self._info = {"label": int(_np(info["labels"])[0])}

@@ -10,7 +10,7 @@ from typing import Any
 
 from evaluation.attacks import format_eps
 from experiments.comparison.runs import NON_LEARNING_TARGETS, Run
-from las_env.grids import FIXED_ITERATIONS, threat_model_for
+from las_env.datasets.registry import lookup
 
 NOT_SETTINGS = ("seed", "run_root", "logger", "progress", "threads", "resume", "stop_after_epochs",
                 "log_every_steps", "hydra", "eval", "data.root", "data.threads", "agent.name", "agent.seed",
@@ -79,8 +79,8 @@ def default_fixed_attack(run: Run) -> tuple[float, int, float] | None:
     """The run's PGD-AT attack (``agent=fixed`` without overrides: its threat model), on the run's grid."""
     try:
         dataset = run.dataset.lower().replace("_", "-")
-        threat = threat_model_for(dataset)
-        iters = FIXED_ITERATIONS[dataset]
+        threat = lookup(dataset).threat
+        iters = lookup(dataset).fixed_iterations
     except (KeyError, ValueError):
         return None
     recorded = run.config.get("data", {}).get("threat") or {}  # the run's data.threat (null: the data set's)

@@ -13,7 +13,7 @@ import numpy as np
 
 from experiments.runfiles import (CHECKPOINT, EVALUATION_FORMAT, EVALUATION_GLOB, RESULTS_FILE, RESULTS_FORMAT,
                                   WEIGHTS_FILE)
-from las_env.grids import grid_for
+from las_env.datasets.registry import lookup
 from las_env.strategy_space import ATTACK_COLUMNS, StrategySpace
 
 WEIGHTS = {"final": "final (last-epoch) weights",
@@ -147,7 +147,7 @@ def _grid(config: Mapping[str, Any], dataset: str) -> StrategySpace:
     cfg = (config.get("data") or {}).get("grid")
     if cfg:
         return StrategySpace.from_config(cfg)
-    return grid_for(dataset.lower().replace("_", "-"))
+    return lookup(dataset).grid
 
 
 def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategySpace) -> tuple[float, int, float] | None:

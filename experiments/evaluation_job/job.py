@@ -14,9 +14,9 @@ from experiments.evaluation_job.settings import Settings
 from experiments.evaluation_job.target import Target, check_attack_needs, load_target
 from experiments.runfiles import AUTOATTACK_STATE, EVALUATION_FORMAT, EVALUATION_STEM
 from las_env.checkpoint import export_state_dict, state_fingerprint
-from las_env.data import load_dataset
+from las_env.datasets import load_dataset
 from las_env.files import stale_temp_files
-from las_env.grids import threat_model_for
+from las_env.datasets.registry import lookup
 
 EXIT_SANITY = 3
 """Exit status when a sanity check failed (the reports are written all the same)."""
@@ -49,7 +49,7 @@ def prepare(s: Settings) -> Job | None:
         return None
     check_attack_needs(s, target)
     data = target.data or load_dataset(target.dataset, target.data_root)
-    threat = target.threat or threat_model_for(data.name)
+    threat = target.threat or lookup(data.name).threat
     eps = threat.epsilon if s.eps is None else s.eps
     n_total = data.x_test.shape[0]
     n = n_total if s.n is None else min(s.n, n_total)

@@ -12,8 +12,9 @@ from evaluation import import_autoattack
 from experiments.evaluation_job.settings import Settings
 from experiments.runfiles import CHECKPOINT
 from las_env.checkpoint import load_checkpoint, load_plain_state_dict
-from las_env.data import ImageData, load_dataset
-from las_env.grids import ThreatModel
+from las_env.data import ImageData
+from las_env.datasets import load_dataset
+from las_env.datasets.registry import ThreatModel
 from las_env.models import build_model
 
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 from functools import partial
 
 from las_env.datasets import loaders, user
-from las_env.datasets.registry import CIFAR10_GRID, CIFAR_THREAT, inclusive_range, register_dataset
-from las_env.grids import StrategyGrid, ThreatModel
-from las_env.target import OptimConfig
+from las_env.datasets.registry import CIFAR10_GRID, CIFAR_THREAT, ThreatModel, inclusive_range, register_dataset
+from las_env.optim import OptimConfig
+from las_env.strategy_space import StrategySpace
 
-CIFAR100_GRID = StrategyGrid(inclusive_range(1, 5, 1 / 255), tuple(range(3, 13)), inclusive_range(3, 15, 1 / 255))
+CIFAR100_GRID = StrategySpace(inclusive_range(1, 5, 1 / 255), tuple(range(3, 13)), inclusive_range(3, 15, 1 / 255))
 # Digits (8x8, 17 grey levels): the evaluation radius is 0.2 (see the README's threat-model
 # section); the grid spans weak to strong attacks around it, as the CIFAR grid spans 3..15/255
 # around 8/255; the step sizes 0.025..0.125 hold the evaluation step 0.05 = eps/4 at
 # index 1, as CIFAR's 1..5/255 hold 2/255.
-DIGITS_GRID = StrategyGrid(
+DIGITS_GRID = StrategySpace(
     step_sizes=(0.025, 0.05, 0.075, 0.1, 0.125),
     iterations=(1, 2, 3, 4, 5, 6, 7, 8),
     epsilons=(0.05, 0.10, 0.15, 0.20, 0.25, 0.30),

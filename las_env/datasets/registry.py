@@ -2,8 +2,8 @@
 
 A record says how to load a data set and every default that depends on it: the strategy grid,
 the evaluation threat model, the PGD-AT attack, the target model and strategy backbone, the
-target's optimiser and schedule, and augmentation. Everything else (``las_env.grids.grid_for``,
-``threat_model_for``, the game's and the agents' defaults, the command line's ``data=`` choices)
+target's optimiser and schedule, and augmentation. Everything else (``lookup(name).grid``,
+``lookup(name).threat``, the game's and the agents' defaults, the command line's ``data=`` choices)
 reads the record. Adding a data set is one :func:`register_dataset` call::
 
     import las_env
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from las_env.grids import StrategyGrid, ThreatModel
-from las_env.target import OptimConfig
+from las_env.optim import OptimConfig
+from las_env.strategy_space import StrategySpace
 
 if TYPE_CHECKING:
     from las_env.data import ImageData
@@ -34,6 +34,19 @@ LARGE_FROM_PX = 32
 """Size rule of records without a fixed model: resnet18 when the shorter image side is at least
 32 px, small_cnn below (resnet18's strides need the room); the same rule switches augmentation on."""
 
+@dataclass(frozen=True)
+class ThreatModel:
+    """The evaluation threat model of a data set: L-infinity ball of radius ``epsilon``.
+
+    ``step_size`` is the PGD step used by evaluation and by the L2 reward probe
+    (2/255 for CIFAR's 8/255, i.e. epsilon / 4).
+    """
+
+    epsilon: float
+    step_size: float
+    description: str
+
+
 CIFAR_THREAT = ThreatModel(8 / 255, 2 / 255, "L-inf eps=8/255")
 """The CIFAR threat model, also the default of records that do not name one (user data)."""
 
@@ -44,7 +57,7 @@ def inclusive_range(start: int, stop: int, scale: float = 1.0) -> tuple[float, .
 
 
 # The authors' grid (SPEC section 2), in /255 units, inclusive; also the default of user data.
-CIFAR10_GRID = StrategyGrid(inclusive_range(1, 5, 1 / 255), tuple(range(3, 15)), inclusive_range(3, 15, 1 / 255))
+CIFAR10_GRID = StrategySpace(inclusive_range(1, 5, 1 / 255), tuple(range(3, 15)), inclusive_range(3, 15, 1 / 255))
 
 
 @dataclass(frozen=True)
@@ -70,7 +83,7 @@ class DatasetRecord:
 
     name: str
     loader: Loader
-    grid: StrategyGrid = CIFAR10_GRID
+    grid: StrategySpace = CIFAR10_GRID
     threat: ThreatModel = CIFAR_THREAT
     fixed_iterations: int = 10
     model: str | None = None
@@ -113,11 +126,6 @@ def _key(name: str) -> str:
     return str(name).lower().replace("_", "-")
 
 
-def _ensure_builtins() -> None:
-    if not _RECORDS:
-        from las_env.datasets import builtin  # noqa: F401, PLC0415 - registers the built-in records
-
-
 def register_dataset(name: str | DatasetRecord, loader: Loader | None = None, *, replace: bool = False,
                      **facts) -> DatasetRecord:
     """Add a data set to the registry (``name, loader`` plus any :class:`DatasetRecord` field,
@@ -128,7 +136,6 @@ def register_dataset(name: str | DatasetRecord, loader: Loader | None = None, *,
     Raises:
         ValueError: the name is taken (pass ``replace=True`` to redefine it), or no loader.
     """
-    _ensure_builtins()
     if isinstance(name, DatasetRecord):
         record = name
     else:
@@ -144,7 +151,6 @@ def register_dataset(name: str | DatasetRecord, loader: Loader | None = None, *,
 
 def dataset_names() -> tuple[str, ...]:
     """The registered names, built-in first, in registration order."""
-    _ensure_builtins()
     return tuple(_RECORDS)
 
 
@@ -154,7 +160,6 @@ def lookup(name: str) -> DatasetRecord:
     Raises:
         KeyError: no such data set; the message lists the registered names.
     """
-    _ensure_builtins()
     key = _key(name)
     if key not in _RECORDS:
         raise KeyError(f"Unknown data set {name!r}; valid names are: {', '.join(_RECORDS)}.")
@@ -163,7 +168,6 @@ def lookup(name: str) -> DatasetRecord:
 
 def is_registered(name: str) -> bool:
     """Whether :func:`lookup` knows ``name``."""
-    _ensure_builtins()
     return _key(name) in _RECORDS
 
 

@@ -12,14 +12,15 @@ the gradient taken at ``w + v`` (the weight-decay term, too, sees ``w + v``, as 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from las_env.attack import Loss
-from las_env.methods.base import MethodBatch, MethodLoss, TrainingMethod
-from las_env.target import OptimConfig, Precision
+from las_env.methods.base import MethodBatch, MethodConfig, MethodLoss, TrainingMethod, build_method, register_method
+from las_env.optim import OptimConfig, Precision
 
 _TINY = 1e-20  # AWP's EPS: a zero direction stays zero instead of dividing by zero
 
@@ -93,3 +94,11 @@ class AWP(TrainingMethod):
             for p, v in pairs:
                 p.sub_(v)
         return out
+
+
+def _build(cfg: MethodConfig) -> AWP:
+    """AWP around the method ``cfg.awp_base`` names, with that method's own settings."""
+    return AWP(build_method(replace(cfg, name=cfg.awp_base)), cfg.awp_gamma, cfg.awp_warmup_epochs, cfg.awp_proxy_lr)
+
+
+register_method("awp", _build)

@@ -8,6 +8,10 @@ the authors' LAS-TRADES R1 is the TRADES loss itself). One training step
 (:meth:`TrainingMethod.step`) is the same code for the env's real step and for the look-ahead copy
 ``w_hat`` (``las_env.lookahead``), so whatever a method does to a step (AWP's weight perturbation)
 is in both.
+
+Methods are found by name in :data:`METHODS`, where each method's own module registers its
+builder (:func:`register_method`): a new method is one module, its ``conf/method/*.yaml`` and
+its test, and nothing else changes.
 """
 
 from __future__ import annotations
@@ -19,10 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from las_env.attack import Loss
-from las_env.target import OptimConfig, Precision
+from las_env.optim import OptimConfig, Precision
 from las_env.validate import SettingError, check_number, check_whole
-
-METHODS = ("pgd_at", "trades", "awp")
 
 
 @dataclass
@@ -30,8 +32,9 @@ class MethodConfig:
     """Which adversarial-training method the target is trained with (``method=`` on the command line).
 
     Attributes:
-        name: "pgd_at" (Madry et al.; LAS-AT), "trades" (Zhang et al. 2019; LAS-TRADES) or
-            "awp" (Wu et al. 2020, adversarial weight perturbation around ``awp_base``; LAS-AWP).
+        name: a registered method (:data:`METHODS`): "pgd_at" (Madry et al.; LAS-AT), "trades"
+            (Zhang et al. 2019; LAS-TRADES), "awp" (Wu et al. 2020, adversarial weight
+            perturbation around ``awp_base``; LAS-AWP), or one of your own.
         trades_beta: TRADES' weight of the KL term, for every image, when the strategy grid has
             no ``trades_beta`` column (TRADES' own 6.0); with the column the strategy picks it
             per image.
@@ -51,18 +54,14 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
-            raise SettingError("name", self.name, f"must be one of {list(METHODS)} (method=pgd_at|trades|awp).")
+            raise SettingError("name", self.name, f"must be a registered method, one of {sorted(METHODS)} (a new one "
+                               "registers itself with las_env.methods.register_method(name, build)).")
         if self.awp_base not in ("pgd_at", "trades"):
             raise SettingError("awp_base", self.awp_base, "must be pgd_at (AT-AWP) or trades (TRADES-AWP).")
         check_number("trades_beta", self.trades_beta, 0, meaning="(TRADES' KL weight; theirs 6.0)")
         check_number("awp_gamma", self.awp_gamma, 0, 1, meaning="(relative weight perturbation; theirs 0.01)")
         check_number("awp_proxy_lr", self.awp_proxy_lr, 0, low_open=True, meaning="(the proxy's step; theirs 0.01)")
         check_whole("awp_warmup_epochs", self.awp_warmup_epochs, 0)
-
-    @property
-    def loss_name(self) -> str:
-        """The loss the target descends: "pgd_at" or "trades" (AWP wraps one of them)."""
-        return self.awp_base if self.name == "awp" else self.name
 
 
 @dataclass
@@ -143,3 +142,17 @@ class TrainingMethod:
                 before_update(model)
             optimizer.step()
         return out
+
+
+METHODS: dict[str, Callable[[MethodConfig], TrainingMethod]] = {}
+"""Method name -> the builder of its :class:`TrainingMethod` from the settings (``method=<name>``)."""
+
+
+def register_method(name: str, build: Callable[[MethodConfig], TrainingMethod]) -> None:
+    """Make ``method=<name>`` build ``build(settings)`` (each method's module registers itself)."""
+    METHODS[name] = build
+
+
+def build_method(cfg: MethodConfig) -> TrainingMethod:
+    """The method ``cfg`` names."""
+    return METHODS[cfg.name](cfg)

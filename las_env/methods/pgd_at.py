@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from las_env.methods.base import MethodBatch, MethodLoss, TrainingMethod
-from las_env.target import OptimConfig, Precision, autocast, training_loss
+from las_env.methods.base import MethodBatch, MethodLoss, TrainingMethod, register_method
+from las_env.optim import OptimConfig, Precision, autocast, training_loss
 
 
 class PGDAT(TrainingMethod):
@@ -24,3 +24,6 @@ class PGDAT(TrainingMethod):
             per_image = F.cross_entropy(logits, batch.y, reduction="none")
             correct = logits.argmax(1) == batch.y
         return MethodLoss(loss, per_image.detach(), correct)
+
+
+register_method("pgd_at", lambda cfg: PGDAT())

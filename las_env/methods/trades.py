@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from las_env.attack import Loss, eval_mode
-from las_env.methods.base import MethodBatch, MethodLoss, TrainingMethod
-from las_env.target import OptimConfig, Precision, autocast, training_loss
+from las_env.methods.base import MethodBatch, MethodLoss, TrainingMethod, register_method
+from las_env.optim import OptimConfig, Precision, autocast, training_loss
 
 
 def kl_per_image(logits_clean: Tensor, logits_adv: Tensor) -> Tensor:
@@ -56,3 +56,6 @@ class TRADES(TrainingMethod):
             per_image = F.cross_entropy(logits_clean, batch.y, reduction="none") + weighted_kl
             correct = logits_adv.argmax(1) == batch.y
         return MethodLoss(loss, per_image.detach(), correct)
+
+
+register_method("trades", lambda cfg: TRADES(cfg.trades_beta))
