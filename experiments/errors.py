@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """Bad input found before training starts; its message is the paragraph users see."""
 
 
+class RunStopped(ConfigError):
+    """A run stopped by a fault outside its settings (a full disk, Ctrl-C or SIGTERM, its folder
+    taken or removed); the message says what is kept and how to continue. A :class:`ConfigError`,
+    so every command shows it as the same one paragraph."""
+
+
 def error_line(message: object) -> str:
     """``message`` as the one-line paragraph users see (whitespace and newlines folded)."""
     return PREFIX + " ".join(str(message).split())

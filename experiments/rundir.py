@@ -32,9 +32,10 @@ from experiments.runfiles import CHECKPOINT, PREVIOUS_CHECKPOINT
 from experiments.runlock import is_held
 
 NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progress", "threads", "run_root",
-                                 "ddp_timeout_s")
+                                 "ddp_timeout_s", "init_from_other_data")
 """Top-level keys that say how to run, not what to compute; left out of the settings hash.
-(``run_root`` is already the folder's first component; ``threads`` only moves CPU time.)"""
+(``run_root`` is already the folder's first component; ``threads`` only moves CPU time;
+``init_from_other_data`` only permits, and ``init_from`` itself is hashed.)"""
 
 HASHED_WHEN_SET: dict[str, Any] = {"init_from": None, "on_nonfinite": "stop", "ddp": {"sync_batchnorm": True},
                                    "method": {"name": "pgd_at"}}
