@@ -53,6 +53,8 @@ from experiments.settings import RunSettings
 from experiments.trainer import EpochTrainer, epoch_line, epoch_scalars
 from las_env.checkpoint import FORMAT, atomic_save, data_fingerprint
 from las_env.data import DataError, DatasetNotFoundError, ImageData, load_dataset
+from las_env.datasets.checks import check_image_size, classes_missing_from_train
+from las_env.datasets.registry import is_registered, lookup
 from las_env.env import LASEnv
 from las_env.grids import threat_model_for
 
@@ -157,6 +159,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
             raise ConfigError(f"{exc} (data.root={cfg.data_root})") from None
         except DataError as exc:  # names the file or folder itself
             raise ConfigError(str(exc)) from None
+    _check_data_fits(settings, data, console)
     fingerprint = data_fingerprint(data.x_train, data.y_train, data.x_test, data.y_test)
     if ckpt is not None:
         check_same_data(ckpt, fingerprint, settings, started=started)
@@ -280,6 +283,23 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
     except BaseException:
         tracker.finish()
         raise
+
+
+def _check_data_fits(settings: RunSettings, data: ImageData, console: Console) -> None:
+    """Images large enough for the target and the strategy backbone (else ConfigError); a warning
+    for classes the test split has and the train split lacks."""
+    record = lookup(data.name) if is_registered(data.name) else None
+    models = {"model.name": settings.env.model or (record.model_for(data.height, data.width) if record else "")}
+    agent = settings.config.get("agent") or {}
+    if "backbone" in agent:  # the strategy network's (agent=reinforce); null: the data set's default
+        models["agent.backbone"] = agent["backbone"] or (record.backbone_for(data.height, data.width) if record else "")
+    try:
+        check_image_size(data, models)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+    warning = classes_missing_from_train(data)
+    if warning:
+        console.print(warning)
 
 
 def _checkpoint_bytes(path: Path, env: LASEnv) -> int:
