@@ -160,7 +160,8 @@ def _load(path: Path, map_location: str | torch.device) -> Any:
 
 def _damaged(path: Path, exc: BaseException) -> CorruptCheckpointError:
     previous = previous_path(path)
-    return CorruptCheckpointError(path, f"{type(exc).__name__}: {_first_sentence(str(exc))}",
+    detail = _first_sentence(str(exc))
+    return CorruptCheckpointError(path, f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__,
                                   previous if previous.is_file() and previous != path else None)
 
 
