@@ -49,9 +49,8 @@ def refuse_symlinks(run_dir: Path) -> None:
         raise ConfigError(
             f"The run directory {run_dir} holds symlinks where the run writes its own files ({', '.join(links)}): "
             f"writing through them would overwrite or append to the files they point at, so this run does not "
-            f"start. Replace each by the file itself (e.g. cp --remove-destination \"$(readlink -f {run_dir}/"
-            f"{links[0]})\" {run_dir}/{links[0]}), or run in a fresh folder (change a setting, or set run_root).")
-
+            f"start. Move each symlink out of the folder (e.g. mv {run_dir}/{links[0]} {run_dir}/{links[0]}.link; "
+            f"what it points at stays as it is), or run in a fresh folder (change a setting, or set run_root).")
 
 class RunLock:
     """The lock of one run folder, held by this process until :meth:`release`.

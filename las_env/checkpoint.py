@@ -130,9 +130,10 @@ def _first_sentence(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _load(path: Path, map_location: str | torch.device) -> Any:
-    """``torch.load(weights_only=True)``, with every failure named: not a torch file, a pickle
-    that names other Python objects (:class:`NotACheckpointError`), or damage
+def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` of a file this project wrote (checkpoint, ``best.pt``), with
+    every failure named: not a torch file, a pickle that names other Python objects
+    (:class:`NotACheckpointError`, refused before any of it is built), or damage
     (:class:`CorruptCheckpointError`)."""
     with open(path, "rb") as f:
         head = f.read(len(TORCH_FILE_MAGIC))
@@ -182,7 +183,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"No checkpoint at {path}. Pass the run directory or its checkpoint.pt "
             f"(a training run writes <run_dir>/checkpoint.pt after every epoch)."
         )
-    ckpt = _load(path, map_location)
+    ckpt = read_torch_file(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise NotACheckpointError(path, f"it is a torch file without the format mark {FORMAT!r} (a plain state_dict "
                                   f"or another tool's file)")

@@ -105,7 +105,7 @@ def _decode(source: str, paths: list[Path]) -> np.ndarray:
                 images.append(img.copy())
         except OSError as exc:
             raise fail(source, f"{p} cannot be read as an image ({exc}; {p.stat().st_size} bytes).",
-                       f"replace it with a readable image, or move it out of {path} (the loader reads every "
+                       f"replace it with a readable image, or move it out of {p.parent} (the loader reads every "
                        f"image file in the class folders).") from None
     grey = all(img.mode in GREY_MODES for img in images)
     size = images[0].size
