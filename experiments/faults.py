@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -63,15 +63,15 @@ def disk_full(exc: OSError, run_dir: Path, writing: str, needed: int) -> RunStop
 
 
 @contextmanager
-def full_disk_stops(run_dir: Path, writing: str, needed: Callable[[], int]) -> Iterator[None]:
-    """A full disk inside the block ends in :func:`disk_full`'s paragraph (``needed()``: about how
+def full_disk_stops(run_dir: Path, writing: str, needed: int) -> Iterator[None]:
+    """A full disk inside the block ends in :func:`disk_full`'s paragraph (``needed``: about how
     many bytes the write needs); other errors pass unchanged."""
     try:
         yield
     except OSError as exc:
         if not is_disk_full(exc):
             raise
-        raise disk_full(exc, run_dir, writing, needed()) from None
+        raise disk_full(exc, run_dir, writing, needed) from None
 
 
 def interrupted(run_dir: Path, how: str) -> RunStopped:

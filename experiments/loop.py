@@ -180,12 +180,13 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
             loop = ckpt["loop"]
             _restore_rng(loop["rng"], device)
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
-            where = settings.init_from if started else run_dir
+            where, fix = ((settings.init_from, "drop init_from to start afresh") if started else
+                          (run_dir, f"move the folder aside (mv {run_dir} {run_dir}.old) and run the command again "
+                                    f"to start over"))
             raise ConfigError(
                 f"The checkpoint of {where} does not fit this run ({type(exc).__name__}: {exc}): a key is missing "
                 f"or a tensor has another shape (a checkpoint edited by hand, or written by another version of "
-                f"the code). Run the command in a fresh folder (change a setting, e.g. seed=1), or restore the "
-                f"checkpoint that run wrote.") from None
+                f"the code). Restore the checkpoint that run wrote, or {fix}.") from None
         obs, info = current_observation(env)
         if started:
             console.print(started_from(env, ckpt, settings))
@@ -233,7 +234,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
                 "seconds": {"train": done.seconds, "eval": time.perf_counter() - t1},
             }
             history.append(rec)
-            with full_disk_stops(run_dir, f"the checkpoint of epoch {epoch + 1}", lambda: _checkpoint_bytes(ckpt_path, env)):
+            with full_disk_stops(run_dir, f"the checkpoint of epoch {epoch + 1}", _checkpoint_bytes(ckpt_path, env)):
                 if lock is not None:  # rank 0 writes
                     lock.verify()  # the folder is still this run's
                     best.update(epoch + 1, ev, env.game.target, run_dir)  # best.pt before the checkpoint
@@ -277,7 +278,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
     lock.verify()
     try:
         with full_disk_stops(run_dir, "the final results (weights, results.json, metrics.json, plots)",
-                             lambda: _checkpoint_bytes(ckpt_path, env) // 2):
+                             _checkpoint_bytes(ckpt_path, env) // 2):
             return finish_run(settings, data, env, threat, loop, tracker, console, pgd, best,
                               before_writing=lock.verify)
     except BaseException:
