@@ -43,11 +43,15 @@ TRAINING_KEYS = ("meta", "target", "env", "agent", "loop", "config")
 """What every checkpoint a training run writes holds besides the mark (resume and init_from read them all)."""
 TORCH_FILE_MAGIC = b"PK\x03\x04"
 """How every file ``torch.save`` writes starts (a zip archive)."""
+WEIGHTS_ONLY_REFUSALS = ("GLOBAL ", "Can only ", "unrecognized function")
+"""How torch's weights-only unpickler words a refused object (a name, a constructor, a call), as
+opposed to bytes it cannot parse (damage)."""
 PROJECT_CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt")
 """The checkpoint names a training run writes in its folder: the only files a message may advise deleting."""
-LEGACY_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+LEGACY_NUMPY_GLOBALS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 """What checkpoints written before the RNG states became tensors also hold (numpy's RNG state, a
-uint32 array): allowed, exactly these, so those runs still resume. An object array would need more."""
+uint32 array: numpy's array rebuilder, whichever module holds it, the array and dtype types):
+allowed, exactly these, so those runs still resume. An object array would need more."""
 
 
 class NotACheckpointError(ValueError):
@@ -137,7 +141,9 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any
     (:class:`CorruptCheckpointError`)."""
     with open(path, "rb") as f:
         head = f.read(len(TORCH_FILE_MAGIC))
-    if len(head) == len(TORCH_FILE_MAGIC) and head != TORCH_FILE_MAGIC:
+    # Anything but the zip mark is another kind of file; zero bytes there are what a crash leaves
+    # (damage, reported below).
+    if len(head) == len(TORCH_FILE_MAGIC) and head != TORCH_FILE_MAGIC and head.strip(b"\x00"):
         raise NotACheckpointError(path, f"it is not a file torch.save writes (it starts with {head!r})")
     try:
         with torch.serialization.safe_globals(LEGACY_NUMPY_GLOBALS):
@@ -145,18 +151,22 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise  # not damage: say what they say
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
+        if not any(refusal in str(exc) for refusal in WEIGHTS_ONLY_REFUSALS):  # e.g. "Unsupported operand"
             raise _damaged(path, exc) from None
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"`{found.group(1)}`" if found else "a Python object"
-        raise NotACheckpointError(path, f"its pickle names {what}, which a checkpoint (tensors and plain values) "
-                                  f"never holds, so it was refused unread (a file made to run code when "
-                                  f"loaded looks like this)") from None
+        raise NotACheckpointError(path, f"its pickle names {_refused_name(exc)}, which a checkpoint (tensors and "
+                                  f"plain values) never holds, so it was refused unread (a file made to run code "
+                                  f"when loaded looks like this)") from None
     except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, AttributeError, ImportError,
             IndexError, TypeError, UnicodeDecodeError) as exc:
         # torch.load's errors for damaged files: PytorchStreamReader (truncated zip), OSError
         # EINVAL (zip cut elsewhere), EOFError (empty), and whatever a mangled archive raises.
         raise _damaged(path, exc) from None
+
+
+def _refused_name(exc: BaseException) -> str:
+    """The Python object a weights-only load refused, as its message names it."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"`{found.group(1)}`" if found else "a Python object"
 
 
 def _damaged(path: Path, exc: BaseException) -> CorruptCheckpointError:
@@ -272,10 +282,11 @@ def load_plain_state_dict(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a plain state_dict"
-        raise ValueError(
-            f"{path} is not a plain state_dict (tensors only); if it is a LAS-AT checkpoint, "
-            f"pass it as checkpoint=PATH. ({type(exc).__name__}: {exc})"
-        ) from exc
+        why = (f"its pickle names {_refused_name(exc)}, refused unread"
+               if any(refusal in str(exc) for refusal in WEIGHTS_ONLY_REFUSALS)
+               else f"{type(exc).__name__}: {_first_sentence(str(exc))}")
+        raise ValueError(f"{path} is not a plain state_dict (tensors only; {why}); if it is a LAS-AT checkpoint, "
+                         f"pass it as checkpoint=PATH.") from None
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         raise ValueError(f"{path} is a LAS-AT checkpoint, not a plain state_dict: pass it as checkpoint=PATH.")
     for key in ("state_dict", "model"):

@@ -31,7 +31,8 @@ from experiments.evaluation_job.settings import Settings
 from experiments.evaluation_job.target import load_target
 from experiments.loop import train
 from experiments.runlock import RunLock
-from las_env.checkpoint import FORMAT, CorruptCheckpointError, NotACheckpointError, load_checkpoint
+from las_env.checkpoint import (FORMAT, CorruptCheckpointError, NotACheckpointError, load_checkpoint,
+                                load_plain_state_dict)
 from las_env.data import DataError, load_dataset
 from las_env.datasets.checks import check_image_size, classes_missing_from_train
 from las_env.datasets.user import load_folder, load_npz
@@ -144,6 +145,9 @@ def test_init_from_and_selection_refuse_a_payload(finished, tmp_path):
     with pytest.raises(ConfigError, match="best-epoch weights") as caught:
         BestWeights("val", epoch=1, score=0.5).load_into(build_model("small_cnn", 1, 10), folder)
     assert "move best.pt out of" in str(caught.value)
+    # evaluate.py state_dict= (a plain state_dict with a payload)
+    with pytest.raises(ValueError, match=r"is not a plain state_dict .tensors only; its pickle names `posix.system`"):
+        load_plain_state_dict(build_model("small_cnn", 1, 10), folder / "best.pt")
     assert not marker.exists()
 
 
@@ -157,7 +161,10 @@ def cifar_folder(root: Path, poisoned: str | None, marker: Path) -> Path:
                  b"filenames": [f"x{i}.png".encode() for i in range(20)]}
         if name == poisoned:
             batch[b"extra"] = Payload(marker)
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        raw = pickle.dumps(batch, protocol=2)
+        if name == "data_batch_1":  # as the official release spells numpy's array rebuilder (numpy 1)
+            raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        (folder / name).write_bytes(raw)
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
     return root
 
@@ -278,6 +285,9 @@ def test_a_run_folder_whose_own_files_are_symlinks_is_refused_and_targets_untouc
         train(settings(run_dir, *ONE_EPOCH))
     assert target.read_text() == "keep me\n"
     never_advises_deleting(str(caught.value))
+    if name == "log.txt":  # the advice: move the symlink out; the run then starts
+        shutil.move(run_dir / name, run_dir / f"{name}.link")
+        assert train(settings(run_dir, *ONE_EPOCH)).completed and target.read_text() == "keep me\n"
 
 
 def _stop_after_first_epoch_with(monkeypatch, action):
@@ -383,6 +393,17 @@ def test_ctrl_c_in_process_says_how_to_resume(tmp_path, monkeypatch):
     with pytest.raises(RunStopped, match=r"Interrupted \(Ctrl-C\): no epoch had finished.*Resume with"):
         train(settings(run_dir, *ONE_EPOCH))
     assert not (run_dir / "run.lock").exists()
+    monkeypatch.undo()
+    assert train(settings(run_dir, *ONE_EPOCH, resume=True)).completed  # the advice
+
+
+def test_a_re_run_of_a_finished_command_says_move_the_folder_aside_and_that_works(finished):
+    folder = copy_run(finished, "again")
+    with pytest.raises(ConfigError, match=rf"move the folder aside \(mv {folder} {folder}.old\)") as caught:
+        train(settings(folder, *ONE_EPOCH))
+    never_advises_deleting(str(caught.value))
+    shutil.move(folder, f"{folder}.old")
+    assert train(settings(folder, *ONE_EPOCH)).completed
 
 
 def test_sigterm_ends_in_one_paragraph_naming_the_resume_command(tmp_path):

@@ -30,9 +30,11 @@ def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -
     return codecs.encode(text, "latin1", errors)
 
 
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array rebuilder, under numpy 1 and 2 alike
+
 ALLOWED: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
@@ -60,9 +62,9 @@ def load_data_pickle(path: Path) -> Any:
             return _DataUnpickler(f, encoding="latin1").load()
     except _Refused as exc:
         raise DataError(f"{path} is not a data-set pickle this loader reads: it names `{exc}`, which a CIFAR "
-                        f"batch (builtin values and numpy arrays) never holds, so it was refused unread (a file made "
-                        f"to run code when loaded looks like this). Replace the folder {path.parent} with the "
-                        f"official release or with what shared/data/prepare_cifar.py writes.") from None
+                        f"batch (builtin values and numpy arrays) never holds, so it was refused unread (a file "
+                        f"made to run code when loaded looks like this). Replace the folder {path.parent} with "
+                        f"the official release or with what shared/data/prepare_cifar.py writes.") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as exc:
         raise DataError(f"{path} cannot be read as a data-set pickle ({type(exc).__name__}: {exc}; "
                         f"{path.stat().st_size} bytes): it is cut short or another file. Replace the folder "
