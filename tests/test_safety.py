@@ -455,6 +455,8 @@ def test_user_data_is_checked_before_training(tmp_path, digits):
     # A train split lacking a class of the test split: a warning naming it.
     lacking = load_npz(_save(tmp_path / "lacking.npz", x, np.where(y == 3, 0, y), y_test=y))
     assert "class(es) 3, which its test split has" in classes_missing_from_train(lacking)
+    assert train(settings(tmp_path / "lacking", *ONE_EPOCH), data=lacking).completed  # a warning, not an error
+    assert "WARNING: npz's training split has no image of class(es) 3" in (tmp_path / "lacking" / "log.txt").read_text()
     assert classes_missing_from_train(digits) is None
 
 
