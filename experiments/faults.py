@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -42,7 +43,7 @@ def resume_command() -> str:
     argv = sys.argv
     if argv and Path(argv[0]).name == "run.py":
         args = [a for a in argv[1:] if not a.startswith("resume=")]
-        return " ".join(["python", os.path.relpath(argv[0]), *args, "resume=true"])
+        return shlex.join(["python", os.path.relpath(argv[0]), *args, "resume=true"])
     return "the same command plus resume=true"
 
 
