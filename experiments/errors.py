@@ -14,6 +14,12 @@ class ConfigError(ValueError):
     """Bad input found before training starts; its message is the paragraph users see."""
 
 
+class RunStopped(ConfigError):
+    """A run stopped by a fault outside its settings (a full disk, Ctrl-C or SIGTERM, its folder
+    taken or removed); the message says what is kept and how to continue. A :class:`ConfigError`,
+    so every command shows it as the same one paragraph."""
+
+
 def fail(message: object, code: int = 1) -> None:
     """Print ``message`` as one paragraph on stderr and exit with ``code`` (1: bad input reported before
     any work starts), without a traceback.

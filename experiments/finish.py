@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,9 +61,11 @@ def final_attacks(settings: RunSettings) -> list[str]:
 
 
 def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatModel,
-            loop: dict[str, Any], tracker: Tracker, console: Console, pgd: str, best: BestWeights) -> RunResult:
+            loop: dict[str, Any], tracker: Tracker, console: Console, pgd: str, best: BestWeights,
+            before_writing: Callable[[], None] = lambda: None) -> RunResult:
     """Final evaluation on the test set (final weights, and the best-epoch weights when kept),
-    results files, plots, tracker summary."""
+    results files, plots, tracker summary. ``before_writing`` runs between the evaluation and the
+    first file written (the run lock's check, :meth:`experiments.runlock.RunLock.verify`)."""
     run_dir, cfg, ev = settings.run_dir, settings.env, settings.eval
     model = env.game.target
     game_data = env.game.data
@@ -107,6 +109,7 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
     }
     if best_results:
         files["best"] = run_dir / BEST
+    before_writing()
     export_state_dict(model, files["weights"])
     title = f"{settings.agent_name} agent, {cfg.model} on {cfg.dataset}, seed {settings.seed}"
     made = {

@@ -30,15 +30,17 @@ class Console:
     def print(self, text: str = "") -> None:
         tqdm.write(text, file=sys.stdout)
         sys.stdout.flush()
-        if self.log_path is not None:
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(text + "\n")
+        self.log(text)
 
     def log(self, text: str) -> None:
-        """``text`` to ``log.txt`` only (what the command line also prints on stderr)."""
-        if self.log_path is not None:
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(text + "\n")
+        """``text`` to ``log.txt`` only (what the command line also prints on stderr). Opened
+        without following a symlink (``O_NOFOLLOW``: ``experiments/runlock.py`` refuses a run
+        folder with one), and without creating a vanished folder again."""
+        if self.log_path is None:
+            return
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
 
 
 class Tracker(Protocol):

@@ -39,24 +39,31 @@ from agents.base import Agent
 from experiments import distributed
 from experiments.epoch_eval import eval_subsets, evaluate_epoch, pgd_name
 from experiments.errors import ConfigError
+from experiments.faults import full_disk_stops, stop_on_interrupt
 from experiments.finish import RunResult, finish_run, offline_dir
 from experiments.game_setup import build_game, current_observation
 from experiments.guard import Context, TrainingDiverged, record_failure
 from experiments.loggers import Console, make_tracker
-from experiments.recovery import checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
+from experiments.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
 from experiments.runfiles import CHECKPOINT, LOG_FILE, RESULTS_FORMAT
 from experiments.runlock import RunLock
 from experiments.selection import TEST_SELECTION_WARNING, BestWeights, split_validation, with_validation
 from experiments.settings import RunSettings
 from experiments.trainer import EpochTrainer, epoch_line, epoch_scalars
-from las_env.checkpoint import FORMAT, atomic_save
+from las_env.checkpoint import FORMAT, atomic_save, data_fingerprint
 from las_env.data import DataError, DatasetNotFoundError, ImageData
 from las_env.datasets import load_dataset
+from las_env.datasets.checks import check_image_size, classes_missing_from_train
+from las_env.datasets.registry import is_registered, lookup
 from las_env.env import LASEnv
 
 
 def _rng_states(device: torch.device) -> dict[str, Any]:
-    states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Tensors and plain values only, so the checkpoint loads with weights_only=True: numpy's
+    # (name, uint32 keys, pos, has_gauss, cached) with the keys as an int64 tensor.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
     return states
@@ -64,15 +71,18 @@ def _rng_states(device: torch.device) -> dict[str, Any]:
 
 def _restore_rng(states: Mapping[str, Any], device: torch.device) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, keys, *rest = states["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # an ndarray in older checkpoints
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(states["torch"].cpu())
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
 
-def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, env: LASEnv, agent: Agent,
-                    loop: dict[str, Any], wandb_info: dict[str, Any] | None) -> Path:
-    """Write the whole training state atomically (a crash mid-save leaves the previous file)."""
+def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, fingerprint: str, env: LASEnv,
+                    agent: Agent, loop: dict[str, Any], wandb_info: dict[str, Any] | None) -> Path:
+    """Write the whole training state atomically (a crash mid-save leaves the previous file);
+    ``fingerprint`` is the loaded data's (:func:`las_env.checkpoint.data_fingerprint`)."""
     cfg = env.config
     state = {
         "format": FORMAT,
@@ -82,6 +92,7 @@ def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, env: 
             "model": cfg.model,
             "in_channels": data.channels,
             "num_classes": data.num_classes,
+            "data_fingerprint": fingerprint,
             "run_dir": str(settings.run_dir),
             "wandb": wandb_info,
             "agent": settings.agent_name,
@@ -118,7 +129,7 @@ def train(settings: RunSettings, *, data: ImageData | None = None, console: Cons
     with distributed.process_group(settings.env.device, distributed.timeout_s(settings.config)):
         if not distributed.is_main():  # rank 0 alone holds the lock and writes (experiments/distributed.py)
             return _train(*distributed.for_this_rank(settings, console), data, None)
-        with RunLock.acquire(settings.run_dir) as lock:
+        with RunLock.acquire(settings.run_dir) as lock, stop_on_interrupt(settings.run_dir):
             return _train(settings, console, data, lock)
 
 
@@ -147,6 +158,10 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
             raise ConfigError(f"{exc} (data.root={cfg.data_root})") from None
         except DataError as exc:  # names the file or folder itself
             raise ConfigError(str(exc)) from None
+    _check_data_fits(settings, data, console)
+    fingerprint = data_fingerprint(data.x_train, data.y_train, data.x_test, data.y_test)
+    if ckpt is not None:
+        check_same_data(ckpt, fingerprint, settings, started=started)
     sel = settings.selection
     data, val = split_validation(data, sel.val_fraction, sel.split_seed)  # the target never trains on val
     if sel.select_on == "test":
@@ -158,10 +173,19 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
     obs, info = env.reset(seed=settings.seed)
     loop: dict[str, Any] = {"epochs_done": 0, "history": [], "rng": None, "seconds": {"train": 0.0, "eval": 0.0}}
     if ckpt is not None:
-        env.load_state_dict(ckpt["env"])
-        agent.load_state_dict(ckpt["agent"])
-        loop = ckpt["loop"]
-        _restore_rng(loop["rng"], device)
+        try:
+            env.load_state_dict(ckpt["env"])
+            agent.load_state_dict(ckpt["agent"])
+            loop = ckpt["loop"]
+            _restore_rng(loop["rng"], device)
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+            where, fix = ((settings.init_from, "drop init_from to start afresh") if started else
+                          (run_dir, f"move the folder aside (mv {run_dir} {run_dir}.old) and run the command again "
+                                    f"to start over"))
+            raise ConfigError(
+                f"The checkpoint of {where} does not fit this run ({type(exc).__name__}: {exc}): a key is missing "
+                f"or a tensor has another shape (a checkpoint edited by hand, or written by another version of "
+                f"the code). Restore the checkpoint that run wrote, or {fix}.") from None
         obs, info = current_observation(env)
         if started:
             console.print(started_from(env, ckpt, settings))
@@ -208,16 +232,18 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
                 "seconds": {"train": done.seconds, "eval": time.perf_counter() - t1},
             }
             history.append(rec)
-            if lock is not None:  # rank 0 writes
-                best.update(epoch + 1, ev, env.game.target, run_dir)  # best.pt before the checkpoint
-            loop["best"] = best.as_dict()
-            loop["epochs_done"] = epoch + 1
-            for key in ("train", "eval"):
-                loop["seconds"][key] += rec["seconds"][key]
-            loop["rng"] = _rng_states(device)
-            if lock is not None:
-                save_checkpoint(ckpt_path, settings=settings, data=data, env=env, agent=agent, loop=loop,
-                                wandb_info=tracker.info)
+            with full_disk_stops(run_dir, f"the checkpoint of epoch {epoch + 1}", _checkpoint_bytes(ckpt_path, env)):
+                if lock is not None:  # rank 0 writes
+                    lock.verify()  # the folder is still this run's
+                    best.update(epoch + 1, ev, env.game.target, run_dir)  # best.pt before the checkpoint
+                loop["best"] = best.as_dict()
+                loop["epochs_done"] = epoch + 1
+                for key in ("train", "eval"):
+                    loop["seconds"][key] += rec["seconds"][key]
+                loop["rng"] = _rng_states(device)
+                if lock is not None:
+                    save_checkpoint(ckpt_path, settings=settings, data=data, fingerprint=fingerprint, env=env,
+                                    agent=agent, loop=loop, wandb_info=tracker.info)
             tracker.log(epoch_scalars(rec), env.game.step_index)
             tracker.log_choices({n: (env.space.values[n], c) for n, c in rec["choices"].items()},
                                 env.game.step_index)
@@ -247,8 +273,38 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
 
     if lock is None:  # the final evaluation is rank 0's alone; the other ranks leave now
         return RunResult(run_dir, True, loop["epochs_done"], history, seconds=dict(loop["seconds"]))
+    lock.verify()
     try:
-        return finish_run(settings, data, env, threat, loop, tracker, console, pgd, best)
+        with full_disk_stops(run_dir, "the final results (weights, results.json, metrics.json, plots)",
+                             _checkpoint_bytes(ckpt_path, env) // 2):
+            return finish_run(settings, data, env, threat, loop, tracker, console, pgd, best,
+                              before_writing=lock.verify)
     except BaseException:
         tracker.finish()
         raise
+
+
+def _check_data_fits(settings: RunSettings, data: ImageData, console: Console) -> None:
+    """Images large enough for the target and the strategy backbone (else ConfigError); a warning
+    for classes the test split has and the train split lacks."""
+    record = lookup(data.name) if is_registered(data.name) else None
+    models = {"model.name": settings.env.model or (record.model_for(data.height, data.width) if record else "")}
+    agent = settings.config.get("agent") or {}
+    if "backbone" in agent:  # the strategy network's (agent=reinforce); null: the data set's default
+        models["agent.backbone"] = agent["backbone"] or (record.backbone_for(data.height, data.width) if record else "")
+    try:
+        check_image_size(data, models)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+    warning = classes_missing_from_train(data)
+    if warning:
+        console.print(warning)
+
+
+def _checkpoint_bytes(path: Path, env: LASEnv) -> int:
+    """About what one more checkpoint needs on disk: the size of the last one, else twice the
+    target's weights (weights and optimiser state) plus 1 MiB."""
+    if path.is_file():
+        return path.stat().st_size
+    weights = sum(t.numel() * t.element_size() for t in env.game.target.state_dict().values())
+    return 2 * weights + 2**20

@@ -20,7 +20,8 @@ from typing import Any
 
 from experiments.errors import ConfigError
 from experiments.runfiles import CHECKPOINT, RUN_FILES
-from las_env.checkpoint import CorruptCheckpointError, load_checkpoint, previous_path
+from las_env.checkpoint import (TRAINING_KEYS, CorruptCheckpointError, NotACheckpointError, load_checkpoint,
+                                 previous_path, require_keys)
 from las_env.files import stale_temp_files
 
 
@@ -54,30 +55,33 @@ def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | No
     if not path.is_file() and not prev.is_file():
         return None
     try:
-        ckpt = load_checkpoint(path if path.is_file() else prev)
         source = path if path.is_file() else prev
+        ckpt = load_checkpoint(source)
+        require_keys(ckpt, source, TRAINING_KEYS)
     except CorruptCheckpointError as exc:
         if exc.previous is None:
             raise ConfigError(str(exc)) from None
         try:
             ckpt = load_checkpoint(exc.previous)
+            require_keys(ckpt, exc.previous, TRAINING_KEYS)
         except (CorruptCheckpointError, ValueError) as again:
-            raise ConfigError(f"{exc.path} and {exc.previous} are both damaged ({again}). Delete the run folder "
-                              f"{run_dir} to start the run over.") from None
+            raise ConfigError(f"{exc.path} and {exc.previous} are both unusable ({again}). To start the run over, "
+                              f"move the folder aside (mv {run_dir} {run_dir}.old) and run the command "
+                              f"again.") from None
         if not resume:
             raise ConfigError(
                 f"The checkpoint {exc.path} is damaged ({exc.reason}), but the previous one, {exc.previous} (epoch "
                 f"{ckpt.get('meta', {}).get('epochs_done', '?')}), is readable. Add resume=true to the same command "
-                f"to continue from it (the damaged file is kept as checkpoint.damaged.pt), or delete the folder "
-                f"{run_dir} to start over.") from None
+                f"to continue from it (the damaged file is kept as checkpoint.damaged.pt), or move the folder aside "
+                f"(mv {run_dir} {run_dir}.old) to start over.") from None
         damaged = path.with_name(f"{path.stem}.damaged{path.suffix}")
         os.replace(path, damaged)
         say(f"{exc.path} is damaged ({exc.reason}); moved it to {damaged.name} and resuming from {prev.name} "
             f"(epoch {ckpt.get('meta', {}).get('epochs_done', '?')}).")
         source = prev
-    except ValueError as exc:  # readable, but not a LAS-AT checkpoint
-        raise ConfigError(f"{exc} It is in the run directory {run_dir}, where this run keeps its own checkpoint: "
-                          f"move it elsewhere or delete it, then run the command again.") from None
+    except NotACheckpointError as exc:  # readable, but not ours: never advise deleting it
+        raise ConfigError(f"{exc} It is in the run directory {run_dir}, where this run keeps its own checkpoint "
+                          f"under that name: move it out of the folder, then run the command again.") from None
     meta = ckpt.get("meta", {})
     where = f"epoch {meta.get('epochs_done', '?')} of {meta.get('epochs', '?')}"
     saved = meta.get("settings_hash")
@@ -87,16 +91,16 @@ def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | No
         raise ConfigError(
             f"The checkpoint {source} was written by a run with other settings (hash {saved}, first written in "
             f"{meta.get('run_dir', 'another folder')}; this command's settings hash to {settings_hash}), so "
-            f"continuing it here would mix two configurations. Move it back to its own run folder (runs are named "
-            f"<model>-seed<seed>-<hash>), or delete {path.name} and {prev.name} from {run_dir} to start this "
-            f"command's run over."
+            f"continuing it here would mix two configurations. Move {path.name} and {prev.name} back to their own "
+            f"run folder (runs are named <model>-seed<seed>-<hash>), or out of {run_dir}, to start this command's "
+            f"run over."
         )
     if not resume:
         raise ConfigError(
             f"The run directory {run_dir} already holds a checkpoint of this exact configuration "
             f"({where}). Add resume=true to the same command to continue it (a finished run re-prints its "
-            f"results), delete the folder to start over, or change a setting (e.g. seed=1): any change of "
-            f"setting gets a folder of its own."
+            f"results), move the folder aside (mv {run_dir} {run_dir}.old) to start over, or change a setting "
+            f"(e.g. seed=1): any change of setting gets a folder of its own."
         )
     return ckpt
 
@@ -123,6 +127,7 @@ def start_from(settings: Any) -> dict[str, Any]:
     source = Path(settings.init_from)
     try:
         ckpt = load_checkpoint(source)
+        require_keys(ckpt, source, TRAINING_KEYS)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"init_from={source}: {exc}") from None
     theirs, mine = ckpt.get("config") or {}, settings.config
@@ -135,6 +140,37 @@ def start_from(settings: Any) -> dict[str, Any]:
             f"(data.optim.*), the reward or the evaluation instead, or drop init_from to start afresh."
         )
     return ckpt
+
+
+def check_same_data(ckpt: dict[str, Any], fingerprint: str, settings: Any, *, started: bool) -> None:
+    """Refuse to continue a checkpoint on other data than it trained on (its recorded
+    ``meta["data_fingerprint"]``; checkpoints from before it was recorded pass).
+
+    ``init_from`` on other data is allowed with ``init_from_other_data=true`` (the user means it:
+    e.g. fine-tuning on a new set of the same shape).
+
+    Raises:
+        ConfigError: the fingerprints differ, naming both and the fix.
+    """
+    saved = (ckpt.get("meta") or {}).get("data_fingerprint")
+    if saved is None or saved == fingerprint:
+        return
+    data = f"data={settings.env.dataset} (data.root/path {settings.env.data_root})"
+    if started:
+        if settings.init_from_other_data:
+            return
+        raise ConfigError(
+            f"init_from={settings.init_from}: that run trained on other data (content fingerprint {saved}) than "
+            f"this command loads, {data} (fingerprint {fingerprint}): the files changed, or name another data set "
+            f"of the same shape. If you mean to continue those weights on this data, add init_from_other_data=true; "
+            f"otherwise point data.root/data.path at the data that run used.")
+    raise ConfigError(
+        f"The checkpoint in {settings.run_dir} was trained on other data (content fingerprint {saved}) than this "
+        f"command now loads, {data} (fingerprint {fingerprint}): the files under the same path changed since the "
+        f"run started, and resuming would mix two data sets in one run. Restore the original files to resume, or "
+        f"train on the new data in a run folder of its own: move this one aside (mv {settings.run_dir} "
+        f"{settings.run_dir}.old) and run the command again, or start from these weights in a new folder with "
+        f"init_from={settings.run_dir} init_from_other_data=true (init_from gives the run a folder of its own).")
 
 
 def started_from(env: Any, ckpt: dict[str, Any], settings: Any) -> str:

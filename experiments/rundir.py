@@ -32,9 +32,10 @@ from experiments.runfiles import CHECKPOINT, PREVIOUS_CHECKPOINT
 from experiments.runlock import is_held
 
 NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progress", "threads", "run_root",
-                                 "ddp_timeout_s")
+                                 "ddp_timeout_s", "init_from_other_data")
 """Top-level keys that say how to run, not what to compute; left out of the settings hash.
-(``run_root`` is already the folder's first component; ``threads`` only moves CPU time.)"""
+(``run_root`` is already the folder's first component; ``threads`` only moves CPU time;
+``init_from_other_data`` only permits, and ``init_from`` itself is hashed.)"""
 
 HASH_LENGTH = 8
 
@@ -106,10 +107,17 @@ def _resolve_run_dir(*, _root_: DictConfig) -> str:
 
 
 def _resolve_run_subdir(*, _root_: DictConfig) -> str:
-    # Multirun: each job's folder under hydra.sweep.dir (= run_root), same naming as a single run.
+    # Multirun: each job's folder, named as a single run's, as an absolute path: Hydra joins it to
+    # hydra.sweep.dir (os.path.join keeps an absolute second part), which holds only the sweep's record.
     run_dir = Path(str(_root_.run_root)) / run_subdir(_root_)
     ensure_writable(run_dir)
-    return run_subdir(_root_)
+    return os.path.abspath(run_dir)
+
+
+def _resolve_sweep_dir(*, _root_: DictConfig) -> str:
+    # One folder per multirun for Hydra's multirun.yaml, so concurrent multiruns on one run_root
+    # never overwrite each other's record: <run_root>/multiruns/<start time>-<pid>.
+    return str(Path(str(_root_.run_root)) / "multiruns" / f"{SWEEP_ID}-{os.getpid()}")
 
 
 def _resolve_hydra_subdir(*, _root_: DictConfig) -> str | None:
@@ -137,10 +145,12 @@ def _resolve_sweep_suffix() -> str:
 
 
 def register_resolvers() -> None:
-    """Register ``las_run_dir``, ``las_run_subdir``, ``las_hydra_subdir``, ``las_sweep_suffix`` (idempotent)."""
+    """Register ``las_run_dir``, ``las_run_subdir``, ``las_sweep_dir``, ``las_hydra_subdir``,
+    ``las_sweep_suffix`` (idempotent)."""
     for name, fn in (
         ("las_run_dir", _resolve_run_dir),
         ("las_run_subdir", _resolve_run_subdir),
+        ("las_sweep_dir", _resolve_sweep_dir),
         ("las_hydra_subdir", _resolve_hydra_subdir),
         ("las_sweep_suffix", _resolve_sweep_suffix),
     ):

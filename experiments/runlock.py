@@ -10,6 +10,12 @@ naming the owner.
 Where ``flock`` is not available (some network file systems answer ``ENOLCK``), the record
 alone decides: a live pid on this host holds the folder; a record from another host is
 trusted (we cannot see its processes), and the message says how to clear it.
+
+Symlinks are never followed: the lock is opened with ``O_NOFOLLOW``, and a run folder whose own
+files (the lock, the log, the checkpoints, the results) are symlinks is refused before anything
+is written (:func:`refuse_symlinks`), as a symlink there would make the run overwrite its target.
+:meth:`RunLock.verify` runs before each checkpoint and the final writes: a folder or lock that
+vanished, or a lock now naming another owner, stops the run before it writes anything more.
 """
 
 from __future__ import annotations
@@ -28,10 +34,23 @@ try:
 except ImportError:  # pragma: no cover - Windows: records only
     fcntl = None  # type: ignore[assignment]
 
-from experiments.errors import ConfigError
+from experiments.errors import ConfigError, RunStopped
+from experiments.runfiles import BEST, LOG_FILE, RUN_FILES
 
 LOCK_NAME = "run.lock"
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+"""``open`` flag: fail (ELOOP) instead of following a symlink at the last path component."""
 
+
+def refuse_symlinks(run_dir: Path) -> None:
+    """Raise :class:`ConfigError` when one of the run folder's own files is a symlink."""
+    links = [name for name in (LOCK_NAME, LOG_FILE, BEST, *RUN_FILES) if (Path(run_dir) / name).is_symlink()]
+    if links:
+        raise ConfigError(
+            f"The run directory {run_dir} holds symlinks where the run writes its own files ({', '.join(links)}): "
+            f"writing through them would overwrite or append to the files they point at, so this run does not "
+            f"start. Move each symlink out of the folder (e.g. mv {run_dir}/{links[0]} {run_dir}/{links[0]}.link; "
+            f"what it points at stays as it is), or run in a fresh folder (change a setting, or set run_root).")
 
 class RunLock:
     """The lock of one run folder, held by this process until :meth:`release`.
@@ -55,8 +74,14 @@ class RunLock:
 
     def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_symlinks(self.path.parent)
         for _ in range(20):  # the file can be replaced between open and flock: retry on a new inode
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # became a symlink since refuse_symlinks looked
+                    refuse_symlinks(self.path.parent)
+                raise
             try:
                 held = self._flock(fd)
             except BaseException:
@@ -105,12 +130,42 @@ class RunLock:
                 raise
         return False
 
+    def verify(self) -> None:
+        """Check, before the run writes again, that its folder and lock are still its own.
+
+        Raises:
+            RunStopped: the folder or the lock file vanished, or the lock file now is another
+                one (another process took the folder): the run must write nothing more.
+        """
+        assert self._fd is not None
+        run_dir = self.path.parent
+        try:
+            mine = os.fstat(self._fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            mine = False
+        if mine:
+            return
+        owner = _read_path(self.path)
+        now = ("no longer exists" if not run_dir.is_dir() else
+               f"lost its lock {self.path}" + (f", which now names process {owner.get('pid', '?')} on host "
+                                                f"{owner.get('host', '?')}" if owner else " (removed)"))
+        self._fd, fd = None, self._fd
+        os.close(fd)  # the lock is no longer ours to remove: release() leaves the file alone
+        raise RunStopped(
+            f"The run directory {run_dir} {now} while this run was training, so it stops here and writes nothing "
+            f"more (another run, or a cleanup, took the folder; writing on would mix two runs). Check which "
+            f"process uses {run_dir} now; once none does, continue with the same command plus resume=true.")
+
     def release(self) -> None:
-        """Remove the lock file and drop the lock (idempotent)."""
+        """Remove the lock file and drop the lock (idempotent); a lock file that is no longer this
+        lock's (replaced by another owner's) is left alone."""
         if self._fd is None:
             return
         try:
-            self.path.unlink(missing_ok=True)  # first unlink, then unlock: a waiter re-checks the inode
+            if os.fstat(self._fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino:
+                self.path.unlink()  # first unlink, then unlock: a waiter re-checks the inode
+        except FileNotFoundError:
+            pass
         finally:
             os.close(self._fd)
             self._fd = None
@@ -128,7 +183,7 @@ def is_held(run_dir: Path) -> bool:
     if fcntl is None or not path.is_file():
         return False
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | NO_FOLLOW)
     except OSError:
         return False
     try:
@@ -150,6 +205,17 @@ def _read(fd: int) -> dict[str, Any]:
         return record if isinstance(record, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _read_path(path: Path) -> dict[str, Any]:
+    try:
+        fd = os.open(path, os.O_RDONLY | NO_FOLLOW)
+    except OSError:
+        return {}
+    try:
+        return _read(fd)
+    finally:
+        os.close(fd)
 
 
 def _write(fd: int, record: dict[str, Any]) -> None:
@@ -178,4 +244,5 @@ def _refusal(path: Path, owner: dict[str, Any]) -> str:
     return (f"The run directory {path.parent} is in use by {who}: two runs in one folder would write the same "
             f"checkpoint and logs. Wait for it to finish (or stop it), then run this command again (add "
             f"resume=true to continue its checkpoint); to run a second copy, change a setting such as seed=1 "
-            f"(it gets a folder of its own). If that process is gone and the message persists, delete {path}.")
+            f"(it gets a folder of its own). If that process is gone (a lock of another host cannot be checked from "
+            f"here) and the message persists, move the stale lock aside: mv {path} {path}.stale.")

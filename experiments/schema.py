@@ -193,6 +193,7 @@ class RunConfig:
     resume: Any = False  # true: continue this exact command's run; or a run directory to continue
     stop_after_epochs: Optional[int] = None  # end this invocation after n epochs, resumable
     init_from: Optional[str] = None  # a run folder: start from its last checkpoint with these settings
+    init_from_other_data: bool = False  # true: init_from may continue weights trained on other data (refused by default)
     on_nonfinite: str = "stop"  # stop: a non-finite loss/reward/gradient/weight ends the run | skip: drop such batches
 
 

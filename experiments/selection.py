@@ -29,7 +29,7 @@ from torch import Tensor
 
 from experiments.errors import ConfigError
 from experiments.runfiles import BEST
-from las_env.checkpoint import atomic_save
+from las_env.checkpoint import atomic_save, read_torch_file
 from las_env.data import ImageData
 from las_env.validate import SettingError, check_number, check_whole
 
@@ -169,9 +169,13 @@ class BestWeights:
             return None
         import copy  # noqa: PLC0415
 
-        state = torch.load(run_dir / BEST, map_location="cpu", weights_only=True)
         best = copy.deepcopy(model)
-        best.load_state_dict(state["state_dict"])
+        try:
+            best.load_state_dict(read_torch_file(run_dir / BEST)["state_dict"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # not ours, damaged, or other weights
+            raise ConfigError(f"{run_dir / BEST} cannot be read back as this run's best-epoch weights ({exc}). Its "
+                              f"checkpoint.pt is intact: move {BEST} out of {run_dir} and resume with the same "
+                              f"command plus resume=true (the final report then covers the final weights only).") from None
         return best
 
     def describe(self, pgd: str) -> str:

@@ -58,6 +58,8 @@ class RunSettings:
             ``experiments/guard.py``.
         init_from: start from this run folder's (or checkpoint file's) last checkpoint, with
             these settings (``experiments/recovery.py::start_from``); ``None``: from scratch.
+        init_from_other_data: let ``init_from`` continue weights trained on other data (by default
+            a changed data fingerprint is refused, ``experiments/recovery.py::check_same_data``).
         selection: the validation split and which weights are kept as best (experiments/selection.py).
     """
 
@@ -78,6 +80,7 @@ class RunSettings:
     settings_hash: str | None = None
     on_nonfinite: str = "stop"
     init_from: Path | None = None
+    init_from_other_data: bool = False
 
 
 GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
@@ -269,6 +272,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         settings_hash=settings_hash,
         on_nonfinite=resolved["on_nonfinite"],
         init_from=None if init_from in (None, "") else Path(_absolute(str(init_from))),
+        init_from_other_data=resolved["init_from_other_data"],
     )
 
 

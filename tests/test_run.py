@@ -265,6 +265,7 @@ def test_multirun_gives_each_run_its_own_folder_and_a_user_agent_runs_from_the_c
     dirs = sorted(p.parent for p in tmp_path.glob("runs/digits/*/*/metrics.json"))
     assert [d.parent.name for d in dirs] == ["fixed", "random"]
     assert len({d.name for d in dirs}) == 2
+    assert len(list(tmp_path.glob("runs/multiruns/*/multirun.yaml"))) == 1  # the sweep's record, its own folder
 
     user = cli("agent=custom", "agent._target_=my_agents.LargestEpsilon", "+agent.column_two=5", *tiny, cwd=tmp_path)
     assert user.returncode == 0, user.stderr[-3000:]

@@ -169,13 +169,27 @@ def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategySpace) -> 
 
 
 def load_run(path: Path, weights: str = "final") -> Run:
+    """The run whose ``results.json`` is ``path``.
+
+    Raises:
+        CompareError: the file is not JSON, not a run's results file, or malformed (a key of the
+            wrong type or missing); :func:`experiments.comparison.compare` skips it with a note.
+    """
     try:
         doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CompareError(f"{path} cannot be read as JSON ({exc}).") from None
-    if doc.get("format") != RESULTS_FORMAT:
-        raise CompareError(f"{path} is not a run's results file (format {doc.get('format')!r}, "
-                           f"expected {RESULTS_FORMAT!r}).")
+    if not isinstance(doc, dict) or doc.get("format") != RESULTS_FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise CompareError(f"{path} is not a run's results file (format {found!r}, expected {RESULTS_FORMAT!r}).")
+    try:
+        return _run_of(path, doc, weights)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        raise CompareError(f"{path} is malformed ({type(exc).__name__}: {exc}): a results file edited by hand or "
+                           f"cut short; re-create it with the run's command plus resume=true.") from None
+
+
+def _run_of(path: Path, doc: dict[str, Any], weights: str) -> Run:
     config = doc.get("config") or {}
     dataset = str(config.get("data", {}).get("name", "?"))
     final = {r["name"]: r for r in doc.get(weights) or []}

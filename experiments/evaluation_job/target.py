@@ -11,11 +11,19 @@ from torch import nn
 from evaluation import import_autoattack
 from experiments.evaluation_job.settings import Settings
 from experiments.runfiles import CHECKPOINT
-from las_env.checkpoint import load_checkpoint, load_plain_state_dict
+from las_env.checkpoint import NotACheckpointError, load_checkpoint, load_plain_state_dict, require_keys
 from las_env.data import ImageData
 from las_env.datasets import load_dataset
 from las_env.datasets.registry import ThreatModel
 from las_env.models import build_model
+
+
+META_KEYS = ("dataset", "model", "in_channels", "num_classes")
+"""What evaluation reads from a checkpoint's ``meta`` to rebuild the network."""
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
 
 
 @dataclass
@@ -55,17 +63,17 @@ def _recorded_threat(ckpt: dict[str, Any]) -> ThreatModel | None:
 def load_target(s: Settings) -> Target:
     """Build the network from a LAS-AT checkpoint or a plain state_dict (loads data for the latter)."""
     if s.checkpoint is not None:
-        ckpt = load_checkpoint(s.checkpoint)
-        meta = dict(ckpt.get("meta") or {})
-        missing = [k for k in ("dataset", "model", "in_channels", "num_classes") if k not in meta]
-        if missing:
-            raise ValueError(f"Checkpoint {s.checkpoint} lacks metadata {missing}; evaluate it as state_dict= instead.")
-        model = build_model(meta["model"], int(meta["in_channels"]), int(meta["num_classes"]))
-        try:
-            model.load_state_dict(ckpt["target"], strict=True)
-        except (KeyError, RuntimeError) as exc:
-            raise ValueError(f"Checkpoint {s.checkpoint}: target weights do not fit {meta['model']}: {exc}") from None
         source = s.checkpoint / CHECKPOINT if s.checkpoint.is_dir() else s.checkpoint
+        ckpt = load_checkpoint(source)  # safe: weights_only, refuses anything but tensors and plain values
+        require_keys(ckpt, source, ("meta", "target"))
+        meta = dict(ckpt["meta"] or {})
+        require_keys({f"meta.{k}": v for k, v in meta.items()}, source, [f"meta.{k}" for k in META_KEYS])
+        try:
+            model = build_model(meta["model"], int(meta["in_channels"]), int(meta["num_classes"]))
+            model.load_state_dict(ckpt["target"], strict=True)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise NotACheckpointError(source, f"its target weights do not fit the {meta['model']} its metadata "
+                                      f"names ({type(exc).__name__}: {_first_line(exc)})") from None
         target = Target(model, meta["model"], meta["dataset"], s.data_root or meta.get("data_root") or "data",
                         source, s.out_dir or source.parent, meta, threat=_recorded_threat(ckpt))
     else:

@@ -15,6 +15,9 @@ from las_env.data import DataError, ImageData
 
 GREY_OR_COLOUR = (1, 3)
 """Channel counts accepted: grey or RGB."""
+MIN_SIDE = {"small_cnn": 2}
+"""Smallest image side (px) each architecture runs on; 1 for the others (resnet18, preact_resnet18,
+wrn-*: padded 3x3 convolutions and adaptive pooling). small_cnn max-pools by 2 first."""
 
 
 def fail(source: str, problem: str, fix: str) -> DataError:
@@ -87,6 +90,9 @@ def image_data(name: str, source: str, x_train: torch.Tensor, y_train: torch.Ten
     if x_train.shape[1:] != x_test.shape[1:]:
         raise fail(source, f"train images are (C, H, W) = {tuple(x_train.shape[1:])} but test images "
                    f"{tuple(x_test.shape[1:])}.", "give both splits the same size and channels.")
+    if min(x_train.shape[2:]) < 1:
+        raise fail(source, f"the images are {x_train.shape[3]}x{x_train.shape[2]} px (width x height): they hold no "
+                   "pixels.", "give images of at least 2x2 px (every model accepts those).")
     lo = min(int(y_train.min()), int(y_test.min()))
     hi = max(int(y_train.max()), int(y_test.max()))
     k = len(class_names) if class_names is not None else hi + 1
@@ -94,8 +100,51 @@ def image_data(name: str, source: str, x_train: torch.Tensor, y_train: torch.Ten
         named = f"the {k} class_names" if class_names is not None else "classes"
         raise fail(source, f"labels span [{lo}, {hi}], outside [0, {k}) ({named}).",
                    "labels must be class indices 0..K-1; give class_names with one name per class, or renumber.")
+    if class_names is None:  # the class count comes from the labels: they must use every index below it
+        used = torch.unique(torch.cat([y_train, y_test]))
+        if used.numel() < k:
+            absent = sorted(set(range(k)) - set(used.tolist()))
+            top = int(used[-1])
+            raise fail(source, f"the labels use {used.numel()} distinct values but reach {top}, so they would make "
+                       f"{k} classes, {len(absent)} of them without a single image (e.g. {_few(absent)}): one "
+                       f"outlier label (here the largest is {top}) would build a {k}-class model.",
+                       "renumber the labels to 0..K-1 (np.unique(y, return_inverse=True)[1]), or, if some classes "
+                       "really have no images, declare every class by saving class_names with one name per class.")
     if k < 2:
         raise fail(source, f"there is only {k} class.", "give at least two classes.")
     names = [str(n) for n in class_names] if class_names is not None else [str(i) for i in range(k)]
     return ImageData(name=name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                      num_classes=k, class_names=names, description=description)
+
+
+def _few(values: Sequence[int], shown: int = 5) -> str:
+    return ", ".join(map(str, values[:shown])) + (f" and {len(values) - shown} more" if len(values) > shown else "")
+
+
+def check_image_size(data: ImageData, models: dict[str, str]) -> None:
+    """Refuse images smaller than an architecture needs (:data:`MIN_SIDE`), before anything is built.
+
+    Args:
+        models: role -> architecture name, e.g. ``{"model.name": "small_cnn"}``.
+    """
+    side = min(data.height, data.width)
+    for role, name in models.items():
+        need = MIN_SIDE.get(str(name).strip().lower().replace("-", "_"), 1)
+        if side < need:
+            sizes = ", ".join(f"{m} {n}x{n} px" for m, n in MIN_SIDE.items())
+            raise DataError(f"{data.name}: its images are {data.width}x{data.height} px, smaller than {name} "
+                            f"({role}) needs: at least {need}x{need} px ({sizes}; resnet18, preact_resnet18 and "
+                            f"wrn-* 1x1 px). Fix: give larger images, or choose another architecture for {role} "
+                            f"(e.g. {role}=resnet18).")
+
+
+def classes_missing_from_train(data: ImageData) -> str | None:
+    """A warning naming the classes the test split has and the train split lacks (``None`` if none):
+    the model is scored on classes it never saw."""
+    missing = sorted(set(data.y_test.unique().tolist()) - set(data.y_train.unique().tolist()))
+    if not missing:
+        return None
+    names = [f"{c} ({data.class_names[c]})" if data.class_names[c] != str(c) else str(c) for c in missing]
+    return (f"WARNING: {data.name}'s training split has no image of class(es) {', '.join(names[:10])}"
+            f"{' and more' if len(names) > 10 else ''}, which its test split has: the model is scored on classes "
+            f"it never trains on. Add training images of those classes, or drop them from the test split.")

@@ -19,7 +19,6 @@ how to obtain it.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from las_env.data import DatasetNotFoundError, ImageData
+from las_env.data import DataError, DatasetNotFoundError, ImageData
+from las_env.datasets.safe_pickle import load_data_pickle
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
@@ -91,13 +91,16 @@ def _load_digits() -> ImageData:
 
 
 def _unpickle(path: Path) -> dict[str, Any]:
-    """Read a CIFAR pickle into a dict with ``str`` keys and ``str`` string values.
+    """Read a CIFAR pickle (builtin values and numpy arrays only: :mod:`las_env.datasets.safe_pickle`)
+    into a dict with ``str`` keys and ``str`` string values.
 
     The official files are Python 2 pickles (``latin1`` decodes their str keys to str);
     folders written under Python 3 carry ``bytes`` keys; accept both.
     """
-    with open(path, "rb") as f:
-        raw = pickle.load(f, encoding="latin1")
+    raw = load_data_pickle(path)
+    if not isinstance(raw, dict):
+        raise DataError(f"{path} holds a {type(raw).__name__}, not the dict of a CIFAR batch. Replace the folder "
+                        f"{path.parent} with the official release or with what shared/data/prepare_cifar.py writes.")
 
     def _s(v: Any) -> Any:
         return v.decode("latin1") if isinstance(v, bytes) else v
@@ -212,19 +215,17 @@ def _load_svhn(root: Path, download: bool) -> ImageData:
         y = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
         y[y == 10] = 0  # the release labels the digit 0 as class 10
         out[split] = (_images_from_uint8(x), _labels(y))
-    return ImageData(
-        name="svhn",
-        x_train=out["train"][0],
-        y_train=out["train"][1],
-        x_test=out["test"][0],
-        y_test=out["test"][1],
-        num_classes=10,
-        class_names=[str(d) for d in range(10)],
-        description=(
-            f"SVHN cropped digits from {folder} ({len(out['train'][1])} train / "
-            f"{len(out['test'][1])} test; 'extra' not used)"
-        ),
-    )
+    n_train, n_test = len(out["train"][1]), len(out["test"][1])
+    return _numbered_classes("svhn", out, 10, f"SVHN cropped digits from {folder} ({n_train} train / {n_test} test; "
+                                              f"'extra' not used)")
+
+
+def _numbered_classes(name: str, splits: dict[str, tuple[Tensor, Tensor]], classes: int,
+                      description: str) -> ImageData:
+    """The :class:`ImageData` of ``{"train": (x, y), "test": (x, y)}`` whose classes are named by number."""
+    return ImageData(name=name, x_train=splits["train"][0], y_train=splits["train"][1], x_test=splits["test"][0],
+                     y_test=splits["test"][1], num_classes=classes, class_names=[str(c) for c in range(classes)],
+                     description=description)
 
 
 GTSRB_SIZE = 32
@@ -259,19 +260,9 @@ def _load_gtsrb(root: Path, download: bool) -> ImageData:
             x[i] = np.asarray(img.convert("RGB").resize((GTSRB_SIZE, GTSRB_SIZE), Image.BILINEAR))
             y[i] = label
         out[split] = (_images_from_uint8(x.transpose(0, 3, 1, 2)), _labels(y))
-    return ImageData(
-        name="gtsrb",
-        x_train=out["train"][0],
-        y_train=out["train"][1],
-        x_test=out["test"][0],
-        y_test=out["test"][1],
-        num_classes=43,
-        class_names=[str(c) for c in range(43)],
-        description=(
-            f"GTSRB from {root / 'gtsrb'} via torchvision, resized to {GTSRB_SIZE}x{GTSRB_SIZE} "
-            f"({len(out['train'][1])} train / {len(out['test'][1])} test)"
-        ),
-    )
+    n_train, n_test = len(out["train"][1]), len(out["test"][1])
+    return _numbered_classes("gtsrb", out, 43, f"GTSRB from {root / 'gtsrb'} via torchvision, resized to "
+                                               f"{GTSRB_SIZE}x{GTSRB_SIZE} ({n_train} train / {n_test} test)")
 
 
 TINY_IMAGENET_SIZE = 64

@@ -35,10 +35,13 @@ def load_npz(path: Path, download: bool = False) -> ImageData:
             f"x_test, y_test (np.savez(FILE, x_train=..., y_train=..., x_test=..., y_test=...)); give its path."
         )
     source = f"data.path={path}"
+    if path.stat().st_size == 0:
+        raise fail(source, "is empty (0 bytes): an unfinished copy or save.",
+                   "copy or write it again: np.savez(FILE, x_train=..., y_train=..., x_test=..., y_test=...).")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise fail(source, f"cannot be read as an .npz ({type(exc).__name__}: {exc}).",
                    "write it with np.savez(FILE, x_train=..., y_train=..., x_test=..., y_test=...) "
                    "(class_names as an array of str, not objects).") from None
@@ -101,7 +104,9 @@ def _decode(source: str, paths: list[Path]) -> np.ndarray:
                 img.load()
                 images.append(img.copy())
         except OSError as exc:
-            raise fail(source, f"{p} cannot be read as an image ({exc}).", "remove or replace the file.") from None
+            raise fail(source, f"{p} cannot be read as an image ({exc}; {p.stat().st_size} bytes).",
+                       f"replace it with a readable image, or move it out of {p.parent} (the loader reads every "
+                       f"image file in the class folders).") from None
     grey = all(img.mode in GREY_MODES for img in images)
     size = images[0].size
     for p, img in zip(paths, images):
