@@ -145,7 +145,7 @@ CATALOG = {
     "milestone outside the budget": (["data.optim.milestones=[1.5]"], "data.optim.milestones",
                                      ["data.optim.milestones=[0.5]"]),
     "unknown on_nonfinite": (["on_nonfinite=maybe"], "on_nonfinite", ["on_nonfinite=skip"]),
-    "eval seed abc": (["eval.seed=abc"], "eval.seed", ["eval.seed=0"]),
+    "negative eval seed": (["eval.seed=-1"], "eval.seed", ["eval.seed=0"]),  # eval.seed=abc: Hydra's, as batch size
 }
 IN_CLI = list(CATALOG)[:6]
 

@@ -188,7 +188,7 @@ def test_paper_presets_compose_and_validate(tmp_path):
 
 # The list, end to end through the command line (each is a Python start-up, so few).
 BAD_INPUTS = {
-    "unknown agent": (["agent=nope"], "Unknown agent 'nope'"),
+    "unknown agent": (["agent=nope"], "Unknown agent option 'nope'"),
     "empty grid": (["data.grid.epsilons=[]"], "empty"),
     "k < 1": (["agent.k=0"], "agent.k=0"),
     "missing data folder": (["data=cifar10", "data.root=does/not/exist"], "cifar-10-batches-py"),
