@@ -1,6 +1,6 @@
 """The one interface the training loop drives: every strategy player implements it.
 
-The loop (``experiments/loop.py``) runs, for the whole budget::
+The loop (``experiments/training/loop.py``) runs, for the whole budget::
 
     obs, info = env.reset(seed=seed)                  # LASEnv(tensor_api=True)
     while not done:
@@ -14,7 +14,7 @@ the per-image rewards (``rewards``), the terms ``l1``/``l2``/``l3`` and whether 
 computed (``reward_computed``).
 
 The env is built with its final settings and never changed. What it needs from the agent is
-read from the agent's settings before either exists (``experiments/settings.py``): ``agent.k``
+read from the agent's settings before either exists (``experiments/config/settings.py``): ``agent.k``
 becomes the env's ``reward_interval`` (absent: no reward step, as for fixed and random),
 ``agent.credit=unbiased`` switches on ``reward.pre_update_probe``, and
 ``agent.reward_flow=score_then_resample`` sets ``step_reward=False`` (the agent scores its own

@@ -247,7 +247,7 @@ class ReinforceAgent:
         if self._scorer is None:
             raise RuntimeError(
                 "ReinforceAgent(reward_flow='score_then_resample') has no scorer: call "
-                "agent.bind_scorer(env.score) before playing (experiments/loop.py does it)."
+                "agent.bind_scorer(env.score) before playing (experiments/training/loop.py does it)."
             )
         reward, info = self._scorer(scored_actions)
         self._scored_metrics = None

@@ -19,7 +19,7 @@ default (``--interleave step``), the variants advance one step at a time in turn
 rotating every step) and every step is timed on its own, so a change of the machine's load hits
 all variants alike; ``--interleave epoch`` times each variant's epoch in one piece instead.
 Medians over rounds are reported. The loop is the training loop's hot loop
-(``experiments/loop.py``): ``act -> env.step -> learn``, no per-step host reads.
+(``experiments/training/loop.py``): ``act -> env.step -> learn``, no per-step host reads.
 
 Default size (about 3 minutes on 2 shared CPU cores): random CIFAR-10-shaped tensors with the
 CIFAR-10 grid and threat model (PGD-AT = PGD-10; LAS iterations 3..14), small_cnn target and
@@ -81,7 +81,7 @@ from benchmarks.timing import (  # noqa: E402
     sync,
     wrapper_cost,
 )
-from experiments.errors import fail  # noqa: E402
+from experiments.config.errors import fail  # noqa: E402
 from las_env.methods import METHODS  # noqa: E402
 
 GOALS = {"las_k20_vs_pgdat": 1.0, "las_k1_vs_pgdat": 2.0, "env_overhead": 1.03}

@@ -139,7 +139,7 @@ class Variant:
             outcome = self.game.play(agent.act(self.game.batch[0], {"reward_next_step": self.game.is_reward_step()}))
             agent.learn(outcome.reward, {"reward_computed": outcome.reward_computed, "rewards": outcome.rewards})
             return outcome.strategy["iterations"]
-        action = agent.act(self.obs, self.info)  # the training loop's hot loop (experiments/loop.py)
+        action = agent.act(self.obs, self.info)  # the training loop's hot loop (experiments/training/loop.py)
         self.obs, reward, _, _, self.info = self.env.step(action)
         agent.learn(reward, self.info)
         return self.info["iterations"]

@@ -53,8 +53,8 @@ for path in (REPO, REPO / "benchmarks"):  # the packages, and gpu_report beside 
 
 import torch  # noqa: E402
 
-from experiments.errors import fail  # noqa: E402
-from experiments.runfiles import RESULTS_FILE  # noqa: E402
+from experiments.config.errors import fail  # noqa: E402
+from experiments.runfolder.runfiles import RESULTS_FILE  # noqa: E402
 from gpu_report import Report, machine, table  # noqa: E402
 
 FORMAT = "las-at/gpu-suite/v1"

@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.comparison import WEIGHTS, CompareError, attack_title, compare, results_table, write_report  # noqa: E402
-from experiments.errors import fail  # noqa: E402
+from experiments.config.errors import fail  # noqa: E402
 
 EXIT_MISMATCH = 2
 
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         c = compare(args.dirs, args.weights)
     except CompareError as exc:
-        # The one error format of every command (experiments.errors); main() returns its status
+        # The one error format of every command (experiments.config.errors); main() returns its status
         # instead of exiting so that callers (and tests) can run it in-process.
         with contextlib.suppress(SystemExit):
             fail(str(exc))

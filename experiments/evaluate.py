@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 import hydra
 from omegaconf import DictConfig
 
-from experiments.errors import fail
+from experiments.config.errors import fail
 from experiments.evaluation_job.job import EXIT_SANITY, execute, prepare
 from experiments.evaluation_job.settings import parse_settings
 
@@ -59,6 +59,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from experiments.cli import hydra_entry  # noqa: PLC0415 - Hydra's own failures as one paragraph
+    from experiments.config.cli import hydra_entry  # noqa: PLC0415 - Hydra's own failures as one paragraph
 
     hydra_entry(main, conf_dir=Path(__file__).resolve().parent / "conf")

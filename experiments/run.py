@@ -9,14 +9,14 @@
     python experiments/run.py resume=runs/digits/fixed/small_cnn-seed0-1a2b3c4d
 
 Every option is in ``experiments/conf/``. The run's folder is printed at its start and end:
-``<run_root>/<data>/<agent>/<model>-seed<seed>-<hash of every setting>`` (``experiments/rundir.py``).
+``<run_root>/<data>/<agent>/<model>-seed<seed>-<hash of every setting>`` (``experiments/runfolder/rundir.py``).
 
 Exit status: 0 done (or stopped early by ``stop_after_epochs``, resumable); 1 bad input, reported
 as one paragraph on stderr before any training starts (a folder in use by another run, a damaged
 checkpoint included); 2 training diverged (a non-finite loss, reward, gradient or weight,
-``experiments/guard.py``): one paragraph on stderr, ``results.json`` marked failed, the last
+``experiments/training/guard.py``): one paragraph on stderr, ``results.json`` marked failed, the last
 finite checkpoint intact; 3 under torchrun, a rank lost contact with the others (one died or
-hung past ``ddp_timeout_s``; ``experiments/distributed.py``).
+hung past ``ddp_timeout_s``; ``experiments/training/distributed.py``).
 
 Several processes: ``torchrun --nproc_per_node=N experiments/run.py ...`` trains ONE run (README,
 "Several GPUs and machines").
@@ -41,14 +41,14 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from experiments.cli import hydra_entry  # noqa: E402
-from experiments.distributed import EXIT_RANK_LOST, RankLost  # noqa: E402
-from experiments.errors import ConfigError, fail  # noqa: E402
-from experiments.guard import TrainingDiverged  # noqa: E402
-from experiments.finish import RunResult  # noqa: E402
-from experiments.loop import train  # noqa: E402
-from experiments.rundir import ensure_writable, register_resolvers, resume_target, settings_hash  # noqa: E402
-from experiments.settings import settings_from_config  # noqa: E402
+from experiments.config.cli import hydra_entry  # noqa: E402
+from experiments.training.distributed import EXIT_RANK_LOST, RankLost  # noqa: E402
+from experiments.config.errors import ConfigError, fail  # noqa: E402
+from experiments.training.guard import TrainingDiverged  # noqa: E402
+from experiments.training.finish import RunResult  # noqa: E402
+from experiments.training.loop import train  # noqa: E402
+from experiments.runfolder.rundir import ensure_writable, register_resolvers, resume_target, settings_hash  # noqa: E402
+from experiments.config.settings import settings_from_config  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUP_HINTS = {

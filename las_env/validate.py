@@ -5,7 +5,7 @@ The configs (:class:`las_env.strategy_space.StrategySpace`, :class:`las_env.rewa
 from their ``__post_init__``, so the env and the command line reject the same values with
 the same words. A failure raises :class:`SettingError`, a ``ValueError`` that knows which
 field it is about: the message starts with ``<field>=<value>``, and the command line
-(``experiments/settings.py``) prefixes the section, so users read ``data.grid.epsilons=...``
+(``experiments/config/settings.py``) prefixes the section, so users read ``data.grid.epsilons=...``
 or ``reward.probe_epsilon=...``, the key they type.
 """
 

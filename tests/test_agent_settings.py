@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from experiments.errors import ConfigError
-from experiments.game_setup import build_game
-from experiments.settings import settings_from_config
+from experiments.config.errors import ConfigError
+from experiments.training.game_setup import build_game
+from experiments.config.settings import settings_from_config
 from las_env.datasets import load_dataset
 from las_env.imports import import_object
 

@@ -1,4 +1,4 @@
-"""Hydra's own failures (experiments/cli.py) end in the one-paragraph error, for run.py and evaluate.py.
+"""Hydra's own failures (experiments/config/cli.py) end in the one-paragraph error, for run.py and evaluate.py.
 
 Each case is a real command in a subprocess (the paragraph is printed by the process's entry
 point, around ``@hydra.main``); they run in parallel since most of their time is start-up.
@@ -75,7 +75,7 @@ def test_an_exception_inside_the_task_is_not_disguised_as_hydras(tmp_path, monke
     # A bug in the task function (here: an OSError, as Hydra's folder failures are) keeps its traceback.
     import hydra  # noqa: PLC0415
 
-    from experiments.cli import hydra_entry  # noqa: PLC0415
+    from experiments.config.cli import hydra_entry  # noqa: PLC0415
 
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "c.yaml").write_text("x: 1\nhydra:\n  run:\n    dir: .\n  output_subdir: null\n")

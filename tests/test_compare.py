@@ -23,10 +23,10 @@ from experiments import comparison
 from experiments.compare import EXIT_MISMATCH
 from experiments.compare import main as compare_main
 from experiments.comparison.runs import _weights_fingerprint
-from experiments.loop import train
-from experiments.rundir import run_subdir, settings_hash
-from experiments.runfiles import EVALUATION_FORMAT
-from experiments.settings import settings_from_config
+from experiments.training.loop import train
+from experiments.runfolder.rundir import run_subdir, settings_hash
+from experiments.runfolder.runfiles import EVALUATION_FORMAT
+from experiments.config.settings import settings_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARE = [sys.executable, str(REPO / "experiments" / "compare.py")]

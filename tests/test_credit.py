@@ -277,8 +277,8 @@ def test_probe_fraction_probes_a_fresh_subset_and_spreads_it_over_the_batch(digi
 def test_the_command_line_asks_the_env_for_the_probe_when_the_credit_needs_it(digits, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from experiments.game_setup import build_game
-    from experiments.settings import settings_from_config
+    from experiments.training.game_setup import build_game
+    from experiments.config.settings import settings_from_config
 
     def settings(credit):
         with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "experiments" / "conf"),
@@ -308,9 +308,9 @@ def test_unbiased_run_resumes_exactly(tmp_path, digits):
 
     from hydra import compose, initialize_config_dir
 
-    from experiments.loop import train
-    from experiments.rundir import settings_hash
-    from experiments.settings import settings_from_config
+    from experiments.training.loop import train
+    from experiments.runfolder.rundir import settings_hash
+    from experiments.config.settings import settings_from_config
 
     conf = Path(__file__).resolve().parents[1] / "experiments" / "conf"
     overrides = ["data.epochs=2", "data.max_steps_per_epoch=4", "data.batch_size=32", "eval.test_subset=32",

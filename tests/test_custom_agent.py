@@ -15,9 +15,9 @@ import torch
 from test_run import TINY, cli, config
 
 from agents.base import Agent, AgentSpec
-from experiments.loop import train
-from experiments.rundir import settings_hash
-from experiments.settings import settings_from_config
+from experiments.training.loop import train
+from experiments.runfolder.rundir import settings_hash
+from experiments.config.settings import settings_from_config
 from las_env.datasets.registry import lookup
 
 REPO = Path(__file__).resolve().parents[1]

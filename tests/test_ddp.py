@@ -74,8 +74,8 @@ def test_shard_rows_and_batch_check():
 
 
 def test_refusals_are_one_paragraph():
-    from experiments.distributed import check_agent, timeout_s
-    from experiments.errors import ConfigError
+    from experiments.training.distributed import check_agent, timeout_s
+    from experiments.config.errors import ConfigError
 
     sb3_like = type("PPOAgent", (), {"__module__": "agents.sb3"})()
     with pytest.raises(ConfigError, match="does not run under torchrun.*agent=reinforce"):

@@ -31,12 +31,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from experiments.errors import ConfigError
-from experiments.guard import SKIPPED, DivergenceGuard, TrainingDiverged
-from experiments.loop import train
-from experiments.rundir import settings_hash
-from experiments.runlock import RunLock
-from experiments.settings import settings_from_config
+from experiments.config.errors import ConfigError
+from experiments.training.guard import SKIPPED, DivergenceGuard, TrainingDiverged
+from experiments.training.loop import train
+from experiments.runfolder.rundir import settings_hash
+from experiments.runfolder.runlock import RunLock
+from experiments.config.settings import settings_from_config
 from las_env.checkpoint import CorruptCheckpointError, atomic_save, load_checkpoint
 from las_env.files import NONFINITE_KEY, stale_temp_files, strict_json, write_json
 
@@ -263,7 +263,7 @@ def test_divergence_keeps_the_last_finite_checkpoint_which_resumes_once_fixed(tm
     bad = settings(run_dir, "data.epochs=3", "data.max_steps_per_epoch=6", "log_every_steps=4", "data.optim.lr=1e6",
                    resume=True, settings_hash=good.settings_hash)
     tracked = Recorder()
-    monkeypatch.setattr("experiments.loop.make_tracker", lambda *args, **kwargs: tracked)
+    monkeypatch.setattr("experiments.training.loop.make_tracker", lambda *args, **kwargs: tracked)
     with pytest.raises(TrainingDiverged) as caught:
         train(bad)
     monkeypatch.undo()
@@ -502,8 +502,8 @@ def test_strict_json_writes_null_and_lists_what_was_not_finite(tmp_path):
 
 def test_online_wandb_says_at_once_that_it_is_connecting(tmp_path, monkeypatch, capsys):
     wandb = pytest.importorskip("wandb")
-    from experiments.loggers import WandbTracker
-    from experiments.settings import LoggerSettings
+    from experiments.tracking.loggers import WandbTracker
+    from experiments.config.settings import LoggerSettings
 
     def no_network(**kwargs):
         raise TimeoutError("no network")

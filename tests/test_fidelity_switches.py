@@ -262,8 +262,8 @@ def test_score_then_resample_scores_learns_and_trains_on_a_new_sample(digits):
 def test_the_loop_binds_the_scorer_and_turns_off_the_steps_reward(tmp_path, digits):
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
 
-    from experiments.game_setup import build_game  # noqa: PLC0415
-    from experiments.settings import settings_from_config  # noqa: PLC0415
+    from experiments.training.game_setup import build_game  # noqa: PLC0415
+    from experiments.config.settings import settings_from_config  # noqa: PLC0415
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["agent.reward_flow=score_then_resample", "logger=none"])
@@ -312,8 +312,8 @@ TINY = ["data.epochs=2", "data.batch_size=32", "data.max_steps_per_epoch=4", "ev
 def test_the_authors_switches_run_end_to_end_and_resume_exactly(tmp_path, digits):
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
 
-    from experiments.loop import train  # noqa: PLC0415
-    from experiments.settings import settings_from_config  # noqa: PLC0415
+    from experiments.training.loop import train  # noqa: PLC0415
+    from experiments.config.settings import settings_from_config  # noqa: PLC0415
 
     def settings(run_dir, **changes):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.errors import ConfigError
+from experiments.config.errors import ConfigError
 from las_env.lookahead import lookahead_step
 from las_env.optim import OptimConfig, training_loss
 from las_env.target import TargetTrainer
@@ -97,7 +97,7 @@ def test_both_spellings_at_once_are_rejected_naming_the_fix():
 def test_contradiction_is_one_config_error_before_anything_loads(tmp_path):
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
 
-    from experiments.settings import settings_from_config  # noqa: PLC0415
+    from experiments.config.settings import settings_from_config  # noqa: PLC0415
 
     conf = Path(__file__).resolve().parents[1] / "experiments" / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):

@@ -18,6 +18,18 @@ MAY_IMPORT = {
     "benchmarks": set(ROOMS),
 }
 MAX_LINES = 400
+# experiments/ is grouped by job: a few entry points on top, the rest in sub-packages that import
+# one way only (docs/architecture.md). A sub-package not listed here fails the test below.
+EXPERIMENTS_TOP = {"__init__.py", "run.py", "evaluate.py", "compare.py"}
+EXPERIMENTS_MAY_IMPORT = {
+    "config": {"config"},
+    "runfolder": {"config", "runfolder"},
+    "tracking": {"config", "tracking"},
+    "training": {"config", "runfolder", "tracking", "training"},
+    "comparison": {"config", "runfolder", "comparison"},
+    "evaluation_job": {"config", "runfolder", "evaluation_job"},
+}
+EXPERIMENTS_MAX_LINES = 4000
 
 
 def _modules(room: str) -> list[Path]:
@@ -47,7 +59,7 @@ def test_imports_run_one_way(room):
 
 def test_the_rule_sees_a_forbidden_import(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("import torch\nfrom experiments.errors import ConfigError\nfrom las_env import data\n")
+    probe.write_text("import torch\nfrom experiments.config.errors import ConfigError\nfrom las_env import data\n")
     assert _imported_rooms(probe) == {"experiments", "las_env"}
 
 
@@ -55,3 +67,43 @@ def test_no_module_over_the_limit():
     long = {str(p.relative_to(ROOT)): n for room in ROOMS for p in _modules(room)
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them along their jobs): {long}"
+
+
+def _experiments_packages(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            parts = node.module.split(".")
+            if parts[0] == "experiments":
+                found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("experiments."))
+    return found
+
+
+def test_experiments_is_grouped_by_job():
+    top = {p.name for p in (ROOT / "experiments").glob("*.py")}
+    assert top <= EXPERIMENTS_TOP, (f"experiments/ keeps only its entry points on top ({sorted(EXPERIMENTS_TOP)}); "
+                                    f"move {sorted(top - EXPERIMENTS_TOP)} into the sub-package of its job")
+    packages = {p.parent.name for p in (ROOT / "experiments").glob("*/__init__.py")}
+    assert packages == set(EXPERIMENTS_MAY_IMPORT), (
+        f"experiments/ sub-packages {sorted(packages)} differ from the layout rule's "
+        f"{sorted(EXPERIMENTS_MAY_IMPORT)}: add the new one to EXPERIMENTS_MAY_IMPORT with what it may import")
+    undocumented = [name for name in packages if not ast.get_docstring(ast.parse(
+        (ROOT / "experiments" / name / "__init__.py").read_text()))]
+    assert not undocumented, f"each sub-package opens with a docstring saying what it owns and may import: {undocumented}"
+
+
+@pytest.mark.parametrize("package", sorted(EXPERIMENTS_MAY_IMPORT))
+def test_experiments_subpackages_import_one_way(package):
+    bad = {str(p.relative_to(ROOT)): sorted(_experiments_packages(p) - EXPERIMENTS_MAY_IMPORT[package])
+           for p in sorted((ROOT / "experiments" / package).rglob("*.py"))}
+    bad = {k: v for k, v in bad.items() if v}
+    assert not bad, (f"experiments/{package}/ may import only experiments.{sorted(EXPERIMENTS_MAY_IMPORT[package])}; "
+                     f"these modules reach elsewhere: {bad}. Move the shared piece down to the package both may import.")
+
+
+def test_experiments_stays_small():
+    lines = sum(len(p.read_text().splitlines()) for p in (ROOT / "experiments").rglob("*.py"))
+    assert lines <= EXPERIMENTS_MAX_LINES, (f"experiments/ has {lines} lines of Python (limit {EXPERIMENTS_MAX_LINES}): "
+                                            "the run plumbing must not outgrow the game; simplify before adding")

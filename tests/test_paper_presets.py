@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from agents import AgentSpec, FixedAgent, ReinforceAgent
-from experiments.settings import settings_from_config
+from experiments.config.settings import settings_from_config
 from las_env.game_config import steps_per_epoch
 from las_env.datasets.registry import lookup
 from las_env.target import TargetTrainer

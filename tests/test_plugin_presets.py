@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from agents import AgentSpec, FixedAgent, ReinforceAgent
-from experiments.settings import settings_from_config
+from experiments.config.settings import settings_from_config
 from las_env.game_config import steps_per_epoch
 from las_env.strategy_space import StrategySpace
 from las_env.target import TargetTrainer
@@ -157,7 +157,7 @@ SMOKE = ["data.epochs=1", "data.max_steps_per_epoch=2", "data.batch_size=8", "mo
 def test_presets_run_two_steps_on_the_exact_cifar10_subset(tmp_path, cifar_root, name):
     """CPU smoke: the preset's whole machinery (method, 4th head, reward, schedules), a small
     model and batch instead of WRN-34-10 x 128 so it takes seconds."""
-    from experiments.loop import train
+    from experiments.training.loop import train
 
     learns = "las_" in name  # the fixed agent has no strategy backbone
     overrides = [o for o in SMOKE if learns or not o.startswith("agent.backbone")]
@@ -203,7 +203,7 @@ def test_w_hat_smoothing_reaches_the_look_ahead_copy_only(digits, monkeypatch):
     (["method=awp", "method.awp_gamma=-1"], "method.awp_gamma=-1"),
 ])
 def test_bad_method_settings_are_one_paragraph_naming_the_key(tmp_path, overrides, words):
-    from experiments.errors import ConfigError
+    from experiments.config.errors import ConfigError
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "logger=none"])

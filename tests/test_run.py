@@ -1,4 +1,4 @@
-"""The main job (experiments/run.py + experiments/loop.py): resume equivalence, atomic
+"""The main job (experiments/run.py + experiments/training/loop.py): resume equivalence, atomic
 checkpoints, bad input, multirun folders, W&B offline, a user's own agent.
 
 Budgets are tiny (digits, a few steps per epoch); the command-line tests run in subprocesses,
@@ -20,10 +20,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from experiments.errors import ConfigError
-from experiments.loop import train
-from experiments.rundir import settings_hash
-from experiments.settings import settings_from_config
+from experiments.config.errors import ConfigError
+from experiments.training.loop import train
+from experiments.runfolder.rundir import settings_hash
+from experiments.config.settings import settings_from_config
 from las_env.checkpoint import load_checkpoint
 from las_env.strategy_space import StrategySpace
 from las_env.datasets.registry import lookup

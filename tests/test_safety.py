@@ -26,11 +26,11 @@ from test_faults import EVALUATE, REPO, RUN, TINY, cli, error_line, settings
 
 from experiments.compare import main as compare_main
 from experiments.comparison import compare
-from experiments.errors import ConfigError, RunStopped
+from experiments.config.errors import ConfigError, RunStopped
 from experiments.evaluation_job.settings import Settings
 from experiments.evaluation_job.target import load_target
-from experiments.loop import train
-from experiments.runlock import RunLock
+from experiments.training.loop import train
+from experiments.runfolder.runlock import RunLock
 from las_env.checkpoint import (FORMAT, CorruptCheckpointError, NotACheckpointError, load_checkpoint,
                                 load_plain_state_dict)
 from las_env.data import DataError, load_dataset
@@ -137,7 +137,7 @@ def test_init_from_and_selection_refuse_a_payload(finished, tmp_path):
         train(settings(tmp_path / "b", *ONE_EPOCH, init_from=source))
     never_advises_deleting(str(caught.value))
     # best.pt of a run being finished (selection): refused in one paragraph, nothing run.
-    from experiments.selection import BestWeights
+    from experiments.training.selection import BestWeights
     from las_env.models import build_model
 
     folder = copy_run(finished, "selection")
@@ -292,7 +292,7 @@ def test_a_run_folder_whose_own_files_are_symlinks_is_refused_and_targets_untouc
 
 def _stop_after_first_epoch_with(monkeypatch, action):
     """Run ``action`` once, after the first epoch's training and before its checkpoint."""
-    from experiments import loop
+    from experiments.training import loop
 
     real = loop.evaluate_epoch
 
@@ -332,7 +332,7 @@ def test_a_run_whose_lock_names_another_owner_stops_and_leaves_that_lock(tmp_pat
 def test_concurrent_multiruns_keep_one_multirun_yaml_each(tmp_path):
     """Each multirun (one process) records multirun.yaml in a folder of its own under run_root
     (tests/test_run.py runs a real multirun and finds its record there)."""
-    code = ("from omegaconf import OmegaConf; from experiments.rundir import _resolve_sweep_dir; "
+    code = ("from omegaconf import OmegaConf; from experiments.runfolder.rundir import _resolve_sweep_dir; "
             f"print(_resolve_sweep_dir(_root_=OmegaConf.create({{'run_root': '{tmp_path}'}})))")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
@@ -374,7 +374,7 @@ def test_disk_full_during_the_final_writes_keeps_the_checkpoint(tmp_path, monkey
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("experiments.finish.write_json", full)
+    monkeypatch.setattr("experiments.training.finish.write_json", full)
     with pytest.raises(RunStopped, match="while writing the final results") as caught:
         train(settings(run_dir, *ONE_EPOCH))
     assert "resume" in str(caught.value)

@@ -1,4 +1,4 @@
-"""Checkpoint selection without test leakage (experiments/selection.py): the stratified,
+"""Checkpoint selection without test leakage (experiments/training/selection.py): the stratified,
 seeded validation split, the best-epoch bookkeeping, and a tiny run that keeps and reports both
 the final and the best-on-validation weights."""
 
@@ -12,11 +12,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from experiments.comparison import WEIGHTS, compare, markdown_report
-from experiments.errors import ConfigError
-from experiments.loop import train
-from experiments.rundir import settings_hash
-from experiments.selection import BEST, BestWeights, selection_settings, split_validation
-from experiments.settings import settings_from_config
+from experiments.config.errors import ConfigError
+from experiments.training.loop import train
+from experiments.runfolder.rundir import settings_hash
+from experiments.training.selection import BEST, BestWeights, selection_settings, split_validation
+from experiments.config.settings import settings_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 TINY = [

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from agents.sb3.vecenv import LASVecEnv
-from experiments.guard import DivergenceGuard
-from experiments.trainer import StepMeter, _record_step
+from experiments.training.guard import DivergenceGuard
+from experiments.training.trainer import StepMeter, _record_step
 from las_env import LASEnv
 from las_env.methods import METHODS, MethodLoss, TrainingMethod, register_method
 from las_env.optim import training_loss

@@ -16,9 +16,9 @@ from test_run import TINY, config
 
 from agents.base import AgentSpec
 from experiments import compare
-from experiments.loop import train
-from experiments.rundir import settings_hash
-from experiments.settings import settings_from_config
+from experiments.training.loop import train
+from experiments.runfolder.rundir import settings_hash
+from experiments.config.settings import settings_from_config
 from las_env import LASEnv, StrategySpace
 from las_env.datasets import lookup
 from las_env.validate import SettingError

@@ -22,8 +22,8 @@ import las_env
 from agents.base import AgentSpec
 from agents.baselines import FixedAgent
 from agents.reinforce import ReinforceAgent
-from experiments.errors import ConfigError
-from experiments.settings import settings_from_config
+from experiments.config.errors import ConfigError
+from experiments.config.settings import settings_from_config
 from las_env.data import DataError, DatasetNotFoundError, ImageData
 from las_env.datasets import ThreatModel, dataset_names, load_dataset, lookup
 from las_env.datasets.user import peek_size
@@ -327,7 +327,7 @@ def test_user_record_without_a_model_picks_one_from_the_loaded_size():
 
 
 def test_threat_model_from_the_command_line_is_checked_hashed_and_used(tmp_path):
-    from experiments.rundir import settings_hash  # noqa: PLC0415
+    from experiments.runfolder.rundir import settings_hash  # noqa: PLC0415
 
     s = _settings(tmp_path, "data.threat.epsilon=0.1", "data.threat.step_size=0.025")
     assert (s.env.threat.epsilon, s.env.threat.step_size) == (0.1, 0.025)

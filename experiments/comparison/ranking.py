@@ -11,7 +11,7 @@ from experiments.comparison.labels import assign_labels, default_fixed_attack
 from experiments.comparison.protocol import check_protocol
 from experiments.comparison.runs import CompareError, Run, find_runs, load_run
 from experiments.comparison.stats import Group, attack_order, group_runs, headline_attack, rank_key
-from experiments.runfiles import RESULTS_FILE
+from experiments.runfolder.runfiles import RESULTS_FILE
 
 
 @dataclass

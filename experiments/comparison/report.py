@@ -12,7 +12,7 @@ from experiments.comparison.protocol import protocol_of
 from experiments.comparison.ranking import Comparison
 from experiments.comparison.runs import WEIGHTS
 from experiments.comparison.stats import Group, attack_title
-from experiments.runfiles import REPORT_MD, SUMMARY_FILE, SUMMARY_FORMAT
+from experiments.runfolder.runfiles import REPORT_MD, SUMMARY_FILE, SUMMARY_FORMAT
 from las_env.files import atomic_write_text, write_json
 
 

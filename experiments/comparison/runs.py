@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.runfiles import (CHECKPOINT, EVALUATION_FORMAT, EVALUATION_GLOB, RESULTS_FILE, RESULTS_FORMAT,
+from experiments.runfolder.runfiles import (CHECKPOINT, EVALUATION_FORMAT, EVALUATION_GLOB, RESULTS_FILE, RESULTS_FORMAT,
                                   WEIGHTS_FILE)
 from las_env.datasets.registry import lookup
 from las_env.strategy_space import ATTACK_COLUMNS, StrategySpace

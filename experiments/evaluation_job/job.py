@@ -12,7 +12,7 @@ from evaluation import Check, default_step, evaluate, format_table, sanity_check
 from experiments.evaluation_job.reports import merge_previous, report_stem, update_wandb, write_reports
 from experiments.evaluation_job.settings import Settings
 from experiments.evaluation_job.target import Target, check_attack_needs, load_target
-from experiments.runfiles import AUTOATTACK_STATE, EVALUATION_FORMAT, EVALUATION_STEM
+from experiments.runfolder.runfiles import AUTOATTACK_STATE, EVALUATION_FORMAT, EVALUATION_STEM
 from las_env.checkpoint import export_state_dict, state_fingerprint
 from las_env.datasets import load_dataset
 from las_env.files import stale_temp_files

@@ -10,7 +10,7 @@ from typing import Any
 
 from evaluation import AttackResult, attack_spec, format_eps
 from experiments.evaluation_job.target import Target
-from experiments.runfiles import EVALUATION_FORMAT, EVALUATION_STEM
+from experiments.runfolder.runfiles import EVALUATION_FORMAT, EVALUATION_STEM
 from las_env.files import atomic_write_text, write_json
 
 

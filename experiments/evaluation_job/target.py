@@ -10,7 +10,7 @@ from torch import nn
 
 from evaluation import import_autoattack
 from experiments.evaluation_job.settings import Settings
-from experiments.runfiles import CHECKPOINT
+from experiments.runfolder.runfiles import CHECKPOINT
 from las_env.checkpoint import NotACheckpointError, load_checkpoint, load_plain_state_dict, require_keys
 from las_env.data import ImageData
 from las_env.datasets import load_dataset

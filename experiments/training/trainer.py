@@ -13,10 +13,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from agents.base import Agent
-from experiments.epoch_eval import FixedImageChoices
-from experiments.guard import SKIPPED, DivergenceGuard
-from experiments.loggers import Tracker
-from experiments.settings import RunSettings
+from experiments.training.epoch_eval import FixedImageChoices
+from experiments.training.guard import SKIPPED, DivergenceGuard
+from experiments.tracking.loggers import Tracker
+from experiments.config.settings import RunSettings
 from las_env.env import LASEnv
 from las_env.reward import REWARD_TERMS
 from evaluation import format_eps

@@ -34,8 +34,8 @@ try:
 except ImportError:  # pragma: no cover - Windows: records only
     fcntl = None  # type: ignore[assignment]
 
-from experiments.errors import ConfigError, RunStopped
-from experiments.runfiles import BEST, LOG_FILE, RUN_FILES
+from experiments.config.errors import ConfigError, RunStopped
+from experiments.runfolder.runfiles import BEST, LOG_FILE, RUN_FILES
 
 LOCK_NAME = "run.lock"
 NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)

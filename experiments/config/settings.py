@@ -4,8 +4,8 @@
 registry defaults (grid, optimiser, threat model) into the values the user left ``null``, reads
 what the game needs from the agent's settings (its k, its reward flow, whether it needs the
 pre-update probe), and builds the game's :class:`las_env.game.LASConfig` with all of it. Nothing
-built later changes these settings. Every bad value raises :class:`experiments.errors.ConfigError`
-with one paragraph naming the key; types were checked by Hydra against ``experiments/schema.py``.
+built later changes these settings. Every bad value raises :class:`experiments.config.errors.ConfigError`
+with one paragraph naming the key; types were checked by Hydra against ``experiments/config/schema.py``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.agent_settings import AgentFactory, agent_factory
-from experiments.errors import ConfigError
-from experiments.guard import MODES as NONFINITE_MODES
-from experiments.schema import EvalSettings, LoggerSettings, RunConfig
-from experiments.selection import SelectionSettings, selection_settings
+from experiments.config.agent_settings import AgentFactory, agent_factory
+from experiments.config.errors import ConfigError
+from experiments.training.guard import MODES as NONFINITE_MODES
+from experiments.config.schema import EvalSettings, LoggerSettings, RunConfig
+from experiments.training.selection import SelectionSettings, selection_settings
 from las_env.datasets import dataset_names, is_registered, lookup
 from las_env.datasets.registry import DatasetRecord, ThreatModel
 from las_env.datasets.user import peek_size
@@ -48,19 +48,19 @@ class RunSettings:
         agent_name: short name for folders, tags and tables ("reinforce", "fixed", ...).
         seed: the episode's seed (``env.reset(seed=...)``; agents get it in their spec).
         config: the resolved config, recorded in the checkpoint and results.
-        settings_hash: digest of the settings (``experiments.rundir.settings_hash``); a resume
+        settings_hash: digest of the settings (``experiments.runfolder.rundir.settings_hash``); a resume
             refuses a checkpoint written under another one.
         resume: continue from ``run_dir/checkpoint.pt`` when it exists.
         stop_after_epochs: end this invocation after that many epochs (resumable).
         threads: torch CPU threads for the run (``None``: leave torch's setting).
         on_nonfinite: "stop" (a non-finite loss, reward, gradient or weight ends the run) or
             "skip" (drop the updates of batches with a non-finite gradient, counted);
-            ``experiments/guard.py``.
+            ``experiments/training/guard.py``.
         init_from: start from this run folder's (or checkpoint file's) last checkpoint, with
-            these settings (``experiments/recovery.py::start_from``); ``None``: from scratch.
+            these settings (``experiments/runfolder/recovery.py::start_from``); ``None``: from scratch.
         init_from_other_data: let ``init_from`` continue weights trained on other data (by default
-            a changed data fingerprint is refused, ``experiments/recovery.py::check_same_data``).
-        selection: the validation split and which weights are kept as best (experiments/selection.py).
+            a changed data fingerprint is refused, ``experiments/runfolder/recovery.py::check_same_data``).
+        selection: the validation split and which weights are kept as best (experiments/training/selection.py).
     """
 
     run_dir: Path

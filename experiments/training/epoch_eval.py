@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from experiments import distributed
-from experiments.settings import RunSettings
+from experiments.training import distributed
+from experiments.config.settings import RunSettings
 from las_env.data import ImageData
 from evaluation import format_eps
 from las_env.datasets.registry import ThreatModel

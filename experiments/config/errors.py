@@ -1,7 +1,7 @@
 """Bad input: one exception type for it, and the one-paragraph exit every command line uses.
 
 The format, for ``experiments/run.py``, ``evaluate.py`` and ``compare.py`` alike (and for Hydra's
-own failures, ``experiments/cli.py``): one line on stderr, ``las-at: error: <paragraph>``, the
+own failures, ``experiments/config/cli.py``): one line on stderr, ``las-at: error: <paragraph>``, the
 paragraph naming the problem and a fix that works; no traceback.
 """
 

@@ -7,9 +7,9 @@ from typing import Any
 from torch import Tensor
 
 from agents.base import Agent, AgentSpec
-from experiments import distributed
-from experiments.errors import ConfigError
-from experiments.settings import RunSettings
+from experiments.training import distributed
+from experiments.config.errors import ConfigError
+from experiments.config.settings import RunSettings
 from las_env.data import ImageData
 from las_env.env import LASEnv
 from las_env.validate import SettingError
@@ -32,7 +32,7 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
         env = LASEnv(config=cfg, data=data, tensor_api=True)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    env = distributed.global_view(env)  # under torchrun: the global batch (experiments/distributed.py)
+    env = distributed.global_view(env)  # under torchrun: the global batch (experiments/training/distributed.py)
     spec = AgentSpec.from_game(env, seed=settings.seed)
     try:
         agent = settings.agent(spec)

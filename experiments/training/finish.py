@@ -13,13 +13,13 @@ from typing import Any
 import torch
 
 from evaluation import AttackResult, attack_spec, evaluate, format_eps, format_table
-from experiments import plots
-from experiments.loggers import Console, Tracker, WandbTracker
-from experiments.runfiles import (
+from experiments.tracking import plots
+from experiments.tracking.loggers import Console, Tracker, WandbTracker
+from experiments.runfolder.runfiles import (
     ACCURACY_PNG, AUTOATTACK_STATE, AUTOATTACK_STATE_BEST, BEST, CHECKPOINT, CHOICES_PNG, LOG_FILE, METRICS_FILE,
     METRICS_FORMAT, RESULTS_FILE, RESULTS_FORMAT, RESULTS_MD, WEIGHTS_FILE)
-from experiments.selection import BestWeights
-from experiments.settings import RunSettings
+from experiments.training.selection import BestWeights
+from experiments.config.settings import RunSettings
 from las_env.checkpoint import export_state_dict
 from las_env.data import ImageData
 from las_env.env import LASEnv
@@ -65,7 +65,7 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
             before_writing: Callable[[], None] = lambda: None) -> RunResult:
     """Final evaluation on the test set (final weights, and the best-epoch weights when kept),
     results files, plots, tracker summary. ``before_writing`` runs between the evaluation and the
-    first file written (the run lock's check, :meth:`experiments.runlock.RunLock.verify`)."""
+    first file written (the run lock's check, :meth:`experiments.runfolder.runlock.RunLock.verify`)."""
     run_dir, cfg, ev = settings.run_dir, settings.env, settings.eval
     model = env.game.target
     game_data = env.game.data

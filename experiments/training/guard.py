@@ -38,13 +38,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from experiments.runfiles import RESULTS_FILE
+from experiments.runfolder.runfiles import RESULTS_FILE
 from las_env.files import write_json
 from las_env.reward import REWARD_TERMS
 
 NonFiniteMode = Literal["stop", "skip"]
 MODES: tuple[str, ...] = ("stop", "skip")
-"""Values of ``on_nonfinite`` (``experiments/settings.py`` checks the config against them)."""
+"""Values of ``on_nonfinite`` (``experiments/config/settings.py`` checks the config against them)."""
 
 FIRST_BAD = "guard/first_nonfinite_step"
 SKIPPED = "guard/skipped_batches"

@@ -36,20 +36,20 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.base import Agent
-from experiments import distributed
-from experiments.epoch_eval import eval_subsets, evaluate_epoch, pgd_name
-from experiments.errors import ConfigError
-from experiments.faults import full_disk_stops, stop_on_interrupt
-from experiments.finish import RunResult, finish_run, offline_dir
-from experiments.game_setup import build_game, current_observation
-from experiments.guard import Context, TrainingDiverged, record_failure
-from experiments.loggers import Console, make_tracker
-from experiments.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
-from experiments.runfiles import CHECKPOINT, LOG_FILE, RESULTS_FORMAT
-from experiments.runlock import RunLock
-from experiments.selection import TEST_SELECTION_WARNING, BestWeights, split_validation, with_validation
-from experiments.settings import RunSettings
-from experiments.trainer import EpochTrainer, epoch_line, epoch_scalars
+from experiments.training import distributed
+from experiments.training.epoch_eval import eval_subsets, evaluate_epoch, pgd_name
+from experiments.config.errors import ConfigError
+from experiments.training.faults import full_disk_stops, stop_on_interrupt
+from experiments.training.finish import RunResult, finish_run, offline_dir
+from experiments.training.game_setup import build_game, current_observation
+from experiments.training.guard import Context, TrainingDiverged, record_failure
+from experiments.tracking.loggers import Console, make_tracker
+from experiments.runfolder.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
+from experiments.runfolder.runfiles import CHECKPOINT, LOG_FILE, RESULTS_FORMAT
+from experiments.runfolder.runlock import RunLock
+from experiments.training.selection import TEST_SELECTION_WARNING, BestWeights, split_validation, with_validation
+from experiments.config.settings import RunSettings
+from experiments.training.trainer import EpochTrainer, epoch_line, epoch_scalars
 from las_env.checkpoint import FORMAT, atomic_save, data_fingerprint
 from las_env.data import DataError, DatasetNotFoundError, ImageData
 from las_env.datasets import load_dataset
@@ -114,20 +114,20 @@ def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, finge
 def train(settings: RunSettings, *, data: ImageData | None = None, console: Console | None = None) -> RunResult:
     """Train, evaluate, checkpoint, log; resume from ``settings.run_dir`` when asked.
 
-    The run holds its folder's lock (``experiments/runlock.py``) from before any work to the end.
+    The run holds its folder's lock (``experiments/runfolder/runlock.py``) from before any work to the end.
 
     Raises:
         ConfigError: bad input found during setup (missing data, an agent rejecting its
             settings, an existing checkpoint without ``resume``, a folder in use by another
             live run, a damaged checkpoint...), always before training.
         TrainingDiverged: a non-finite loss, reward, gradient norm or weight
-            (``experiments/guard.py``); the checkpoint on disk is the last finite one and
+            (``experiments/training/guard.py``); the checkpoint on disk is the last finite one and
             ``results.json`` marks the run failed.
     """
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings = distributed.localized(settings)
     with distributed.process_group(settings.env.device, distributed.timeout_s(settings.config)):
-        if not distributed.is_main():  # rank 0 alone holds the lock and writes (experiments/distributed.py)
+        if not distributed.is_main():  # rank 0 alone holds the lock and writes (experiments/training/distributed.py)
             return _train(*distributed.for_this_rank(settings, console), data, None)
         with RunLock.acquire(settings.run_dir) as lock, stop_on_interrupt(settings.run_dir):
             return _train(settings, console, data, lock)

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from experiments.errors import ConfigError
-from experiments.runfiles import BEST
+from experiments.config.errors import ConfigError
+from experiments.runfolder.runfiles import BEST
 from las_env.checkpoint import atomic_save, read_torch_file
 from las_env.data import ImageData
 from las_env.validate import SettingError, check_number, check_whole

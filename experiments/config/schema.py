@@ -3,7 +3,7 @@
 Each key's default and type live here once; the YAML files under ``conf/`` only choose (a data
 set, an agent, a preset) and override. Hydra checks every override against these types while it
 composes the config (``data.batch_size=abc`` is refused before anything runs); the ranges are
-checked by the classes' ``__post_init__`` when :func:`experiments.settings.settings_from_config`
+checked by the classes' ``__post_init__`` when :func:`experiments.config.settings.settings_from_config`
 builds them. ``python experiments/run.py --cfg job`` prints every key.
 
 The sections ``reward`` and ``method`` are the game's own configs (:class:`las_env.reward.RewardConfig`,
@@ -28,7 +28,7 @@ from las_env.methods import MethodConfig
 from las_env.reward import RewardConfig
 from las_env.optim import OptimConfig
 from las_env.validate import SettingError, check_whole
-from experiments.selection import SelectionSettings
+from experiments.training.selection import SelectionSettings
 
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")

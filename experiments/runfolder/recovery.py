@@ -1,8 +1,8 @@
 """What a run finds in its folder when it starts: the checkpoint to resume, damaged files,
 temporary files left by killed writes.
 
-Called by :func:`experiments.loop.train` while it holds the folder's run lock
-(``experiments/runlock.py``), so nothing else is writing there.
+Called by :func:`experiments.training.loop.train` while it holds the folder's run lock
+(``experiments/runfolder/runlock.py``), so nothing else is writing there.
 
 - :func:`checkpoint_to_resume` reads ``checkpoint.pt``; when that file is damaged it falls back
   to ``checkpoint.prev.pt`` (the loop keeps the one before the latest), moving the damaged file
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from experiments.errors import ConfigError
-from experiments.runfiles import CHECKPOINT, RUN_FILES
+from experiments.config.errors import ConfigError
+from experiments.runfolder.runfiles import CHECKPOINT, RUN_FILES
 from las_env.checkpoint import (TRAINING_KEYS, CorruptCheckpointError, NotACheckpointError, load_checkpoint,
                                  previous_path, require_keys)
 from las_env.files import stale_temp_files

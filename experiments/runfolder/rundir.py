@@ -27,9 +27,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.errors import fail
-from experiments.runfiles import CHECKPOINT, PREVIOUS_CHECKPOINT
-from experiments.runlock import is_held
+from experiments.config.errors import fail
+from experiments.runfolder.runfiles import CHECKPOINT, PREVIOUS_CHECKPOINT
+from experiments.runfolder.runlock import is_held
 
 NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progress", "threads", "run_root",
                                  "ddp_timeout_s", "init_from_other_data")
@@ -123,7 +123,7 @@ def _resolve_sweep_dir(*, _root_: DictConfig) -> str:
 def _resolve_hydra_subdir(*, _root_: DictConfig) -> str | None:
     # resume=<run_dir> reuses the run's recorded config: do not let Hydra overwrite its .hydra/
     # with this command's (which names only resume=...). Nor the record of a run that is live
-    # in that folder: this invocation is about to be refused (experiments/runlock.py).
+    # in that folder: this invocation is about to be refused (experiments/runfolder/runlock.py).
     if resume_target(_root_.get("resume")) is not None:
         return None
     folders = [Path(str(_root_.run_root)) / run_subdir(_root_)]
@@ -156,7 +156,7 @@ def register_resolvers() -> None:
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
-    from experiments.settings import register_data_resolvers  # noqa: PLC0415 - model=default's resolver
+    from experiments.config.settings import register_data_resolvers  # noqa: PLC0415 - model=default's resolver
 
     register_data_resolvers()
 

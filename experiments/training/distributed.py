@@ -31,7 +31,7 @@ from torch import Tensor
 
 import evaluation
 from evaluation import CleanRobust
-from experiments.errors import ConfigError
+from experiments.config.errors import ConfigError
 from las_env.reward import REWARD_TERMS
 from las_env.sharding import Shard, process_shard
 from las_env.step_record import BATCH_MEANS, PER_IMAGE

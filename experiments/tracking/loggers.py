@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from experiments.errors import ConfigError
-from experiments.settings import LoggerSettings
+from experiments.config.errors import ConfigError
+from experiments.config.settings import LoggerSettings
 
 
 class Console:
@@ -34,7 +34,7 @@ class Console:
 
     def log(self, text: str) -> None:
         """``text`` to ``log.txt`` only (what the command line also prints on stderr). Opened
-        without following a symlink (``O_NOFOLLOW``: ``experiments/runlock.py`` refuses a run
+        without following a symlink (``O_NOFOLLOW``: ``experiments/runfolder/runlock.py`` refuses a run
         folder with one), and without creating a vanished folder again."""
         if self.log_path is None:
             return

@@ -5,7 +5,7 @@ unknown config-group option, a key missing from the config, an output folder it 
 itself: several lines, a search-path dump or a traceback, then exit status 1. :func:`hydra_entry`
 runs a ``@hydra.main`` function with ``HYDRA_FULL_ERROR=1`` so those exceptions reach it, and
 turns each into ``las-at: error: <one paragraph>`` naming the problem and a fix
-(:func:`experiments.errors.fail`), with Hydra's usual status 1.
+(:func:`experiments.config.errors.fail`), with Hydra's usual status 1.
 
 Exceptions raised inside the task function itself are not Hydra's: they propagate unchanged (the
 commands turn their own bad input into the paragraph first; anything left is a bug, and its full
@@ -24,7 +24,7 @@ from typing import Any
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
-from experiments.errors import fail
+from experiments.config.errors import fail
 
 GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
@@ -70,7 +70,7 @@ def hydra_message(exc: BaseException, program: str, conf_dir: Path, hints: dict[
                     f"class, say) is added, with +{key}=VALUE.")
         typed = re.search(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", cause)
         merged = re.search(r"Error merging override ([^=\s]+)=", str(exc))
-        if (match or merged) and typed:  # OmegaConf checked the value against experiments/schema.py
+        if (match or merged) and typed:  # OmegaConf checked the value against experiments/config/schema.py
             return (f"{(match or merged).group(1)}={typed.group(1)}: must be of type {typed.group(2)} (OmegaConf: "
                     f"{typed.group(0)}); `{command} --cfg job` shows every key's current value and type.")
         if match:

@@ -6,7 +6,7 @@
 - Ctrl-C and SIGTERM: :func:`stop_on_interrupt` turns both into the same paragraph, naming the
   kept checkpoint and the command that resumes it (no 40-line ``KeyboardInterrupt`` traceback).
 
-The run folder taken or removed mid-run is :meth:`experiments.runlock.RunLock.verify`'s.
+The run folder taken or removed mid-run is :meth:`experiments.runfolder.runlock.RunLock.verify`'s.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from experiments.errors import RunStopped
-from experiments.runfiles import CHECKPOINT
+from experiments.config.errors import RunStopped
+from experiments.runfolder.runfiles import CHECKPOINT
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

@@ -1,6 +1,6 @@
 """The names and formats of the files in a run folder: one place for every reader and writer.
 
-A training run (:mod:`experiments.loop`) writes, in ``runs/<data>/<agent>/<model>-seed<s>-<hash>/``::
+A training run (:mod:`experiments.training.loop`) writes, in ``runs/<data>/<agent>/<model>-seed<s>-<hash>/``::
 
     checkpoint.pt, checkpoint.prev.pt   resumable state (the one before the latest kept)
     best.pt                             best-epoch weights (model selection), when kept
