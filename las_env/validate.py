@@ -1,7 +1,7 @@
 """Finite-or-stop checks of numeric settings, shared by every typed config.
 
 The configs (:class:`las_env.strategy_space.StrategySpace`, :class:`las_env.reward.RewardConfig`,
-:class:`las_env.target.OptimConfig`, :class:`las_env.game.LASConfig`) call these helpers
+:class:`las_env.optim.OptimConfig`, :class:`las_env.game_config.LASConfig`) call these helpers
 from their ``__post_init__``, so the env and the command line reject the same values with
 the same words. A failure raises :class:`SettingError`, a ``ValueError`` that knows which
 field it is about: the message starts with ``<field>=<value>``, and the command line
