@@ -7,6 +7,11 @@ every attack run (every restart): the clean image is itself a point of the eps-b
 misclassified clean image has no robustness to report. This is also AutoAttack's rule, so all
 rows of a table are comparable, and per-image flags are kept to compare attacks on the same
 images. The PGD machinery is :func:`las_env.attack.pgd`; nothing here reimplements it.
+
+``early_stop=True`` is the authors' evaluation PGD/C&W: an image stops being attacked once it is
+misclassified (``las_env.attack``, tau = 0). In eval mode a frozen image stays misclassified, so an
+image then counts as robust only if EVERY iterate of the full attack's path is classified correctly:
+never more robust than the full attack on the same starts.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def _pgd_robust(
     random_start: bool,
     restarts: int,
     generator: torch.Generator | None,
+    early_stop: bool = False,
 ) -> Tensor:
     """Per-image robust flags of one batch under PGD with restarts (worst case over restarts).
 
@@ -50,7 +56,8 @@ def _pgd_robust(
         idx = robust.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        x_adv = pgd(model, x[idx], y[idx], eps, step, iterations, random_start=random_start, loss=loss, generator=generator)
+        x_adv = pgd(model, x[idx], y[idx], eps, step, iterations, random_start=random_start, loss=loss,
+                    generator=generator, early_stop=0 if early_stop else None)
         robust[idx] = predict(model, x_adv) == y[idx]
     return robust
 
@@ -67,6 +74,7 @@ def robust_accuracy(
     loss: Loss = "ce",
     seed: int = 0,
     generator: torch.Generator | None = None,
+    early_stop: bool = False,
 ) -> CleanRobust:
     """Clean and PGD-``iterations`` accuracy of ``model`` on ``(x, y)``: the cheap per-epoch probe.
 
@@ -74,6 +82,7 @@ def robust_accuracy(
     mode during the call and its mode is restored after. Random starts come from ``generator``
     (default: a fresh one seeded with ``seed``, so successive epochs are probed alike and the
     global RNG is untouched). Robust = correct on the clean image and on the PGD image.
+    ``early_stop``: the authors' early-stopping PGD (module docstring).
 
     Returns:
         ``CleanRobust(clean, robust)``, fractions in ``[0, 1]`` over ``len(x)`` images.
@@ -85,7 +94,8 @@ def robust_accuracy(
     for s in slices(x.shape[0], batch_size):
         xb, yb = x[s].to(device), y[s].to(device)
         ok = predict(model, xb) == yb
-        x_adv = pgd(model, xb, yb, eps, step, iterations, loss=loss, generator=gen)
+        x_adv = pgd(model, xb, yb, eps, step, iterations, loss=loss, generator=gen,
+                    early_stop=0 if early_stop else None)
         clean += int(ok.sum())
         robust += int((ok & (predict(model, x_adv) == yb)).sum())
     n = x.shape[0]
@@ -107,6 +117,7 @@ def evaluate_attack(
     generator: torch.Generator | None = None,
     progress: bool = True,
     state_path: str | Path | None = None,
+    early_stop: bool = False,
 ) -> AttackResult:
     """Accuracy of ``model`` on ``(x, y)`` under one attack.
 
@@ -126,6 +137,7 @@ def evaluate_attack(
         progress: Show a tqdm progress bar (stderr).
         state_path: AutoAttack only: JSON file where finished chunks are saved; a rerun with
             the same model, images, eps and seed skips them (``None``: no state).
+        early_stop: PGD/C&W only: the authors' early stop (module docstring); FGSM has one step.
 
     Returns:
         An :class:`AttackResult` with per-image flags.
@@ -159,7 +171,8 @@ def evaluate_attack(
                                     random_start=False, restarts=1, generator=gen)
             else:
                 flags = _pgd_robust(model, xb, yb, eps=eps_used, step=step, iterations=spec.iterations,
-                                    loss=spec.loss, random_start=True, restarts=restarts, generator=gen)
+                                    loss=spec.loss, random_start=True, restarts=restarts, generator=gen,
+                                    early_stop=early_stop)
             robust[s] = flags.cpu()
             bar.update(s.stop - s.start)
             bar.set_postfix(acc=f"{float(robust[: s.stop].float().mean()):.3f}")
@@ -169,7 +182,9 @@ def evaluate_attack(
         details.update(step=eps_used, iterations=1, random_start=False)
     elif spec.kind == "pgd":
         details.update(step=step, iterations=spec.iterations, loss=spec.loss, random_start=True,
-                       restarts=restarts, seed=seed)
+                       restarts=restarts, seed=seed, early_stop=early_stop)
+        if early_stop:
+            label += ", early stop at the first misclassification (the authors')"
     correct = int(robust.sum())
     return AttackResult(spec.name, label, correct / n, correct, n, eps_used, seconds, details, robust)
 
@@ -191,6 +206,7 @@ def evaluate(
     progress: bool = True,
     data_description: str = "",
     log: Callable[[str], None] | None = None,
+    early_stop: bool = False,
 ) -> list[AttackResult]:
     """Run several attacks on the same images; one :class:`AttackResult` each, in order.
 
@@ -219,7 +235,7 @@ def evaluate(
         result = evaluate_attack(
             model, x[:n], y[:n], spec.name, eps, step=step, batch_size=batch_size, device=device,
             restarts=restarts, seed=seed, progress=progress,
-            state_path=autoattack_state if spec.kind == "autoattack" else None,
+            state_path=autoattack_state if spec.kind == "autoattack" else None, early_stop=early_stop,
         )
         log(result.summary(data_description))
         results.append(result)

@@ -33,7 +33,7 @@ from las_env.reward import RewardConfig
 from las_env.target import OptimConfig
 from las_env.validate import SettingError, check_whole
 
-FIDELITY_KEYS = ("attack_start", "last_batch")
+FIDELITY_KEYS = ("attack_start", "attack_clip", "last_batch")
 """Top-level config keys that are ours-vs-the-authors' switches of ``LASConfig`` (defaults there)."""
 
 LOGGERS = ("none", "wandb")
@@ -55,6 +55,7 @@ class EvalSettings:
     autoattack: bool = False
     autoattack_n: int = 1000
     seed: int = 0
+    early_stop: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def _check_model(name: str) -> str:
 GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
              "reward_interval": "agent.k", "device": "device", "precision": "precision",
              "channels_last": "channels_last", "augment": "data.augment", "sync_batchnorm": "ddp.sync_batchnorm",
-             "grid.extra": "data.grid.extra"}
+             "grid.extra": "data.grid.extra", "augment_padding": "data.augment_padding", "model_init": "model.init"}
 """Command-line key of each :class:`LASConfig` field that is not in a section of its own."""
 
 
@@ -201,6 +202,7 @@ def eval_settings(cfg: Mapping[str, Any]) -> EvalSettings:
         autoattack=autoattack,
         autoattack_n=_whole("eval.autoattack_n", value=cfg.get("autoattack_n", EvalSettings.autoattack_n)),
         seed=_whole("eval.seed", cfg.get("seed", EvalSettings.seed), 0),
+        early_stop=bool(cfg.get("early_stop", EvalSettings.early_stop)),
     )
 
 
@@ -274,6 +276,8 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         grid=grid,
         method=method,
         augment=data.get("augment"),
+        **({"augment_padding": data["augment_padding"]} if "augment_padding" in data else {}),
+        **({"model_init": resolved["model"]["init"]} if "init" in resolved["model"] else {}),
         device=str(resolved.get("device", LASConfig.device)),
         precision=str(resolved.get("precision", LASConfig.precision)),
         channels_last=bool(resolved.get("channels_last", LASConfig.channels_last)),

@@ -10,7 +10,8 @@ def build_method(cfg: MethodConfig) -> TrainingMethod:
     """The method ``cfg`` names (AWP around its ``awp_base``)."""
     base: TrainingMethod = TRADES(cfg.trades_beta) if cfg.loss_name == "trades" else PGDAT()
     if cfg.name == "awp":
-        return AWP(base, cfg.awp_gamma, cfg.awp_warmup_epochs, cfg.awp_proxy_lr)
+        return AWP(base, cfg.awp_gamma, cfg.awp_warmup_epochs, cfg.awp_proxy_lr,
+                   proxy_loss=cfg.awp_proxy_loss, clean_forward=cfg.awp_clean_forward)
     return base
 
 
