@@ -109,7 +109,7 @@ class Variant:
         if kind == "pgdat":
             self.agent: Any = FixedAgent(spec)
         else:
-            self.agent = ReinforceAgent(spec, k=k, backbone=args.strategy_backbone, seed=args.seed)
+            self.agent = ReinforceAgent(spec, credit="per_image", k=k, backbone=args.strategy_backbone, seed=args.seed)
             if channels_last:
                 self.agent.net.to(memory_format=torch.channels_last)
         cfg = replace(cfg, reward_interval=self.agent.reward_interval)

@@ -31,10 +31,10 @@ CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 PRESET_CHOICES: dict[str, dict[str, str]] = {
     # option: {key: why its YAML value differs from the class's default}
     "reinforce": {
-        # The class defaults are the authors' (SPEC section 7); the command line's default agent
-        # is tuned for the three-minute digits demo (README, "Results").
+        # The class's optimiser defaults are the authors' (SPEC section 2) and its credit is the
+        # command line's (unbiased); the command line's k and optimiser are tuned for the
+        # three-minute digits demo (README, "Results").
         "k": "digits demo: frequent strategy updates (authors: 20)",
-        "credit": "digits demo: unbiased per-image credit (authors: one scalar per batch)",
         "lr": "digits demo: Adam 1e-3 (authors: SGD 1e-4)",
         "optimizer": "digits demo: Adam (authors: SGD)",
     },

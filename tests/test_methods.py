@@ -217,7 +217,7 @@ def _spec(env: LASEnv) -> AgentSpec:
 
 
 AGENTS = {
-    "reinforce": lambda s: ReinforceAgent(s, k=2),
+    "reinforce": lambda s: ReinforceAgent(s, credit="per_image", k=2),
     "fixed": lambda s: FixedAgent(s, extra={"trades_beta": 6.0} if len(s.grid.nvec) > 3 else None),
     "random": lambda s: RandomAgent(s),
     "ppo": lambda s: SB3Agent(s, algo="ppo", reward_interval=2, n_steps=2, batch_size=16, n_epochs=1),

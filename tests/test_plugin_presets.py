@@ -169,7 +169,7 @@ def test_presets_run_two_steps_on_the_exact_cifar10_subset(tmp_path, cifar_root,
 def test_the_policy_lr_schedule_steps_with_the_agent_updates():
     spec = AgentSpec(grid=StrategyGrid((0.05,), (1,), (0.1, 0.2)), observation_shape=(4, 1, 8, 8), num_classes=10,
                      dataset="digits", device=torch.device("cpu"), total_steps=8, steps_per_epoch=8, seed=0)
-    agent = ReinforceAgent(spec, k=2, lr=0.1, lr_milestones=[0.5, 0.75], lr_gamma=0.1)  # 4 updates: at 2 and 3
+    agent = ReinforceAgent(spec, credit="per_image", k=2, lr=0.1, lr_milestones=[0.5, 0.75], lr_gamma=0.1)  # 4 updates: at 2 and 3
     seen = []
     for _ in range(4):
         agent.act(torch.rand(4, 1, 8, 8), {"reward_next_step": True})
