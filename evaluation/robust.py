@@ -182,8 +182,9 @@ def evaluate_attack(
         details.update(step=eps_used, iterations=1, random_start=False)
     elif spec.kind == "pgd":
         details.update(step=step, iterations=spec.iterations, loss=spec.loss, random_start=True,
-                       restarts=restarts, seed=seed, early_stop=early_stop)
-        if early_stop:
+                       restarts=restarts, seed=seed)
+        if early_stop:  # recorded only when on: results of the default attack keep their form
+            details["early_stop"] = True
             label += ", early stop at the first misclassification (the authors')"
     correct = int(robust.sum())
     return AttackResult(spec.name, label, correct / n, correct, n, eps_used, seconds, details, robust)
