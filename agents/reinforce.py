@@ -97,10 +97,11 @@ class ReinforceAgent:
 
     Args:
         spec: the game (grid, observation shape, device, seed, k).
-        credit: ``"per_image"`` (per-image rewards minus a running baseline), ``"paper"``
-            (one scalar reward per batch, no baseline: the authors' estimator) or ``"unbiased"``
-            (per-image credit that estimates the gradient of the paper's J; needs the env to
-            measure the pre-update target, ``RewardConfig.pre_update_probe``).
+        credit: ``"unbiased"`` (the default, as on the command line: per-image credit that
+            estimates the gradient of the paper's J; needs the env to measure the pre-update
+            target, ``RewardConfig.pre_update_probe``), ``"per_image"`` (per-image rewards minus
+            a running baseline) or ``"paper"`` (one scalar reward per batch, no baseline: the
+            authors' estimator).
         lr: learning rate of the strategy network (authors: 1e-4).
         optimizer: ``"sgd"`` (authors) or ``"adam"``.
         momentum: SGD momentum (authors: 0); ignored by Adam.
@@ -115,6 +116,8 @@ class ReinforceAgent:
         backbone: strategy backbone name for :func:`las_env.models.build_model`; ``None``
             takes ``small_cnn`` for digits and ``resnet18`` (the authors') otherwise.
         zero_init_heads: start from the uniform strategy (see ``agents.strategy_net``).
+        backbone_init: ``"kaiming"`` (ours) or ``"pytorch"`` (the authors' ResNet-18: PyTorch's
+            layer defaults), the strategy backbone's initialisation.
         seed: seed of the network's initialisation and of the sampling generator; ``None``
             takes ``spec.seed``.
         reward_flow: ``"train_on_scored"`` (ours) or ``"score_then_resample"`` (the
@@ -138,7 +141,7 @@ class ReinforceAgent:
         self,
         spec: AgentSpec,
         *,
-        credit: Credit = "per_image",
+        credit: Credit = "unbiased",
         lr: float = 1e-4,
         optimizer: Literal["sgd", "adam"] = "sgd",
         momentum: float = 0.0,
@@ -149,6 +152,7 @@ class ReinforceAgent:
         normalize_advantages: bool = True,
         backbone: str | None = None,
         zero_init_heads: bool = True,
+        backbone_init: str = "kaiming",
         seed: int | None = None,
         reward_flow: RewardFlow = "train_on_scored",
         bn_mode: BnMode = "train",
@@ -185,7 +189,8 @@ class ReinforceAgent:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
-            net = StrategyNet(self.backbone, in_channels, spec.grid.nvec, zero_init_heads=zero_init_heads)
+            net = StrategyNet(self.backbone, in_channels, spec.grid.nvec, zero_init_heads=zero_init_heads,
+                              backbone_init=backbone_init)
         self.net = net.to(self.device).train()
 
         if optimizer == "sgd":

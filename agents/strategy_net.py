@@ -36,10 +36,13 @@ class StrategyNet(nn.Module):
 
     Args:
         backbone: a :func:`las_env.models.build_model` name: ``"resnet18"`` (the authors'
-            strategy network on CIFAR), ``"small_cnn"`` (digits), ``"preact_resnet18"``, ...
+            strategy network on CIFAR), ``"resnet18_pool2"`` (theirs on Tiny-ImageNet: 2048
+            features), ``"small_cnn"`` (digits), ``"preact_resnet18"``, ...
         in_channels: channels of the observed images.
         nvec: number of values per action column, ``StrategySpace.nvec``.
         zero_init_heads: start every head at zero, i.e. a uniform strategy (see module doc).
+        backbone_init: the backbone's initialisation, ``"kaiming"`` (ours) or ``"pytorch"``
+            (the authors' ResNet-18: PyTorch's layer defaults); :func:`las_env.models.build_model`.
 
     Attributes:
         backbone: the feature extractor; its classifier layer is replaced by the identity
@@ -55,13 +58,14 @@ class StrategyNet(nn.Module):
         nvec: tuple[int, ...],
         *,
         zero_init_heads: bool = True,
+        backbone_init: str = "kaiming",
     ) -> None:
         super().__init__()
         if len(nvec) < 3 or any(int(n) < 1 for n in nvec):
             raise ValueError(f"nvec must be positive grid sizes (step size, iterations, epsilon, then any extra "
                              f"columns), got {nvec}.")
         self.nvec = tuple(int(n) for n in nvec)
-        net = build_model(backbone, in_channels, num_classes=1)
+        net = build_model(backbone, in_channels, num_classes=1, init=backbone_init)
         net.linear = nn.Identity()
         self.backbone = net
         self.backbone_name = backbone

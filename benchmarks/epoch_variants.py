@@ -116,7 +116,7 @@ class Variant:
         if kind == "pgdat":
             self.agent: Any = FixedAgent(spec)
         else:
-            self.agent = ReinforceAgent(spec, backbone=args.strategy_backbone, seed=args.seed)
+            self.agent = ReinforceAgent(spec, credit="per_image", backbone=args.strategy_backbone, seed=args.seed)
             if channels_last:
                 self.agent.net.to(memory_format=torch.channels_last)
         self.initial = copy.deepcopy(self.agent.state_dict())

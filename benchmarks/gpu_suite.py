@@ -269,7 +269,8 @@ def smoke_part(args: argparse.Namespace, run_root: Path, budget: float) -> tuple
         except (OSError, subprocess.CalledProcessError) as exc:
             prepare_error = f"preparing {data_dir} from {SHARED_DATA} failed: {exc}"
     cmd = [sys.executable, str(REPO / "experiments" / "run.py"), f"experiment={PRESET}", f"data.root={data_dir}",
-           f"device={args.device}", "data.epochs=2", "logger=none", "progress=false", f"run_root={run_root}"]
+           f"device={args.device}", "data.epochs=2", "logger=none", "progress=false", f"run_root={run_root}",
+           "eval.autoattack=false"]  # the preset's AutoAttack on 10,000 images would take hours, not the budget
     if args.tiny:
         cmd += ["data.batch_size=8", "data.max_steps_per_epoch=2", "model.name=small_cnn", "agent.backbone=small_cnn",
                 "agent.k=2", "eval.test_subset=16", "eval.train_subset=16", "eval.final_n=16",

@@ -7,6 +7,11 @@ every attack run (every restart): the clean image is itself a point of the eps-b
 misclassified clean image has no robustness to report. This is also AutoAttack's rule, so all
 rows of a table are comparable, and per-image flags are kept to compare attacks on the same
 images. The PGD machinery is :func:`las_env.attack.pgd`; nothing here reimplements it.
+
+``early_stop=True`` is the authors' evaluation PGD/C&W: an image stops being attacked once it is
+misclassified (``las_env.attack``, tau = 0). In eval mode a frozen image stays misclassified, so an
+image then counts as robust only if EVERY iterate of the full attack's path is classified correctly:
+never more robust than the full attack on the same starts.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def _pgd_robust(
     random_start: bool,
     restarts: int,
     generator: torch.Generator | None,
+    early_stop: bool = False,
 ) -> Tensor:
     """Per-image robust flags of one batch under PGD with restarts (worst case over restarts).
 
@@ -51,7 +57,8 @@ def _pgd_robust(
         idx = robust.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        x_adv = pgd(model, x[idx], y[idx], eps, step, iterations, random_start=random_start, loss=loss, generator=generator)
+        x_adv = pgd(model, x[idx], y[idx], eps, step, iterations, random_start=random_start, loss=loss,
+                    generator=generator, early_stop=0 if early_stop else None)
         robust[idx] = predict(model, x_adv) == y[idx]
     return robust
 
@@ -69,6 +76,7 @@ def robust_accuracy(
     seed: int = 0,
     generator: torch.Generator | None = None,
     shard: Shard | None = None,
+    early_stop: bool = False,
 ) -> CleanRobust:
     """Clean and PGD-``iterations`` accuracy of ``model`` on ``(x, y)``: the cheap per-epoch probe.
 
@@ -77,6 +85,7 @@ def robust_accuracy(
     (default: a fresh one seeded with ``seed``, so successive epochs are probed alike and the
     global RNG is untouched; ``shard``: this rank's rows of each batch under several processes,
     the starts drawn for the whole batch). Robust = correct on the clean image and on the PGD image.
+    ``early_stop``: the authors' early-stopping PGD (module docstring).
 
     Returns:
         ``CleanRobust(clean, robust)``, fractions in ``[0, 1]`` over ``len(x)`` images.
@@ -88,7 +97,8 @@ def robust_accuracy(
     for s in slices(x.shape[0], batch_size):
         xb, yb = x[s].to(device), y[s].to(device)
         ok = predict(model, xb) == yb
-        x_adv = pgd(model, xb, yb, eps, step, iterations, loss=loss, generator=gen, shard=shard)
+        x_adv = pgd(model, xb, yb, eps, step, iterations, loss=loss, generator=gen, shard=shard,
+                    early_stop=0 if early_stop else None)
         clean += int(ok.sum())
         robust += int((ok & (predict(model, x_adv) == yb)).sum())
     n = x.shape[0]
@@ -110,6 +120,7 @@ def evaluate_attack(
     generator: torch.Generator | None = None,
     progress: bool = True,
     state_path: str | Path | None = None,
+    early_stop: bool = False,
 ) -> AttackResult:
     """Accuracy of ``model`` on ``(x, y)`` under one attack.
 
@@ -129,6 +140,7 @@ def evaluate_attack(
         progress: Show a tqdm progress bar (stderr).
         state_path: AutoAttack only: JSON file where finished chunks are saved; a rerun with
             the same model, images, eps and seed skips them (``None``: no state).
+        early_stop: PGD/C&W only: the authors' early stop (module docstring); FGSM has one step.
 
     Returns:
         An :class:`AttackResult` with per-image flags.
@@ -162,7 +174,8 @@ def evaluate_attack(
                                     random_start=False, restarts=1, generator=gen)
             else:
                 flags = _pgd_robust(model, xb, yb, eps=eps_used, step=step, iterations=spec.iterations,
-                                    loss=spec.loss, random_start=True, restarts=restarts, generator=gen)
+                                    loss=spec.loss, random_start=True, restarts=restarts, generator=gen,
+                                    early_stop=early_stop)
             robust[s] = flags.cpu()
             bar.update(s.stop - s.start)
             bar.set_postfix(acc=f"{float(robust[: s.stop].float().mean()):.3f}")
@@ -173,6 +186,9 @@ def evaluate_attack(
     elif spec.kind == "pgd":
         details.update(step=step, iterations=spec.iterations, loss=spec.loss, random_start=True,
                        restarts=restarts, seed=seed)
+        if early_stop:  # recorded only when on: results of the default attack keep their form
+            details["early_stop"] = True
+            label += ", early stop at the first misclassification (the authors')"
     correct = int(robust.sum())
     return AttackResult(spec.name, label, correct / n, correct, n, eps_used, seconds, details, robust)
 
@@ -194,6 +210,7 @@ def evaluate(
     progress: bool = True,
     data_description: str = "",
     log: Callable[[str], None] | None = None,
+    early_stop: bool = False,
 ) -> list[AttackResult]:
     """Run several attacks on the same images; one :class:`AttackResult` each, in order.
 
@@ -222,7 +239,7 @@ def evaluate(
         result = evaluate_attack(
             model, x[:n], y[:n], spec.name, eps, step=step, batch_size=batch_size, device=device,
             restarts=restarts, seed=seed, progress=progress,
-            state_path=autoattack_state if spec.kind == "autoattack" else None,
+            state_path=autoattack_state if spec.kind == "autoattack" else None, early_stop=early_stop,
         )
         log(result.summary(data_description))
         results.append(result)

@@ -6,6 +6,17 @@ their count once, so at iteration ``t`` the images still attacking are a prefix 
 sorted batch and the forward/backward pass runs on a view of that prefix only. The
 authors' loop (:func:`masked_pgd`) runs every image for the batch's maximum count and
 masks the updates, paying ``batch size x max``.
+
+Early stopping (``early_stop=tau``, one mechanism for the authors' reward probe and evaluation
+attacks, tau = 0, and for FAT's tau > 0): before each step an image is checked; once the model
+misclassifies it and it has already taken ``tau`` steps while misclassified, it is frozen where
+it is. The forward pass of the check is the step's own, and frozen images leave the batch, so
+the cost is the iterations actually run.
+
+Clip order (``clip_start``): ours clips the random start into each image's own ball before the
+first step; ``clip_start=False`` is the authors' order (the start only kept inside [0, 1], the
+first step's projection brings it into the ball), which matters when the start is drawn in a
+larger ball than the image's (``attack_start=threat_ball``).
 """
 
 from __future__ import annotations
@@ -74,6 +85,8 @@ def per_image_pgd(
     generator: torch.Generator | None = None,
     loss: Loss = "ce",
     shard: Shard | None = None,
+    early_stop: int | None = None,
+    clip_start: bool = True,
 ) -> Tensor:
     """Adversarial examples with per-image settings.
 
@@ -90,6 +103,11 @@ def per_image_pgd(
         loss: ``"ce"`` (cross-entropy), ``"margin"`` (C&W-inf) or ``"kl"`` (TRADES).
         shard: under several processes, this rank's rows of the global batch (the random start
             is drawn for the global batch); ``None``: one process.
+        early_stop: ``None`` (ours: every image runs its full count) or ``tau >= 0``: an image
+            is frozen at the check before a step once it is misclassified and has taken ``tau``
+            steps while misclassified (the authors' early stop: 0; FAT: its tau). Needs labels.
+        clip_start: clip the start into each image's ball before the first step (ours), or only
+            after it (``False``, the authors').
 
     Returns:
         ``x + delta`` with ``|delta|_inf <= epsilon`` per image, clipped to ``[0, 1]``.
@@ -102,12 +120,60 @@ def per_image_pgd(
         start = random_start(x, epsilon.to(x.device), generator, shard)
     elif start.shape != x.shape:
         raise ValueError(f"start must have the images' shape {tuple(x.shape)}, got {tuple(start.shape)}.")
+    if early_stop is not None:
+        return _early_stopping_pgd(model, x, y, epsilon, step_size, iterations, start, loss, early_stop, clip_start)
 
     # Sort once by iteration count (descending): the images still attacking at step t are
     # then the prefix [:n_t], and slicing a prefix is a view, not a gather.
     order = torch.argsort(iterations, descending=True, stable=True)
     counts = iterations[order].tolist()  # the one host sync: slice sizes must be known on the host
-    return _sorted_pgd(model, x, y, epsilon, step_size, start, counts, order, loss)
+    return _sorted_pgd(model, x, y, epsilon, step_size, start, counts, order, loss, clip_start)
+
+
+def _ball(x: Tensor, epsilon: Tensor, step_size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-image ``(lower, upper, step)`` bounds of the projection, as ``(B, 1, ..., 1)``-broadcast
+    tensors in ``x``'s dtype, and ``eps`` likewise."""
+    shape = (x.shape[0], *([1] * (x.dim() - 1)))
+    eps = epsilon.to(device=x.device, dtype=x.dtype).view(shape)
+    step = step_size.to(device=x.device, dtype=x.dtype).view(shape)
+    return (x - eps).clamp_(min=0), (x + eps).clamp_(max=1), step, eps
+
+
+def _first_point(x: Tensor, start: Tensor, eps: Tensor, lower: Tensor, upper: Tensor, clip_start: bool) -> Tensor:
+    """Where the attack starts: in the image's ball (ours) or, ``clip_start=False``, only in [0, 1]."""
+    if clip_start:
+        return torch.max(torch.min(x + start.clamp(-eps, eps), upper), lower)
+    return (x + start).clamp(0, 1)
+
+
+def _early_stopping_pgd(model: nn.Module, x: Tensor, y: Tensor, epsilon: Tensor, step_size: Tensor,
+                        iterations: Tensor, start: Tensor, loss: Loss, tau: int, clip_start: bool) -> Tensor:
+    """:func:`per_image_pgd` with early stopping (see the module docstring): the still-running
+    images are gathered by index each step (one host read per step: how many still run)."""
+    if loss == "kl":
+        raise ValueError("early_stop needs labels (misclassified = argmax differs from the label); the KL "
+                         "attack (TRADES) has clean probabilities instead: use early_stop=None.")
+    if isinstance(tau, bool) or int(tau) != tau or tau < 0:
+        raise ValueError(f"early_stop must be None (off) or a whole number tau >= 0, got {tau!r}.")
+    lower, upper, step, eps = _ball(x, epsilon, step_size)
+    x_adv = _first_point(x, start, eps, lower, upper, clip_start)
+    left = iterations.to(x.device).long().clone()  # steps each image may still take
+    patience = torch.full_like(left, int(tau))  # steps it may still take while misclassified
+    running = torch.nonzero(left > 0).squeeze(1)
+    with eval_mode(model), torch.enable_grad():
+        while running.numel() > 0:
+            xa = x_adv[running].detach().requires_grad_(True)
+            yr = y[running]
+            logits = model(xa)
+            wrong = logits.argmax(1) != yr
+            go = ~(wrong & (patience[running] == 0))
+            (grad,) = torch.autograd.grad(attack_loss(logits, yr, loss).sum(), xa)
+            stepped = torch.max(torch.min(xa.detach() + step[running] * grad.sign(), upper[running]), lower[running])
+            x_adv[running] = torch.where(go.view(-1, *([1] * (x.dim() - 1))), stepped, xa.detach())
+            patience[running] -= (wrong & go).long()
+            left[running] -= 1
+            running = running[go & (left[running] > 0)]
+    return torch.max(torch.min(x_adv, upper), lower).detach()
 
 
 def _sorted_pgd(
@@ -120,6 +186,7 @@ def _sorted_pgd(
     counts: list[int],
     order: Tensor | None,
     loss: Loss,
+    clip_start: bool = True,
 ) -> Tensor:
     """The PGD loop of :func:`per_image_pgd` once the images are ordered by descending count.
 
@@ -136,7 +203,7 @@ def _sorted_pgd(
     eps_s, step_s = eps.view(shape), step.view(shape)
     lower = (x - eps_s).clamp_(min=0)
     upper = (x + eps_s).clamp_(max=1)
-    x_adv = torch.max(torch.min(x + start.clamp(-eps_s, eps_s), upper), lower)
+    x_adv = _first_point(x, start, eps_s, lower, upper, clip_start)
 
     ascending = counts[::-1]
     max_iterations = counts[0] if counts else 0
@@ -149,6 +216,8 @@ def _sorted_pgd(
             # In place, no allocation: xa.detach() shares x_adv[:n]'s storage, so the step and
             # the projection (lower <= upper, so clamp == max(min(., upper), lower)) write x_adv.
             xa.detach().add_(grad.sign_().mul_(step_s[:n])).clamp_(lower[:n], upper[:n])
+    if not clip_start:  # images with no step are still at their unclipped start
+        x_adv = torch.max(torch.min(x_adv, upper), lower)
 
     if order is None:
         return x_adv.detach()
@@ -169,16 +238,21 @@ def pgd(
     loss: Loss = "ce",
     generator: torch.Generator | None = None,
     shard: Shard | None = None,
+    early_stop: int | None = None,
 ) -> Tensor:
     """Plain PGD with the same settings for every image (the evaluation and probe attack).
 
     Same result as :func:`per_image_pgd` with constant settings, without its sort: the counts
     are known on the host, so there is no host-device synchronisation and no gather/scatter.
+    ``early_stop=tau`` freezes misclassified images (module docstring; the authors': 0).
     """
     b = x.shape[0]
     eps = torch.full((b,), float(epsilon), device=x.device)
     step = torch.full((b,), float(step_size), device=x.device)
     start = _random_start(x, eps, generator, shard) if random_start else torch.zeros_like(x)
+    if early_stop is not None:
+        counts = torch.full((b,), int(iterations), device=x.device, dtype=torch.long)
+        return _early_stopping_pgd(model, x, y, eps, step, counts, start, loss, early_stop, True)
     return _sorted_pgd(model, x, y, eps, step, start, [int(iterations)] * b, None, loss)
 
 

@@ -100,7 +100,8 @@ class LASGame:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            model = build_model(self.config.model, self.data.channels, self.data.num_classes)
+            model = build_model(self.config.model, self.data.channels, self.data.num_classes,
+                                init=self.config.model_init)
         model = model.to(self.device)
         if self.config.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -159,7 +160,7 @@ class LASGame:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
         if self.augment:
-            x = augment_batch(x, self.rng)
+            x = augment_batch(x, self.rng, pad_mode=self.config.augment_padding)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self._x_global, self._y_global = x, y
@@ -292,7 +293,8 @@ class LASGame:
         loss, reference = self.method.attack_objective(self.target, x, y, self.config.precision)
         with autocast(self.device, self.config.precision):
             return per_image_pgd(self.target, x, reference, epsilon, step_size, iterations, start=start,
-                                 generator=generator, loss=loss, shard=self.shard)
+                                 generator=generator, loss=loss, shard=self.shard,
+                                 clip_start=self.config.attack_clip == "start")
 
     def _eval_l1(self, x: Tensor, x_adv: Tensor, y: Tensor, extras: dict[str, Tensor]) -> Tensor:
         """The method's per-image L1 of the target (not yet updated) in eval mode: the authors' L1

@@ -38,6 +38,13 @@ class LASConfig:
         grid: the strategy space (:class:`las_env.strategy_space.StrategySpace`, alias
             ``StrategySpace``); ``None`` takes the data set's default grid.
         augment: random crop (pad 4) + flip on the device; ``None``: the data set's (on for 32 px and larger).
+        augment_padding: how the crop pads: "zeros" (ours) or "reflect" (the authors' AWP and
+            LAS-AWP scripts).
+        model_init: the target's initialisation, "kaiming" (ours) or "pytorch" (PyTorch's layer
+            defaults: the authors' ResNet-18 and PreAct ResNet-18); ``las_env.models``.
+        attack_clip: when the training attack's start is clipped into each image's own ball:
+            "start" (ours, before the first step) or "first_step" (the authors': kept in [0, 1]
+            only, the first step's projection brings it in; matters with "threat_ball" starts).
         device: "cpu", "cuda", "cuda:1", ... ("auto" picks cuda when available).
         precision: "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler).
         channels_last: NHWC memory format for conv speed on GPUs.
@@ -76,6 +83,9 @@ class LASConfig:
     grid: StrategySpace | None = None
     threat: ThreatModel | None = None
     augment: bool | None = None
+    augment_padding: Literal["zeros", "reflect"] = "zeros"
+    model_init: Literal["kaiming", "pytorch"] = "kaiming"
+    attack_clip: Literal["start", "first_step"] = "start"
     device: str = "cpu"
     precision: Precision = "fp32"
     channels_last: bool = False
@@ -128,6 +138,13 @@ class LASConfig:
                 f"attack_start must be 'own_ball' (ours) or 'threat_ball' (the authors' LAS-AT), or 'gaussian' (the "
                 f"authors' TRADES: x + 0.001*N(0,1)), got {self.attack_start!r}."
             )
+        if self.attack_clip not in ("start", "first_step"):
+            raise SettingError("attack_clip", self.attack_clip, "must be start (ours: the random start is clipped into "
+                               "the image's ball) or first_step (the authors': clipped after the first step).")
+        if self.augment_padding not in ("zeros", "reflect"):
+            raise SettingError("augment_padding", self.augment_padding, "must be zeros (ours) or reflect (the authors' AWP).")
+        if self.model_init not in ("kaiming", "pytorch"):
+            raise SettingError("model_init", self.model_init, "must be kaiming (ours) or pytorch (the authors' ResNet-18).")
         if self.last_batch not in ("drop", "wrap"):
             raise ValueError(f"last_batch must be 'drop' (ours) or 'wrap' (the authors' keep it), got {self.last_batch!r}.")
 

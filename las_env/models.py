@@ -3,7 +3,8 @@
 All models take images in ``[0, 1]`` (no normalisation layer: epsilons are in pixel
 units) with any channel count and return logits ``(N, num_classes)``. They end in global
 average pooling, so the same network runs on 8x8 digits, 32x32 CIFAR and 64x64
-Tiny-ImageNet.
+Tiny-ImageNet; the ``_pool2`` variants pool to a 2x2 map instead (the authors' Tiny-ImageNet
+networks, SPEC section 9).
 
 Every model exposes ``feature_dim`` (width of the pooled feature vector) and
 ``features(x) -> (N, feature_dim)``; ``forward(x)`` is the linear classifier on top. A
@@ -13,9 +14,18 @@ Names for :func:`build_model` (:data:`MODEL_NAMES`; any ``wrn-DEPTH-WIDTH`` is a
 
 - ``resnet18``: the CIFAR variant of ResNet-18 (3x3 stem, no max-pool), ~11.2M parameters.
 - ``preact_resnet18``: pre-activation ResNet-18, the usual adversarial-training baseline.
+- ``preact_resnet18_pool2``: the authors' Tiny-ImageNet target (SPEC section 9): pre-activation
+  ResNet-18 WITHOUT the final BN-ReLU, pooled to 2x2 (their ``avg_pool2d(out, 4)`` on the 8x8 map
+  of a 64x64 image), so ``feature_dim = 2048`` and the head is ``Linear(2048, classes)``.
+- ``resnet18_pool2``: ResNet-18 pooled to 2x2 (2048 features): the authors' Tiny-ImageNet
+  strategy backbone.
 - ``wrn-34-10`` etc.: the pre-activation Wide ResNet of the adversarial-robustness
   literature (WRN-34-10 ~46.2M parameters).
 - ``small_cnn``: a two-conv network for 8x8 digits, seconds to train on a CPU.
+
+Initialisation (``init=`` of :func:`build_model`): ``"kaiming"`` (ours; He-normal fan-out
+convolutions, unit BatchNorm, zero Linear biases, as the ResNet/WRN papers and the authors' WRN)
+or ``"pytorch"`` (PyTorch's own layer defaults, as the authors' ResNet-18 and PreAct ResNet-18).
 """
 
 from __future__ import annotations
@@ -28,13 +38,18 @@ from torch import Tensor, nn
 
 MODEL_NAMES: tuple[str, ...] = (
     "resnet18",
+    "resnet18_pool2",
     "preact_resnet18",
+    "preact_resnet18_pool2",
     "wrn-34-10",
     "wrn-34-20",
     "wrn-70-16",
     "small_cnn",
 )
 """Common names :func:`build_model` accepts; any ``wrn-DEPTH-WIDTH`` with ``(DEPTH-4) % 6 == 0`` also works."""
+
+INITS: tuple[str, ...] = ("kaiming", "pytorch")
+"""Initialisations :func:`build_model` accepts: ours (He fan-out) or PyTorch's layer defaults."""
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -134,18 +149,24 @@ class PreActBlock(nn.Module):
 class ResNet18(_Classifier):
     """CIFAR-style ResNet-18: 3x3 stride-1 stem, no max-pool, four stages of two blocks.
 
-    Stage widths 64, 128, 256, 512, strides 1, 2, 2, 2; global average pooling then a
-    linear layer. ``preact=True`` gives PreAct-ResNet-18 (pre-activation blocks and a final
-    BN-ReLU before pooling).
+    Stage widths 64, 128, 256, 512, strides 1, 2, 2, 2; average pooling then a linear layer.
+    ``preact=True`` gives PreAct-ResNet-18 (pre-activation blocks and a final BN-ReLU before
+    pooling). ``pool=2`` (the authors' Tiny-ImageNet networks) pools to a 2x2 map, so the
+    features are 4 x 512 = 2048 wide; with ``preact`` it also drops the final BN-ReLU, as their
+    Tiny-ImageNet PreActResNet-18 does.
 
     Args:
         in_channels: Image channels.
         num_classes: Number of output logits.
         preact: Use pre-activation blocks.
+        pool: Side of the pooled map: 1 (global pooling) or 2 (the authors' Tiny-ImageNet nets).
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, preact: bool = False) -> None:
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, preact: bool = False, pool: int = 1) -> None:
         super().__init__()
+        if pool not in (1, 2):
+            raise ValueError(f"ResNet18 pool must be 1 (global) or 2 (the authors' Tiny-ImageNet 2x2), got {pool}.")
+        self.pool = pool
         block = PreActBlock if preact else BasicBlock
         self.preact = preact
         self.conv1 = _conv3x3(in_channels, 64)
@@ -157,10 +178,11 @@ class ResNet18(_Classifier):
             layers += [block(in_ch, width, stride), block(width, width, 1)]
             in_ch = width
         self.layers = nn.Sequential(*layers)
-        self.final_bn: nn.Module = nn.BatchNorm2d(512) if preact else nn.Identity()
-        self.feature_dim = 512
+        # The authors' Tiny-ImageNet PreActResNet-18 pools the last block's raw sum (no BN-ReLU).
+        self.final_bn: nn.Module | None = nn.BatchNorm2d(512) if preact and pool == 1 else None
+        self.feature_dim = 512 * pool * pool
         self.num_classes = num_classes
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(self.feature_dim, num_classes)
         _init_weights(self)
 
     def features(self, x: Tensor) -> Tensor:
@@ -168,9 +190,10 @@ class ResNet18(_Classifier):
         if not self.preact:
             out = F.relu(self.bn1(out))
         out = self.layers(out)
-        if self.preact:
+        if self.final_bn is not None:
             out = F.relu(self.final_bn(out))
-        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        # pool=2 on a 64x64 image: the 8x8 map averaged in 4x4 windows, their avg_pool2d(out, 4).
+        return torch.flatten(F.adaptive_avg_pool2d(out, self.pool), 1)
 
 
 # ----------------------------------------------------------------------------- Wide ResNet
@@ -273,37 +296,58 @@ class SmallCNN(_Classifier):
 _WRN_PATTERN = re.compile(r"^(?:wrn|wideresnet|wide-resnet)-?(\d+)-(\d+)$")
 
 
-def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+def build_model(name: str, in_channels: int, num_classes: int, init: str = "kaiming") -> nn.Module:
     """Build a freshly initialised classifier.
 
     Args:
-        name: ``"resnet18"``, ``"preact_resnet18"``, ``"wrn-DEPTH-WIDTH"`` (also
-            ``"wideresnet-34-10"``, ``"wrn_34_10"``) or ``"small_cnn"``; case and ``-``/``_``
-            are interchangeable.
+        name: ``"resnet18"``, ``"preact_resnet18"`` (each also ``..._pool2``),
+            ``"wrn-DEPTH-WIDTH"`` (also ``"wideresnet-34-10"``, ``"wrn_34_10"``) or
+            ``"small_cnn"``; case and ``-``/``_`` are interchangeable.
         in_channels: Channels of the input images.
         num_classes: Number of output logits.
+        init: ``"kaiming"`` (ours) or ``"pytorch"`` (PyTorch's layer defaults: the authors'
+            ResNet-18); see the module docstring.
 
     Returns:
         A model mapping ``(N, in_channels, H, W)`` images in ``[0, 1]`` to ``(N, num_classes)``
         logits, with ``features`` / ``feature_dim`` as described in the module docstring.
 
     Raises:
-        ValueError: unknown name, or a WRN depth that is not ``6n + 4``.
+        ValueError: unknown name or init, or a WRN depth that is not ``6n + 4``.
     """
     if in_channels < 1 or num_classes < 1:
         raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}.")
-    key = name.strip().lower().replace("_", "-")
+    if init not in INITS:
+        raise ValueError(f"Unknown init {init!r}: use 'kaiming' (ours) or 'pytorch' (PyTorch's defaults, the "
+                         f"authors' ResNet-18).")
+    model = _architecture(name.strip().lower().replace("_", "-"), in_channels, num_classes)
+    if model is None:
+        raise ValueError(
+            f"Unknown model {name!r}; valid names are: {', '.join(MODEL_NAMES)} "
+            "(or any 'wrn-DEPTH-WIDTH' with DEPTH = 6n + 4)."
+        )
+    if init == "pytorch":
+        for m in model.modules():  # every layer back to its own reset_parameters()
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+                m.reset_parameters()
+    return model
+
+
+def _architecture(key: str, in_channels: int, num_classes: int) -> nn.Module | None:
+    """The network a normalised name means (Kaiming-initialised), or None for an unknown name."""
     if key in ("resnet18", "resnet-18"):
         return ResNet18(in_channels, num_classes)
+    if key in ("resnet18-pool2", "resnet-18-pool2"):
+        return ResNet18(in_channels, num_classes, pool=2)
     if key in ("preact-resnet18", "preact-resnet-18", "preactresnet18"):
         return ResNet18(in_channels, num_classes, preact=True)
+    if key in ("preact-resnet18-pool2", "preact-resnet-18-pool2"):
+        return ResNet18(in_channels, num_classes, preact=True, pool=2)
     if key in ("small-cnn", "smallcnn"):
         return SmallCNN(in_channels, num_classes)
     match = _WRN_PATTERN.match(key)
     if match:
         depth, width = int(match.group(1)), int(match.group(2))
         return WideResNet(depth, width, in_channels, num_classes)
-    raise ValueError(
-        f"Unknown model {name!r}; valid names are: {', '.join(MODEL_NAMES)} "
-        "(or any 'wrn-DEPTH-WIDTH' with DEPTH = 6n + 4)."
-    )
+    return None
+

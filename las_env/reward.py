@@ -61,6 +61,9 @@ class RewardConfig:
             true-class probability, ``OptimConfig.true_class_prob``), whatever the target's own
             step uses; ``None`` (ours) = the target's. The authors' LAS-AWP: 0.7 on the copy,
             plain CE on the target.
+        probe_early_stop: stop the probe's PGD on each image once it is misclassified (the
+            authors' early-stopping PGD: ``las_env.attack``, tau = 0); False (ours) runs every
+            image for ``probe_iterations`` steps.
         pre_update_probe: on reward steps, also measure ``alpha*L2 + beta*L3`` of the target
             BEFORE the step's update, on the same batch with the same probe (reported per image
             as ``batch_terms_before``): the control variate of ``credit="unbiased"``
@@ -94,6 +97,7 @@ class RewardConfig:
     pre_update_probe: bool = False
     w_hat_true_class_prob: float | None = None
     probe_fraction: float = 1.0
+    probe_early_stop: bool = False
 
     def __post_init__(self) -> None:
         if self.measure not in ("accuracy", "loss"):
@@ -168,12 +172,13 @@ def probe_updated_target(
     ``cfg.probe_restarts`` restarts, each image keeping the one with the highest CE; ``shard``:
     this rank's rows, random starts drawn for the global batch)."""
     device = x.device
+    early_stop = 0 if cfg.probe_early_stop else None
     clean_loss = clean_correct = probe_loss = probe_correct = None
     with eval_mode(model):
         if cfg.use_l2:
             with autocast(device, precision):
                 x_probe = pgd(model, x, y, epsilon, step_size, cfg.probe_iterations, generator=generator,
-                              shard=shard)
+                              shard=shard, early_stop=early_stop)
         with torch.no_grad(), autocast(device, precision):
             if cfg.use_l3:
                 logits = model(x).float()
@@ -186,7 +191,7 @@ def probe_updated_target(
         for _ in range(1, cfg.probe_restarts if cfg.use_l2 else 1):
             with autocast(device, precision):
                 x_probe = pgd(model, x, y, epsilon, step_size, cfg.probe_iterations, generator=generator,
-                              shard=shard)
+                              shard=shard, early_stop=early_stop)
             with torch.no_grad(), autocast(device, precision):
                 logits = model(x_probe).float()
             loss = F.cross_entropy(logits, y, reduction="none")

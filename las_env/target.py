@@ -69,6 +69,7 @@ class TargetTrainer:
         batch = MethodBatch(x if x is not None else x_adv, x_adv, y, extras or {})
         out = self.method.step(self.model, self.optimizer, batch, self.optim, self.precision,
                                scaler=self.scaler, epoch=epoch)
+        self.method.after_target_step(self.model, batch, self.precision)  # AWP's clean BN forward
         self.step_count += 1
         return out
 

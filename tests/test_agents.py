@@ -65,7 +65,7 @@ def flat_params(module: torch.nn.Module) -> torch.Tensor:
 
 
 def all_agents(spec: AgentSpec):
-    return [ReinforceAgent(replace(spec, reward_interval=3)), FixedAgent(spec), RandomAgent(spec)]
+    return [ReinforceAgent(replace(spec, reward_interval=3), credit="per_image"), FixedAgent(spec), RandomAgent(spec)]
 
 
 # --------------------------------------------------------------------------- protocol
@@ -126,7 +126,7 @@ def test_strategy_net_sampling_follows_the_probabilities():
 
 def test_resnet18_strategy_for_cifar():
     spec = make_spec("cifar10", batch=2)
-    agent = ReinforceAgent(spec)
+    agent = ReinforceAgent(spec, credit="per_image")
     assert agent.backbone == "resnet18" and agent.net.feature_dim == 512
     assert ReinforceAgent(make_spec()).backbone == "small_cnn"
     a = agent.act(images(spec), NO_LEARN)
@@ -138,7 +138,7 @@ def test_resnet18_strategy_for_cifar():
 
 def test_non_learning_steps_keep_no_graph_and_learning_steps_do():
     spec = make_spec()
-    agent = ReinforceAgent(replace(spec, reward_interval=2))
+    agent = ReinforceAgent(replace(spec, reward_interval=2), credit="per_image")
     x = images(spec)
     agent.act(x, NO_LEARN)
     assert agent._pending is None
@@ -155,7 +155,7 @@ def test_non_learning_steps_keep_no_graph_and_learning_steps_do():
 
 def test_learn_ignores_steps_without_the_full_reward():
     spec = make_spec()
-    agent = ReinforceAgent(replace(spec, reward_interval=2), lr=0.1)
+    agent = ReinforceAgent(replace(spec, reward_interval=2), credit="per_image", lr=0.1)
     x = images(spec)
     before = flat_params(agent.net)
     agent.act(x, LEARN)
@@ -270,12 +270,12 @@ def test_state_dict_round_trip_reproduces_the_run_exactly():
             agent.learn(r.mean(), {**reward_info(r), "reward_computed": bool(s % 2)})
         return out
 
-    a = ReinforceAgent(replace(spec, reward_interval=2), optimizer="adam", lr=1e-2, seed=3)
+    a = ReinforceAgent(replace(spec, reward_interval=2), credit="per_image", optimizer="adam", lr=1e-2, seed=3)
     play(a, 6, 0)
     state = copy.deepcopy(a.state_dict())
     continued = play(a, 6, 100)
 
-    b = ReinforceAgent(replace(spec, reward_interval=2), optimizer="adam", lr=1e-2, seed=99)  # different init, overwritten
+    b = ReinforceAgent(replace(spec, reward_interval=2), credit="per_image", optimizer="adam", lr=1e-2, seed=99)  # different init, overwritten
     b.load_state_dict(state)
     resumed = play(b, 6, 100)
     for x, y in zip(continued, resumed):
@@ -290,9 +290,9 @@ def test_seed_determines_the_agent_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    a1 = ReinforceAgent(spec, seed=5, zero_init_heads=False)
+    a1 = ReinforceAgent(spec, credit="per_image", seed=5, zero_init_heads=False)
     assert torch.equal(torch.rand(3), expected)
-    a2 = ReinforceAgent(spec, seed=5, zero_init_heads=False)
+    a2 = ReinforceAgent(spec, credit="per_image", seed=5, zero_init_heads=False)
     x = images(spec)
     assert torch.equal(a1.act(x, NO_LEARN), a2.act(x, NO_LEARN))
     assert torch.equal(flat_params(a1.net), flat_params(a2.net))
@@ -376,7 +376,7 @@ def test_reinforce_agent_drives_the_env(digits):
         steps_per_epoch=game.steps_per_epoch,
         seed=0,
     )
-    agent = ReinforceAgent(replace(spec, reward_interval=k), lr=1e-2)
+    agent = ReinforceAgent(replace(spec, reward_interval=k), credit="per_image", lr=1e-2)
     before = {n: p.detach().clone() for n, p in agent.net.named_parameters()}
     obs, info = env.reset(seed=0)
     done, logged = False, []

@@ -350,7 +350,7 @@ def test_env_and_agent_state_resume_on_the_other_device(tmp_path):
         spec = AgentSpec(grid=c.grid, observation_shape=(BATCH, 3, IMAGE, IMAGE), num_classes=10, dataset="cifar10",
                          device=device, total_steps=env.game.total_steps, steps_per_epoch=env.game.steps_per_epoch,
                          reward_interval=2)
-        return env, ReinforceAgent(spec, backbone="small_cnn", seed=0)
+        return env, ReinforceAgent(spec, credit="per_image", backbone="small_cnn", seed=0)
 
     env, agent = env_and_agent(DEV)
     obs, info = env.reset(seed=0)

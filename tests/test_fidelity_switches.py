@@ -1,12 +1,16 @@
 """Every ours-vs-the-authors' switch does what its name says, and ``LASGame.score`` changes nothing.
 
-Switches: ``attack_start``, ``last_batch`` (LASConfig); ``reward.l1_forward``,
-``reward.l1_clamp_scope``, ``reward.probe_restarts``; ``agent.reward_flow``, ``agent.bn_mode``.
+Switches: ``attack_start``, ``attack_clip``, ``last_batch``, ``augment_padding``, ``model_init``
+(LASConfig); ``reward.l1_forward``, ``reward.l1_clamp_scope``, ``reward.probe_restarts``;
+``agent.reward_flow``, ``agent.bn_mode``, ``agent.backbone_init``; ``method.awp_clean_forward``,
+``method.awp_proxy_loss``. The early stops (``reward.probe_early_stop``, ``eval.early_stop``):
+tests/test_early_stop.py.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ from torch import nn
 
 from agents import AgentSpec, ReinforceAgent
 from las_env import LASEnv
-from las_env.attack import pgd
+from las_env.attack import per_image_pgd, pgd
 from las_env.game_config import LASConfig
 from las_env.game import LASGame
 from las_env.datasets.registry import lookup
@@ -79,6 +83,136 @@ def test_attack_start_draws_in_the_own_or_the_threat_models_ball(digits, start):
     else:
         # U(-0.2, 0.2) clipped to +-0.05: P(|u| >= 0.05) = 0.75; a 0.3 ball is never filled beyond 0.2.
         assert abs(at_surface - 0.75) < 0.05 and large.max() <= radius + 1e-6
+
+
+class Slope(nn.Module):
+    """Logits ``(0, -x_0)``, label 0: the CE gradient in the first pixel is always negative."""
+
+    def forward(self, x):
+        z = -x.flatten(1)[:, :1]
+        return torch.cat([torch.zeros_like(z), z], dim=1)
+
+
+@pytest.mark.parametrize("clip_start, expected", [(True, 0.5 + 2 / 255), (False, 0.5 + 3 / 255)])
+def test_attack_clip_before_or_after_the_first_step(clip_start, expected):
+    # eps 3/255, start +7/255 (the threat ball's), a step of 1/255 downwards. Ours clips the start to
+    # +3 first: 3 - 1 = 2. The authors' step from +7: 7 - 1 = 6, then the projection: 3.
+    x = torch.full((1, 1, 1, 1), 0.5)
+    out = per_image_pgd(Slope(), x, torch.zeros(1, dtype=torch.long), torch.tensor([3 / 255]), torch.tensor([1 / 255]),
+                        torch.tensor([1]), start=torch.full_like(x, 7 / 255), clip_start=clip_start)
+    assert out.item() == pytest.approx(expected, abs=1e-6)
+    # With no step at all, both end in the ball.
+    none = per_image_pgd(Slope(), x, torch.zeros(1, dtype=torch.long), torch.tensor([3 / 255]), torch.tensor([1 / 255]),
+                         torch.tensor([0]), start=torch.full_like(x, 7 / 255), clip_start=clip_start)
+    assert none.item() == pytest.approx(0.5 + 3 / 255, abs=1e-6)
+
+
+def test_the_game_passes_the_clip_order_to_its_attack(digits, monkeypatch):
+    import las_env.game as game_module  # noqa: PLC0415
+
+    seen = []
+    monkeypatch.setattr(game_module, "per_image_pgd", lambda *a, **kw: seen.append(kw["clip_start"]) or a[1])
+    for clip in ("start", "first_step"):
+        g = game(digits, attack_start="threat_ball", attack_clip=clip)
+        g.play(actions(g))
+    assert seen == [True, False]
+
+
+# ----------------------------------------------------------------------------- padding, initialisation
+
+
+def test_reflect_padding_crops_only_image_pixels_mirrored_at_the_border():
+    from las_env.augment import augment_batch  # noqa: PLC0415
+
+    x = torch.arange(1, 1 + 2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)  # every pixel unique, none 0
+    out = augment_batch(x.repeat(16, 1, 1, 1), torch.Generator().manual_seed(0), padding=3, pad_mode="reflect")
+    zeros = augment_batch(x.repeat(16, 1, 1, 1), torch.Generator().manual_seed(0), padding=3)
+    assert (zeros == 0).any() and not (out == 0).any()
+
+    def mirror(i: int, n: int) -> int:  # reflect without repeating the edge: -1 -> 1, n -> n - 2
+        return -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
+
+    for img, src in zip(out, x.repeat(16, 1, 1, 1)):  # some shift (dy, dx) and flip explains every pixel
+        found = False
+        for dy in range(-3, 4):
+            for dx in range(-3, 4):
+                for flip in (False, True):
+                    rows = [mirror(i + dy, 6) for i in range(6)]
+                    cols = [mirror(j + dx, 6) for j in range(6)]
+                    cand = src[:, rows][:, :, cols]
+                    found |= torch.equal(cand.flip(-1) if flip else cand, img)
+        assert found
+
+
+@pytest.mark.parametrize("name", ["resnet18", "small_cnn"])
+def test_init_kaiming_fan_out_or_pytorchs_defaults(name):
+    from las_env.models import build_model  # noqa: PLC0415
+
+    for init in ("kaiming", "pytorch"):
+        torch.manual_seed(0)
+        net = build_model(name, 3, 10, init=init)
+        conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d) and m.weight.numel() > 10_000)
+        out_ch, in_ch, k, _ = conv.weight.shape
+        std = conv.weight.std().item()
+        if init == "kaiming":  # He normal, fan-out: std sqrt(2 / (out * k * k)); zero Linear biases
+            assert std == pytest.approx(math.sqrt(2 / (out_ch * k * k)), rel=0.05)
+            assert all((m.bias == 0).all() for m in net.modules() if isinstance(m, nn.Linear))
+        else:  # PyTorch: U(-b, b), b = 1/sqrt(fan_in): std b/sqrt(3); Linear biases drawn too
+            assert std == pytest.approx(1 / math.sqrt(in_ch * k * k) / math.sqrt(3), rel=0.05)
+            assert all((m.bias != 0).any() for m in net.modules() if isinstance(m, nn.Linear))
+
+
+def test_model_init_reaches_the_target_and_backbone_init_the_strategy(digits):
+    g = game(digits, model="resnet18", model_init="pytorch")
+    assert any((m.bias != 0).any() for m in g.target.modules() if isinstance(m, nn.Linear))
+    kaiming = ReinforceAgent(spec(), backbone="resnet18").net.backbone.conv1.weight.std().item()
+    pytorch = ReinforceAgent(spec(), backbone="resnet18", backbone_init="pytorch").net.backbone.conv1.weight.std().item()
+    assert kaiming == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.15)
+    assert pytorch == pytest.approx(1 / math.sqrt(1 * 9) / math.sqrt(3), rel=0.15)
+
+
+# ----------------------------------------------------------------------------- AWP
+
+
+def test_awp_clean_forward_moves_batchnorm_statistics_after_the_real_step_only(digits):
+    from las_env.lookahead import lookahead_step  # noqa: PLC0415
+    from las_env.methods import MethodConfig  # noqa: PLC0415
+
+    states = {}
+    for clean in (False, True):
+        g = game(digits, method=MethodConfig(name="awp", awp_clean_forward=clean))
+        x, y = g.batch
+        x_adv = (x + 0.1).clamp(0, 1)
+        look = lookahead_step(g.target, x_adv, y, g.config.optim, g.trainer.lr, method=g.method, x=x)
+        g.trainer.train_step(x_adv, y, x=x)
+        states[clean] = (copy.deepcopy(g.target), look.model, x)
+    plain, plain_look, x = states[False]
+    with_clean, clean_look, _ = states[True]
+    for a, b in zip(plain_look.buffers(), clean_look.buffers()):  # the look-ahead copies: no clean forward
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        plain.train()(x)  # the switch = one more train-mode forward of the clean batch, nothing else
+    for (name, a), b in zip(plain.state_dict().items(), with_clean.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_awp_proxy_unsmoothed_climbs_plain_ce_whatever_the_step_smooths(digits):
+    from dataclasses import replace  # noqa: PLC0415
+
+    from las_env.methods import AWP, PGDAT, MethodBatch  # noqa: PLC0415
+
+    g = game(digits)
+    x, y = g.batch
+    batch = MethodBatch(x, (x + 0.1).clamp(0, 1), y)
+    smooth = replace(g.config.optim, true_class_prob=0.7)
+    plain = replace(g.config.optim, true_class_prob=None)
+
+    def v(proxy_loss, optim):
+        return [d for _, d in AWP(PGDAT(), proxy_loss=proxy_loss).perturbation(g.target, batch, optim, "fp32")]
+
+    for a, b in zip(v("unsmoothed", smooth), v("step", plain)):
+        torch.testing.assert_close(a, b)
+    assert not all(torch.allclose(a, b) for a, b in zip(v("step", smooth), v("step", plain)))
 
 
 # ----------------------------------------------------------------------------- last batch
@@ -230,7 +364,7 @@ def spec(batch: int = 16) -> AgentSpec:
 
 
 def test_score_then_resample_scores_learns_and_trains_on_a_new_sample(digits):
-    agent = ReinforceAgent(spec(), reward_flow="score_then_resample", lr=1e-2, optimizer="adam")
+    agent = ReinforceAgent(spec(), credit="per_image", reward_flow="score_then_resample", lr=1e-2, optimizer="adam")
     assert agent.scores_actions
     env = LASEnv(batch_size=16, epochs=1, max_steps_per_epoch=4, reward_interval=2, step_reward=False,
                  data=digits, tensor_api=True)
@@ -273,7 +407,7 @@ def test_the_loop_binds_the_scorer_and_turns_off_the_steps_reward(tmp_path, digi
 
 @pytest.mark.parametrize("mode", ["train", "split"])
 def test_bn_mode_split_samples_training_actions_in_eval_mode(mode):
-    agent = ReinforceAgent(spec(), bn_mode=mode)
+    agent = ReinforceAgent(spec(), credit="per_image", bn_mode=mode)
     seen = []
     agent.net.register_forward_pre_hook(lambda module, args: seen.append(module.training))
     x = torch.rand(16, 1, 8, 8)
@@ -288,6 +422,10 @@ def test_bad_switch_values_name_both_choices():
         LASConfig(attack_start="authors")
     with pytest.raises(ValueError, match="'drop' \\(ours\\) or 'wrap'"):
         LASConfig(last_batch="keep")
+    for key, bad, words in (("attack_clip", "late", "first_step"), ("augment_padding", "mirror", "reflect"),
+                            ("model_init", "xavier", "pytorch")):
+        with pytest.raises(ValueError, match=words):
+            LASConfig(**{key: bad})
     with pytest.raises(ValueError, match="probe_restarts"):
         RewardConfig(probe_restarts=0)
     with pytest.raises(ValueError, match="l1_forward"):
@@ -299,7 +437,8 @@ def test_bad_switch_values_name_both_choices():
 # ----------------------------------------------------------------------------- end to end
 
 AUTHORS = [  # every switch the authors' way, on the digits demo
-    "attack_start=threat_ball", "last_batch=wrap", "reward.l1_forward=eval", "reward.l1_clamp_scope=batch_mean",
+    "attack_start=threat_ball", "attack_clip=first_step", "last_batch=wrap", "model.init=pytorch",
+    "agent.backbone_init=pytorch", "reward.probe_early_stop=true", "eval.early_stop=true", "reward.l1_forward=eval", "reward.l1_clamp_scope=batch_mean",
     "reward.probe_restarts=2", "reward.w_hat=deepcopy", "data.optim.true_class_prob=0.8",
     "agent.reward_flow=score_then_resample", "agent.bn_mode=split", "agent.credit=paper", "agent.k=2",
 ]

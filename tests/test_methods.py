@@ -218,7 +218,7 @@ def _spec(env: LASEnv) -> AgentSpec:
 
 
 AGENTS = {
-    "reinforce": lambda s: ReinforceAgent(s),
+    "reinforce": lambda s: ReinforceAgent(s, credit="per_image"),
     "fixed": lambda s: FixedAgent(s, extra={"trades_beta": 6.0} if len(s.grid.nvec) > 3 else None),
     "random": lambda s: RandomAgent(s),
     "ppo": lambda s: SB3Agent(s, algo="ppo", n_steps=2, batch_size=16, n_epochs=1),

@@ -82,13 +82,13 @@ def check_policy(s, *, momentum: float, weight_decay: float, milestones: list[in
     m1, m2 = milestones
     assert [agent.lr_at(u) for u in (0, m1 - 1, m1, m2 - 1, m2, total_steps - 1)] == pytest.approx(
         [1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6])
-    # Their bugs are not reproduced: the target trains on the rewarded sample.
-    assert agent.reward_flow == "train_on_scored" and agent.bn_mode == "train"
+    # The paper presets' one rule: the authors' reward flow (tests/test_paper_presets.py).
+    assert agent.reward_flow == "score_then_resample" and agent.bn_mode == "split"
 
 
-def check_reward(r, alpha: float, beta: float, clamp: float, w_hat_smoothing) -> None:
+def check_reward(r, alpha: float, beta: float, clamp: float, w_hat_smoothing, l1_forward: str) -> None:
     assert (r.alpha, r.beta, r.l1_clamp, r.measure, r.l1_clamp_scope) == (alpha, beta, clamp, "accuracy", "batch_mean")
-    assert (r.probe_iterations, r.probe_restarts, r.w_hat, r.l1_forward) == (10, 2, "deepcopy", "eval")
+    assert (r.probe_iterations, r.probe_restarts, r.w_hat, r.l1_forward) == (10, 2, "deepcopy", l1_forward)
     assert r.probe_epsilon is None and r.probe_step_size is None  # the threat model: 8/255, 2/255
     assert r.w_hat_true_class_prob == w_hat_smoothing
     assert r.use_l1 and r.use_l2 and r.use_l3
@@ -102,7 +102,7 @@ def test_las_trades_preset_is_spec_section_7(tmp_path):
     total = 100 * PER_EPOCH
     check_policy(s, momentum=0.9, weight_decay=5e-4, milestones=[round(0.75 * total), round(0.9 * total)],
                  total_steps=total)
-    check_reward(s.env.reward, 8.0, 4.0, 20.0, None)
+    check_reward(s.env.reward, 8.0, 4.0, 20.0, None, "train")  # their R1: the target in train mode (SPEC 9)
     assert s.eval.pgd_iterations == 10
 
 
@@ -115,7 +115,7 @@ def test_las_awp_preset_is_spec_section_7(tmp_path):
     assert s.env.attack_start == "threat_ball"
     total = 200 * PER_EPOCH
     check_policy(s, momentum=0.0, weight_decay=0.0, milestones=[total // 2, round(0.75 * total)], total_steps=total)
-    check_reward(s.env.reward, 1.0, 1.0, 10.0, 0.7)
+    check_reward(s.env.reward, 1.0, 1.0, 10.0, 0.7, "eval")
     assert s.eval.pgd_iterations == 20
 
 
@@ -171,7 +171,7 @@ def test_the_policy_lr_schedule_steps_with_the_agent_updates():
     spec = AgentSpec(grid=StrategySpace((0.05,), (1,), (0.1, 0.2)), observation_shape=(4, 1, 8, 8), num_classes=10,
                      dataset="digits", device=torch.device("cpu"), total_steps=8, steps_per_epoch=8, seed=0,
                      reward_interval=2)
-    agent = ReinforceAgent(spec, lr=0.1, lr_milestones=[0.5, 0.75], lr_gamma=0.1)  # 4 updates: at 2 and 3
+    agent = ReinforceAgent(spec, credit="per_image", lr=0.1, lr_milestones=[0.5, 0.75], lr_gamma=0.1)  # 4 updates: at 2 and 3
     seen = []
     for _ in range(4):
         agent.act(torch.rand(4, 1, 8, 8), {"reward_next_step": True})

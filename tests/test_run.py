@@ -179,7 +179,7 @@ def test_paper_presets_compose_and_validate(tmp_path):
         epochs = SECTION_7_EPOCHS.get(preset, 110)  # LAS-TRADES / LAS-AWP and their baselines: SPEC section 7
         assert s.env.epochs == epochs and s.env.batch_size == 128 and s.env.optim.lr == 0.1
         if "lasat" in preset:
-            assert s.env.reward.w_hat == "deepcopy" and cfg.agent.credit == "paper" and cfg.agent.k in (20, 40)
+            assert s.env.reward.w_hat == "deepcopy" and cfg.agent.credit == "paper" and cfg.agent.k in (1, 20, 40)
             assert s.env.optim.true_class_prob in (0.6, 0.7, 0.8) and s.env.optim.label_smoothing == 0
 
 

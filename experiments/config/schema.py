@@ -84,6 +84,7 @@ class DataSettings:
     epochs: int = 110
     max_steps_per_epoch: Optional[int] = None  # cap on steps per epoch (smoke tests); null = every full batch
     augment: Optional[bool] = None  # random crop (pad 4) + flip; null: on for images of 32 px and more
+    augment_padding: str = "zeros"  # the crop pads with zeros (ours) | reflect (the authors' AWP and LAS-AWP)
     optim: OptimOverrides = field(default_factory=OptimOverrides)  # type: ignore[valid-type]
     grid: GridOverrides = field(default_factory=GridOverrides)
     threat: ThreatOverrides = field(default_factory=ThreatOverrides)
@@ -94,7 +95,8 @@ class DataSettings:
 class ModelSettings:
     """``model``: the target architecture (``model=default`` is the data set's usual one)."""
 
-    name: str = MISSING  # small_cnn | resnet18 | preact_resnet18 | wrn-34-10 | wrn-D-W ...
+    name: str = MISSING  # small_cnn | resnet18 | preact_resnet18 | preact_resnet18_pool2 | wrn-34-10 | wrn-D-W ...
+    init: str = "kaiming"  # kaiming (ours: He fan-out) | pytorch (PyTorch's layer defaults: the authors' ResNet-18)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class EvalSettings:
     autoattack: bool = False  # add official AutoAttack (pyautoattack) to the final evaluation
     autoattack_n: int = 1000  # its images (it is slow on a CPU)
     seed: int = 0  # random starts of the evaluation attacks
+    early_stop: bool = False  # PGD/C&W stop on an image once it is misclassified: false (ours) | true (the authors')
 
     def __post_init__(self) -> None:
         for key in ("every", "pgd_iterations", "batch_size", "autoattack_n"):
@@ -185,6 +188,8 @@ class RunConfig:
     channels_last: bool = LASConfig.channels_last  # NHWC memory format (faster convolutions on GPUs)
     threads: Optional[int] = "${data.threads}"  # type: ignore[assignment]  # torch CPU threads
     attack_start: str = LASConfig.attack_start  # own_ball (ours) | threat_ball (the authors') | gaussian (TRADES')
+    attack_clip: str = LASConfig.attack_clip  # clip the start into each image's ball before the first step
+    # (start, ours) | only after it (first_step, the authors'; matters with attack_start=threat_ball)
     last_batch: str = LASConfig.last_batch  # epoch's partial last batch: drop (ours) | wrap (the authors keep it)
     ddp_timeout_s: float = 900  # a collective waiting longer for a silent rank fails the job (not hashed)
     log_every_steps: int = 20  # step-level aggregates (progress bar, W&B) every this many steps; 0: per epoch

@@ -86,7 +86,8 @@ class RunSettings:
 GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
              "reward_interval": "agent.k", "grid.extra": "data.grid.extra", "augment": "data.augment",
              "threat.epsilon": "data.threat.epsilon", "threat.step_size": "data.threat.step_size",
-             "sync_batchnorm": "ddp.sync_batchnorm"}
+             "sync_batchnorm": "ddp.sync_batchnorm",
+             "augment_padding": "data.augment_padding", "model_init": "model.init"}
 """Command-line key of each :class:`LASConfig` field that is not a top-level key of its own name."""
 
 
@@ -206,11 +207,14 @@ def _game(resolved: dict[str, Any], record: DatasetRecord) -> LASConfig:
         threat=_threat(data["threat"], record),
         method=_build(MethodConfig, "method", resolved["method"]),
         augment=data["augment"],
+        augment_padding=data["augment_padding"],
+        model_init=resolved["model"]["init"],
         device=resolved["device"],
         precision=resolved["precision"],
         channels_last=resolved["channels_last"],
         sync_batchnorm=resolved["ddp"]["sync_batchnorm"],
         attack_start=resolved["attack_start"],
+        attack_clip=resolved["attack_clip"],
         last_batch=resolved["last_batch"],
     ))
 

@@ -234,11 +234,12 @@ def split_for_eval(x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tenso
 
 
 def robust_accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, eps: float, step: float, iterations: int, *,
-                    batch_size: int, seed: int) -> CleanRobust:
+                    batch_size: int, seed: int, early_stop: bool = False) -> CleanRobust:
     """:func:`evaluation.robust_accuracy` of the whole set, each rank evaluating its share
     (:func:`split_for_eval`) and the counts summed; the plain call in one process."""
     xr, yr, batch, shard = split_for_eval(x, y, batch_size)
-    r = evaluation.robust_accuracy(model, xr, yr, eps, step, iterations, batch_size=batch, seed=seed, shard=shard)
+    r = evaluation.robust_accuracy(model, xr, yr, eps, step, iterations, batch_size=batch, seed=seed, shard=shard,
+                                   early_stop=early_stop)
     n, m = x.shape[0], xr.shape[0]
     if m == n:
         return r

@@ -44,7 +44,8 @@ def evaluate_epoch(model: torch.nn.Module, subsets: Mapping[str, tuple[Tensor, T
     out: dict[str, float | int] = {}
     for split, (x, y) in subsets.items():
         r = distributed.robust_accuracy(model, x, y, threat.epsilon, threat.step_size, ev.pgd_iterations,
-                                        batch_size=ev.batch_size, seed=ev.seed)  # torchrun: split over ranks
+                                        batch_size=ev.batch_size, seed=ev.seed,
+                                        early_stop=ev.early_stop)  # torchrun: split over ranks
         out[f"{split}_clean"] = r.clean
         out[f"{split}_robust"] = r.robust
         out[f"{split}_images"] = int(x.shape[0])
@@ -52,8 +53,9 @@ def evaluate_epoch(model: torch.nn.Module, subsets: Mapping[str, tuple[Tensor, T
 
 
 def pgd_name(settings: RunSettings, threat: ThreatModel) -> str:
+    stop = ", early stop" if settings.eval.early_stop else ""
     return (f"PGD-{settings.eval.pgd_iterations} (L-inf eps={format_eps(threat.epsilon)}, "
-            f"step {format_eps(threat.step_size)})")
+            f"step {format_eps(threat.step_size)}{stop})")
 
 
 class FixedImageChoices:

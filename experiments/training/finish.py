@@ -79,6 +79,7 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
             step=threat.step_size, batch_size=ev.batch_size, seed=ev.seed,
             n_per_attack={"autoattack": ev.autoattack_n}, autoattack_state=run_dir / state_file,
             progress=settings.progress, data_description=f"{data.name} test", log=lambda _line: None,
+            early_stop=ev.early_stop,
         )
 
     results = final_evaluation(model, AUTOATTACK_STATE)

@@ -7,6 +7,11 @@ with >= 2 dimensions (convolutions, linear layers; not BatchNorm, not biases) th
 ``||v|| = gamma * ||w||``); the model steps at ``w + v`` and ``v`` is subtracted afterwards.
 The weights after perturb -> step -> restore are thus those of an optimiser step at ``w`` with
 the gradient taken at ``w + v`` (the weight-decay term, too, sees ``w + v``, as in AWP's code).
+
+Two of the authors' choices are switches (``MethodConfig``): the proxy's loss (``proxy_loss``:
+ours climbs the perturbed step's own loss, theirs always the unsmoothed one) and a clean
+train-mode forward after every real step (``clean_forward``: BatchNorm's running statistics then
+average adversarial and clean batches, as in AWP's and LAS-AWP's scripts).
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
 from las_env.attack import Loss
 from las_env.methods.base import MethodBatch, MethodConfig, MethodLoss, TrainingMethod, build_method, register_method
-from las_env.optim import OptimConfig, Precision
+from las_env.optim import OptimConfig, Precision, autocast
 
 _TINY = 1e-20  # AWP's EPS: a zero direction stays zero instead of dividing by zero
 
@@ -30,8 +36,11 @@ class AWP(TrainingMethod):
 
     name = "awp"
 
-    def __init__(self, base: TrainingMethod, gamma: float = 0.01, warmup_epochs: int = 0, proxy_lr: float = 0.01) -> None:
+    def __init__(self, base: TrainingMethod, gamma: float = 0.01, warmup_epochs: int = 0, proxy_lr: float = 0.01,
+                 *, proxy_loss: str = "step", clean_forward: bool = False) -> None:
         self.base = base
+        self.proxy_loss = proxy_loss
+        self.clean_forward = bool(clean_forward)
         self.reads = base.reads
         self.gamma = float(gamma)
         self.warmup_epochs = int(warmup_epochs)
@@ -66,6 +75,8 @@ class AWP(TrainingMethod):
         """``(weight, v)`` for every weight tensor with >= 2 dims: ``v = gamma * d``, ``||v|| = gamma * ||w||``."""
         proxy = self._load_proxy(model)
         proxy.train()
+        if self.proxy_loss == "unsmoothed":
+            optim = replace(optim, label_smoothing=0.0, true_class_prob=None)
         out = self.base.loss(proxy, batch, optim, precision)
         self._proxy_opt.zero_grad(set_to_none=True)
         (-out.loss).backward()  # ascent: the proxy moves to where the loss is higher
@@ -95,10 +106,20 @@ class AWP(TrainingMethod):
                 p.sub_(v)
         return out
 
+    def after_target_step(self, model: nn.Module, batch: MethodBatch, precision: Precision) -> None:
+        """``clean_forward``: one train-mode forward of the clean batch, no gradient: only BatchNorm's
+        running statistics move (they then average adversarial and clean batches, the authors')."""
+        if not self.clean_forward:
+            return
+        model.train()
+        with torch.no_grad(), autocast(batch.x.device, precision):
+            model(batch.x)
+
 
 def _build(cfg: MethodConfig) -> AWP:
     """AWP around the method ``cfg.awp_base`` names, with that method's own settings."""
-    return AWP(build_method(replace(cfg, name=cfg.awp_base)), cfg.awp_gamma, cfg.awp_warmup_epochs, cfg.awp_proxy_lr)
+    return AWP(build_method(replace(cfg, name=cfg.awp_base)), cfg.awp_gamma, cfg.awp_warmup_epochs, cfg.awp_proxy_lr,
+               proxy_loss=cfg.awp_proxy_loss, clean_forward=cfg.awp_clean_forward)
 
 
 register_method("awp", _build)

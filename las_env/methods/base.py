@@ -43,6 +43,12 @@ class MethodConfig:
         awp_warmup_epochs: epochs trained without the perturbation first (the authors' 0;
             10 on Tiny-ImageNet).
         awp_proxy_lr: learning rate of the proxy's one ascent step (0.01).
+        awp_proxy_loss: what the proxy climbs: "step" (ours: the loss of the step it perturbs,
+            label-smoothed when that step's is, e.g. the authors' LAS-AWP look-ahead copy) or
+            "unsmoothed" (the authors': always the method's plain loss, CE for PGD-AT).
+        awp_clean_forward: after each real training step, one more forward of the CLEAN batch in
+            train mode, so BatchNorm's running statistics also average clean batches (the authors'
+            AWP and LAS-AWP scripts); False (ours) = running statistics of adversarial batches only.
     """
 
     name: str = "pgd_at"
@@ -51,6 +57,8 @@ class MethodConfig:
     awp_gamma: float = 0.01
     awp_warmup_epochs: int = 0
     awp_proxy_lr: float = 0.01
+    awp_proxy_loss: str = "step"
+    awp_clean_forward: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -62,6 +70,9 @@ class MethodConfig:
         check_number("awp_gamma", self.awp_gamma, 0, 1, meaning="(relative weight perturbation; theirs 0.01)")
         check_number("awp_proxy_lr", self.awp_proxy_lr, 0, low_open=True, meaning="(the proxy's step; theirs 0.01)")
         check_whole("awp_warmup_epochs", self.awp_warmup_epochs, 0)
+        if self.awp_proxy_loss not in ("step", "unsmoothed"):
+            raise SettingError("awp_proxy_loss", self.awp_proxy_loss,
+                               "must be step (ours: the perturbed step's own loss) or unsmoothed (the authors').")
 
 
 @dataclass
@@ -142,6 +153,9 @@ class TrainingMethod:
                 before_update(model)
             optimizer.step()
         return out
+
+    def after_target_step(self, model: nn.Module, batch: MethodBatch, precision: Precision) -> None:
+        """Runs after the target's real step (never after a look-ahead copy's); nothing by default."""
 
 
 METHODS: dict[str, Callable[[MethodConfig], TrainingMethod]] = {}
