@@ -183,9 +183,9 @@ def test_awp_clean_forward_moves_batchnorm_statistics_after_the_real_step_only(d
         g = game(digits, method=MethodConfig(name="awp", awp_clean_forward=clean))
         x, y = g.batch
         x_adv = (x + 0.1).clamp(0, 1)
-        look = lookahead_step(g.target, x_adv, y, g.config.optim, g.trainer.lr, method=g.method, x=x)
+        look_model, _ = lookahead_step(g.target, x_adv, y, g.config.optim, g.trainer.lr, method=g.method, x=x)
         g.trainer.train_step(x_adv, y, x=x)
-        states[clean] = (copy.deepcopy(g.target), look.model, x)
+        states[clean] = (copy.deepcopy(g.target), look_model, x)
     plain, plain_look, x = states[False]
     with_clean, clean_look, _ = states[True]
     for a, b in zip(plain_look.buffers(), clean_look.buffers()):  # the look-ahead copies: no clean forward

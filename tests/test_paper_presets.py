@@ -145,7 +145,7 @@ def test_tiny_imagenet_is_run_as_the_authors_run_it(tmp_path):
     the run, as the target's), no augmentation, their PreActResNet-18 (no final BN-ReLU, 2x2 pool,
     head Linear(2048, 200)) and a strategy whose heads read 2048 features."""
     s = preset("tiny_imagenet_preact_resnet18_lasat", tmp_path)
-    assert s.env.augment is False and s.agent(agent_spec(s, "tiny-imagenet")).reward_interval == 1
+    assert s.env.augment is False and s.env.reward_interval == 1
     target = build_model(s.env.model, 3, 200, init=s.env.model_init)
     assert isinstance(target.linear, nn.Linear) and (target.linear.in_features, target.linear.out_features) == (2048, 200)
     assert target.final_bn is None  # no final BN-ReLU before the pool
