@@ -143,7 +143,8 @@ def last_json_line(text: str) -> dict[str, Any] | None:
 
 
 def cuda_tests_part(args: argparse.Namespace, junit: Path, budget: float) -> Part:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={junit}",
+    # One process (-n 0): one GPU, and the workers pyproject.toml asks for would each collect every test again.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={junit}",
            "tests/"]
     return Part("cuda_tests", cmd, budget)
 

@@ -45,7 +45,7 @@ class EvalSettings:
     """Evaluation during and after training (see ``conf/config.yaml``, section ``eval``; the
     defaults equal that section's, ``tests/test_defaults.py``)."""
 
-    every: int = 1
+    every: int = 3
     test_subset: int | None = 500
     train_subset: int | None = 500
     pgd_iterations: int = 10

@@ -137,7 +137,7 @@ def test_cuda_tests_dry_run_on_cpu():
     """tests/test_cuda.py's code, run on the CPU (LAS_AT_CUDA_TEST_DEVICE=cpu): it must pass here
     so that on a GPU only the GPU can make it fail."""
     env = dict(os.environ, LAS_AT_CUDA_TEST_DEVICE="cpu")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "tests/test_cuda.py"],
                           capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
