@@ -196,3 +196,10 @@ def test_readme_python_example_runs():
 def test_a_broken_command_is_caught(command, tmp_path, monkeypatch):
     with pytest.raises((Exception, SystemExit)):
         check_command(command, tmp_path, monkeypatch)
+
+
+def test_links_between_pages_resolve():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
