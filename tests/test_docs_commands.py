@@ -9,6 +9,7 @@ are checked cheaply, by kind:
   (``settings_from_config``), i.e. everything a run does before it trains;
 - ``experiments/evaluate.py``: composes with Hydra;
 - any other repository script: its arguments parse (argparse, in-process; nothing runs);
+- ``python -m cProfile`` is checked as the script it profiles;
 - ``python -c`` snippets and the README's Python example run; ``pytest`` and ``bash`` name files
   that exist; ``pip install -e ".[extra]"`` names an extra of pyproject.toml.
 
@@ -146,6 +147,8 @@ def check_command(command: str, tmp_path: Path, monkeypatch) -> None:
             assert (REPO / words[1]).is_file(), f"{words[1]} does not exist"
             continue
         assert words[0] == "python", f"no rule for {words[0]!r}: add one to tests/test_docs_commands.py"
+        if words[1:3] == ["-m", "cProfile"]:  # the profiled script is checked as the script
+            words = ["python", *words[5:]] if words[3] == "-o" else ["python", *words[3:]]
         if words[1] == "-c":
             monkeypatch.chdir(tmp_path)
             exec(compile(words[2], "<page command>", "exec"), {})
