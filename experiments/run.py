@@ -18,8 +18,8 @@ checkpoint included); 2 training diverged (a non-finite loss, reward, gradient o
 finite checkpoint intact; 3 under torchrun, a rank lost contact with the others (one died or
 hung past ``ddp_timeout_s``; ``experiments/training/distributed.py``).
 
-Several processes: ``torchrun --nproc_per_node=N experiments/run.py ...`` trains ONE run (README,
-"Several GPUs and machines").
+Several processes: ``torchrun --nproc_per_node=N experiments/run.py ...`` trains ONE run
+(docs/distributed.md).
 """
 
 from __future__ import annotations

@@ -146,7 +146,8 @@ def test_a_killed_rank_fails_the_job_fast(tmp_path):
 
 
 RUN_ARGS = ("agent=reinforce", "agent.k=3", "logger=none", "data.epochs=2", "data.max_steps_per_epoch=4",
-            "progress=false", "threads=1", "eval.test_subset=100", "eval.train_subset=100", "eval.final_n=100")
+            "progress=false", "threads=1", "eval.every=1", "eval.test_subset=100", "eval.train_subset=100",
+            "eval.final_n=100")
 
 
 @pytest.mark.slow

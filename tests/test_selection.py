@@ -22,7 +22,7 @@ CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 TINY = [
     "data.epochs=3", "data.max_steps_per_epoch=3", "data.batch_size=32", "eval.test_subset=32",
     "eval.train_subset=32", "eval.final_n=48", "eval.final_attacks=[clean,pgd3]", "eval.pgd_iterations=2",
-    "agent=fixed", "logger=none", "progress=false", "threads=1",
+    "eval.every=1", "agent=fixed", "logger=none", "progress=false", "threads=1",
 ]
 
 

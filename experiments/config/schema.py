@@ -103,7 +103,7 @@ class ModelSettings:
 class EvalSettings:
     """``eval``: evaluation during training (the paper's Fig. 1 curves) and at the end."""
 
-    every: int = 1  # per-epoch evaluation every this many epochs (the last one always)
+    every: int = 3  # per-epoch evaluation every this many epochs (the last one always); the paper presets: 1
     test_subset: Optional[int] = 500  # first n test images for the per-epoch curves; null = all
     train_subset: Optional[int] = 500  # fixed train images (seeded random choice) for the curves
     pgd_iterations: int = 10  # per-epoch attack: PGD-k at the threat model's eps and step size

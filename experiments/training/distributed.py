@@ -1,7 +1,7 @@
 """One run across several processes (``torchrun``): process group, the agent's global view,
 sharded evaluation, rank 0's privileges, and a clear failure when a rank dies.
 
-The division of labour (README, "Several GPUs and machines"):
+The division of labour (docs/distributed.md):
 
 - every rank runs the same game with the same seed and plays its rows of each global batch
   (``las_env/sharding.py``: same epoch order, same augmentation and attack starts as one

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from evaluation import AttackResult, attack_spec, evaluate, format_eps, format_table
-from experiments.tracking import plots
 from experiments.tracking.loggers import Console, Tracker, WandbTracker
 from experiments.runfolder.runfiles import (
     ACCURACY_PNG, AUTOATTACK_STATE, AUTOATTACK_STATE_BEST, BEST, CHECKPOINT, CHOICES_PNG, LOG_FILE, METRICS_FILE,
@@ -113,6 +112,8 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
     before_writing()
     export_state_dict(model, files["weights"])
     title = f"{settings.agent_name} agent, {cfg.model} on {cfg.dataset}, seed {settings.seed}"
+    from experiments.tracking import plots  # noqa: PLC0415 - matplotlib costs every start-up a second; only a finished run draws
+
     made = {
         "accuracy_png": plots.plot_accuracy(history, files["accuracy_png"], title=f"Accuracy per epoch: {title}",
                                             attack=f"PGD-{ev.pgd_iterations} eps={format_eps(threat.epsilon)}"),

@@ -2,7 +2,7 @@
 
 Values are the authors' where they have one (SPEC section 2: the grids, 8/255 with PGD step
 2/255, PGD-AT 10 steps, SGD 0.1 / momentum 0.9 / weight decay 5e-4 with lr x0.1 at epochs 99
-and 104 of 110); digits, our offline demo, has its own (see the README's threat-model section).
+and 104 of 110); digits, our offline demo, has its own (see docs/environment.md, "Threat models and strategy grids").
 ``npz`` and ``folder`` are the user-data paths (:mod:`las_env.datasets.user`).
 """
 
@@ -16,7 +16,7 @@ from las_env.optim import OptimConfig
 from las_env.strategy_space import StrategySpace
 
 CIFAR100_GRID = StrategySpace(inclusive_range(1, 5, 1 / 255), tuple(range(3, 13)), inclusive_range(3, 15, 1 / 255))
-# Digits (8x8, 17 grey levels): the evaluation radius is 0.2 (see the README's threat-model
+# Digits (8x8, 17 grey levels): the evaluation radius is 0.2 (see docs/environment.md's threat-model
 # section); the grid spans weak to strong attacks around it, as the CIFAR grid spans 3..15/255
 # around 8/255; the step sizes 0.025..0.125 hold the evaluation step 0.05 = eps/4 at
 # index 1, as CIFAR's 1..5/255 hold 2/255.
