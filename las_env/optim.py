@@ -39,6 +39,10 @@ class OptimConfig:
             never mentioned in the paper. Equivalent to PyTorch's e = (1 - f) * K / (K - 1)
             (1/3 for f = 0.7, K = 10), NOT to e = f. Applies to the target's training step
             and to the authors' deep-copied ``w_hat`` step. Exclusive with ``label_smoothing``.
+        grad_clip: the largest gradient norm (over all parameters) of a step; ``None`` (ours, the
+            default) = no clipping. The authors' Tiny-ImageNet script clips the target's step to 10
+            (``clip_grad_norm_``), their CIFAR scripts do not. Applies wherever these settings
+            step a model: the target's step and the deep-copied ``w_hat`` step.
     """
 
     lr: float = 0.1
@@ -49,8 +53,12 @@ class OptimConfig:
     gamma: float = 0.1
     label_smoothing: float = 0.0
     true_class_prob: float | None = None
+    grad_clip: float | None = None
 
     def __post_init__(self) -> None:
+        if self.grad_clip is not None:
+            check_number("grad_clip", self.grad_clip, 0, low_open=True,
+                         meaning="(the largest gradient norm of a step; null = no clipping; the authors' Tiny-ImageNet: 10)")
         check_number("lr", self.lr, 0, low_open=True, meaning="(the peak learning rate; CIFAR: 0.1)")
         check_number("momentum", self.momentum, 0, 1, high_open=True, meaning="(SGD momentum; CIFAR: 0.9)")
         check_number("weight_decay", self.weight_decay, 0, meaning="(CIFAR: 5e-4)")

@@ -470,3 +470,36 @@ def test_the_authors_switches_run_end_to_end_and_resume_exactly(tmp_path, digits
     train(settings(tmp_path / "stopped", stop_after_epochs=1), data=digits)
     resumed = train(settings(tmp_path / "stopped", resume=True), data=digits)
     assert (resumed.run_dir / "metrics.json").read_bytes() == (whole.run_dir / "metrics.json").read_bytes()
+
+
+# ----------------------------------------------------------------------------- gradient clipping
+
+
+@pytest.mark.parametrize("clip", [None, 0.05, 1e6])
+def test_grad_clip_steps_along_the_gradient_with_its_norm_capped(clip):
+    """``optim.grad_clip`` (the authors' Tiny-ImageNet clip_grad_norm_ of 10): plain SGD moves every
+    parameter by -lr * g * min(1, clip / ||g||), ||g|| over all parameters (computed here by hand)."""
+    from las_env.methods import MethodBatch, PGDAT  # noqa: PLC0415
+    from las_env.optim import OptimConfig  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x, y = torch.rand(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+    optim = OptimConfig(lr=0.5, momentum=0.0, weight_decay=0.0, grad_clip=clip)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    scale = 1.0 if clip is None else min(1.0, clip / (norm.item() + 1e-6))
+    opt = torch.optim.SGD(model.parameters(), lr=optim.lr)
+    PGDAT().step(model, opt, MethodBatch(x=x, x_adv=x, y=y), optim, "fp32")
+    for p, p0, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), p0 - optim.lr * scale * g)
+
+
+def test_grad_clip_must_be_positive():
+    from las_env.optim import OptimConfig  # noqa: PLC0415
+    from las_env.validate import SettingError  # noqa: PLC0415
+
+    with pytest.raises((SettingError, ValueError), match="grad_clip"):
+        OptimConfig(grad_clip=0.0)

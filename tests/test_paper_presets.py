@@ -146,6 +146,7 @@ def test_tiny_imagenet_is_run_as_the_authors_run_it(tmp_path):
     head Linear(2048, 200)) and a strategy whose heads read 2048 features."""
     s = preset("tiny_imagenet_preact_resnet18_lasat", tmp_path)
     assert s.env.augment is False and s.env.reward_interval == 1
+    assert s.env.optim.grad_clip == 10.0  # their clip_grad_norm_(target_model.parameters(), 10)
     target = build_model(s.env.model, 3, 200, init=s.env.model_init)
     assert isinstance(target.linear, nn.Linear) and (target.linear.in_features, target.linear.out_features) == (2048, 200)
     assert target.final_bn is None  # no final BN-ReLU before the pool

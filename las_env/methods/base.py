@@ -136,7 +136,7 @@ class TrainingMethod:
         """One optimiser step of ``model`` on ``batch`` in train mode (the learning rate is the caller's).
 
         ``before_update(model)`` runs between the backward pass and the optimiser step (the
-        look-ahead copies average their gradients over the ranks there).
+        look-ahead copies average their gradients over the ranks there), before ``optim.grad_clip``.
         """
         model.train()
         out = self.loss(model, batch, optim, precision)
@@ -145,12 +145,17 @@ class TrainingMethod:
             scaler.scale(out.loss).backward()
             if before_update is not None:
                 before_update(model)
+            if optim.grad_clip is not None:
+                scaler.unscale_(optimizer)  # the norm is clipped on the true gradient, not the scaled one
+                nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             scaler.step(optimizer)
             scaler.update()
         else:
             out.loss.backward()
             if before_update is not None:
                 before_update(model)
+            if optim.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             optimizer.step()
         return out
 
