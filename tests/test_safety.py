@@ -25,7 +25,7 @@ import torch
 from test_faults import EVALUATE, REPO, RUN, TINY, cli, error_line, settings
 
 from experiments.compare import main as compare_main
-from experiments.comparison import compare
+from experiments.comparison.ranking import compare
 from experiments.config.errors import ConfigError, RunStopped
 from experiments.evaluation_job.settings import Settings
 from experiments.evaluation_job.target import load_target

@@ -143,13 +143,6 @@ def _weights_fingerprint(path: Path) -> str | None:
         return None
 
 
-def _grid(config: Mapping[str, Any], dataset: str) -> StrategySpace:
-    cfg = (config.get("data") or {}).get("grid")
-    if cfg:
-        return StrategySpace.from_config(cfg)
-    return lookup(dataset).grid
-
-
 def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategySpace) -> tuple[float, int, float] | None:
     """The one (epsilon, iterations, step size) a fixed agent played, read from the per-epoch
     counts of chosen grid indices; ``None`` when it played more than one value of any."""
@@ -197,7 +190,8 @@ def _run_of(path: Path, doc: dict[str, Any], weights: str) -> Run:
         raise CompareError(f"{path} holds no results for its {WEIGHTS[weights]} (a run without a validation split, "
                            f"or from before best.pt existed); compare with --weights final.")
     threat_eps = [r["epsilon"] for r in final.values() if r.get("epsilon")]
-    grid = _grid(config, dataset)
+    grid_config = (config.get("data") or {}).get("grid")
+    grid = StrategySpace.from_config(grid_config) if grid_config else lookup(dataset).grid
     run = Run(
         path=path.parent,
         agent=str(doc.get("agent") or config.get("agent", {}).get("name") or "agent"),

@@ -1,11 +1,7 @@
-"""From a composed Hydra config to complete, frozen run settings, before anything is built.
-
-:func:`settings_from_config` is the one resolver: it imports ``data.plugin``, fills the data set's
-registry defaults (grid, optimiser, threat model) into the values the user left ``null``, reads
-what the game needs from the agent's settings (its k, its reward flow, whether it needs the
-pre-update probe), and builds the game's :class:`las_env.game.LASConfig` with all of it. Nothing
-built later changes these settings. Every bad value raises :class:`experiments.config.errors.ConfigError`
-with one paragraph naming the key; types were checked by Hydra against ``experiments/config/schema.py``.
+"""From a composed Hydra config to complete, frozen run settings (:func:`settings_from_config`),
+before anything is built: the plugin imported, the data set's defaults filled into the ``null``
+values, the game's :class:`las_env.game.LASConfig` built with what the agent's settings imply.
+Every bad value raises :class:`experiments.config.errors.ConfigError` naming its key.
 """
 
 from __future__ import annotations
@@ -39,29 +35,9 @@ from las_env.validate import SettingError
 
 @dataclass
 class RunSettings:
-    """Everything the training loop needs, validated.
-
-    Attributes:
-        run_dir: the run's own folder (checkpoint, results, plots, logs).
-        env: the game's final settings (k included: ``reward_interval``).
-        agent: a factory ``spec -> Agent`` (a plain callable, or built from a Hydra node).
-        agent_name: short name for folders, tags and tables ("reinforce", "fixed", ...).
-        seed: the episode's seed (``env.reset(seed=...)``; agents get it in their spec).
-        config: the resolved config, recorded in the checkpoint and results.
-        settings_hash: digest of the settings (``experiments.runfolder.rundir.settings_hash``); a resume
-            refuses a checkpoint written under another one.
-        resume: continue from ``run_dir/checkpoint.pt`` when it exists.
-        stop_after_epochs: end this invocation after that many epochs (resumable).
-        threads: torch CPU threads for the run (``None``: leave torch's setting).
-        on_nonfinite: "stop" (a non-finite loss, reward, gradient or weight ends the run) or
-            "skip" (drop the updates of batches with a non-finite gradient, counted);
-            ``experiments/training/guard.py``.
-        init_from: start from this run folder's (or checkpoint file's) last checkpoint, with
-            these settings (``experiments/runfolder/recovery.py::start_from``); ``None``: from scratch.
-        init_from_other_data: let ``init_from`` continue weights trained on other data (by default
-            a changed data fingerprint is refused, ``experiments/runfolder/recovery.py::check_same_data``).
-        selection: the validation split and which weights are kept as best (experiments/training/selection.py).
-    """
+    """Everything the training loop needs, validated. Beyond :class:`RunConfig`'s keys: ``env`` (the game's
+    final settings, k included), ``agent`` (a factory ``spec -> Agent``), ``config`` (the resolved config,
+    recorded in the checkpoint and results) and ``settings_hash`` (a resume refuses another one's checkpoint)."""
 
     run_dir: Path
     env: LASConfig
