@@ -32,10 +32,6 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _ignored(key: str, prefixes: Sequence[str]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
 def _settings(run: Run) -> dict[str, Any]:
     """The settings that make runs of one agent different experiments (not the seed)."""
     skip = list(NOT_SETTINGS)
@@ -43,18 +39,13 @@ def _settings(run: Run) -> dict[str, Any]:
         skip += FIXED_ATTACK_KEYS  # the attack actually played stands for these
     if run.target.endswith(NON_LEARNING_TARGETS):
         skip.append("reward")  # never learns: its training does not depend on the reward
-    return {k: v for k, v in _flatten(run.config).items() if not _ignored(k, skip)}
+    return {k: v for k, v in _flatten(run.config).items() if not any(k == p or k.startswith(p + ".") for p in skip)}
 
 
 def _fmt_value(key: str, v: Any) -> str:
     if isinstance(v, float):
         return format_eps(v) if re.search(r"eps|step_size", key) else f"{v:.4g}"
     return str(v)
-
-
-def fixed_label(name: str, attack: tuple[float, int, float]) -> str:
-    eps, iters, step = attack
-    return f"{name}(eps={format_eps(eps)},it={iters},step={format_eps(step)})"
 
 
 def assign_labels(runs: Sequence[Run]) -> None:
@@ -68,7 +59,10 @@ def assign_labels(runs: Sequence[Run]) -> None:
         keys = sorted(set().union(*settings))
         differing = [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
         for r, s in zip(group, settings):
-            base = fixed_label(name, r.fixed_attack) if r.fixed_attack else name
+            base = name
+            if r.fixed_attack:
+                eps, iters, step = r.fixed_attack
+                base = f"{name}(eps={format_eps(eps)},it={iters},step={format_eps(step)})"
             if differing:
                 extra = ",".join(f"{k.removeprefix('agent.')}={_fmt_value(k, s.get(k))}" for k in differing)
                 base = f"{base}[{extra}]" if r.fixed_attack else f"{name}({extra})"

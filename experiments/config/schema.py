@@ -158,11 +158,8 @@ class DdpSettings:
 
 @dataclass
 class RunConfig:
-    """The whole training command line (``conf/config.yaml`` picks the groups).
-
-    The game's switches default to :class:`las_env.game.LASConfig`'s (documented there): ``device``,
-    ``precision``, ``channels_last`` and the ours-vs-the-authors' ``attack_start`` and ``last_batch``.
-    """
+    """The whole training command line (``conf/config.yaml`` picks the groups); the game's switches
+    default to :class:`las_env.game.LASConfig`'s (documented there)."""
 
     agent: Any = MISSING  # conf/agent/*.yaml: _target_ (the class) and its arguments; k read by the game
     data: DataSettings = field(default_factory=DataSettings)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +43,20 @@ class RunSettings:
     env: LASConfig
     agent: AgentFactory
     agent_name: str
-    seed: int = 0
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    logger: LoggerSettings = field(default_factory=LoggerSettings)
-    resume: bool = False
-    stop_after_epochs: int | None = None
-    progress: bool = True
-    log_every_steps: int = 20
-    threads: int | None = None
-    selection: SelectionSettings = field(default_factory=SelectionSettings)
-    config: dict[str, Any] = field(default_factory=dict)
-    settings_hash: str | None = None
-    on_nonfinite: str = "stop"
-    init_from: Path | None = None
-    init_from_other_data: bool = False
+    seed: int
+    eval: EvalSettings
+    logger: LoggerSettings
+    resume: bool
+    stop_after_epochs: int | None
+    progress: bool
+    log_every_steps: int
+    threads: int | None
+    selection: SelectionSettings
+    config: dict[str, Any]
+    settings_hash: str | None
+    on_nonfinite: str
+    init_from: Path | None
+    init_from_other_data: bool
 
 
 GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
@@ -203,11 +203,8 @@ def _logger(resolved: dict[str, Any], agent: str, model: str) -> LoggerSettings:
 
 
 def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash: str | None = None) -> RunSettings:
-    """Resolve a composed ``conf/config.yaml`` (or a recorded one) into :class:`RunSettings` for ``run_dir``.
-
-    Raises:
-        ConfigError: anything wrong, one paragraph naming the key and the valid choices.
-    """
+    """Resolve a composed ``conf/config.yaml`` (or a recorded one) into :class:`RunSettings` for ``run_dir``;
+    anything wrong raises :class:`ConfigError`, one paragraph naming the key and the valid choices."""
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)  # a recorded config gets the schema too
     import_plugin(cfg.data.plugin)  # before anything reads the registry
     factory = agent_factory(cfg.agent)  # first: agent=custom without _target_ cannot be resolved

@@ -73,13 +73,8 @@ def _bin_edges(values: Sequence[float]) -> list[float]:
 
 
 class WandbTracker(Tracker):
-    """Weights & Biases, offline by default.
-
-    Every value is logged against ``global_step`` (a metric of its own, not W&B's internal
-    step), so a resumed run that re-logs epochs after the last checkpoint does not hit W&B's
-    "steps must increase" rule. The run's id is kept in the checkpoint: a resume continues the
-    same W&B run (``resume="allow"``).
-    """
+    """Weights & Biases, offline by default. Values are logged against a ``global_step`` metric (not W&B's
+    step), so a resume that re-logs epochs does not hit "steps must increase"; it continues the same W&B run."""
 
     def __init__(self, settings: LoggerSettings, run_dir: Path, config: Mapping[str, Any],
                  run_id: str | None = None) -> None:
