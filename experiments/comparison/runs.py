@@ -162,12 +162,8 @@ def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategySpace) -> 
 
 
 def load_run(path: Path, weights: str = "final") -> Run:
-    """The run whose ``results.json`` is ``path``.
-
-    Raises:
-        CompareError: the file is not JSON, not a run's results file, or malformed (a key of the
-            wrong type or missing); :func:`experiments.comparison.compare` skips it with a note.
-    """
+    """The run whose ``results.json`` is ``path``; :class:`CompareError` when it is not JSON, not a run's
+    results file, or malformed (``compare`` then skips it with a note)."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
