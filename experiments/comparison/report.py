@@ -8,7 +8,7 @@ from typing import Any
 
 from evaluation.attacks import format_eps
 from experiments.comparison.figures import plot_curves, plot_epsilon_distribution, plot_fixed_images
-from experiments.comparison.protocol import protocol_of
+from experiments.comparison.labels import protocol_of
 from experiments.comparison.ranking import Comparison
 from experiments.comparison.runs import WEIGHTS
 from experiments.comparison.stats import Group, attack_title

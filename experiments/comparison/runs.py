@@ -20,8 +20,7 @@ WEIGHTS = {"final": "final (last-epoch) weights",
            "best": "best-epoch weights (best.pt: per-epoch PGD accuracy on the held-out validation images)"}
 """Which rows of ``results.json`` a comparison reads (``--weights``), and how the report names them."""
 FIXED_TARGET_SUFFIX = "FixedAgent"
-NON_LEARNING_TARGETS = ("FixedAgent", "RandomAgent")
-"""Agents whose training ignores the reward settings (they never learn)."""
+NON_LEARNING_TARGETS = ("FixedAgent", "RandomAgent")  # their training ignores the reward settings
 
 
 class CompareError(ValueError):

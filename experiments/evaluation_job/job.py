@@ -18,8 +18,7 @@ from las_env.datasets import load_dataset
 from las_env.files import atomic_write_text, stale_temp_files, write_json
 from las_env.datasets.registry import lookup
 
-EXIT_SANITY = 3
-"""Exit status when a sanity check failed (the reports are written all the same)."""
+EXIT_SANITY = 3  # a sanity check failed (the reports are written all the same)
 
 
 @dataclass

@@ -18,8 +18,7 @@ from las_env.datasets.registry import ThreatModel
 from las_env.models import build_model
 
 
-META_KEYS = ("dataset", "model", "in_channels", "num_classes")
-"""What evaluation reads from a checkpoint's ``meta`` to rebuild the network."""
+META_KEYS = ("dataset", "model", "in_channels", "num_classes")  # what rebuilds the network from ``meta``
 
 
 @dataclass
