@@ -1,39 +1,17 @@
-"""Compare finished runs: a local report (Markdown table + PNG figures), no W&B needed.
+"""Compare finished runs: ``report.md``, ``summary.json`` and PNG figures (paper Figs. 1, 4, 5), no W&B needed.
 
     python experiments/compare.py runs/digits                        # every run found below it
     python experiments/compare.py runs/digits/reinforce runs/digits/fixed --out reports/digits
     python experiments/compare.py runs --strict                      # exit 2 if protocols differ
 
-Each DIR is a run directory or any folder holding run directories (searched recursively for the
-runner's ``results.json``). Runs are grouped by agent label and aggregated over seeds:
+Each DIR is a run directory or a folder holding some (searched for ``results.json``). Runs are
+labelled by agent (a fixed attack by the attack it played; differing settings are added to the
+label), aggregated over seeds (mean ± std of every final attack's accuracy, evaluate.py's rows
+included) and ranked by the headline robust accuracy; two or more fixed attacks form the search
+baseline (Fig. 3). ``--weights best`` reports each run's ``best.pt`` instead of its final weights.
 
-- the label is the agent's name (``agent.name``); a fixed attack (``agents.baselines.FixedAgent``)
-  is labelled with the attack it actually played, ``fixed(eps=0.2,it=5,step=0.05)``; runs of one
-  agent whose other settings differ get the differing settings in their label,
-  ``reinforce(k=20)`` vs ``reinforce(k=5)``;
-- ``report.md``: the protocol (data, model, budget, attacks, eps, images), loud warnings where
-  the runs' protocols differ, then mean +- std over seeds of every final attack's test accuracy
-  (clean, PGD, C&W, and AutoAttack where evaluated, including by ``experiments/evaluate.py``
-  afterwards on the run's final weights), wall time and training time per epoch; the winner
-  (highest mean headline robust accuracy) is marked;
-- the search baseline (paper Fig. 3): when the runs hold two or more fixed attack settings, all
-  of them are ranked in a table of their own, and the main table gets a "best fixed (search)" row
-  next to the learned agents (plus the data set's default PGD-AT attack when it was run);
-- ``robust_curves.png`` (per-epoch test/train robust and test clean accuracy, mean +- std over
-  seeds: Fig. 1), ``epsilon_distribution.png`` (share of training images given each epsilon per
-  epoch: Fig. 4), ``fixed_images_strength.png`` (the epsilon chosen for a few fixed training
-  images per epoch: Fig. 5; only for runs whose history records ``fixed_images``);
-- ``summary.json``: the same numbers, for scripts.
-
-Which weights: ``--weights final`` (default) reports each run's final (last-epoch) weights;
-``--weights best`` its best-epoch weights (``best.pt``, chosen on the held-out validation images,
-or on the test images where the run was told ``selection.select_on=test``, which the report then
-flags as optimistic). The report's header says which.
-
-The main table is also printed. Exit status: 0 done; 1 bad input (no runs found...); 2 with
-``--strict`` when the runs' protocols differ (the report is written all the same).
-
-This file is the command line; the work is done by :mod:`experiments.comparison`, one module a job.
+Exit status: 0 done; 1 bad input (no runs found...); 2 with ``--strict`` when the runs' protocols
+differ (the report is written all the same). The work is done by :mod:`experiments.comparison`.
 """
 
 from __future__ import annotations
@@ -47,7 +25,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.comparison import WEIGHTS, CompareError, attack_title, compare, results_table, write_report  # noqa: E402
+from experiments.comparison.ranking import compare  # noqa: E402
+from experiments.comparison.report import results_table, write_report  # noqa: E402
+from experiments.comparison.runs import WEIGHTS, CompareError  # noqa: E402
+from experiments.comparison.stats import attack_title  # noqa: E402
 from experiments.config.errors import fail  # noqa: E402
 
 EXIT_MISMATCH = 2

@@ -6,16 +6,12 @@
     python experiments/evaluate.py state_dict=weights.pt model=resnet18 data=cifar10
     python experiments/evaluate.py checkpoint=runs/demo export=runs/demo/target_state_dict.pt
 
-Every option is in ``experiments/conf/evaluate.yaml``. The table is printed and written to
-``<out_dir>/evaluation[_n<N>][_eps<E>].md`` and ``.json`` (``out_dir``: the checkpoint's folder);
-a later evaluation of the same weights, images and eps adds its attacks to those files. When
-the checkpoint came from a W&B-logged run, that run's summary gets ``eval/<attack>`` accuracies.
+Every option is in ``experiments/conf/evaluate.yaml``; the reports go to
+``<out_dir>/evaluation[_n<N>][_eps<E>].md`` and ``.json`` (a later evaluation of the same weights,
+images and eps adds its attacks), and a W&B-logged run's summary gets ``eval/<attack>``.
 
-Exit status: 0 done; 1 bad input (one-paragraph message, nothing evaluated); 3 a sanity check
-failed (results are written all the same, ``fail_on_sanity=false`` turns this off).
-
-This file is the command line; the work is done by :mod:`experiments.evaluation_job` (settings,
-target, reports, the job) on top of the :mod:`evaluation` package.
+Exit status: 0 done; 1 bad input (one paragraph, nothing evaluated); 3 a sanity check failed
+(results written all the same; ``fail_on_sanity=false`` turns this off). The work: :mod:`experiments.evaluation_job`.
 """
 
 from __future__ import annotations
@@ -30,10 +26,8 @@ import hydra
 from omegaconf import DictConfig
 
 from experiments.config.errors import fail
-from experiments.evaluation_job.job import EXIT_SANITY, execute, prepare
+from experiments.evaluation_job.job import execute, prepare
 from experiments.evaluation_job.settings import parse_settings
-
-__all__ = ["EXIT_SANITY", "main"]
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")

@@ -8,18 +8,13 @@
     python experiments/run.py agent=fixed resume=true           # continue the run of this command
     python experiments/run.py resume=runs/digits/fixed/small_cnn-seed0-1a2b3c4d
 
-Every option is in ``experiments/conf/``. The run's folder is printed at its start and end:
-``<run_root>/<data>/<agent>/<model>-seed<seed>-<hash of every setting>`` (``experiments/runfolder/rundir.py``).
+Every option is in ``experiments/conf/``; the run's folder (``experiments/runfolder/rundir.py``) is
+printed at its start and end. ``torchrun --nproc_per_node=N experiments/run.py ...`` trains ONE run.
 
-Exit status: 0 done (or stopped early by ``stop_after_epochs``, resumable); 1 bad input, reported
-as one paragraph on stderr before any training starts (a folder in use by another run, a damaged
-checkpoint included); 2 training diverged (a non-finite loss, reward, gradient or weight,
-``experiments/training/guard.py``): one paragraph on stderr, ``results.json`` marked failed, the last
-finite checkpoint intact; 3 under torchrun, a rank lost contact with the others (one died or
-hung past ``ddp_timeout_s``; ``experiments/training/distributed.py``).
-
-Several processes: ``torchrun --nproc_per_node=N experiments/run.py ...`` trains ONE run
-(docs/distributed.md).
+Exit status: 0 done (or stopped by ``stop_after_epochs``, resumable); 1 bad input, one paragraph on
+stderr before any training; 2 training diverged (``experiments/training/guard.py``; the last finite
+checkpoint kept); 3 under torchrun, a rank lost contact (``experiments/training/distributed.py``).
+Several processes: ``torchrun --nproc_per_node=N experiments/run.py ...`` trains ONE run (docs/distributed.md).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ import pytest
 import torch
 from test_run import TINY, cli, config
 
-from experiments import comparison
+from experiments.comparison.ranking import compare, method_of
+from experiments.comparison.report import markdown_report, write_report
 from experiments.compare import EXIT_MISMATCH
 from experiments.compare import main as compare_main
 from experiments.comparison.runs import _weights_fingerprint
@@ -101,7 +102,7 @@ def test_fixed_attack_search_is_one_table_with_the_learned_agents(runs, tmp_path
                         row["accuracy"] = accuracy
             clone(src, tmp_path / "search" / f"eps{eps_index}" / src.name, edit)
 
-    c = comparison.compare([runs, tmp_path / "search"])
+    c = compare([runs, tmp_path / "search"])
     assert sorted(g.label for g in c.search) == ["fixed(eps=0.1,it=5,step=0.05)", "fixed(eps=0.2,it=5,step=0.05)",
                                                  "fixed(eps=0.25,it=5,step=0.05)"]
     best, default = c.search[0], next(g for g in c.search if g.label == "fixed(eps=0.2,it=5,step=0.05)")
@@ -111,7 +112,7 @@ def test_fixed_attack_search_is_one_table_with_the_learned_agents(runs, tmp_path
     # the worst fixed setting only in the search table.
     assert {g.label for g in c.main} == {"random", best.label, default.label}
     assert c.winners == [best]
-    files = comparison.write_report(c, tmp_path / "report")
+    files = write_report(c, tmp_path / "report")
     report = files["report"].read_text()
     assert "## Search baseline: fixed attack settings" in report
     assert "(search: best of 3 fixed settings) **← best**" in report
@@ -125,11 +126,11 @@ def test_fixed_runs_of_different_methods_are_not_one_search(runs, tmp_path):
             doc["config"]["method"] = {"name": "trades", "trades_beta": 6.0}
             doc["agent"] = doc["config"]["agent"]["name"] = "trades"
         clone(src, tmp_path / "trades" / src.name, edit)
-    c = comparison.compare([runs, tmp_path / "trades"])
+    c = compare([runs, tmp_path / "trades"])
     assert c.search == []  # one fixed setting per method: nothing was searched
     assert {g.label for g in c.main} == {"fixed(eps=0.2,it=5,step=0.05)", "trades(eps=0.2,it=5,step=0.05)", "random"}
     assert all("search" not in g.role for g in c.main)
-    assert comparison.method_of(c.runs[0]) in ("pgd_at", "trades")
+    assert method_of(c.runs[0]) in ("pgd_at", "trades")
 
 def test_protocol_mismatch_is_a_loud_warning(runs, tmp_path, capsys):
     src = run_dirs(runs, "random")[0]
@@ -159,7 +160,7 @@ def test_runs_of_one_agent_with_other_settings_get_their_own_labels_and_duplicat
         clone(src, tmp_path / "lr" / src.name, edit)
     dup = run_dirs(runs, "fixed")[0]
     shutil.copytree(dup, tmp_path / "dup" / dup.name)  # the same run twice (e.g. copied folders)
-    c = comparison.compare([runs, tmp_path / "lr", tmp_path / "dup"])
+    c = compare([runs, tmp_path / "lr", tmp_path / "dup"])
     labels = {g.label: len(g.runs) for g in c.groups}
     assert labels == {"fixed(eps=0.2,it=5,step=0.05)": 2, "random(data.optim.lr=0.05)": 2,
                       "random(data.optim.lr=0.2)": 2}
@@ -174,7 +175,7 @@ def test_fixed_images_figure_when_the_runs_record_them(runs, tmp_path):
                 h["fixed_images"] = {"index": [3, 14, 15], "epsilon": [0.1, None, 0.3],
                                      "iterations": [2, None, 8], "step_size": [0.05, None, 0.1]}
         clone(src, tmp_path / "fig5" / src.parent.name / src.name, edit)
-    files = comparison.write_report(comparison.compare([tmp_path / "fig5"]), tmp_path / "report")
+    files = write_report(compare([tmp_path / "fig5"]), tmp_path / "report")
     assert files["fixed_images_strength"].stat().st_size > 10_000
     assert "![fixed_images_strength](fixed_images_strength.png)" in files["report"].read_text()
 
@@ -192,12 +193,12 @@ def test_autoattack_from_evaluate_py_joins_the_table_when_it_scored_the_final_we
             "sanity_passed": True,
             "results": [{"name": "autoattack", "label": "AutoAttack (standard, official)", "accuracy": 0.1,
                          "n_images": 64, "epsilon": 0.2}]}))
-    c = comparison.compare([tmp_path / "aa"])
+    c = compare([tmp_path / "aa"])
     assert "autoattack" in c.attacks and c.headline == "pgd5"  # not on every run: PGD still ranks
     (group,) = c.groups
     assert group.accuracy("autoattack").values == [0.1]
     assert any("other weights" in n for n in c.notes)
-    report = comparison.markdown_report(c, {})
+    report = markdown_report(c, {})
     assert "AutoAttack (%)" in report and "10.00 (n=1)" in report and "(from experiments/evaluate.py)" in report
 
 
@@ -206,9 +207,9 @@ def test_only_clean_accuracy_means_no_ranking(runs, tmp_path):
         def edit(doc):
             doc["final"] = [r for r in doc["final"] if r["name"] == "clean"]
         clone(src, tmp_path / "clean" / src.name, edit)
-    c = comparison.compare([tmp_path / "clean"])
+    c = compare([tmp_path / "clean"])
     assert c.headline is None and c.winners == []
-    assert "← best" not in comparison.markdown_report(c, {})
+    assert "← best" not in markdown_report(c, {})
 
 
 def test_no_runs_is_one_line_and_exit_1(tmp_path, capsys):

@@ -25,7 +25,7 @@ import torch
 from test_faults import EVALUATE, REPO, RUN, TINY, cli, error_line, settings
 
 from experiments.compare import main as compare_main
-from experiments.comparison import compare
+from experiments.comparison.ranking import compare
 from experiments.config.errors import ConfigError, RunStopped
 from experiments.evaluation_job.settings import Settings
 from experiments.evaluation_job.target import load_target
@@ -33,7 +33,8 @@ from experiments.training.loop import train
 from experiments.runfolder.runlock import RunLock
 from las_env.checkpoint import (FORMAT, CorruptCheckpointError, NotACheckpointError, load_checkpoint,
                                 load_plain_state_dict)
-from las_env.data import DataError, load_dataset
+from las_env.data import DataError
+from las_env.datasets import load_dataset
 from las_env.datasets.checks import check_image_size, classes_missing_from_train
 from las_env.datasets.user import load_folder, load_npz
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from experiments.comparison import WEIGHTS, compare, markdown_report
+from experiments.comparison.ranking import compare
+from experiments.comparison.report import markdown_report
+from experiments.comparison.runs import WEIGHTS
 from experiments.config.errors import ConfigError
 from experiments.training.loop import train
 from experiments.runfolder.rundir import settings_hash

@@ -20,11 +20,6 @@ from experiments.comparison.runs import Run  # noqa: E402
 from experiments.comparison.stats import Group  # noqa: E402
 
 
-def _colors(groups: Sequence[Group]) -> dict[str, Any]:
-    cmap = plt.get_cmap("tab10")
-    return {g.label: cmap(i % 10) for i, g in enumerate(groups)}
-
-
 def _short(g: Group) -> str:
     return g.label + (f" ({g.role})" if g.role else "")
 
@@ -36,7 +31,7 @@ def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
     if not any(h.get("eval") for g in groups for r in g.runs for h in r.history):
         return None
     ref = next(r for g in groups for r in g.runs)
-    colors = _colors(groups)
+    colors = {g.label: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for g in groups:

@@ -1,4 +1,5 @@
-"""Labels of runs: the agent's name, the attack a fixed agent played, the settings that differ."""
+"""What sets runs apart: a label per run (the agent's name, the attack a fixed agent played, the settings
+that differ) and the protocol (what must be equal for their numbers to be comparable)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from typing import Any
 
 from evaluation.attacks import format_eps
 from experiments.comparison.runs import NON_LEARNING_TARGETS, Run
+from experiments.comparison.stats import attack_order, attack_title
 from las_env.datasets.registry import lookup
 
 NOT_SETTINGS = ("seed", "run_root", "logger", "progress", "threads", "resume", "stop_after_epochs",
                 "log_every_steps", "hydra", "eval", "data.root", "data.threads", "agent.name", "agent.seed",
                 "agent.verbose")
-"""Config keys (dotted prefixes) that never split runs into different labels: how a run was
-run, the seed (aggregated over), and the evaluation (checked as protocol instead)."""
+"""Config keys (dotted prefixes) that never split labels: how a run was run, the seed (aggregated
+over), the evaluation (checked as protocol instead)."""
 
 FIXED_ATTACK_KEYS = ("agent.step_size", "agent.iterations", "agent.epsilon", "data.fixed_attack")
 
@@ -32,10 +34,6 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _ignored(key: str, prefixes: Sequence[str]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
 def _settings(run: Run) -> dict[str, Any]:
     """The settings that make runs of one agent different experiments (not the seed)."""
     skip = list(NOT_SETTINGS)
@@ -43,18 +41,13 @@ def _settings(run: Run) -> dict[str, Any]:
         skip += FIXED_ATTACK_KEYS  # the attack actually played stands for these
     if run.target.endswith(NON_LEARNING_TARGETS):
         skip.append("reward")  # never learns: its training does not depend on the reward
-    return {k: v for k, v in _flatten(run.config).items() if not _ignored(k, skip)}
+    return {k: v for k, v in _flatten(run.config).items() if not any(k == p or k.startswith(p + ".") for p in skip)}
 
 
 def _fmt_value(key: str, v: Any) -> str:
     if isinstance(v, float):
         return format_eps(v) if re.search(r"eps|step_size", key) else f"{v:.4g}"
     return str(v)
-
-
-def fixed_label(name: str, attack: tuple[float, int, float]) -> str:
-    eps, iters, step = attack
-    return f"{name}(eps={format_eps(eps)},it={iters},step={format_eps(step)})"
 
 
 def assign_labels(runs: Sequence[Run]) -> None:
@@ -68,7 +61,10 @@ def assign_labels(runs: Sequence[Run]) -> None:
         keys = sorted(set().union(*settings))
         differing = [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
         for r, s in zip(group, settings):
-            base = fixed_label(name, r.fixed_attack) if r.fixed_attack else name
+            base = name
+            if r.fixed_attack:
+                eps, iters, step = r.fixed_attack
+                base = f"{name}(eps={format_eps(eps)},it={iters},step={format_eps(step)})"
             if differing:
                 extra = ",".join(f"{k.removeprefix('agent.')}={_fmt_value(k, s.get(k))}" for k in differing)
                 base = f"{base}[{extra}]" if r.fixed_attack else f"{name}({extra})"
@@ -87,3 +83,51 @@ def default_fixed_attack(run: Run) -> tuple[float, int, float] | None:
     eps, step = recorded.get("epsilon") or threat.epsilon, recorded.get("step_size") or threat.step_size
     i_eps, i_it, i_step = run.grid.index_of(epsilon=eps, iterations=iters, step_size=step)
     return run.grid.value("epsilon", i_eps), run.grid.value("iterations", i_it), run.grid.value("step_size", i_step)
+
+
+def protocol_of(run: Run) -> dict[str, str]:
+    """What must be equal for the runs' numbers to be comparable, as readable strings."""
+    data = run.config.get("data", {})
+    steps = run.history[0]["steps"] if run.history else "?"
+    first_eval = next((h["eval"] for h in run.history if h.get("eval")), {}) or {}
+    return {
+        "data set": run.data_description,
+        "model": str(run.config.get("model", {}).get("name", "?")),
+        "threat model": run.threat,
+        "training budget": f"{data.get('epochs', '?')} epochs x {steps} steps x batch {data.get('batch_size', '?')}",
+        "strategy grid": json.dumps({name: [round(v, 6) for v in values] for name, values in run.grid.values.items()}),
+        "per-epoch evaluation": (f"{run.per_epoch_attack} on {first_eval.get('test_images', '?')} test / "
+                                 f"{first_eval.get('train_images', '?')} train images"),
+    }
+
+
+def check_protocol(runs: Sequence[Run]) -> tuple[list[str], list[str]]:
+    """(warnings, notes): warnings where the runs' protocols differ (numbers not comparable),
+    notes for softer differences (an attack evaluated on some runs only, devices)."""
+    warnings: list[str] = []
+    notes: list[str] = []
+
+    def differ(what: str, values: Mapping[Run, str]) -> None:
+        by_value: dict[str, list[Run]] = defaultdict(list)
+        for r, v in values.items():
+            by_value[v].append(r)
+        if len(by_value) > 1:
+            parts = [f"{v!s} ({len(rs)} run{'s' * (len(rs) > 1)}, e.g. {rs[0].path})" for v, rs in by_value.items()]
+            warnings.append(f"{what} differs between runs: " + "; ".join(parts))
+
+    protocols = {r: protocol_of(r) for r in runs}
+    for key in next(iter(protocols.values())):
+        differ(key.capitalize(), {r: p[key] for r, p in protocols.items()})
+    names = sorted({n for r in runs for n in r.final}, key=attack_order)
+    for name in names:
+        have = [r for r in runs if name in r.final]
+        differ(f"Final evaluation {name!r} (eps, test images)",
+               {r: f"eps {format_eps(float(r.final[name].get('epsilon', 0)))}, "
+                   f"{r.final[name].get('n_images')} images" for r in have})
+        if len(have) < len(runs):
+            notes.append(f"{attack_title(name, have[0])} was evaluated on {len(have)} of {len(runs)} runs; "
+                         f"its column averages those only.")
+    devices = {str(r.config.get("device", "?")) for r in runs}
+    if len(devices) > 1:
+        notes.append(f"Runs ran on different devices ({', '.join(sorted(devices))}): times are not comparable.")
+    return warnings, notes

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.comparison.labels import assign_labels, default_fixed_attack
-from experiments.comparison.protocol import check_protocol
+from experiments.comparison.labels import assign_labels, check_protocol, default_fixed_attack
 from experiments.comparison.runs import CompareError, Run, find_runs, load_run
 from experiments.comparison.stats import Group, attack_order, group_runs, headline_attack, rank_key
 from experiments.runfolder.runfiles import RESULTS_FILE

@@ -8,19 +8,12 @@ from typing import Any
 
 from evaluation.attacks import format_eps
 from experiments.comparison.figures import plot_curves, plot_epsilon_distribution, plot_fixed_images
-from experiments.comparison.protocol import protocol_of
+from experiments.comparison.labels import protocol_of
 from experiments.comparison.ranking import Comparison
 from experiments.comparison.runs import WEIGHTS
 from experiments.comparison.stats import Group, attack_title
 from experiments.runfolder.runfiles import REPORT_MD, SUMMARY_FILE, SUMMARY_FORMAT
 from las_env.files import atomic_write_text, write_json
-
-
-def _row_label(g: Group, winners: Sequence[Group]) -> str:
-    text = f"**`{g.label}`**" if g in winners else f"`{g.label}`"
-    if g.role:
-        text += f" ({g.role})"
-    return text + (" **← best**" if g in winners else "")
 
 
 def results_table(c: Comparison, groups: Sequence[Group], *, winners: Sequence[Group] = ()) -> str:
@@ -33,7 +26,8 @@ def results_table(c: Comparison, groups: Sequence[Group], *, winners: Sequence[G
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for g in groups:
         n = len(g.runs)
-        cells = [_row_label(g, winners), f"{n} ({','.join(map(str, g.seeds))})"]
+        label = (f"**`{g.label}`**" if g in winners else f"`{g.label}`") + (f" ({g.role})" if g.role else "")
+        cells = [label + (" **← best**" if g in winners else ""), f"{n} ({','.join(map(str, g.seeds))})"]
         cells += [g.accuracy(a).pct(n) for a in c.attacks]
         cells += [g.wall().seconds(), g.per_epoch().seconds()]
         lines.append("| " + " | ".join(cells) + " |")

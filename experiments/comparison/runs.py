@@ -20,8 +20,7 @@ WEIGHTS = {"final": "final (last-epoch) weights",
            "best": "best-epoch weights (best.pt: per-epoch PGD accuracy on the held-out validation images)"}
 """Which rows of ``results.json`` a comparison reads (``--weights``), and how the report names them."""
 FIXED_TARGET_SUFFIX = "FixedAgent"
-NON_LEARNING_TARGETS = ("FixedAgent", "RandomAgent")
-"""Agents whose training ignores the reward settings (they never learn)."""
+NON_LEARNING_TARGETS = ("FixedAgent", "RandomAgent")  # their training ignores the reward settings
 
 
 class CompareError(ValueError):
@@ -143,13 +142,6 @@ def _weights_fingerprint(path: Path) -> str | None:
         return None
 
 
-def _grid(config: Mapping[str, Any], dataset: str) -> StrategySpace:
-    cfg = (config.get("data") or {}).get("grid")
-    if cfg:
-        return StrategySpace.from_config(cfg)
-    return lookup(dataset).grid
-
-
 def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategySpace) -> tuple[float, int, float] | None:
     """The one (epsilon, iterations, step size) a fixed agent played, read from the per-epoch
     counts of chosen grid indices; ``None`` when it played more than one value of any."""
@@ -169,12 +161,8 @@ def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategySpace) -> 
 
 
 def load_run(path: Path, weights: str = "final") -> Run:
-    """The run whose ``results.json`` is ``path``.
-
-    Raises:
-        CompareError: the file is not JSON, not a run's results file, or malformed (a key of the
-            wrong type or missing); :func:`experiments.comparison.compare` skips it with a note.
-    """
+    """The run whose ``results.json`` is ``path``; :class:`CompareError` when it is not JSON, not a run's
+    results file, or malformed (``compare`` then skips it with a note)."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -197,7 +185,8 @@ def _run_of(path: Path, doc: dict[str, Any], weights: str) -> Run:
         raise CompareError(f"{path} holds no results for its {WEIGHTS[weights]} (a run without a validation split, "
                            f"or from before best.pt existed); compare with --weights final.")
     threat_eps = [r["epsilon"] for r in final.values() if r.get("epsilon")]
-    grid = _grid(config, dataset)
+    grid_config = (config.get("data") or {}).get("grid")
+    grid = StrategySpace.from_config(grid_config) if grid_config else lookup(dataset).grid
     run = Run(
         path=path.parent,
         agent=str(doc.get("agent") or config.get("agent", {}).get("name") or "agent"),

@@ -1,9 +1,5 @@
-"""From an agent config node (``conf/agent/*.yaml`` plus overrides) to a checked agent factory.
-
-Checked here, before any data is loaded: the class can be imported and accepts the given keys.
-The values themselves are checked by the agent class when it is built (the one place, for the
-command line and Python alike); a :class:`las_env.validate.SettingError` it raises becomes one
-paragraph naming ``agent.<key>`` (``experiments/training/game_setup.py``).
+"""From an agent config node (``conf/agent/*.yaml`` plus overrides) to a checked agent factory: the
+class imported and its keys checked before any data is loaded; the values are checked by the class.
 """
 
 from __future__ import annotations
@@ -22,16 +18,12 @@ from las_env.imports import import_object
 AgentFactory = Callable[[AgentSpec], Agent]
 """Anything that builds an agent from the game's :class:`AgentSpec`."""
 
-AGENT_META_KEYS = ("name", "k")
-"""Keys of an agent config that are not constructor arguments: its display name, and k (the env's
-``reward_interval``, which the agent reads from its spec)."""
+AGENT_META_KEYS = ("name", "k")  # display name; k is the env's reward_interval, read from the spec
 
 
 def agent_factory(node: Mapping[str, Any] | DictConfig) -> AgentFactory:
-    """A factory for the agent an agent config describes: ``_target_`` plus its keyword
-    arguments (``name`` and ``k`` are dropped). The class is imported and its signature checked
-    now, so a typo fails before any data is loaded; the agent itself is built once the spec is known.
-    """
+    """A factory for the agent a config describes: ``_target_`` plus its keyword arguments (not
+    ``name``, ``k``); the agent itself is built once the spec is known."""
     cfg = OmegaConf.create(node) if not isinstance(node, DictConfig) else node
     try:
         target = cfg._target_

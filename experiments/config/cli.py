@@ -1,15 +1,7 @@
-"""Hydra's own failures end in the one-paragraph error, like every other bad input.
-
-Hydra reports what goes wrong before the task function runs (an override it cannot parse, an
-unknown config-group option, a key missing from the config, an output folder it cannot create)
-itself: several lines, a search-path dump or a traceback, then exit status 1. :func:`hydra_entry`
-runs a ``@hydra.main`` function with ``HYDRA_FULL_ERROR=1`` so those exceptions reach it, and
-turns each into ``las-at: error: <one paragraph>`` naming the problem and a fix
-(:func:`experiments.config.errors.fail`), with Hydra's usual status 1.
-
-Exceptions raised inside the task function itself are not Hydra's: they propagate unchanged (the
-commands turn their own bad input into the paragraph first; anything left is a bug, and its full
-traceback is what helps). A user who sets ``HYDRA_FULL_ERROR=1`` gets Hydra's tracebacks as usual.
+"""Hydra's own failures (before the task function runs: an unparsable override, an unknown option,
+an unwritable output folder) as the one-paragraph error, with Hydra's status 1. Exceptions raised
+inside the task function propagate unchanged (anything left there is a bug: its traceback helps);
+``HYDRA_FULL_ERROR=1`` gives Hydra's tracebacks as usual.
 """
 
 from __future__ import annotations
@@ -87,14 +79,8 @@ def hydra_message(exc: BaseException, program: str, conf_dir: Path, hints: dict[
 
 def hydra_entry(main: Callable[[], Any], *, conf_dir: Path, program: str | None = None,
                 hints: dict[str, str] | None = None) -> None:
-    """Run the ``@hydra.main``-decorated ``main``; a failure of Hydra's own is one paragraph.
-
-    Args:
-        main: the decorated function (its ``__wrapped__`` is the task function).
-        conf_dir: the command's config folder (for the list of a group's options).
-        program: how users invoke it, e.g. ``experiments/run.py`` (default: ``sys.argv[0]``).
-        hints: a sentence added to the message for an unknown option of a group.
-    """
+    """Run the ``@hydra.main``-decorated ``main``; a failure of Hydra's own is one paragraph (``conf_dir``
+    lists a group's options, ``hints`` adds a sentence per group to an unknown option's message)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's tracebacks
         main()
         return

@@ -1,8 +1,5 @@
-"""Bad input: one exception type for it, and the one-paragraph exit every command line uses.
-
-The format, for ``experiments/run.py``, ``evaluate.py`` and ``compare.py`` alike (and for Hydra's
-own failures, ``experiments/config/cli.py``): one line on stderr, ``las-at: error: <paragraph>``, the
-paragraph naming the problem and a fix that works; no traceback.
+"""Bad input: one exception type for it, and the one exit every command line uses: one line on stderr,
+``las-at: error: <paragraph naming the problem and a fix that works>``, no traceback.
 """
 
 from __future__ import annotations
@@ -21,12 +18,8 @@ class RunStopped(ConfigError):
 
 
 def fail(message: object, code: int = 1) -> None:
-    """Print ``message`` as one paragraph on stderr and exit with ``code`` (1: bad input reported before
-    any work starts), without a traceback.
-
-    ``SystemExit`` is not an ``Exception``, so Hydra (which prints a traceback for those) lets
-    it through unchanged.
-    """
+    """Print ``message`` as one paragraph on stderr and exit with ``code`` (1: bad input). ``SystemExit``
+    is not an ``Exception``, so Hydra (which prints a traceback for those) lets it through."""
     sys.stderr.write("las-at: error: " + " ".join(str(message).split()) + "\n")  # whitespace folded: one line
     sys.stderr.flush()
     raise SystemExit(code)

@@ -1,15 +1,9 @@
 """The training command line's settings: typed dataclasses, the schema of ``conf/config.yaml``.
 
-Each key's default and type live here once; the YAML files under ``conf/`` only choose (a data
-set, an agent, a preset) and override. Hydra checks every override against these types while it
-composes the config (``data.batch_size=abc`` is refused before anything runs); the ranges are
-checked by the classes' ``__post_init__`` when :func:`experiments.config.settings.settings_from_config`
-builds them. ``python experiments/run.py --cfg job`` prints every key.
-
-The sections ``reward`` and ``method`` are the game's own configs (:class:`las_env.reward.RewardConfig`,
-:class:`las_env.methods.MethodConfig`, documented there); ``data.optim`` takes the fields of
-:class:`las_env.optim.OptimConfig`, each ``null`` meaning "the data set's" (its registry record,
-``las_env/datasets/builtin.py``), like ``data.grid`` and ``data.threat``.
+Each key's default and type live here once (``conf/`` only chooses and overrides); Hydra checks the
+types while composing, the classes' ``__post_init__`` the ranges. ``reward`` and ``method`` are the
+game's own configs; a ``null`` in ``data`` means the data set's (``las_env/datasets/builtin.py``).
+``python experiments/run.py --cfg job`` prints every key.
 """
 
 from __future__ import annotations
@@ -167,11 +161,8 @@ class DdpSettings:
 
 @dataclass
 class RunConfig:
-    """The whole training command line (``conf/config.yaml`` picks the groups).
-
-    The game's switches default to :class:`las_env.game.LASConfig`'s (documented there): ``device``,
-    ``precision``, ``channels_last`` and the ours-vs-the-authors' ``attack_start`` and ``last_batch``.
-    """
+    """The whole training command line (``conf/config.yaml`` picks the groups); the game's switches
+    default to :class:`las_env.game.LASConfig`'s (documented there)."""
 
     agent: Any = MISSING  # conf/agent/*.yaml: _target_ (the class) and its arguments; k read by the game
     data: DataSettings = field(default_factory=DataSettings)

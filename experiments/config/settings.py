@@ -1,11 +1,7 @@
-"""From a composed Hydra config to complete, frozen run settings, before anything is built.
-
-:func:`settings_from_config` is the one resolver: it imports ``data.plugin``, fills the data set's
-registry defaults (grid, optimiser, threat model) into the values the user left ``null``, reads
-what the game needs from the agent's settings (its k, its reward flow, whether it needs the
-pre-update probe), and builds the game's :class:`las_env.game.LASConfig` with all of it. Nothing
-built later changes these settings. Every bad value raises :class:`experiments.config.errors.ConfigError`
-with one paragraph naming the key; types were checked by Hydra against ``experiments/config/schema.py``.
+"""From a composed Hydra config to complete, frozen run settings (:func:`settings_from_config`),
+before anything is built: the plugin imported, the data set's defaults filled into the ``null``
+values, the game's :class:`las_env.game.LASConfig` built with what the agent's settings imply.
+Every bad value raises :class:`experiments.config.errors.ConfigError` naming its key.
 """
 
 from __future__ import annotations
@@ -13,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,48 +35,28 @@ from las_env.validate import SettingError
 
 @dataclass
 class RunSettings:
-    """Everything the training loop needs, validated.
-
-    Attributes:
-        run_dir: the run's own folder (checkpoint, results, plots, logs).
-        env: the game's final settings (k included: ``reward_interval``).
-        agent: a factory ``spec -> Agent`` (a plain callable, or built from a Hydra node).
-        agent_name: short name for folders, tags and tables ("reinforce", "fixed", ...).
-        seed: the episode's seed (``env.reset(seed=...)``; agents get it in their spec).
-        config: the resolved config, recorded in the checkpoint and results.
-        settings_hash: digest of the settings (``experiments.runfolder.rundir.settings_hash``); a resume
-            refuses a checkpoint written under another one.
-        resume: continue from ``run_dir/checkpoint.pt`` when it exists.
-        stop_after_epochs: end this invocation after that many epochs (resumable).
-        threads: torch CPU threads for the run (``None``: leave torch's setting).
-        on_nonfinite: "stop" (a non-finite loss, reward, gradient or weight ends the run) or
-            "skip" (drop the updates of batches with a non-finite gradient, counted);
-            ``experiments/training/guard.py``.
-        init_from: start from this run folder's (or checkpoint file's) last checkpoint, with
-            these settings (``experiments/runfolder/recovery.py::start_from``); ``None``: from scratch.
-        init_from_other_data: let ``init_from`` continue weights trained on other data (by default
-            a changed data fingerprint is refused, ``experiments/runfolder/recovery.py::check_same_data``).
-        selection: the validation split and which weights are kept as best (experiments/training/selection.py).
-    """
+    """Everything the training loop needs, validated. Beyond :class:`RunConfig`'s keys: ``env`` (the game's
+    final settings, k included), ``agent`` (a factory ``spec -> Agent``), ``config`` (the resolved config,
+    recorded in the checkpoint and results) and ``settings_hash`` (a resume refuses another one's checkpoint)."""
 
     run_dir: Path
     env: LASConfig
     agent: AgentFactory
     agent_name: str
-    seed: int = 0
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    logger: LoggerSettings = field(default_factory=LoggerSettings)
-    resume: bool = False
-    stop_after_epochs: int | None = None
-    progress: bool = True
-    log_every_steps: int = 20
-    threads: int | None = None
-    selection: SelectionSettings = field(default_factory=SelectionSettings)
-    config: dict[str, Any] = field(default_factory=dict)
-    settings_hash: str | None = None
-    on_nonfinite: str = "stop"
-    init_from: Path | None = None
-    init_from_other_data: bool = False
+    seed: int
+    eval: EvalSettings
+    logger: LoggerSettings
+    resume: bool
+    stop_after_epochs: int | None
+    progress: bool
+    log_every_steps: int
+    threads: int | None
+    selection: SelectionSettings
+    config: dict[str, Any]
+    settings_hash: str | None
+    on_nonfinite: str
+    init_from: Path | None
+    init_from_other_data: bool
 
 
 GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
@@ -93,11 +69,7 @@ GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_step
 
 def _build(cls: type, section: str, values: Mapping[str, Any], keys: Mapping[str, str] | None = None) -> Any:
     """``cls(**values)``; a rejected value becomes one paragraph naming its command-line key
-    (``<section>.<field>``, or ``keys[field]``)."""
-    valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ConfigError(f"{section}: unknown setting(s) {unknown}; valid: {sorted(valid)}.")
+    (``<section>.<field>``, or ``keys[field]``); the schema already refused unknown keys."""
     try:
         return cls(**values)
     except SettingError as exc:
@@ -231,11 +203,8 @@ def _logger(resolved: dict[str, Any], agent: str, model: str) -> LoggerSettings:
 
 
 def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash: str | None = None) -> RunSettings:
-    """Resolve a composed ``conf/config.yaml`` (or a recorded one) into :class:`RunSettings` for ``run_dir``.
-
-    Raises:
-        ConfigError: anything wrong, one paragraph naming the key and the valid choices.
-    """
+    """Resolve a composed ``conf/config.yaml`` (or a recorded one) into :class:`RunSettings` for ``run_dir``;
+    anything wrong raises :class:`ConfigError`, one paragraph naming the key and the valid choices."""
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)  # a recorded config gets the schema too
     import_plugin(cfg.data.plugin)  # before anything reads the registry
     factory = agent_factory(cfg.agent)  # first: agent=custom without _target_ cannot be resolved

@@ -9,17 +9,16 @@ from datetime import datetime, timezone
 import torch
 
 from evaluation import Check, default_step, evaluate, format_table, sanity_checks
-from experiments.evaluation_job.reports import merge_previous, report_stem, update_wandb, write_reports
+from experiments.evaluation_job.reports import merge_previous, report_stem, update_wandb
 from experiments.evaluation_job.settings import Settings
 from experiments.evaluation_job.target import Target, check_attack_needs, load_target
 from experiments.runfolder.runfiles import AUTOATTACK_STATE, EVALUATION_FORMAT, EVALUATION_STEM
 from las_env.checkpoint import export_state_dict, state_fingerprint
 from las_env.datasets import load_dataset
-from las_env.files import stale_temp_files
+from las_env.files import atomic_write_text, stale_temp_files, write_json
 from las_env.datasets.registry import lookup
 
-EXIT_SANITY = 3
-"""Exit status when a sanity check failed (the reports are written all the same)."""
+EXIT_SANITY = 3  # a sanity check failed (the reports are written all the same)
 
 
 @dataclass
@@ -107,10 +106,12 @@ def execute(job: Job) -> int:
         "checks": [vars(c) for c in checks],
         "sanity_passed": None if not checks else not failed,
     }
-    md, js = write_reports(out_dir, stem, table, payload)
+    md = out_dir / f"{stem}.md"
+    atomic_write_text(md, table)
+    write_json(json_path, payload, indent=2)
     print()
     print(table)
-    print(f"Wrote {md} and {js}")
+    print(f"Wrote {md} and {json_path}")
     prefix = "eval" + stem.removeprefix(EVALUATION_STEM)
     print(update_wandb(target, results, job.eps, prefix, s.wandb_mode))
     if failed:

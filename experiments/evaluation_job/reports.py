@@ -11,7 +11,6 @@ from typing import Any
 from evaluation import AttackResult, attack_spec, format_eps
 from experiments.evaluation_job.target import Target
 from experiments.runfolder.runfiles import EVALUATION_FORMAT, EVALUATION_STEM
-from las_env.files import atomic_write_text, write_json
 
 
 def report_stem(n: int | None, n_total: int, eps: float, default_eps: float) -> str:
@@ -45,15 +44,6 @@ def merge_previous(path: Path, fingerprint: Mapping[str, Any], results: Sequence
         else:  # e.g. the checkpoint was overwritten by a later epoch: the old rows no longer apply
             print(f"note: {path} described other weights, images or eps; replacing it.")
     return sorted(rows.values(), key=lambda r: _order(r.name))
-
-
-def write_reports(
-    out_dir: Path, stem: str, table: str, payload: dict[str, Any]
-) -> tuple[Path, Path]:
-    md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
-    atomic_write_text(md, table)
-    write_json(js, payload, indent=2)
-    return md, js
 
 
 def update_wandb(

@@ -18,29 +18,13 @@ from las_env.datasets.registry import ThreatModel
 from las_env.models import build_model
 
 
-META_KEYS = ("dataset", "model", "in_channels", "num_classes")
-"""What evaluation reads from a checkpoint's ``meta`` to rebuild the network."""
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+META_KEYS = ("dataset", "model", "in_channels", "num_classes")  # what rebuilds the network from ``meta``
 
 
 @dataclass
 class Target:
-    """The network to evaluate and where it came from.
-
-    Attributes:
-        model: The classifier, on the evaluation device, in eval mode.
-        name: Architecture name (``small_cnn``...).
-        dataset: Data set name it was trained on.
-        data_root: Folder the data set is read from.
-        source: The checkpoint or state_dict file.
-        out_dir: Where reports go.
-        meta: The checkpoint's metadata (empty for a plain state_dict).
-        data: The loaded data (``None`` until needed).
-        threat: the threat model the run recorded (``data.threat``); ``None``: the data set's.
-    """
+    """The network to evaluate (on the evaluation device, in eval mode) and where it came from; ``meta`` is
+    the checkpoint's (empty for a plain state_dict), ``threat`` the run's ``data.threat`` (``None``: the data set's)."""
 
     model: nn.Module
     name: str
@@ -73,7 +57,7 @@ def load_target(s: Settings) -> Target:
             model.load_state_dict(ckpt["target"], strict=True)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise NotACheckpointError(source, f"its target weights do not fit the {meta['model']} its metadata "
-                                      f"names ({type(exc).__name__}: {_first_line(exc)})") from None
+                                      f"names ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})") from None
         target = Target(model, meta["model"], meta["dataset"], s.data_root or meta.get("data_root") or "data",
                         source, s.out_dir or source.parent, meta, threat=_recorded_threat(ckpt))
     else:

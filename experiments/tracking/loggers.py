@@ -1,7 +1,5 @@
-"""Where a run reports: the console (plus ``log.txt`` in the run directory) and W&B.
-
-The training loop calls a :class:`Tracker` at a coarse rate only (every N steps and once
-per epoch, with host floats it already has), so a tracker never adds a device sync.
+"""Where a run reports: the console (plus ``log.txt`` in the run directory) and W&B. The loop calls a
+:class:`Tracker` every N steps and once per epoch with host floats, so a tracker never adds a device sync.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ import string
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -43,14 +41,11 @@ class Console:
             f.write(text + "\n")
 
 
-class Tracker(Protocol):
-    """An experiment tracker.
+class Tracker:
+    """An experiment tracker; this base tracks nothing (``logger=none``: the run directory still has every
+    result). ``info``: what the checkpoint's ``meta["wandb"]`` records (``None`` without W&B)."""
 
-    Attributes:
-        info: what the checkpoint's ``meta["wandb"]`` records (``None`` without W&B).
-    """
-
-    info: dict[str, Any] | None
+    info: dict[str, Any] | None = None
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Scalars at global step ``step`` (number of training steps done)."""
@@ -68,34 +63,6 @@ class Tracker(Protocol):
         """End the run; a non-zero ``exit_code`` marks it failed."""
 
 
-class NullTracker:
-    """``logger=none``: nothing is tracked (the run directory still has every result)."""
-
-    info: dict[str, Any] | None = None
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
-
-    def log_choices(self, choices: Mapping[str, tuple[Sequence[float], Sequence[int]]], step: int) -> None:
-        pass
-
-    def summary(self, values: Mapping[str, Any]) -> None:
-        pass
-
-    def log_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
-        pass
-
-    def finish(self, exit_code: int = 0) -> None:
-        pass
-
-
-def new_run_id() -> str:
-    """A fresh W&B run id (8 lowercase letters/digits), chosen here so it can be saved in the
-    checkpoint before the first epoch ends."""
-    alphabet = string.ascii_lowercase + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(8))
-
-
 def _bin_edges(values: Sequence[float]) -> list[float]:
     """Histogram edges that put each grid value in its own bin (midpoints between values)."""
     v = [float(x) for x in values]
@@ -105,14 +72,9 @@ def _bin_edges(values: Sequence[float]) -> list[float]:
     return [v[0] - (mids[0] - v[0]), *mids, v[-1] + (v[-1] - mids[-1])]
 
 
-class WandbTracker:
-    """Weights & Biases, offline by default.
-
-    Every value is logged against ``global_step`` (a metric of its own, not W&B's internal
-    step), so a resumed run that re-logs epochs after the last checkpoint does not hit W&B's
-    "steps must increase" rule. The run's id is kept in the checkpoint: a resume continues the
-    same W&B run (``resume="allow"``).
-    """
+class WandbTracker(Tracker):
+    """Weights & Biases, offline by default. Values are logged against a ``global_step`` metric (not W&B's
+    step), so a resume that re-logs epochs does not hit "steps must increase"; it continues the same W&B run."""
 
     def __init__(self, settings: LoggerSettings, run_dir: Path, config: Mapping[str, Any],
                  run_id: str | None = None) -> None:
@@ -122,7 +84,8 @@ class WandbTracker:
         import wandb  # noqa: PLC0415 - only when W&B is asked for
 
         self._wandb = wandb
-        run_id = run_id or new_run_id()
+        # Chosen here (8 lowercase letters/digits) so it is saved in the checkpoint before the first epoch ends.
+        run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         if settings.mode == "online":
             # Without a network W&B retries for about 90 s before failing: say what is happening now.
             sys.stderr.write(f"las-at: connecting to W&B online (project {settings.project}); without a network this "
@@ -193,7 +156,7 @@ def make_tracker(settings: LoggerSettings, run_dir: Path, config: Mapping[str, A
                  previous: Mapping[str, Any] | None = None) -> Tracker:
     """The tracker ``settings`` asks for; ``previous`` is the checkpoint's ``meta["wandb"]``."""
     if settings.name == "none" or settings.mode == "disabled":
-        return NullTracker()
+        return Tracker()
     if previous and previous.get("group"):  # a resumed run stays in the group it started in
         settings = dataclasses.replace(settings, group=previous["group"])
     return WandbTracker(settings, run_dir, config, run_id=(previous or {}).get("id"))

@@ -1,9 +1,5 @@
-"""The run's PNG figures, from its per-epoch history (no training state needed).
-
-- :func:`plot_accuracy`: clean and PGD accuracy per epoch on the test subset and on the fixed
-  train subset (the paper's Fig. 1: the gap between the two robust curves is robust overfitting).
-- :func:`plot_choices`: per epoch, the share of images given each grid value of epsilon,
-  iterations and step size (epsilon = the paper's Fig. 4).
+"""The run's PNG figures from its per-epoch history: accuracy curves (the paper's Fig. 1; the gap
+between the two robust curves is robust overfitting) and the chosen grid values (epsilon: Fig. 4).
 """
 
 from __future__ import annotations
@@ -19,15 +15,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from evaluation.attacks import format_eps  # noqa: E402
+
 CHOICE_TITLES = {"epsilon": "epsilon", "iterations": "PGD iterations", "step_size": "step size",
                  "trades_beta": "TRADES beta"}
-
-
-def _fmt(value: float) -> str:
-    k = value * 255
-    if 0 < value < 0.2 and abs(k - round(k)) < 1e-6:
-        return f"{round(k)}/255"
-    return f"{value:g}"
 
 
 def plot_accuracy(history: Sequence[Mapping[str, Any]], path: Path, *, title: str, attack: str) -> Path | None:
@@ -82,7 +73,7 @@ def plot_choices(history: Sequence[Mapping[str, Any]], grid_values: Mapping[str,
         im = ax.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
                        extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, len(values) - 0.5))
         ax.set_yticks(range(len(values)))
-        ax.set_yticklabels([_fmt(v) for v in values], fontsize=7)
+        ax.set_yticklabels([format_eps(v) for v in values], fontsize=7)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"chosen {CHOICE_TITLES.get(name, name)}", fontsize=10)
