@@ -14,7 +14,6 @@ printed at its start and end. ``torchrun --nproc_per_node=N experiments/run.py .
 Exit status: 0 done (or stopped by ``stop_after_epochs``, resumable); 1 bad input, one paragraph on
 stderr before any training; 2 training diverged (``experiments/training/guard.py``; the last finite
 checkpoint kept); 3 under torchrun, a rank lost contact (``experiments/training/distributed.py``).
-Several processes: ``torchrun --nproc_per_node=N experiments/run.py ...`` trains ONE run (docs/distributed.md).
 """
 
 from __future__ import annotations
