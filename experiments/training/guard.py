@@ -33,18 +33,16 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from experiments.config.schema import NONFINITE_MODES
 from experiments.runfolder.runfiles import RESULTS_FILE
 from las_env.files import write_json
 from las_env.reward import REWARD_TERMS
 
-NonFiniteMode = Literal["stop", "skip"]
-MODES: tuple[str, ...] = ("stop", "skip")
-"""Values of ``on_nonfinite`` (``experiments/config/settings.py`` checks the config against them)."""
 
 FIRST_BAD = "guard/first_nonfinite_step"
 SKIPPED = "guard/skipped_batches"
@@ -110,9 +108,9 @@ class Context:
 class DivergenceGuard:
     """Watches one :class:`las_env.game.LASGame`'s target and the loop's step metrics."""
 
-    def __init__(self, game: Any, mode: NonFiniteMode = "stop") -> None:
-        if mode not in MODES:
-            raise ValueError(f"on_nonfinite must be one of {MODES}, got {mode!r}.")
+    def __init__(self, game: Any, mode: str = "stop") -> None:
+        if mode not in NONFINITE_MODES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {mode!r}.")
         self.game, self.mode = game, mode
         self.device = game.device
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
