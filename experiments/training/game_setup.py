@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor
-
 from agents.base import Agent, AgentSpec
 from experiments.training import distributed
 from experiments.config.errors import ConfigError
@@ -16,12 +12,10 @@ from las_env.validate import SettingError
 
 
 def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, AgentSpec]:
-    """The env (``settings.env`` is final: k, the reward flow and the probe come from the agent's
-    settings), then the agent from ``AgentSpec.from_game(env)``.
+    """The env from the final ``settings.env``, then the agent from ``AgentSpec.from_game(env)``.
 
     Raises:
-        ConfigError: the game refuses its settings, the agent rejects its settings, or it is not an
-            :class:`Agent`.
+        ConfigError: the game or the agent refuses its settings, or the agent is not an :class:`Agent`.
     """
     cfg = settings.env
     n_train = data.x_train.shape[0]
@@ -51,7 +45,3 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
         agent.bind_scorer(env.score)
     return env, agent, spec
 
-
-def current_observation(env: LASEnv) -> tuple[Tensor, dict[str, Any]]:
-    """The observation and info of the env's current batch (after ``load_state_dict``)."""
-    return env.observe()

@@ -1,26 +1,9 @@
 """The training loop: LAS-AT from the first step to the results table, resumable at any epoch.
 
-:func:`train` is what ``experiments/run.py`` calls (tests and benchmarks call it directly).
-It drives any :class:`agents.base.Agent` exactly as ``agents/base.py`` describes::
-
-    obs, info = env.reset(seed=seed)                  # LASEnv(tensor_api=True)
-    while not done:
-        action = agent.act(obs, info)
-        obs, reward, done, _, info = env.step(action)
-        metrics = agent.learn(reward, info)
-
-and around it: per-epoch evaluation (clean and PGD accuracy on a test subset and a fixed train
-subset), per-epoch counts of the chosen attack settings, an atomic checkpoint after every epoch,
-the final evaluation, results as JSON and Markdown, PNG plots, and the tracker (W&B).
-
-The hot loop never waits for the device: step metrics are summed into device tensors and read
-back once per ``log_every_steps`` steps and at the end of each epoch; the histograms of chosen
-settings are one ``index_add_`` per step, on the device.
-
-Resume: the checkpoint holds the env (target, optimiser, schedule position, data order, RNG),
-the agent's state, and the loop's (history, epoch, global RNG states; the W&B run id is in ``meta``). On CPU
-a run stopped after any epoch and resumed ends with exactly the metrics of an uninterrupted run
-(``metrics.json`` is byte-identical; ``tests/test_run.py`` checks it).
+:func:`train` (what ``experiments/run.py`` calls) drives any :class:`agents.base.Agent` through
+``act`` / ``env.step`` / ``learn`` (``agents/base.py``), with the per-epoch evaluation, an atomic
+checkpoint after every epoch, the final evaluation, the result files and the tracker. On CPU a run
+stopped after any epoch and resumed writes a ``metrics.json`` byte-identical to an uninterrupted one's.
 """
 
 from __future__ import annotations
@@ -41,7 +24,7 @@ from experiments.training.epoch_eval import eval_subsets, evaluate_epoch, pgd_na
 from experiments.config.errors import ConfigError
 from experiments.training.faults import full_disk_stops, stop_on_interrupt
 from experiments.training.finish import RunResult, finish_run, offline_dir
-from experiments.training.game_setup import build_game, current_observation
+from experiments.training.game_setup import build_game
 from experiments.training.guard import Context, TrainingDiverged, record_failure
 from experiments.tracking.loggers import Console, make_tracker
 from experiments.runfolder.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
@@ -112,17 +95,12 @@ def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, finge
 
 
 def train(settings: RunSettings, *, data: ImageData | None = None, console: Console | None = None) -> RunResult:
-    """Train, evaluate, checkpoint, log; resume from ``settings.run_dir`` when asked.
-
-    The run holds its folder's lock (``experiments/runfolder/runlock.py``) from before any work to the end.
+    """Train, evaluate, checkpoint, log (holding the folder's run lock); resume when asked.
 
     Raises:
-        ConfigError: bad input found during setup (missing data, an agent rejecting its
-            settings, an existing checkpoint without ``resume``, a folder in use by another
-            live run, a damaged checkpoint...), always before training.
-        TrainingDiverged: a non-finite loss, reward, gradient norm or weight
-            (``experiments/training/guard.py``); the checkpoint on disk is the last finite one and
-            ``results.json`` marks the run failed.
+        ConfigError: bad input, always found before training.
+        TrainingDiverged: a non-finite value (``experiments/training/guard.py``); the last finite
+            checkpoint stays and ``results.json`` marks the run failed.
     """
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings = distributed.localized(settings)
@@ -186,7 +164,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
                 f"The checkpoint of {where} does not fit this run ({type(exc).__name__}: {exc}): a key is missing "
                 f"or a tensor has another shape (a checkpoint edited by hand, or written by another version of "
                 f"the code). Restore the checkpoint that run wrote, or {fix}.") from None
-        obs, info = current_observation(env)
+        obs, info = env.observe()
         if started:
             console.print(started_from(env, ckpt, settings))
         else:
@@ -285,8 +263,8 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
 
 
 def _check_data_fits(settings: RunSettings, data: ImageData, console: Console) -> None:
-    """Images large enough for the target and the strategy backbone (else ConfigError); a warning
-    for classes the test split has and the train split lacks."""
+    """Images large enough for the target and the strategy backbone; a warning for test classes
+    the train split lacks."""
     record = lookup(data.name) if is_registered(data.name) else None
     models = {"model.name": settings.env.model or (record.model_for(data.height, data.width) if record else "")}
     agent = settings.config.get("agent") or {}
@@ -302,8 +280,7 @@ def _check_data_fits(settings: RunSettings, data: ImageData, console: Console) -
 
 
 def _checkpoint_bytes(path: Path, env: LASEnv) -> int:
-    """About what one more checkpoint needs on disk: the size of the last one, else twice the
-    target's weights (weights and optimiser state) plus 1 MiB."""
+    """About what one more checkpoint needs: the last one's size, else weights + optimiser state + 1 MiB."""
     if path.is_file():
         return path.stat().st_size
     weights = sum(t.numel() * t.element_size() for t in env.game.target.state_dict().values())
