@@ -55,46 +55,42 @@ class RunLock:
     def acquire(cls, run_dir: Path) -> RunLock:
         """Take the folder's lock or raise :class:`ConfigError` naming the live owner."""
         lock = cls(run_dir)
-        lock._acquire()
-        return lock
-
-    def _acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        refuse_symlinks(self.path.parent)
+        lock.path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_symlinks(lock.path.parent)
         for _ in range(20):  # the file can be replaced between open and flock: retry on a new inode
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
+                fd = os.open(lock.path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:  # became a symlink since refuse_symlinks looked
-                    refuse_symlinks(self.path.parent)
+                    refuse_symlinks(lock.path.parent)
                 raise
             try:
-                held = self._flock(fd)
+                held = lock._flock(fd)
             except BaseException:
                 os.close(fd)
                 raise
             if not held:
                 owner = _read(fd)
                 os.close(fd)
-                raise ConfigError(_refusal(self.path, owner))
+                raise ConfigError(_refusal(lock.path, owner))
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.stat(lock.path).st_ino
             except FileNotFoundError:
                 same = False
             if not same:  # the previous owner removed the file as we opened it
                 os.close(fd)
                 continue
             previous = _read(fd)
-            if previous and self._flock_unsupported and _alive_here(previous):
+            if previous and lock._flock_unsupported and _alive_here(previous):
                 os.close(fd)
-                raise ConfigError(_refusal(self.path, previous))
-            if previous and not self._flock_unsupported and previous.get("pid"):
-                self.took_over = previous
-            self._fd = fd
+                raise ConfigError(_refusal(lock.path, previous))
+            if previous and not lock._flock_unsupported and previous.get("pid"):
+                lock.took_over = previous
+            lock._fd = fd
             _write(fd, {"pid": os.getpid(), "host": socket.gethostname(),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)})
-            return
-        raise ConfigError(f"Could not take the run lock {self.path}: it kept changing under us. Run the command again.")
+            return lock
+        raise ConfigError(f"Could not take the run lock {lock.path}: it kept changing under us. Run the command again.")
 
     def _flock(self, fd: int) -> bool:
         """True when this process now holds the lock (or flock is unavailable)."""

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from experiments.config.schema import NONFINITE_MODES
-from experiments.runfolder.runfiles import RESULTS_FILE
+from experiments.runfolder.runfiles import CHECKPOINT, RESULTS_FILE
 from las_env.files import write_json
 from las_env.reward import REWARD_TERMS
 
@@ -58,13 +58,8 @@ class TrainingDiverged(Exception):
 
 @dataclass
 class Context:
-    """What the failure message says about the run (filled in by the loop; ``loop`` is read when
-    the message is written)."""
+    """What the failure message says about the run (set by the loop; ``loop`` is read when the message is written)."""
 
-    lr: float
-    precision: str
-    checkpoint: Path
-    epochs: int
     run_dir: Path
     loop: Mapping[str, Any]
     started_from: Path | None = None
@@ -181,16 +176,17 @@ class DivergenceGuard:
                 f"{'; '.join(named)}. Training stopped at the first check after it (the step metrics are read "
                 f"every log_every_steps steps).")
         if ctx is not None:
-            causes = [f"a learning rate too high for this model (data.optim.lr={ctx.lr:g}: try 10x lower)"]
-            if ctx.precision == "fp16":
+            checkpoint, cfg = ctx.run_dir / CHECKPOINT, game.config
+            causes = [f"a learning rate too high for this model (data.optim.lr={cfg.optim.lr:g}: try 10x lower)"]
+            if cfg.precision == "fp16":
                 causes.append("fp16 overflow (precision=bf16 or fp32)")
             causes.append("attacks too strong or reward weights too large for the agent (data.grid, reward.alpha/"
                           "beta), or non-finite input data")
             text += f" Likely causes: {', '.join(causes)}."
             done = int(ctx.loop.get("epochs_done", 0))
-            if ctx.checkpoint.is_file():
-                text += (f" Nothing of epoch {epoch} was saved: the last finite checkpoint, {ctx.checkpoint} "
-                         f"(epoch {done} of {ctx.epochs}), is intact.")
+            if checkpoint.is_file():
+                text += (f" Nothing of epoch {epoch} was saved: the last finite checkpoint, {checkpoint} "
+                         f"(epoch {done} of {cfg.epochs}), is intact.")
             elif ctx.started_from is not None:
                 text += (f" This run had saved no checkpoint of its own yet; the one it started from "
                          f"({ctx.started_from}, epoch {done}) is untouched.")
@@ -198,7 +194,7 @@ class DivergenceGuard:
                 text += " No epoch had finished, so there is no checkpoint to go back to."
             # resume continues with the recorded settings, so it would diverge again: a fixed
             # setting is a new run, which may start from the last finite checkpoint.
-            source = ctx.run_dir if ctx.checkpoint.is_file() else ctx.started_from
+            source = ctx.run_dir if checkpoint.is_file() else ctx.started_from
             text += (" results.json marks the run failed. Fix the setting and run the command again: a changed "
                      "setting gets a folder of its own (resume=true and resume=<dir> continue a run with its "
                      "recorded settings, and would diverge again).")

@@ -30,7 +30,7 @@ from experiments.tracking.loggers import Console, make_tracker
 from experiments.runfolder.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
 from experiments.runfolder.runfiles import CHECKPOINT, LOG_FILE, RESULTS_FORMAT
 from experiments.runfolder.runlock import RunLock
-from experiments.training.selection import TEST_SELECTION_WARNING, BestWeights, split_validation, with_validation
+from experiments.training.selection import TEST_SELECTION_WARNING, BestWeights, split_validation
 from experiments.config.settings import RunSettings
 from experiments.training.trainer import EpochTrainer, epoch_line, epoch_scalars
 from las_env.checkpoint import FORMAT, atomic_save, data_fingerprint
@@ -182,13 +182,13 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
 
     previous_wandb = None if started else (ckpt or {}).get("meta", {}).get("wandb")
     tracker = make_tracker(settings.logger, run_dir, settings.config, previous_wandb)
-    subsets = with_validation(eval_subsets(env.game.data, settings.eval.test_subset, settings.eval.train_subset), val)
+    subsets = ({"val": val} if val is not None else {}) | eval_subsets(env.game.data, settings.eval.test_subset,
+                                                                        settings.eval.train_subset)
     best = BestWeights.from_dict(sel.select_on, loop.get("best"))
     history: list[dict[str, Any]] = loop["history"]
     ckpt_path = run_dir / CHECKPOINT
     trainer = EpochTrainer(settings, env, agent, tracker, obs, info)
-    trainer.guard.context = Context(lr=cfg.optim.lr, precision=cfg.precision, checkpoint=ckpt_path, epochs=cfg.epochs,
-                                    run_dir=run_dir, loop=loop, started_from=settings.init_from if started else None)
+    trainer.guard.context = Context(run_dir, loop, settings.init_from if started else None)
     start = loop["epochs_done"]
     stop_at = cfg.epochs if settings.stop_after_epochs is None else min(cfg.epochs, start + settings.stop_after_epochs)
     epoch_bar = tqdm(total=cfg.epochs, initial=start, desc="epochs", unit="epoch",

@@ -32,14 +32,8 @@ TEST_SELECTION_WARNING = (
 
 def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, tuple[Tensor, Tensor] | None]:
     """``(data without the held-out images, (x_val, y_val))``, or ``(data, None)`` when ``fraction == 0``.
-
-    Stratified: each class gives ``round(fraction * n_class)`` of its images (at least one when
-    it has two or more), chosen by a generator seeded with ``seed``. The training images keep
-    their original order.
-
-    Raises:
-        ConfigError: the split would leave a class, or the whole training set, empty.
-    """
+    Each class gives ``round(fraction * n_class)`` of its images (at least one of two or more), seeded;
+    the training images keep their order."""
     if fraction == 0:
         return data, None
     g = torch.Generator().manual_seed(seed)
@@ -66,20 +60,11 @@ def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[Image
     return replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep], description=description), (x_val, y_val)
 
 
-def with_validation(subsets: Mapping[str, tuple[Tensor, Tensor]],
-                    val: tuple[Tensor, Tensor] | None) -> dict[str, tuple[Tensor, Tensor]]:
-    """The per-epoch evaluation subsets with the validation images first (when there are any)."""
-    return ({"val": val} if val is not None else {}) | dict(subsets)
-
-
 @dataclass
 class BestWeights:
-    """The epoch with the best per-epoch PGD accuracy on ``select_on``, and its weights in ``best.pt``.
-
-    Its state (``as_dict``) lives in the training checkpoint's loop state, so a resumed run
-    continues the same selection. ``best.pt`` is written before the checkpoint of the same epoch:
-    a crash between the two re-runs that epoch, which rewrites it.
-    """
+    """The epoch with the best per-epoch PGD accuracy on ``select_on``, its weights in ``best.pt``.
+    Its state (``as_dict``) lives in the checkpoint's loop state, so a resumed run continues the
+    selection; ``best.pt`` is written before the same epoch's checkpoint, which a crash re-runs."""
 
     select_on: str
     epoch: int | None = None
@@ -91,8 +76,7 @@ class BestWeights:
         return f"{self.select_on}_robust"
 
     def update(self, epoch: int, evaluation: Mapping[str, Any] | None, model: torch.nn.Module, run_dir: Path) -> bool:
-        """Record ``epoch`` if it beats the best so far (ties keep the earlier epoch); returns
-        whether ``best.pt`` was written."""
+        """Record ``epoch`` if it beats the best so far (ties keep the earlier); whether ``best.pt`` was written."""
         if self.select_on == "last" or not evaluation or self.metric not in evaluation:
             return False
         score = float(evaluation[self.metric])
