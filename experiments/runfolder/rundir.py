@@ -32,10 +32,7 @@ SWEEP_ID = time.strftime("%Y%m%d-%H%M%S")  # when this process started: every jo
 def settings_hash(config: DictConfig | dict[str, Any]) -> str:
     """Digest of every setting of a composed config (unresolved, so environment variables
     read by interpolations, such as ``WANDB_MODE``, do not change it)."""
-    if isinstance(config, DictConfig):
-        container = OmegaConf.to_container(config, resolve=False)
-    else:
-        container = dict(config)
+    container = OmegaConf.to_container(config, resolve=False) if isinstance(config, DictConfig) else dict(config)
     assert isinstance(container, dict)
     settings = {k: v for k, v in container.items() if k not in NON_SETTINGS}
     blob = json.dumps(settings, sort_keys=True, default=str)

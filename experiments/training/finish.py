@@ -146,7 +146,7 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
     }
     write_json(files["results_json"], results_doc, default=str)
 
-    footer = _footer(settings, history, seconds, files, tracker, pgd)
+    footer = _footer(settings, history, seconds, files, tracker)
     atomic_write_text(files["results_md"], table + "\n" + _history_table(history, pgd) + "\n" + footer + "\n")
 
     tracker.summary({**{f"final/{k}": v for k, v in summary_rows.items()},
@@ -186,7 +186,7 @@ def _history_table(history: list[dict[str, Any]], pgd: str) -> str:
 
 
 def _footer(settings: RunSettings, history: list[dict[str, Any]], seconds: Mapping[str, float],
-            files: Mapping[str, Path], tracker: Tracker, pgd: str) -> str:
+            files: Mapping[str, Path], tracker: Tracker) -> str:
     steps = history[-1]["steps"] if history else 0
     lines = [
         f"Time: {seconds['total']:.1f}s = training {seconds['train']:.1f}s ({len(history)} epochs, {steps} steps) "

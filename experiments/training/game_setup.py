@@ -8,6 +8,7 @@ from experiments.config.errors import ConfigError
 from experiments.config.settings import RunSettings
 from las_env.data import ImageData
 from las_env.env import LASEnv
+from las_env.global_view import global_view
 from las_env.validate import SettingError
 
 
@@ -26,7 +27,7 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
         env = LASEnv(config=cfg, data=data, tensor_api=True)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    env = distributed.global_view(env)  # under torchrun: the global batch (experiments/training/distributed.py)
+    env = global_view(env)  # under torchrun: the global batch (las_env/global_view.py)
     spec = AgentSpec.from_game(env, seed=settings.seed)
     try:
         agent = settings.agent(spec)
