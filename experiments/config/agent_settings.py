@@ -3,7 +3,7 @@
 Checked here, before any data is loaded: the class can be imported and accepts the given keys.
 The values themselves are checked by the agent class when it is built (the one place, for the
 command line and Python alike); a :class:`las_env.validate.SettingError` it raises becomes one
-paragraph naming ``agent.<key>`` (``experiments/training/game_setup.py``).
+paragraph naming ``agent.<key>`` (``experiments/training/loop.py::build_game``).
 """
 
 from __future__ import annotations

@@ -18,13 +18,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.base import Agent
+from agents.base import Agent, AgentSpec
 from experiments.training import distributed
 from experiments.training.epoch_eval import eval_subsets, evaluate_epoch, pgd_name
 from experiments.config.errors import ConfigError
 from experiments.training.faults import full_disk_stops, stop_on_interrupt
 from experiments.training.finish import RunResult, finish_run, offline_dir
-from experiments.training.game_setup import build_game
 from experiments.training.guard import Context, TrainingDiverged, record_failure
 from experiments.tracking.loggers import Console, make_tracker
 from experiments.runfolder.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
@@ -39,6 +38,8 @@ from las_env.datasets import load_dataset
 from las_env.datasets.checks import check_image_size, classes_missing_from_train
 from las_env.datasets.registry import is_registered, lookup
 from las_env.env import LASEnv
+from las_env.global_view import global_view
+from las_env.validate import SettingError
 
 
 def _rng_states(device: torch.device) -> dict[str, Any]:
@@ -60,6 +61,41 @@ def _restore_rng(states: Mapping[str, Any], device: torch.device) -> None:
     torch.set_rng_state(states["torch"].cpu())
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+
+
+def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, AgentSpec]:
+    """The env from the final ``settings.env``, then the agent from ``AgentSpec.from_game(env)``.
+
+    Raises:
+        ConfigError: the game or the agent refuses its settings, or the agent is not an :class:`Agent`.
+    """
+    cfg = settings.env
+    n_train = data.x_train.shape[0]
+    if cfg.batch_size > n_train:
+        raise ConfigError(f"data.batch_size={cfg.batch_size} exceeds the {n_train} training images of {data.name}.")
+    distributed.check_batch(cfg.batch_size)
+    try:
+        env = LASEnv(config=cfg, data=data, tensor_api=True)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    env = global_view(env)  # under torchrun: the global batch (las_env/global_view.py)
+    spec = AgentSpec.from_game(env, seed=settings.seed)
+    try:
+        agent = settings.agent(spec)
+    except SettingError as exc:
+        raise ConfigError(exc.describe("agent.")) from None
+    except (ValueError, TypeError) as exc:
+        target = getattr(settings.agent, "target", settings.agent_name)
+        raise ConfigError(f"The agent {target} rejected its settings: {exc}") from None
+    if not isinstance(agent, Agent):
+        raise ConfigError(
+            f"{type(agent).__name__} is not an agent: it needs act, learn, state_dict and load_state_dict "
+            f"(agents/base.py)."
+        )
+    distributed.check_agent(agent, env.game.shard)
+    if not cfg.step_reward:  # the authors' reward flow: the agent scores its actions itself
+        agent.bind_scorer(env.score)
+    return env, agent, spec
 
 
 def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, fingerprint: str, env: LASEnv,
