@@ -171,10 +171,6 @@ class _Silent:
         pass
 
 
-def for_this_rank(settings: Any, console: Any) -> tuple[Any, Any]:
-    """``(settings, console)`` of this rank: unchanged on rank 0; elsewhere no progress bars, no
-    tracker and a silent console."""
-    if is_main():
-        return settings, console
-    logger = replace(settings.logger, name="none")
-    return replace(settings, progress=False, logger=logger), _Silent()
+def for_other_rank(settings: Any) -> tuple[Any, Any]:
+    """``(settings, console)`` of a rank other than 0: no progress bars, no tracker, a silent console."""
+    return replace(settings, progress=False, logger=replace(settings.logger, name="none")), _Silent()

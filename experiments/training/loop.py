@@ -142,7 +142,7 @@ def train(settings: RunSettings, *, data: ImageData | None = None, console: Cons
     settings = distributed.localized(settings)
     with distributed.process_group(settings.env.device, distributed.timeout_s(settings.config)):
         if not distributed.is_main():  # rank 0 alone holds the lock and writes (experiments/training/distributed.py)
-            return _train(*distributed.for_this_rank(settings, console), data, None)
+            return _train(*distributed.for_other_rank(settings), data, None)
         with RunLock.acquire(settings.run_dir) as lock, stop_on_interrupt(settings.run_dir):
             return _train(settings, console, data, lock)
 
