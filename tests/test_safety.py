@@ -33,7 +33,8 @@ from experiments.training.loop import train
 from experiments.runfolder.runlock import RunLock
 from las_env.checkpoint import (FORMAT, CorruptCheckpointError, NotACheckpointError, load_checkpoint,
                                 load_plain_state_dict)
-from las_env.data import DataError, load_dataset
+from las_env.data import DataError
+from las_env.datasets import load_dataset
 from las_env.datasets.checks import check_image_size, classes_missing_from_train
 from las_env.datasets.user import load_folder, load_npz
 
