@@ -73,7 +73,7 @@ class AgentSpec:
 
     @classmethod
     def from_game(cls, env_or_game: Any, *, seed: int = 0) -> AgentSpec:
-        """The spec of a built ``LASEnv`` (or its ``LASGame``, or ``distributed.GlobalView``): its
+        """The spec of a built ``LASEnv`` (or its ``LASGame``, or ``las_env.global_view.GlobalView``): its
         space, the GLOBAL batch's observation shape, classes, data set, device and episode length."""
         game = getattr(env_or_game, "game", env_or_game)
         data, cfg = game.data, game.config

@@ -1,6 +1,6 @@
 """What several processes cost per training step: 2 gloo processes vs 1, same global batch, CPU.
 
-Runs the game (``LASEnv`` through ``experiments.training.distributed.GlobalView``, as the training loop
+Runs the game (``LASEnv`` through ``las_env.global_view.GlobalView``, as the training loop
 does under torchrun) for ``--steps`` timed steps after ``--warmup``, once in one process and once
 in two (started here with torchrun's environment variables), with the same seeded actions.
 In the two-process run it also times, on their own, the collectives one step makes:
@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from experiments.training.distributed import global_view, process_group  # noqa: E402
+from experiments.training.distributed import process_group  # noqa: E402
+from las_env.global_view import global_view  # noqa: E402
 from las_env.datasets import load_dataset  # noqa: E402
 from las_env.env import LASEnv  # noqa: E402
 from las_env.game_config import LASConfig  # noqa: E402

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from experiments.training.distributed import RankLost, global_view, process_group  # noqa: E402
+from experiments.training.distributed import RankLost, process_group  # noqa: E402
+from las_env.global_view import global_view  # noqa: E402
 from las_env.datasets import load_dataset  # noqa: E402
 from las_env.env import LASEnv  # noqa: E402
 from las_env.game_config import LASConfig  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.config.errors import ConfigError
-from experiments.training.game_setup import build_game
+from experiments.training.loop import build_game
 from experiments.config.settings import settings_from_config
 from las_env.datasets import load_dataset
 from las_env.imports import import_object

@@ -277,7 +277,7 @@ def test_probe_fraction_probes_a_fresh_subset_and_spreads_it_over_the_batch(digi
 def test_the_command_line_asks_the_env_for_the_probe_when_the_credit_needs_it(digits, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from experiments.training.game_setup import build_game
+    from experiments.training.loop import build_game
     from experiments.config.settings import settings_from_config
 
     def settings(credit):

@@ -396,7 +396,7 @@ def test_score_then_resample_scores_learns_and_trains_on_a_new_sample(digits):
 def test_the_loop_binds_the_scorer_and_turns_off_the_steps_reward(tmp_path, digits):
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
 
-    from experiments.training.game_setup import build_game  # noqa: PLC0415
+    from experiments.training.loop import build_game  # noqa: PLC0415
     from experiments.config.settings import settings_from_config  # noqa: PLC0415
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

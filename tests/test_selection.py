@@ -17,7 +17,9 @@ from experiments.comparison.runs import WEIGHTS
 from experiments.config.errors import ConfigError
 from experiments.training.loop import train
 from experiments.runfolder.rundir import settings_hash
-from experiments.training.selection import BEST, BestWeights, selection_settings, split_validation
+from experiments.training.selection import BEST, BestWeights, split_validation
+from experiments.config.schema import SelectionSettings
+from las_env.validate import SettingError
 from experiments.config.settings import settings_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
@@ -53,9 +55,9 @@ def test_split_is_stratified_disjoint_and_seeded(digits):
     ({"val_fraction": 0, "select_on": "val"}, "select_on=last"),
 ])
 def test_bad_selection_settings_say_how_to_fix_them(cfg, expected):
-    with pytest.raises(ConfigError, match=expected):
-        selection_settings(cfg)
-    assert selection_settings({"val_fraction": 0, "select_on": "last"}).val_fraction == 0
+    with pytest.raises(SettingError, match=expected):
+        SelectionSettings(**cfg)
+    assert SelectionSettings(val_fraction=0, select_on="last").val_fraction == 0
 
 
 def test_best_weights_keep_the_first_best_epoch(tmp_path):

@@ -21,11 +21,12 @@ from las_env.game_config import LASConfig
 from las_env.methods import MethodConfig
 from las_env.reward import RewardConfig
 from las_env.optim import OptimConfig
-from las_env.validate import SettingError, check_whole
-from experiments.training.selection import SelectionSettings
+from las_env.validate import SettingError, check_number, check_whole
 
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
+SELECT_ON = ("val", "test", "last")
+NONFINITE_MODES = ("stop", "skip")  # on_nonfinite (experiments/training/guard.py)
 
 _OPTIM_TYPES = typing.get_type_hints(OptimConfig)
 OptimOverrides = make_dataclass(
@@ -150,6 +151,27 @@ class LoggerSettings:
         if self.name == "wandb" and importlib.util.find_spec("wandb") is None:
             raise SettingError("name", "wandb", "but the wandb package is not installed: `pip install wandb`, "
                                "or logger=none.")
+
+
+@dataclass
+class SelectionSettings:
+    """``selection``: how the reported best weights are chosen (``experiments/training/selection.py``)."""
+
+    val_fraction: float = 0.1  # training images held out for validation (stratified); 0 = none
+    split_seed: int = 0  # which images (the same for every run, whatever its seed)
+    select_on: str = "val"  # val (ours) | test (the authors': leaks the test set, warned) | last (final only)
+
+    def __post_init__(self) -> None:
+        self.val_fraction = check_number("val_fraction", self.val_fraction, 0, 0.5, meaning="(0.1 holds out 10% "
+                                         "of the training images for validation; 0 holds out none)")
+        self.split_seed = check_whole("split_seed", self.split_seed, 0)
+        if self.select_on not in SELECT_ON:
+            raise SettingError("select_on", self.select_on, "valid choices are val (best epoch on the held-out "
+                               "validation images), test (the authors': leaks the test set) and last (final "
+                               "weights only).")
+        if self.select_on == "val" and self.val_fraction == 0:
+            raise SettingError("select_on", "val", "needs validation images, but selection.val_fraction=0: set "
+                               "selection.val_fraction=0.1, or {key}=last to keep the final weights only.")
 
 
 @dataclass

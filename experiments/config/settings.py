@@ -18,9 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.config.agent_settings import AgentFactory, agent_factory
 from experiments.config.errors import ConfigError
-from experiments.training.guard import MODES as NONFINITE_MODES
-from experiments.config.schema import EvalSettings, LoggerSettings, RunConfig
-from experiments.training.selection import SelectionSettings, selection_settings
+from experiments.config.schema import (NONFINITE_MODES, EvalSettings, LoggerSettings, RunConfig,
+                                       SelectionSettings)
 from las_env.datasets import dataset_names, is_registered, lookup
 from las_env.datasets.registry import DatasetRecord, ThreatModel
 from las_env.datasets.user import peek_size
@@ -240,7 +239,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         progress=resolved["progress"],
         log_every_steps=resolved["log_every_steps"],
         threads=resolved["threads"],
-        selection=selection_settings(resolved["selection"]),
+        selection=_build(SelectionSettings, "selection", resolved["selection"]),
         config=resolved,
         settings_hash=settings_hash,
         on_nonfinite=resolved["on_nonfinite"],

@@ -1,15 +1,6 @@
-"""What a run finds in its folder when it starts: the checkpoint to resume, damaged files,
-temporary files left by killed writes.
-
-Called by :func:`experiments.training.loop.train` while it holds the folder's run lock
-(``experiments/runfolder/runlock.py``), so nothing else is writing there.
-
-- :func:`checkpoint_to_resume` reads ``checkpoint.pt``; when that file is damaged it falls back
-  to ``checkpoint.prev.pt`` (the loop keeps the one before the latest), moving the damaged file
-  aside as ``checkpoint.damaged.pt`` so it is neither lost nor rotated into ``.prev``.
-- :func:`remove_stale_temporaries` deletes the ``.<file>.*.tmp`` files a killed atomic write
-  leaves behind (a whole checkpoint's size each).
-"""
+"""What a run finds in its folder when it starts (under its run lock): the checkpoint to resume
+(falling back to ``checkpoint.prev.pt`` when the latest is damaged, which is kept aside as
+``checkpoint.damaged.pt``), leftover temporary files, and ``init_from``'s checkpoint."""
 
 from __future__ import annotations
 
@@ -26,8 +17,8 @@ from las_env.files import stale_temp_files
 
 
 def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> list[Path]:
-    """Delete temporary files of the run's own atomic writes (the caller holds the run lock, so
-    none of them belongs to a live writer); say how much space that freed."""
+    """Delete the temporary files of the run's own killed atomic writes (the caller holds the run
+    lock: none belongs to a live writer); say how much space that freed."""
     stale = stale_temp_files(run_dir, RUN_FILES, any_writer=True)
     size = 0
     for p in stale:
@@ -44,12 +35,8 @@ def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> list[
 
 def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | None,
                          say: Callable[[str], None]) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or None; refuses to overwrite one without ``resume``.
-
-    Raises:
-        ConfigError: a checkpoint exists and ``resume`` is off; it belongs to other settings;
-            it is damaged and no readable previous one is kept.
-    """
+    """The checkpoint to resume from, or None; a :class:`ConfigError` when one exists without
+    ``resume``, belongs to other settings, or is damaged with no readable previous one."""
     path = run_dir / CHECKPOINT
     prev = previous_path(path)
     if not path.is_file() and not prev.is_file():
@@ -107,9 +94,8 @@ def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | No
 
 MUST_MATCH = (("data", "name"), ("model", "name"), ("data", "batch_size"), ("data", "epochs"),
               ("data", "max_steps_per_epoch"), ("data", "grid"), ("agent",))
-"""Settings a run started with ``init_from`` shares with the run it starts from: they fix the
-shape of the saved state (network, episode length, action space, agent). Everything else (the
-optimiser, the reward, evaluation...) may change: that is what ``init_from`` is for."""
+# What init_from must share with its source: these fix the shape of the saved state; the rest
+# (optimiser, reward, evaluation...) may change, which is what init_from is for.
 
 
 def _get(config: Any, path: tuple[str, ...]) -> Any:
@@ -119,11 +105,7 @@ def _get(config: Any, path: tuple[str, ...]) -> Any:
 
 
 def start_from(settings: Any) -> dict[str, Any]:
-    """``init_from=<run_dir or checkpoint>``: that run's checkpoint, checked to fit this run.
-
-    Raises:
-        ConfigError: no readable checkpoint there, or one whose run differs in :data:`MUST_MATCH`.
-    """
+    """``init_from=<run_dir or checkpoint>``: that run's checkpoint, checked to fit this run (:data:`MUST_MATCH`)."""
     source = Path(settings.init_from)
     try:
         ckpt = load_checkpoint(source)
@@ -143,15 +125,8 @@ def start_from(settings: Any) -> dict[str, Any]:
 
 
 def check_same_data(ckpt: dict[str, Any], fingerprint: str, settings: Any, *, started: bool) -> None:
-    """Refuse to continue a checkpoint on other data than it trained on (its recorded
-    ``meta["data_fingerprint"]``; checkpoints from before it was recorded pass).
-
-    ``init_from`` on other data is allowed with ``init_from_other_data=true`` (the user means it:
-    e.g. fine-tuning on a new set of the same shape).
-
-    Raises:
-        ConfigError: the fingerprints differ, naming both and the fix.
-    """
+    """Refuse to continue a checkpoint on other data than its recorded ``data_fingerprint`` (older
+    checkpoints pass); ``init_from_other_data=true`` allows it for ``init_from``."""
     saved = (ckpt.get("meta") or {}).get("data_fingerprint")
     if saved is None or saved == fingerprint:
         return
@@ -174,10 +149,9 @@ def check_same_data(ckpt: dict[str, Any], fingerprint: str, settings: Any, *, st
 
 
 def started_from(env: Any, ckpt: dict[str, Any], settings: Any) -> str:
-    """After the env, agent and loop state of :func:`start_from`'s checkpoint are loaded: this
-    run's optimiser settings (the loaded optimiser state carries the other run's momentum and
-    weight decay; the learning rate is set from the schedule before every step anyway), and a
-    record of where the run started in its loop state. Returns the line to print."""
+    """After :func:`start_from`'s checkpoint is loaded: this run's momentum and weight decay (the
+    loaded optimiser state carries the other run's; the schedule sets the lr every step) and a
+    record of the start in the loop state. Returns the line to print."""
     optim = settings.env.optim
     for group in env.game.trainer.optimizer.param_groups:
         group["momentum"] = optim.momentum

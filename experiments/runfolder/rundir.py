@@ -1,19 +1,10 @@
 """Where a run's files go, and the OmegaConf resolvers Hydra uses to name that folder.
 
-Every run gets ``<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>``, where ``<hash>`` is a
-digest of EVERY setting (the whole composed config, before interpolation, minus the keys in
-:data:`NON_SETTINGS` that only say how to run it). So:
-
-- two runs that differ in any setting never share a folder;
-- the same command run twice maps to the same folder, which is how ``resume=true`` finds the
-  run to continue (and why an un-resumed re-run refuses to overwrite a finished one);
-- ``python experiments/run.py`` and ``python experiments/run.py agent=reinforce`` (the
-  default spelled out) are the same run.
-
-``resume=<run_dir>`` names the folder directly (see :func:`resume_target`).
-
-The resolvers run while Hydra resolves ``hydra.run.dir``, before the job starts, so a folder
-that cannot be written is reported here, as one paragraph, before anything is loaded.
+A run's folder is ``<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>``, the hash a digest of
+EVERY setting (minus :data:`NON_SETTINGS`): runs differing in any setting never share a folder,
+and the same command maps to the same folder, which is how ``resume=true`` finds it. The
+resolvers run while Hydra names ``hydra.run.dir``, so an unwritable folder is reported before
+anything is loaded.
 """
 
 from __future__ import annotations
@@ -33,23 +24,15 @@ from experiments.runfolder.runlock import is_held
 
 NON_SETTINGS: tuple[str, ...] = ("hydra", "resume", "stop_after_epochs", "progress", "threads", "run_root",
                                  "ddp_timeout_s", "init_from_other_data")
-"""Top-level keys that say how to run, not what to compute; left out of the settings hash.
-(``run_root`` is already the folder's first component; ``threads`` only moves CPU time;
-``init_from_other_data`` only permits, and ``init_from`` itself is hashed.)"""
-
+"""Top-level keys that say how to run, not what to compute: left out of the settings hash."""
 HASH_LENGTH = 8
-
-SWEEP_ID = time.strftime("%Y%m%d-%H%M%S")
-"""When this process started: every job of one multirun (one process) shares it."""
+SWEEP_ID = time.strftime("%Y%m%d-%H%M%S")  # when this process started: every job of one multirun shares it
 
 
 def settings_hash(config: DictConfig | dict[str, Any]) -> str:
     """Digest of every setting of a composed config (unresolved, so environment variables
     read by interpolations, such as ``WANDB_MODE``, do not change it)."""
-    if isinstance(config, DictConfig):
-        container = OmegaConf.to_container(config, resolve=False)
-    else:
-        container = dict(config)
+    container = OmegaConf.to_container(config, resolve=False) if isinstance(config, DictConfig) else dict(config)
     assert isinstance(container, dict)
     settings = {k: v for k, v in container.items() if k not in NON_SETTINGS}
     blob = json.dumps(settings, sort_keys=True, default=str)
@@ -73,9 +56,8 @@ def resume_target(resume: Any) -> Path | None:
 
 
 def ensure_writable(run_dir: Path, key: str = "run_root") -> None:
-    """Create ``run_dir`` and write/delete a probe file in it; :func:`fail` if that is impossible.
-
-    ``key`` is the setting that chose the folder (``hydra.run.dir`` when given directly)."""
+    """Create ``run_dir`` and write/delete a probe file in it, else :func:`fail` naming ``key`` (the
+    setting that chose the folder)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-probe-{os.getpid()}"
@@ -145,8 +127,7 @@ def _resolve_sweep_suffix() -> str:
 
 
 def register_resolvers() -> None:
-    """Register ``las_run_dir``, ``las_run_subdir``, ``las_sweep_dir``, ``las_hydra_subdir``,
-    ``las_sweep_suffix`` (idempotent)."""
+    """Register the ``las_*`` resolvers of ``conf/config.yaml`` (idempotent)."""
     for name, fn in (
         ("las_run_dir", _resolve_run_dir),
         ("las_run_subdir", _resolve_run_subdir),

@@ -1,21 +1,11 @@
 """One run per folder at a time: an advisory lock taken before a run does any work.
 
-The lock is ``<run_dir>/run.lock``: a small JSON record of its owner (pid, host, start time,
-command line) held with ``fcntl.flock``. The kernel drops a ``flock`` when its process dies,
-however it dies (``kill -9`` included), so a lock file whose owner is gone is *stale*: the next
-run takes it over and says so. A second invocation on a folder whose owner is alive (the same
-command started twice, or ``resume=true`` of a run still going) is refused with one paragraph
-naming the owner.
-
-Where ``flock`` is not available (some network file systems answer ``ENOLCK``), the record
-alone decides: a live pid on this host holds the folder; a record from another host is
-trusted (we cannot see its processes), and the message says how to clear it.
-
-Symlinks are never followed: the lock is opened with ``O_NOFOLLOW``, and a run folder whose own
-files (the lock, the log, the checkpoints, the results) are symlinks is refused before anything
-is written (:func:`refuse_symlinks`), as a symlink there would make the run overwrite its target.
-:meth:`RunLock.verify` runs before each checkpoint and the final writes: a folder or lock that
-vanished, or a lock now naming another owner, stops the run before it writes anything more.
+``<run_dir>/run.lock`` records its owner (pid, host, start time, command) and is held with
+``fcntl.flock``, which the kernel drops when the owner dies (``kill -9`` included): a stale lock
+is taken over, a live one refused. Without ``flock`` (``ENOLCK`` on some network file systems)
+the record decides: a live pid on this host, or any other host's record, holds the folder.
+Symlinks are never followed, and :meth:`RunLock.verify` stops a run whose folder or lock vanished
+or changed owner before it writes again.
 """
 
 from __future__ import annotations
@@ -38,8 +28,7 @@ from experiments.config.errors import ConfigError, RunStopped
 from experiments.runfolder.runfiles import BEST, LOG_FILE, RUN_FILES
 
 LOCK_NAME = "run.lock"
-NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
-"""``open`` flag: fail (ELOOP) instead of following a symlink at the last path component."""
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # open fails (ELOOP) instead of following a symlink
 
 
 def refuse_symlinks(run_dir: Path) -> None:
@@ -52,13 +41,10 @@ def refuse_symlinks(run_dir: Path) -> None:
             f"start. Move each symlink out of the folder (e.g. mv {run_dir}/{links[0]} {run_dir}/{links[0]}.link; "
             f"what it points at stays as it is), or run in a fresh folder (change a setting, or set run_root).")
 
-class RunLock:
-    """The lock of one run folder, held by this process until :meth:`release`.
 
-    Attributes:
-        path: the lock file.
-        took_over: the record of a stale lock this one replaced (its owner had died), or None.
-    """
+class RunLock:
+    """The lock of one run folder, held by this process until :meth:`release`; ``took_over``: the
+    record of a stale lock it replaced (its owner had died), or None."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME
@@ -69,46 +55,42 @@ class RunLock:
     def acquire(cls, run_dir: Path) -> RunLock:
         """Take the folder's lock or raise :class:`ConfigError` naming the live owner."""
         lock = cls(run_dir)
-        lock._acquire()
-        return lock
-
-    def _acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        refuse_symlinks(self.path.parent)
+        lock.path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_symlinks(lock.path.parent)
         for _ in range(20):  # the file can be replaced between open and flock: retry on a new inode
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
+                fd = os.open(lock.path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:  # became a symlink since refuse_symlinks looked
-                    refuse_symlinks(self.path.parent)
+                    refuse_symlinks(lock.path.parent)
                 raise
             try:
-                held = self._flock(fd)
+                held = lock._flock(fd)
             except BaseException:
                 os.close(fd)
                 raise
             if not held:
                 owner = _read(fd)
                 os.close(fd)
-                raise ConfigError(_refusal(self.path, owner))
+                raise ConfigError(_refusal(lock.path, owner))
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.stat(lock.path).st_ino
             except FileNotFoundError:
                 same = False
             if not same:  # the previous owner removed the file as we opened it
                 os.close(fd)
                 continue
             previous = _read(fd)
-            if previous and self._flock_unsupported and _alive_here(previous):
+            if previous and lock._flock_unsupported and _alive_here(previous):
                 os.close(fd)
-                raise ConfigError(_refusal(self.path, previous))
-            if previous and not self._flock_unsupported and previous.get("pid"):
-                self.took_over = previous
-            self._fd = fd
+                raise ConfigError(_refusal(lock.path, previous))
+            if previous and not lock._flock_unsupported and previous.get("pid"):
+                lock.took_over = previous
+            lock._fd = fd
             _write(fd, {"pid": os.getpid(), "host": socket.gethostname(),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)})
-            return
-        raise ConfigError(f"Could not take the run lock {self.path}: it kept changing under us. Run the command again.")
+            return lock
+        raise ConfigError(f"Could not take the run lock {lock.path}: it kept changing under us. Run the command again.")
 
     def _flock(self, fd: int) -> bool:
         """True when this process now holds the lock (or flock is unavailable)."""
@@ -131,12 +113,7 @@ class RunLock:
         return False
 
     def verify(self) -> None:
-        """Check, before the run writes again, that its folder and lock are still its own.
-
-        Raises:
-            RunStopped: the folder or the lock file vanished, or the lock file now is another
-                one (another process took the folder): the run must write nothing more.
-        """
+        """Raise :class:`RunStopped` unless the folder and the lock are still this run's (before it writes again)."""
         assert self._fd is not None
         run_dir = self.path.parent
         try:
@@ -157,8 +134,7 @@ class RunLock:
             f"process uses {run_dir} now; once none does, continue with the same command plus resume=true.")
 
     def release(self) -> None:
-        """Remove the lock file and drop the lock (idempotent); a lock file that is no longer this
-        lock's (replaced by another owner's) is left alone."""
+        """Remove the lock file (unless another owner replaced it) and drop the lock; idempotent."""
         if self._fd is None:
             return
         try:

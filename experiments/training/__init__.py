@@ -1,7 +1,2 @@
-"""The training loop: the game set up from finished settings, epochs of act / step / learn,
-divergence guard, per-epoch evaluation and validation selection, torchrun, the final evaluation
-and the run's result files.
-
-May import: ``las_env``, ``agents``, ``evaluation``, ``experiments.config``,
-``experiments.runfolder``, ``experiments.tracking``.
-"""
+"""The training loop: game set-up, epochs of act / step / learn, divergence guard, per-epoch evaluation
+and selection, torchrun, the final evaluation and result files (imports config, runfolder, tracking)."""

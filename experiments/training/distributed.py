@@ -1,19 +1,10 @@
 """One run across several processes (``torchrun``): process group, the agent's global view,
 sharded evaluation, rank 0's privileges, and a clear failure when a rank dies.
 
-The division of labour (docs/distributed.md):
-
-- every rank runs the same game with the same seed and plays its rows of each global batch
-  (``las_env/sharding.py``: same epoch order, same augmentation and attack starts as one
-  process would give those images; DDP averages the target's gradients; BatchNorm uses the
-  global batch's statistics unless ``ddp.sync_batchnorm=false``);
-- the agent is replicated: :class:`GlobalView` shows it the GLOBAL batch and the global
-  per-image rewards (one all-gather per step), so every replica takes the single process's
-  update on the global batch (credit baselines and BatchNorm of the strategy network
-  included); rank 0's actions are broadcast each step, so the ranks cannot drift apart;
-- per-epoch evaluation is split over the ranks and its counts summed; the final evaluation
-  (AutoAttack included) runs on rank 0 alone, after the other ranks have left;
-- rank 0 alone holds the run lock and writes checkpoints, results, plots, log.txt and W&B.
+Every rank plays its rows of each global batch with the same seed (``las_env/sharding.py``); the
+agent is replicated and sees the GLOBAL batch and rewards (:class:`las_env.global_view.GlobalView`),
+rank 0's actions broadcast, so replicas cannot drift; per-epoch evaluation is split over the ranks; rank 0 alone
+holds the run lock, writes every file and runs the final evaluation (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -32,12 +23,9 @@ from torch import Tensor
 import evaluation
 from evaluation import CleanRobust
 from experiments.config.errors import ConfigError
-from las_env.reward import REWARD_TERMS
 from las_env.sharding import Shard, process_shard
-from las_env.step_record import BATCH_MEANS, PER_IMAGE
 
-DEFAULT_TIMEOUT_S = 900
-"""How long a collective waits for a silent rank before the job fails (``ddp_timeout_s``)."""
+DEFAULT_TIMEOUT_S = 900  # ddp_timeout_s: how long a collective waits for a silent rank
 EXIT_RANK_LOST = 3
 
 
@@ -55,18 +43,10 @@ def is_main() -> bool:
     return process_shard().rank == 0
 
 
-def local_device(device: str) -> str:
-    """``cuda`` becomes this process's own GPU (``cuda:LOCAL_RANK``) under a launcher."""
-    if device == "cuda" and launched_world() > 1:
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return device
-
-
 @contextmanager
 def process_group(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Shard]:
-    """Join the job's process group when launched by ``torchrun`` (NCCL on CUDA, gloo on the
-    CPU), leave it at the end; a single process passes through. A collective that fails (a
-    dead peer) or waits longer than ``timeout_s`` raises :class:`RankLost`, never hangs."""
+    """Join the job's process group under ``torchrun`` (NCCL on CUDA, gloo on CPU) and leave it at the
+    end; a single process passes through. A failed or timed-out collective raises :class:`RankLost`."""
     if launched_world() <= 1 or dist.is_initialized():
         yield process_shard()
         return
@@ -128,98 +108,12 @@ def check_agent(agent: Any, shard: Shard) -> None:
         )
 
 
-class GlobalView:
-    """The env as the agent and the loop see it under DDP: the global batch, global rewards.
-
-    Wraps this rank's :class:`las_env.env.LASEnv` (``tensor_api=True``), which plays the rank's
-    rows. ``step``/``score`` take the global ``(batch_size, columns)`` action (rank 0's is broadcast),
-    play this rank's rows, all-gather the per-image info (rewards, L1-L3, adversarial
-    correctness, pre-update terms) and average the shard means, so ``info`` has the keys
-    and shapes of a single process's. Everything else is the wrapped env's.
-    """
-
-    def __init__(self, env: Any, shard: Shard) -> None:
-        if not env.tensor_api:
-            raise ValueError("GlobalView needs LASEnv(tensor_api=True).")
-        self.env, self.shard = env, shard
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.env, name)
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        self.env.reset(seed=seed, options=options)
-        return self.observe()
-
-    def observe(self) -> tuple[Tensor, dict[str, Any]]:
-        _, info = self.env.observe()
-        x, y = self.env.game.global_batch
-        return x, {**info, "labels": y}
-
-    def step(self, action):
-        a = self._shared(action)
-        _, _, terminated, truncated, info = self.env.step(self.shard.rows(a))
-        info = self._global_info(a, info)
-        return self.env.game.global_batch[0], self._reward(info), terminated, truncated, info
-
-    def score(self, action) -> tuple[Tensor, dict[str, Any]]:
-        a = self._shared(action)
-        _, info = self.env.score(self.shard.rows(a))
-        info = self._global_info(a, info)
-        return self._reward(info), info
-
-    def _shared(self, action) -> Tensor:
-        game = self.env.game
-        a = torch.as_tensor(action, device=game.device).long().contiguous()
-        expected = (game.config.batch_size, len(game.space.nvec))
-        if tuple(a.shape) != expected:
-            raise ValueError(f"Action has shape {tuple(a.shape)}; expected {expected}: one row per image of the "
-                             f"global batch (every rank's), under torchrun as in one process.")
-        dist.broadcast(a, src=0)  # rank 0's choice: replicas never act on different actions
-        return a
-
-    def _reward(self, info: dict[str, Any]) -> Tensor:
-        if info["reward_computed"]:
-            return info["rewards"].mean()
-        return torch.zeros((), device=self.env.game.device)
-
-    def _global_info(self, action: Tensor, info: dict[str, Any]) -> dict[str, Any]:
-        # The step record's per-image values (reward terms included) are gathered, its batch means
-        # averaged (equal shards); float64 carries indices, flags and float32 values exactly.
-        keys = [k for k in (*PER_IMAGE, *REWARD_TERMS) if k in info]
-        local = torch.stack([info[k].double() for k in keys])  # (keys, B / world)
-        parts = [torch.empty_like(local) for _ in range(self.shard.world)]
-        dist.all_gather(parts, local)
-        full = torch.cat(parts, dim=1)
-        averaged = [k for k in BATCH_MEANS if k != "adv_accuracy"]  # adv_accuracy: of the gathered flags
-        means = torch.stack([info[k].float() for k in averaged])
-        dist.all_reduce(means)
-        means /= self.shard.world
-        out = dict(info)
-        for i, k in enumerate(keys):
-            out[k] = full[i].to(info[k].dtype)
-        for i, k in enumerate(averaged):
-            out[k] = means[i]
-        out["adv_accuracy"] = out["adv_correct"].float().mean()  # exactly the single process's
-        out.update(self.env.game.strategy(action))  # every column of the space, global rows
-        out["labels"] = self.env.game.global_batch[1]
-        return out
-
-
-def global_view(env: Any) -> Any:
-    """``env`` itself in one process, :class:`GlobalView` of it under DDP."""
-    shard = env.game.shard
-    return GlobalView(env, shard) if shard.distributed else env
-
-
 def split_for_eval(x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor, int, Shard | None]:
     """``(x_r, y_r, batch_size_r, shard)``: this rank's share of an evaluation set.
 
-    When every evaluation batch splits evenly (``batch_size`` and the last batch's size are
-    multiples of the ranks), rank r takes its block of rows of EACH batch, evaluates with
-    ``batch_size / world`` with ``shard`` (random starts drawn for the whole batch, this
-    rank's rows kept): exactly the numbers of one process. Otherwise it takes a contiguous
-    block of the set and its own random starts, ``shard`` None (the counts are the same; robust
-    accuracy is then within the attack's random-start noise of one process's)."""
+    When every batch splits evenly over the ranks, rank r takes its rows of EACH batch with
+    ``shard`` (random starts drawn for the whole batch): exactly one process's numbers. Otherwise a
+    contiguous block with its own random starts (robust accuracy within random-start noise)."""
     shard = process_shard()
     if not shard.distributed:
         return x, y, batch_size, None
@@ -243,26 +137,22 @@ def robust_accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, eps: float, st
     n, m = x.shape[0], xr.shape[0]
     if m == n:
         return r
-    clean, robust = sum_over_ranks([round(r.clean * m), round(r.robust * m)], x.device)
+    counts = torch.tensor([round(r.clean * m), round(r.robust * m)], dtype=torch.float64, device=x.device)
+    dist.all_reduce(counts)  # m < n only under DDP
+    clean, robust = counts.tolist()
     return r._replace(clean=clean / n, robust=robust / n)
 
 
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum over the ranks (one all-reduce); the values themselves in one process."""
-    if not process_shard().distributed:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def localized(settings: Any) -> Any:
-    """``settings`` with ``device=cuda`` pinned to this process's GPU under a launcher."""
-    device = local_device(settings.env.device)
-    return settings if device == settings.env.device else replace(settings, env=replace(settings.env, device=device))
+    """``settings`` with ``device=cuda`` pinned to this process's GPU (``cuda:LOCAL_RANK``) under a launcher."""
+    if settings.env.device != "cuda" or launched_world() <= 1:
+        return settings
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return replace(settings, env=replace(settings.env, device=device))
 
 
 def timeout_s(config: dict[str, Any] | None) -> float:
+    """``ddp_timeout_s`` of the resolved config, checked."""
     value = (config or {}).get("ddp_timeout_s", DEFAULT_TIMEOUT_S)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"ddp_timeout_s={value!r} must be a number of seconds > 0 (how long a collective waits "
@@ -282,10 +172,6 @@ class _Silent:
         pass
 
 
-def for_this_rank(settings: Any, console: Any) -> tuple[Any, Any]:
-    """``(settings, console)`` of this rank: unchanged on rank 0; elsewhere no progress bars,
-    no tracker and a silent console, so only rank 0 prints and writes."""
-    if is_main():
-        return settings, console
-    logger = replace(settings.logger, name="none")
-    return replace(settings, progress=False, logger=logger), _Silent()
+def for_other_rank(settings: Any) -> tuple[Any, Any]:
+    """``(settings, console)`` of a rank other than 0: no progress bars, no tracker, a silent console."""
+    return replace(settings, progress=False, logger=replace(settings.logger, name="none")), _Silent()

@@ -17,15 +17,12 @@ from evaluation import format_eps
 from las_env.datasets.registry import ThreatModel
 from las_env.strategy_space import ATTACK_COLUMNS
 
-
-TRAIN_SUBSET_SEED = 20220601
-"""Seed of the fixed train-subset choice: the same images for every run, whatever its seed."""
+TRAIN_SUBSET_SEED = 20220601  # the same train-subset images for every run, whatever its seed
 
 
 def eval_subsets(data: ImageData, test_n: int | None, train_n: int | None) -> dict[str, tuple[Tensor, Tensor]]:
-    """The per-epoch evaluation images: the first ``test_n`` test images (RobustBench order)
-    and ``train_n`` training images drawn once with a fixed seed (some data sets store their
-    training images sorted by class, so "the first n" would be a few classes only)."""
+    """The first ``test_n`` test images (RobustBench order) and ``train_n`` training images drawn with
+    a fixed seed (some data sets store them sorted by class: "the first n" would be a few classes)."""
     n_test = min(test_n or data.x_test.shape[0], data.x_test.shape[0])
     n_train_total = data.x_train.shape[0]
     n_train = min(train_n or n_train_total, n_train_total)
@@ -53,19 +50,16 @@ def evaluate_epoch(model: torch.nn.Module, subsets: Mapping[str, tuple[Tensor, T
 
 
 def pgd_name(settings: RunSettings, threat: ThreatModel) -> str:
+    """The per-epoch attack, as reports name it."""
     stop = ", early stop" if settings.eval.early_stop else ""
     return (f"PGD-{settings.eval.pgd_iterations} (L-inf eps={format_eps(threat.epsilon)}, "
             f"step {format_eps(threat.step_size)}{stop})")
 
 
 class FixedImageChoices:
-    """The attack chosen for a few fixed training images each epoch (the paper's Fig. 5).
-
-    The images are the first ``count`` of the training set. At the start of an epoch their
-    (step, slot) positions are read from the epoch's order once; during the epoch the step that
-    trains an image copies its chosen settings on the device (no synchronisation per step).
-    An image in the epoch's dropped partial batch gets ``None`` for that epoch.
-    """
+    """The attack chosen for the first ``count`` training images each epoch (the paper's Fig. 5):
+    their (step, slot) positions are read once per epoch, and the step that trains one copies its
+    settings on the device; an image in the dropped partial batch gets ``None``."""
 
     def __init__(self, game, count: int = 8) -> None:
         self.game = game

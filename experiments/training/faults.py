@@ -1,12 +1,7 @@
-"""Faults outside a run's settings, each turned into one paragraph that says what is kept.
-
-- a full disk (``ENOSPC``/``EDQUOT``) while writing a checkpoint or the final files:
-  :func:`disk_full` names the folder, the free space and about how much is needed; the atomic
-  writes (``las_env/files.py``) leave the last good checkpoint in place;
-- Ctrl-C and SIGTERM: :func:`stop_on_interrupt` turns both into the same paragraph, naming the
-  kept checkpoint and the command that resumes it (no 40-line ``KeyboardInterrupt`` traceback).
-
-The run folder taken or removed mid-run is :meth:`experiments.runfolder.runlock.RunLock.verify`'s.
+"""Faults outside a run's settings, each turned into one paragraph that says what is kept: a full
+disk (``ENOSPC``/``EDQUOT``) while writing, and Ctrl-C or SIGTERM. The atomic writes
+(``las_env/files.py``) leave the last good checkpoint in place; a run folder taken or removed
+mid-run is :meth:`experiments.runfolder.runlock.RunLock.verify`'s.
 """
 
 from __future__ import annotations
@@ -29,11 +24,6 @@ from experiments.runfolder.runfiles import CHECKPOINT
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` is the OS saying the disk (or the user's quota) is full."""
-    return isinstance(exc, OSError) and exc.errno in DISK_FULL
-
-
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -47,40 +37,27 @@ def resume_command() -> str:
     return "the same command plus resume=true"
 
 
-def disk_full(exc: OSError, run_dir: Path, writing: str, needed: int) -> RunStopped:
-    """The paragraph for a full disk while writing ``writing`` in ``run_dir`` (about ``needed`` bytes)."""
-    try:
-        free = shutil.disk_usage(run_dir).free
-    except OSError:
-        free = 0
-    ckpt = run_dir / CHECKPOINT
-    kept = (f"The last good checkpoint, {ckpt}, is kept unchanged" if ckpt.is_file()
-            else "No epoch had been saved yet, so nothing is kept")
-    return RunStopped(
-        f"The disk holding {run_dir} is full ({os.strerror(exc.errno or errno.ENOSPC)}) while writing {writing}: "
-        f"{_mib(free)} free, about {_mib(needed)} needed. {kept} (writes are atomic: no file was left half "
-        f"written). Free that much space on this disk, or move the run folder to a larger one, then resume "
-        f"with `{resume_command()}`.")
-
-
 @contextmanager
 def full_disk_stops(run_dir: Path, writing: str, needed: int) -> Iterator[None]:
-    """A full disk inside the block ends in :func:`disk_full`'s paragraph (``needed``: about how
-    many bytes the write needs); other errors pass unchanged."""
+    """A full disk inside the block ends in one paragraph naming the folder, the free space and
+    about ``needed`` bytes; other errors pass unchanged."""
     try:
         yield
     except OSError as exc:
-        if not is_disk_full(exc):
+        if exc.errno not in DISK_FULL:
             raise
-        raise disk_full(exc, run_dir, writing, needed) from None
-
-
-def interrupted(run_dir: Path, how: str) -> RunStopped:
-    """The paragraph for a run stopped by Ctrl-C or SIGTERM."""
-    ckpt = run_dir / CHECKPOINT
-    kept = (f"the checkpoint of the last finished epoch, {ckpt}, is kept" if ckpt.is_file()
-            else "no epoch had finished, so there is no checkpoint yet (resume=true then starts the run)")
-    return RunStopped(f"Interrupted ({how}): {kept}. Resume with `{resume_command()}`.")
+        try:
+            free = shutil.disk_usage(run_dir).free
+        except OSError:
+            free = 0
+        ckpt = run_dir / CHECKPOINT
+        kept = (f"The last good checkpoint, {ckpt}, is kept unchanged" if ckpt.is_file()
+                else "No epoch had been saved yet, so nothing is kept")
+        raise RunStopped(
+            f"The disk holding {run_dir} is full ({os.strerror(exc.errno or errno.ENOSPC)}) while writing {writing}: "
+            f"{_mib(free)} free, about {_mib(needed)} needed. {kept} (writes are atomic: no file was left half "
+            f"written). Free that much space on this disk, or move the run folder to a larger one, then resume "
+            f"with `{resume_command()}`.") from None
 
 
 class _Terminated(KeyboardInterrupt):
@@ -89,8 +66,8 @@ class _Terminated(KeyboardInterrupt):
 
 @contextmanager
 def stop_on_interrupt(run_dir: Path) -> Iterator[None]:
-    """Ctrl-C and SIGTERM inside the block end in :func:`interrupted`'s paragraph. SIGTERM is
-    caught only in the main thread (where Python delivers signals); its handler is restored after."""
+    """Ctrl-C and SIGTERM inside the block end in one paragraph naming the kept checkpoint and the
+    command that resumes. SIGTERM is caught in the main thread only (where Python delivers signals)."""
     def terminate(signum: int, frame: FrameType | None) -> None:
         raise _Terminated()
 
@@ -99,7 +76,11 @@ def stop_on_interrupt(run_dir: Path) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as exc:
-        raise interrupted(run_dir, "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C") from None
+        how = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"
+        ckpt = run_dir / CHECKPOINT
+        kept = (f"the checkpoint of the last finished epoch, {ckpt}, is kept" if ckpt.is_file()
+                else "no epoch had finished, so there is no checkpoint yet (resume=true then starts the run)")
+        raise RunStopped(f"Interrupted ({how}): {kept}. Resume with `{resume_command()}`.") from None
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)

@@ -28,14 +28,8 @@ from las_env.datasets.registry import ThreatModel
 
 @dataclass
 class RunResult:
-    """What :func:`train` returns (everything is also written to ``run_dir``).
-
-    Attributes:
-        completed: False when the run stopped early (``stop_after_epochs``); resumable.
-        final: the final evaluation, one result per attack (empty when not completed).
-        table: the printed Markdown results table.
-        files: name -> path of what the run wrote.
-    """
+    """What :func:`train` returns (also written to ``run_dir``); ``completed`` is False after
+    ``stop_after_epochs`` (resumable), and ``final`` then empty."""
 
     run_dir: Path
     completed: bool
@@ -49,32 +43,28 @@ class RunResult:
 
 
 def offline_dir(tracker: Tracker) -> Path | None:
+    """The local folder of an offline W&B run, else None."""
     return tracker.offline_dir if isinstance(tracker, WandbTracker) else None
-
-
-def final_attacks(settings: RunSettings) -> list[str]:
-    names = [attack_spec(a).name for a in settings.eval.final_attacks]
-    if settings.eval.autoattack and "autoattack" not in names:
-        names.append("autoattack")
-    return names
 
 
 def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatModel,
             loop: dict[str, Any], tracker: Tracker, console: Console, pgd: str, best: BestWeights,
             before_writing: Callable[[], None] = lambda: None) -> RunResult:
-    """Final evaluation on the test set (final weights, and the best-epoch weights when kept),
-    results files, plots, tracker summary. ``before_writing`` runs between the evaluation and the
-    first file written (the run lock's check, :meth:`experiments.runfolder.runlock.RunLock.verify`)."""
+    """Final evaluation on the test set (final weights, and the best-epoch weights when kept), result
+    files, plots, tracker summary; ``before_writing`` (the run lock's check) runs before the first write."""
     run_dir, cfg, ev = settings.run_dir, settings.env, settings.eval
     model = env.game.target
     game_data = env.game.data
     n_total = game_data.x_test.shape[0]
     n = min(ev.final_n or n_total, n_total)
+    attacks = [attack_spec(a).name for a in ev.final_attacks]
+    if ev.autoattack and "autoattack" not in attacks:
+        attacks.append("autoattack")
     t0 = time.perf_counter()
 
     def final_evaluation(weights: torch.nn.Module, state_file: str) -> list[AttackResult]:
         return evaluate(
-            weights, game_data.x_test[:n], game_data.y_test[:n], final_attacks(settings), threat.epsilon,
+            weights, game_data.x_test[:n], game_data.y_test[:n], attacks, threat.epsilon,
             step=threat.step_size, batch_size=ev.batch_size, seed=ev.seed,
             n_per_attack={"autoattack": ev.autoattack_n}, autoattack_state=run_dir / state_file,
             progress=settings.progress, data_description=f"{data.name} test", log=lambda _line: None,
@@ -124,14 +114,16 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
         if path is None:
             files.pop(key)
 
-    final_rows = [{k: v for k, v in r.to_dict().items() if k not in ("seconds", "robust_flags")} for r in results]
+    def rows(attack_results: list[AttackResult]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.to_dict().items() if k not in ("seconds", "robust_flags")} for r in attack_results]
+
     metrics = {
         "format": METRICS_FORMAT,
         # Only what the settings determine: no wall-clock times, so a resumed run's file is
         # byte-identical to an uninterrupted one's (on CPU).
         "history": [{k: v for k, v in h.items() if k != "seconds"} for h in history],
-        "final": final_rows,
-        "best": [{k: v for k, v in r.to_dict().items() if k not in ("seconds", "robust_flags")} for r in best_results],
+        "final": rows(results),
+        "best": rows(best_results),
         "selection": best.as_dict(),
     }
     write_json(files["metrics_json"], metrics, sort_keys=True)
@@ -156,7 +148,7 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
     }
     write_json(files["results_json"], results_doc, default=str)
 
-    footer = _footer(settings, history, seconds, files, tracker, pgd)
+    footer = _footer(settings, history, seconds, files, tracker)
     atomic_write_text(files["results_md"], table + "\n" + _history_table(history, pgd) + "\n" + footer + "\n")
 
     tracker.summary({**{f"final/{k}": v for k, v in summary_rows.items()},
@@ -196,7 +188,7 @@ def _history_table(history: list[dict[str, Any]], pgd: str) -> str:
 
 
 def _footer(settings: RunSettings, history: list[dict[str, Any]], seconds: Mapping[str, float],
-            files: Mapping[str, Path], tracker: Tracker, pgd: str) -> str:
+            files: Mapping[str, Path], tracker: Tracker) -> str:
     steps = history[-1]["steps"] if history else 0
     lines = [
         f"Time: {seconds['total']:.1f}s = training {seconds['train']:.1f}s ({len(history)} epochs, {steps} steps) "

@@ -1,30 +1,11 @@
 """Divergence detection: a non-finite loss, reward, gradient norm or weight stops the run.
 
-Everything is measured on the device and read back with the loop's existing step-metric
-flushes (``StepMeter.flush``: every ``log_every_steps`` steps and at the end of each epoch),
-so the hot loop gains no host-device synchronisation:
-
-- per step, an optimiser pre-step hook on the target's SGD computes the gradient's global norm
-  (``torch._foreach_norm``, device only); the loop's meter sums it with the loss, the reward
-  terms and the agent's metrics. A sum is non-finite as soon as one addend is, so one read of
-  the sums checks every step of the window;
-- at each flush, the norm of the target's weights (and buffers) joins the same read;
-- a device scalar records the first step whose loss or gradient was not finite, so the message
-  names that step exactly.
-
-**How late it is noticed.** At the first flush after the first non-finite value: at most
-``log_every_steps`` steps later (with ``log_every_steps=0``, at the end of that epoch), always
-before the epoch's evaluation and checkpoint. So the checkpoint on disk is the last finite
-state, never a poisoned one; the steps between the fault and the flush are lost (they are
-after the checkpoint anyway).
-
-**Keeping going.** ``on_nonfinite=skip`` drops, on the device, the update of any batch whose
-gradient norm is not finite (its gradient is zeroed before the SGD step, and the BatchNorm
-statistics its forward pass changed are put back; momentum and weight decay still move the
-weights), counts the skipped batches and reports them per epoch (``guard/skipped_batches`` in the
-history of ``metrics.json``/``results.json``) and on the epoch line. A non-finite reward,
-agent metric or weight still stops the run: the strategy has already learned from the NaN, or
-the target is lost, and no skipping repairs that.
+Everything is summed on the device and read back with the loop's step-metric flushes (every
+``log_every_steps`` steps and at each epoch's end), so the hot loop gains no synchronisation; a
+fault is noticed at most one window late, always before the epoch's checkpoint, which therefore
+stays the last finite state. ``on_nonfinite=skip`` drops, on the device, the update of a batch
+whose gradient is not finite (gradient zeroed, BatchNorm statistics put back) and counts it
+(``guard/skipped_batches``); a non-finite reward, agent metric or weight still stops the run.
 """
 
 from __future__ import annotations
@@ -33,32 +14,27 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from experiments.runfolder.runfiles import RESULTS_FILE
+from experiments.config.schema import NONFINITE_MODES
+from experiments.runfolder.runfiles import CHECKPOINT, RESULTS_FILE
 from las_env.files import write_json
 from las_env.reward import REWARD_TERMS
-
-NonFiniteMode = Literal["stop", "skip"]
-MODES: tuple[str, ...] = ("stop", "skip")
-"""Values of ``on_nonfinite`` (``experiments/config/settings.py`` checks the config against them)."""
 
 FIRST_BAD = "guard/first_nonfinite_step"
 SKIPPED = "guard/skipped_batches"
 GRAD_NORM = "guard/grad_norm"
 WEIGHT_NORM = "guard/weight_norm"
-
+SKIPPABLE = ("train/loss", GRAD_NORM)  # what on_nonfinite=skip tolerates (the batch's update is dropped)
 WATCHED = {
     "train/loss": "the target's training loss",
     GRAD_NORM: "the norm of the target's gradient",
     WEIGHT_NORM: "the target's weights",
     "reward/total": "the strategy's reward",
-}
-"""Quantities that stop the run when not finite (plus every reward term ``reward/<term>`` and every
-``agent/*`` metric)."""
+}  # also every reward term reward/<term> and every agent/* metric
 
 
 def _watched(name: str) -> str | None:
@@ -69,19 +45,10 @@ def _watched(name: str) -> str | None:
         return f"the reward term {name.split('/', 1)[1]}"
     return None
 
-SKIPPABLE = ("train/loss", GRAD_NORM)
-"""What ``on_nonfinite=skip`` tolerates (the batch's update is dropped instead)."""
-
 
 class TrainingDiverged(Exception):
     """Training stopped because a watched quantity was not finite; the message is the paragraph.
-
-    Attributes:
-        epoch: 1-based epoch in which it was noticed.
-        steps: the window ``(first, last)`` of 1-based global steps the flush covered.
-        first_step: the first step whose loss or gradient was not finite, if known.
-        bad: quantity -> the non-finite value read back.
-    """
+    ``steps``: the (first, last) global steps of the window; ``bad``: quantity -> its value."""
 
     def __init__(self, message: str, *, epoch: int, steps: tuple[int, int], first_step: int | None,
                  bad: dict[str, float]) -> None:
@@ -91,17 +58,8 @@ class TrainingDiverged(Exception):
 
 @dataclass
 class Context:
-    """What the failure message says about the run (filled in by the loop).
+    """What the failure message says about the run (set by the loop; ``loop`` is read when the message is written)."""
 
-    Attributes:
-        loop: the loop's state (read when the message is written: ``epochs_done``).
-        started_from: the ``init_from`` run this one started from, if any.
-    """
-
-    lr: float
-    precision: str
-    checkpoint: Path
-    epochs: int
     run_dir: Path
     loop: Mapping[str, Any]
     started_from: Path | None = None
@@ -110,12 +68,11 @@ class Context:
 class DivergenceGuard:
     """Watches one :class:`las_env.game.LASGame`'s target and the loop's step metrics."""
 
-    def __init__(self, game: Any, mode: NonFiniteMode = "stop") -> None:
-        if mode not in MODES:
-            raise ValueError(f"on_nonfinite must be one of {MODES}, got {mode!r}.")
+    def __init__(self, game: Any, mode: str = "stop") -> None:
+        if mode not in NONFINITE_MODES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {mode!r}.")
         self.game, self.mode = game, mode
-        self.device = game.device
-        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=game.device)
         self._grad_norm: Tensor | None = None
         self._skipped: Tensor | None = None
         self._window_start = game.step_index + 1
@@ -139,18 +96,17 @@ class DivergenceGuard:
             self._hooks.append(target.register_forward_pre_hook(save_buffers))
 
     def close(self) -> None:
+        """Remove the guard's hooks from the target and its optimiser."""
         for hook in self._hooks:
             hook.remove()
 
-    # ----------------------------------------------------------------- per step (device only)
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-        finite = torch.isfinite(norm)
         if self.mode == "skip":
-            bad = ~finite
+            bad = ~torch.isfinite(norm)
             for g in grads:
                 g.masked_fill_(bad, 0.0)  # a 0-d mask: the whole gradient or nothing, no sync
             for b, saved in zip(self._buffers, self._saved):
@@ -170,11 +126,9 @@ class DivergenceGuard:
         self._first_bad.copy_(torch.where((self._first_bad < 0) & bad, step, self._first_bad))
         self._grad_norm = self._skipped = None
 
-    # ----------------------------------------------------------------- at flush points
     def flush(self, meter: Any) -> dict[str, tuple[float, int]]:
-        """``meter.flush()`` with the weights' norm in the same read; raises
-        :class:`TrainingDiverged` if anything watched is not finite. Returns the window
-        without the guard's internal entries (what the loop logs)."""
+        """``meter.flush()`` with the weights' norm in the same read (without the guard's internal
+        entries); raises :class:`TrainingDiverged` if anything watched is not finite."""
         tensors = [t.detach().float() for t in (*self.game.target.parameters(), *self.game.target.buffers())
                    if t.is_floating_point()]
         if tensors:
@@ -193,8 +147,7 @@ class DivergenceGuard:
         return window
 
     def flush_after_error(self, meter: Any, error: BaseException) -> None:
-        """An exception in the middle of a window (e.g. an agent sampling from NaN
-        probabilities): if a watched value went non-finite, report that instead."""
+        """An error mid-window (an agent sampling from NaN probabilities): a non-finite value behind it wins."""
         try:
             self.flush(meter)
         except TrainingDiverged as diverged:
@@ -210,7 +163,6 @@ class DivergenceGuard:
             out[SKIPPED] = sums[SKIPPED][0]
         return out
 
-    # ----------------------------------------------------------------- the message
     def _diverged(self, bad: dict[str, float], steps: tuple[int, int], first: int | None) -> TrainingDiverged:
         game, ctx = self.game, self.context
         epoch = (steps[1] - 1) // game.steps_per_epoch + 1
@@ -224,41 +176,37 @@ class DivergenceGuard:
                 f"{'; '.join(named)}. Training stopped at the first check after it (the step metrics are read "
                 f"every log_every_steps steps).")
         if ctx is not None:
-            causes = [f"a learning rate too high for this model (data.optim.lr={ctx.lr:g}: try 10x lower)"]
-            if ctx.precision == "fp16":
+            checkpoint, cfg = ctx.run_dir / CHECKPOINT, game.config
+            causes = [f"a learning rate too high for this model (data.optim.lr={cfg.optim.lr:g}: try 10x lower)"]
+            if cfg.precision == "fp16":
                 causes.append("fp16 overflow (precision=bf16 or fp32)")
             causes.append("attacks too strong or reward weights too large for the agent (data.grid, reward.alpha/"
                           "beta), or non-finite input data")
             text += f" Likely causes: {', '.join(causes)}."
             done = int(ctx.loop.get("epochs_done", 0))
-            if ctx.checkpoint.is_file():
-                text += (f" Nothing of epoch {epoch} was saved: the last finite checkpoint, {ctx.checkpoint} "
-                         f"(epoch {done} of {ctx.epochs}), is intact.")
+            if checkpoint.is_file():
+                text += (f" Nothing of epoch {epoch} was saved: the last finite checkpoint, {checkpoint} "
+                         f"(epoch {done} of {cfg.epochs}), is intact.")
             elif ctx.started_from is not None:
                 text += (f" This run had saved no checkpoint of its own yet; the one it started from "
                          f"({ctx.started_from}, epoch {done}) is untouched.")
             else:
                 text += " No epoch had finished, so there is no checkpoint to go back to."
-            source = ctx.run_dir if ctx.checkpoint.is_file() else ctx.started_from
-            text += f" results.json marks the run failed. {failure_hint(source)}"
+            # resume continues with the recorded settings, so it would diverge again: a fixed
+            # setting is a new run, which may start from the last finite checkpoint.
+            source = ctx.run_dir if checkpoint.is_file() else ctx.started_from
+            text += (" results.json marks the run failed. Fix the setting and run the command again: a changed "
+                     "setting gets a folder of its own (resume=true and resume=<dir> continue a run with its "
+                     "recorded settings, and would diverge again).")
+            if source is not None:
+                text += (f" To keep the epochs already trained, add init_from={source} to the fixed command: it "
+                         f"starts from that last finite checkpoint with the new settings.")
         return TrainingDiverged(text, epoch=epoch, steps=steps, first_step=first, bad=bad)
 
 
-def failure_hint(source: Path | None) -> str:
-    """What to do after a divergence. ``resume`` continues a run with its recorded settings, so
-    it would diverge again; a fixed setting is a new run, which may start from ``source``."""
-    text = ("Fix the setting and run the command again: a changed setting gets a folder of its own (resume=true "
-            "and resume=<dir> continue a run with its recorded settings, and would diverge again).")
-    if source is not None:
-        text += (f" To keep the epochs already trained, add init_from={source} to the fixed command: it starts "
-                 f"from that last finite checkpoint with the new settings.")
-    return text
-
-
 def record_failure(error: TrainingDiverged, results: dict[str, Any], tracker: Any, console: Any) -> None:
-    """Mark the run failed: ``results.json`` (``results``: the loop's fields of that file, plus
-    ``"status": "failed"`` and what was not finite where), the tracker (W&B: summary and a
-    failed exit), and the paragraph in ``log.txt``. The checkpoint is not touched."""
+    """Mark the run failed in ``results.json`` (``results``: the loop's fields of it), the tracker and
+    ``log.txt``; the checkpoint is not touched."""
     doc = {**results, "status": "failed", "final": [],
            "failure": {"kind": "diverged", "message": str(error), "epoch": error.epoch,
                        "steps": list(error.steps), "first_nonfinite_step": error.first_step,

@@ -1,26 +1,9 @@
 """The training loop: LAS-AT from the first step to the results table, resumable at any epoch.
 
-:func:`train` is what ``experiments/run.py`` calls (tests and benchmarks call it directly).
-It drives any :class:`agents.base.Agent` exactly as ``agents/base.py`` describes::
-
-    obs, info = env.reset(seed=seed)                  # LASEnv(tensor_api=True)
-    while not done:
-        action = agent.act(obs, info)
-        obs, reward, done, _, info = env.step(action)
-        metrics = agent.learn(reward, info)
-
-and around it: per-epoch evaluation (clean and PGD accuracy on a test subset and a fixed train
-subset), per-epoch counts of the chosen attack settings, an atomic checkpoint after every epoch,
-the final evaluation, results as JSON and Markdown, PNG plots, and the tracker (W&B).
-
-The hot loop never waits for the device: step metrics are summed into device tensors and read
-back once per ``log_every_steps`` steps and at the end of each epoch; the histograms of chosen
-settings are one ``index_add_`` per step, on the device.
-
-Resume: the checkpoint holds the env (target, optimiser, schedule position, data order, RNG),
-the agent's state, and the loop's (history, epoch, global RNG states; the W&B run id is in ``meta``). On CPU
-a run stopped after any epoch and resumed ends with exactly the metrics of an uninterrupted run
-(``metrics.json`` is byte-identical; ``tests/test_run.py`` checks it).
+:func:`train` (what ``experiments/run.py`` calls) drives any :class:`agents.base.Agent` through
+``act`` / ``env.step`` / ``learn`` (``agents/base.py``), with the per-epoch evaluation, an atomic
+checkpoint after every epoch, the final evaluation, the result files and the tracker. On CPU a run
+stopped after any epoch and resumed writes a ``metrics.json`` byte-identical to an uninterrupted one's.
 """
 
 from __future__ import annotations
@@ -35,19 +18,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.base import Agent
+from agents.base import Agent, AgentSpec
 from experiments.training import distributed
 from experiments.training.epoch_eval import eval_subsets, evaluate_epoch, pgd_name
 from experiments.config.errors import ConfigError
 from experiments.training.faults import full_disk_stops, stop_on_interrupt
 from experiments.training.finish import RunResult, finish_run, offline_dir
-from experiments.training.game_setup import build_game, current_observation
 from experiments.training.guard import Context, TrainingDiverged, record_failure
 from experiments.tracking.loggers import Console, make_tracker
 from experiments.runfolder.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
 from experiments.runfolder.runfiles import CHECKPOINT, LOG_FILE, RESULTS_FORMAT
 from experiments.runfolder.runlock import RunLock
-from experiments.training.selection import TEST_SELECTION_WARNING, BestWeights, split_validation, with_validation
+from experiments.training.selection import TEST_SELECTION_WARNING, BestWeights, split_validation
 from experiments.config.settings import RunSettings
 from experiments.training.trainer import EpochTrainer, epoch_line, epoch_scalars
 from las_env.checkpoint import FORMAT, atomic_save, data_fingerprint
@@ -56,6 +38,8 @@ from las_env.datasets import load_dataset
 from las_env.datasets.checks import check_image_size, classes_missing_from_train
 from las_env.datasets.registry import is_registered, lookup
 from las_env.env import LASEnv
+from las_env.global_view import global_view
+from las_env.validate import SettingError
 
 
 def _rng_states(device: torch.device) -> dict[str, Any]:
@@ -77,6 +61,41 @@ def _restore_rng(states: Mapping[str, Any], device: torch.device) -> None:
     torch.set_rng_state(states["torch"].cpu())
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+
+
+def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, AgentSpec]:
+    """The env from the final ``settings.env``, then the agent from ``AgentSpec.from_game(env)``.
+
+    Raises:
+        ConfigError: the game or the agent refuses its settings, or the agent is not an :class:`Agent`.
+    """
+    cfg = settings.env
+    n_train = data.x_train.shape[0]
+    if cfg.batch_size > n_train:
+        raise ConfigError(f"data.batch_size={cfg.batch_size} exceeds the {n_train} training images of {data.name}.")
+    distributed.check_batch(cfg.batch_size)
+    try:
+        env = LASEnv(config=cfg, data=data, tensor_api=True)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    env = global_view(env)  # under torchrun: the global batch (las_env/global_view.py)
+    spec = AgentSpec.from_game(env, seed=settings.seed)
+    try:
+        agent = settings.agent(spec)
+    except SettingError as exc:
+        raise ConfigError(exc.describe("agent.")) from None
+    except (ValueError, TypeError) as exc:
+        target = getattr(settings.agent, "target", settings.agent_name)
+        raise ConfigError(f"The agent {target} rejected its settings: {exc}") from None
+    if not isinstance(agent, Agent):
+        raise ConfigError(
+            f"{type(agent).__name__} is not an agent: it needs act, learn, state_dict and load_state_dict "
+            f"(agents/base.py)."
+        )
+    distributed.check_agent(agent, env.game.shard)
+    if not cfg.step_reward:  # the authors' reward flow: the agent scores its actions itself
+        agent.bind_scorer(env.score)
+    return env, agent, spec
 
 
 def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, fingerprint: str, env: LASEnv,
@@ -112,23 +131,18 @@ def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, finge
 
 
 def train(settings: RunSettings, *, data: ImageData | None = None, console: Console | None = None) -> RunResult:
-    """Train, evaluate, checkpoint, log; resume from ``settings.run_dir`` when asked.
-
-    The run holds its folder's lock (``experiments/runfolder/runlock.py``) from before any work to the end.
+    """Train, evaluate, checkpoint, log (holding the folder's run lock); resume when asked.
 
     Raises:
-        ConfigError: bad input found during setup (missing data, an agent rejecting its
-            settings, an existing checkpoint without ``resume``, a folder in use by another
-            live run, a damaged checkpoint...), always before training.
-        TrainingDiverged: a non-finite loss, reward, gradient norm or weight
-            (``experiments/training/guard.py``); the checkpoint on disk is the last finite one and
-            ``results.json`` marks the run failed.
+        ConfigError: bad input, always found before training.
+        TrainingDiverged: a non-finite value (``experiments/training/guard.py``); the last finite
+            checkpoint stays and ``results.json`` marks the run failed.
     """
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings = distributed.localized(settings)
     with distributed.process_group(settings.env.device, distributed.timeout_s(settings.config)):
         if not distributed.is_main():  # rank 0 alone holds the lock and writes (experiments/training/distributed.py)
-            return _train(*distributed.for_this_rank(settings, console), data, None)
+            return _train(*distributed.for_other_rank(settings), data, None)
         with RunLock.acquire(settings.run_dir) as lock, stop_on_interrupt(settings.run_dir):
             return _train(settings, console, data, lock)
 
@@ -186,7 +200,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
                 f"The checkpoint of {where} does not fit this run ({type(exc).__name__}: {exc}): a key is missing "
                 f"or a tensor has another shape (a checkpoint edited by hand, or written by another version of "
                 f"the code). Restore the checkpoint that run wrote, or {fix}.") from None
-        obs, info = current_observation(env)
+        obs, info = env.observe()
         if started:
             console.print(started_from(env, ckpt, settings))
         else:
@@ -204,13 +218,13 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
 
     previous_wandb = None if started else (ckpt or {}).get("meta", {}).get("wandb")
     tracker = make_tracker(settings.logger, run_dir, settings.config, previous_wandb)
-    subsets = with_validation(eval_subsets(env.game.data, settings.eval.test_subset, settings.eval.train_subset), val)
+    subsets = ({"val": val} if val is not None else {}) | eval_subsets(env.game.data, settings.eval.test_subset,
+                                                                        settings.eval.train_subset)
     best = BestWeights.from_dict(sel.select_on, loop.get("best"))
     history: list[dict[str, Any]] = loop["history"]
     ckpt_path = run_dir / CHECKPOINT
     trainer = EpochTrainer(settings, env, agent, tracker, obs, info)
-    trainer.guard.context = Context(lr=cfg.optim.lr, precision=cfg.precision, checkpoint=ckpt_path, epochs=cfg.epochs,
-                                    run_dir=run_dir, loop=loop, started_from=settings.init_from if started else None)
+    trainer.guard.context = Context(run_dir, loop, settings.init_from if started else None)
     start = loop["epochs_done"]
     stop_at = cfg.epochs if settings.stop_after_epochs is None else min(cfg.epochs, start + settings.stop_after_epochs)
     epoch_bar = tqdm(total=cfg.epochs, initial=start, desc="epochs", unit="epoch",
@@ -285,8 +299,8 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
 
 
 def _check_data_fits(settings: RunSettings, data: ImageData, console: Console) -> None:
-    """Images large enough for the target and the strategy backbone (else ConfigError); a warning
-    for classes the test split has and the train split lacks."""
+    """Images large enough for the target and the strategy backbone; a warning for test classes
+    the train split lacks."""
     record = lookup(data.name) if is_registered(data.name) else None
     models = {"model.name": settings.env.model or (record.model_for(data.height, data.width) if record else "")}
     agent = settings.config.get("agent") or {}
@@ -302,8 +316,7 @@ def _check_data_fits(settings: RunSettings, data: ImageData, console: Console) -
 
 
 def _checkpoint_bytes(path: Path, env: LASEnv) -> int:
-    """About what one more checkpoint needs on disk: the size of the last one, else twice the
-    target's weights (weights and optimiser state) plus 1 MiB."""
+    """About what one more checkpoint needs: the last one's size, else weights + optimiser state + 1 MiB."""
     if path.is_file():
         return path.stat().st_size
     weights = sum(t.numel() * t.element_size() for t in env.game.target.state_dict().values())

@@ -1,19 +1,10 @@
 """Checkpoint selection without test leakage: a validation split, the best-on-validation weights.
 
-The authors keep the epoch with the best TEST PGD-10 accuracy and report that model on the same
-test images: the selection sees the test set, so the reported number is optimistic. Here:
-
-- :func:`split_validation` holds out ``val_fraction`` of the TRAINING images (stratified by class,
-  seeded by ``split_seed``, the same images for every run whatever its seed); the target never
-  trains on them;
-- the per-epoch evaluation adds them as the ``val`` subset (the test and train-subset curves stay,
-  labelled as such, and are never used for selection);
-- :class:`BestWeights` keeps the weights of the epoch with the best per-epoch PGD accuracy on
-  ``select_on`` (``val`` by default) in ``best.pt`` (atomic); the final weights stay in
-  ``checkpoint.pt`` / ``target_state_dict.pt``, and the final report evaluates both, labelled.
-
-``select_on=test`` reproduces the authors' selection and prints a warning saying its numbers are
-optimistic; ``select_on=last`` keeps no best weights (the final weights only).
+The authors keep the epoch with the best TEST PGD-10 accuracy and report it on the same test
+images (optimistic). Here a stratified, seeded share of the TRAINING images is held out as the
+``val`` subset of the per-epoch evaluation, and :class:`BestWeights` keeps the best epoch on
+``select_on`` (``val`` by default) in ``best.pt``; ``select_on=test`` reproduces the authors'
+choice with a warning, ``select_on=last`` keeps the final weights only.
 """
 
 from __future__ import annotations
@@ -31,9 +22,7 @@ from experiments.config.errors import ConfigError
 from experiments.runfolder.runfiles import BEST
 from las_env.checkpoint import atomic_save, read_torch_file
 from las_env.data import ImageData
-from las_env.validate import SettingError, check_number, check_whole
 
-SELECT_ON = ("val", "test", "last")
 TEST_SELECTION_WARNING = (
     "WARNING: selection.select_on=test picks the best epoch by its TEST accuracy (the authors' choice) "
     "and the final report evaluates it on the same test images: its numbers are optimistically biased. "
@@ -41,56 +30,10 @@ TEST_SELECTION_WARNING = (
 )
 
 
-@dataclass
-class SelectionSettings:
-    """How the reported best weights are chosen (``conf/config.yaml``, section ``selection``).
-
-    Attributes:
-        val_fraction: share of the training images held out for validation (stratified); 0 = none.
-        split_seed: seed of the held-out images' choice (independent of the run's seed, so every
-            run of a comparison trains and validates on the same images).
-        select_on: ``val`` (ours), ``test`` (the authors': leaks the test set, warned) or ``last``
-            (keep the final weights only).
-    """
-
-    val_fraction: float = 0.1  # training images held out for validation (stratified); 0 = none
-    split_seed: int = 0  # which images (the same for every run, whatever its seed)
-    select_on: str = "val"  # val (ours) | test (the authors': leaks the test set, warned) | last (final only)
-
-
-def selection_settings(cfg: Mapping[str, Any]) -> SelectionSettings:
-    """Validated :class:`SelectionSettings` from the config's ``selection`` section.
-
-    Raises:
-        ConfigError: a fraction outside [0, 0.5], an unknown ``select_on``, or ``select_on=val``
-            without a validation split.
-    """
-    try:
-        fraction = check_number("selection.val_fraction", cfg.get("val_fraction", 0.1), 0, 0.5, meaning="(0.1 holds "
-                                "out 10% of the training images for validation; 0 holds out none)")
-        seed = check_whole("selection.split_seed", cfg.get("split_seed", 0), 0)
-    except SettingError as exc:
-        raise ConfigError(str(exc)) from None
-    select_on = str(cfg.get("select_on", "val"))
-    if select_on not in SELECT_ON:
-        raise ConfigError(f"selection.select_on={select_on!r}: valid choices are val (best epoch on the held-out "
-                          f"validation images), test (the authors': leaks the test set) and last (final weights only).")
-    if select_on == "val" and fraction == 0:
-        raise ConfigError("selection.select_on=val needs validation images, but selection.val_fraction=0: set "
-                          "selection.val_fraction=0.1, or selection.select_on=last to keep the final weights only.")
-    return SelectionSettings(float(fraction), int(seed), select_on)
-
-
 def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, tuple[Tensor, Tensor] | None]:
     """``(data without the held-out images, (x_val, y_val))``, or ``(data, None)`` when ``fraction == 0``.
-
-    Stratified: each class gives ``round(fraction * n_class)`` of its images (at least one when
-    it has two or more), chosen by a generator seeded with ``seed``. The training images keep
-    their original order.
-
-    Raises:
-        ConfigError: the split would leave a class, or the whole training set, empty.
-    """
+    Each class gives ``round(fraction * n_class)`` of its images (at least one of two or more), seeded;
+    the training images keep their order."""
     if fraction == 0:
         return data, None
     g = torch.Generator().manual_seed(seed)
@@ -117,20 +60,11 @@ def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[Image
     return replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep], description=description), (x_val, y_val)
 
 
-def with_validation(subsets: Mapping[str, tuple[Tensor, Tensor]],
-                    val: tuple[Tensor, Tensor] | None) -> dict[str, tuple[Tensor, Tensor]]:
-    """The per-epoch evaluation subsets with the validation images first (when there are any)."""
-    return ({"val": val} if val is not None else {}) | dict(subsets)
-
-
 @dataclass
 class BestWeights:
-    """The epoch with the best per-epoch PGD accuracy on ``select_on``, and its weights in ``best.pt``.
-
-    Its state (``as_dict``) lives in the training checkpoint's loop state, so a resumed run
-    continues the same selection. ``best.pt`` is written before the checkpoint of the same epoch:
-    a crash between the two re-runs that epoch, which rewrites it.
-    """
+    """The epoch with the best per-epoch PGD accuracy on ``select_on``, its weights in ``best.pt``.
+    Its state (``as_dict``) lives in the checkpoint's loop state, so a resumed run continues the
+    selection; ``best.pt`` is written before the same epoch's checkpoint, which a crash re-runs."""
 
     select_on: str
     epoch: int | None = None
@@ -142,8 +76,7 @@ class BestWeights:
         return f"{self.select_on}_robust"
 
     def update(self, epoch: int, evaluation: Mapping[str, Any] | None, model: torch.nn.Module, run_dir: Path) -> bool:
-        """Record ``epoch`` if it beats the best so far (ties keep the earlier epoch); returns
-        whether ``best.pt`` was written."""
+        """Record ``epoch`` if it beats the best so far (ties keep the earlier); whether ``best.pt`` was written."""
         if self.select_on == "last" or not evaluation or self.metric not in evaluation:
             return False
         score = float(evaluation[self.metric])

@@ -24,11 +24,8 @@ from las_env.strategy_space import ATTACK_COLUMNS
 
 
 class StepMeter:
-    """Running sums of per-step scalars, kept on the device so adding never synchronises.
-
-    ``flush`` reads every sum back in one transfer and resets; the loop calls it every
-    ``log_every_steps`` steps and at the end of each epoch.
-    """
+    """Running sums of per-step scalars, kept on the device so adding never synchronises; ``flush``
+    reads them all back in one transfer."""
 
     def __init__(self) -> None:
         self._sums: dict[str, Tensor] = {}
@@ -58,6 +55,13 @@ def _means(sums: Mapping[str, tuple[float, int]]) -> dict[str, float]:
     return {n: s / c for n, (s, c) in sums.items() if c}
 
 
+def _absorb(totals: dict[str, tuple[float, int]], window: Mapping[str, tuple[float, int]]) -> None:
+    """Add a flushed window to the epoch's host-side totals (so no extra device reads)."""
+    for n, (s, c) in window.items():
+        s0, c0 = totals.get(n, (0.0, 0))
+        totals[n] = (s0 + s, c0 + c)
+
+
 def _record_step(meter: StepMeter, env: LASEnv, reward: Tensor, info: Mapping[str, Any],
                  metrics: Mapping[str, Any]) -> None:
     """Everything one step reports, summed on the device."""
@@ -81,22 +85,8 @@ def _record_step(meter: StepMeter, env: LASEnv, reward: Tensor, info: Mapping[st
             meter.add(f"agent/{key}", value)
 
 
-class EpochTotals:
-    """Host-side totals of one epoch, fed by the meter's flushes (so no extra device reads)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, tuple[float, int]] = {}
-
-    def absorb(self, window: Mapping[str, tuple[float, int]]) -> None:
-        for n, (s, c) in window.items():
-            s0, c0 = self.sums.get(n, (0.0, 0))
-            self.sums[n] = (s0 + s, c0 + c)
-
-    def means(self) -> dict[str, float]:
-        return _means(self.sums)
-
-
 def epoch_line(rec: Mapping[str, Any], epochs: int, pgd: str) -> str:
+    """The console line of one epoch's record."""
     t = rec["train"]
     parts = [f"epoch {rec['epoch']}/{epochs}",
              f"train loss {t.get('train/loss', math.nan):.3f}, accuracy on its {rec['images']} training images "
@@ -119,6 +109,7 @@ def epoch_line(rec: Mapping[str, Any], epochs: int, pgd: str) -> str:
 
 
 def epoch_scalars(rec: Mapping[str, Any]) -> dict[str, float]:
+    """The tracker's scalars of one epoch's record."""
     out = {f"epoch/{k}": v for k, v in rec["train"].items()}
     out.update({f"eval/{k}": v for k, v in (rec.get("eval") or {}).items()})
     out["epoch"] = rec["epoch"]
@@ -138,29 +129,28 @@ class _Epoch:
 
 
 class EpochTrainer:
-    """Runs epochs of the agent/env loop; keeps what must survive from one epoch to the next
-    (the current observation and info, the step meter) and the per-step constants."""
+    """Runs epochs of the agent/env loop; keeps the current observation and info between epochs."""
 
     def __init__(self, settings: RunSettings, env: LASEnv, agent: Agent, tracker: Tracker,
                  obs: Tensor, info: dict[str, Any]) -> None:
         self.settings, self.env, self.agent, self.tracker = settings, env, agent, tracker
         self.obs, self.info = obs, info
         self.meter = StepMeter()
-        cfg = settings.env
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(settings.env.device)
         self.nvec = list(env.space.nvec)
         self.columns = env.space.columns
         # Chosen settings are counted in one flat vector: [column 0's values | column 1's | ...].
         self.offsets = torch.tensor([sum(self.nvec[:j]) for j in range(len(self.nvec))], device=self.device)
-        self.ones = torch.ones(cfg.batch_size * len(self.nvec), dtype=torch.long, device=self.device)
+        self.ones = torch.ones(settings.env.batch_size * len(self.nvec), dtype=torch.long, device=self.device)
         self.fixed_images = FixedImageChoices(env.game)
         self.guard = DivergenceGuard(env.game, settings.on_nonfinite)
 
     def epoch(self, index: int) -> _Epoch:
+        """Play epoch ``index`` (0-based); raises :class:`TrainingDiverged` on a non-finite value."""
         env, agent, meter, every = self.env, self.agent, self.meter, self.settings.log_every_steps
         batch = self.settings.env.batch_size
         counts = torch.zeros(sum(self.nvec), dtype=torch.long, device=self.device)
-        totals = EpochTotals()
+        totals: dict[str, tuple[float, int]] = {}
         t0 = time.perf_counter()
         self.fixed_images.start_epoch()
         with tqdm(total=env.game.steps_per_epoch * batch, desc=f"epoch {index + 1}", unit="img", unit_scale=True,
@@ -183,14 +173,14 @@ class EpochTrainer:
                 step = env.game.step_index
                 if every and step % every == 0:
                     window = self.guard.flush(meter)  # raises TrainingDiverged on a non-finite value
-                    totals.absorb(window)
+                    _absorb(totals, window)
                     means = _means(window)
                     self.tracker.log({f"step/{k}": v for k, v in means.items()}, step)
                     bar.set_postfix(loss=f"{means.get('train/loss', math.nan):.3f}",
                                     adv_acc=f"{means.get('train/adv_accuracy', math.nan):.2f}",
                                     eps=format_eps(means.get("attack/epsilon", math.nan)), refresh=False)
-        totals.absorb(self.guard.flush(meter))  # also waits for the device: the timing below is honest
+        _absorb(totals, self.guard.flush(meter))  # also waits for the device: the timing below is honest
         seconds = time.perf_counter() - t0
         flat, ends = counts.tolist(), [sum(self.nvec[:j + 1]) for j in range(len(self.nvec))]
         choices = {name: flat[end - n:end] for name, n, end in zip(self.columns, self.nvec, ends)}
-        return _Epoch(self.guard.epoch_totals(totals.sums), choices, seconds, self.fixed_images.result())
+        return _Epoch(self.guard.epoch_totals(totals), choices, seconds, self.fixed_images.result())
