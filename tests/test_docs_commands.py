@@ -190,7 +190,7 @@ def test_readme_python_example_runs():
 
 @pytest.mark.parametrize("command", [
     "python experiments/run.py nosuchkey=1",                      # a key the config lacks
-    "python experiments/run.py -m seed=0,1 agent.lr=0.1,-1",      # the sweep's second value is out of range
+    "python experiments/run.py -m seed=0,1 data.optim.lr=0.1,-1",  # the sweep's second value is out of range
     "python experiments/evaluate.py nosuchkey=1",
     "python benchmarks/epoch_cost.py --no-such-flag",
     "python -m pytest tests/test_no_such_file.py",
