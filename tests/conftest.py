@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import runpy
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +43,36 @@ def requires_shared_data():
 # Tests use small models and tiny batches: one thread avoids OpenMP synchronisation
 # overhead, which measured 2-3x slower with two threads on the 2-core CI machine.
 torch.set_num_threads(1)
+
+
+class Ran:
+    """A finished command: its exit status, output, and the CPU seconds it used."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str, cpu_s: float) -> None:
+        self.returncode, self.stdout, self.stderr, self.cpu_s = returncode, stdout, stderr, cpu_s
+
+
+def main_in_process(command: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> Ran:
+    """Run ``python experiments/<command>.py ARGS`` from ``cwd`` in this process: the script itself,
+    run as ``__main__`` with its ``sys.argv``, a Python start-up less than a subprocess.
+
+    For the cases a test checks without a fresh process; each kind of failure keeps one real
+    command-line case in a subprocess. ``cpu_s`` is this process's CPU time during the call.
+    """
+    script = REPO / "experiments" / f"{command}.py"
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    started = time.process_time()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setattr(sys, "argv", [str(script), *args])
+        patch.setattr(sys, "path", list(sys.path))  # the script adds its folder and the cwd
+        patch.chdir(cwd)
+        patch.delenv("HYDRA_FULL_ERROR", raising=False)
+        patch.setenv("WANDB_MODE", "disabled")
+        for key, value in (env or {}).items():
+            patch.setenv(key, value)
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return Ran(code, out.getvalue(), err.getvalue(), time.process_time() - started)

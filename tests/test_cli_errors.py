@@ -1,18 +1,22 @@
 """Hydra's own failures (experiments/config/cli.py) end in the one-paragraph error, for run.py and evaluate.py.
 
-Each case is a real command in a subprocess (the paragraph is printed by the process's entry
-point, around ``@hydra.main``); they run in parallel since most of their time is start-up.
+One case per kind of failure is a real command in a subprocess (the paragraph is printed by the
+process's entry point, around ``@hydra.main``; they run in parallel since most of their time is
+start-up); the other cases run the same entry point in-process (``tests/conftest.py``).
 """
 
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import main_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {"run": REPO / "experiments" / "run.py", "evaluate": REPO / "experiments" / "evaluate.py"}
@@ -36,9 +40,15 @@ CASES = {
 }
 
 
-def _call(command: str, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+# One real command line per kind of failure (parse error, unknown group option, unknown key,
+# unwritable folder) and one for evaluate.py; the rest in-process.
+IN_CLI = ["run-bad-syntax", "run-unknown-option", "run-key-not-in-config", "run-unwritable-dir",
+          "evaluate-unknown-option"]
+
+
+def _call(command: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     inherited = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    full_env = {**inherited, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **env}
+    full_env = {**inherited, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
     return subprocess.run([sys.executable, str(COMMANDS[command]), *args, "progress=false"], cwd=cwd,
                           capture_output=True, text=True, env=full_env, timeout=300)
 
@@ -47,28 +57,37 @@ def _call(command: str, args: list[str], cwd: Path, **env: str) -> subprocess.Co
 def runs(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("hydra_failures")
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(_call, cmd, args, cwd) for name, (cmd, args, _) in CASES.items()}
+        futures = {name: pool.submit(_call, *CASES[name][:2], cwd) for name in IN_CLI}
         return {name: f.result() for name, f in futures.items()}, cwd
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_hydra_failure_is_one_paragraph_with_status_1(runs, case):
     procs, cwd = runs
-    proc = procs[case]
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    assert "HYDRA_FULL_ERROR" not in proc.stderr  # Hydra's own report did not print
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("las-at: error: "), proc.stderr
-    for words in CASES[case][2]:
+    command, args, expected = CASES[case]
+    proc = procs[case] if case in IN_CLI else main_in_process(command, *args, "progress=false", cwd=cwd)
+    code, stderr = proc.returncode, proc.stderr
+    assert code == 1, stderr
+    assert "Traceback" not in stderr
+    assert "HYDRA_FULL_ERROR" not in stderr  # Hydra's own report did not print
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("las-at: error: "), stderr
+    for words in expected:
         assert words in lines[0], lines[0]
     assert not list(cwd.rglob("checkpoint.pt"))
 
 
-def test_hydra_full_error_still_gives_hydras_traceback(tmp_path):
-    proc = _call("run", ["nosuchkey=1"], tmp_path, HYDRA_FULL_ERROR="1")
-    assert proc.returncode == 1
-    assert "Traceback" in proc.stderr and "las-at: error" not in proc.stderr
+def test_hydra_full_error_still_gives_hydras_traceback(tmp_path, monkeypatch, capsys):
+    # In-process: Hydra's exception leaves the script unreported (a subprocess would print its traceback).
+    from hydra.errors import ConfigCompositionException  # noqa: PLC0415
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.setattr(sys, "argv", [str(COMMANDS["run"]), "nosuchkey=1", "progress=false"])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigCompositionException, match="nosuchkey"):
+        runpy.run_path(str(COMMANDS["run"]), run_name="__main__")
+    assert "las-at: error" not in capsys.readouterr().err
 
 
 def test_an_exception_inside_the_task_is_not_disguised_as_hydras(tmp_path, monkeypatch):

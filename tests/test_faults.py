@@ -1,6 +1,6 @@
 """The fault catalog: what a hostile but fair user meets, and that each failure is one paragraph.
 
-Every bad input runs through the real command line in a subprocess and must: exit non-zero
+Every bad input runs through run.py's entry point (a few in a subprocess) and must: exit non-zero
 within 30 s, print no traceback, name the key in one ``las-at: error:`` paragraph, and leave
 every file of an earlier run untouched. Each suggested fix is then followed, and must not give
 the same error. Then the run-time faults: divergence (lr=1e6), two runs in one folder, damaged
@@ -39,6 +39,7 @@ from experiments.runfolder.runlock import RunLock
 from experiments.config.settings import settings_from_config
 from las_env.checkpoint import CorruptCheckpointError, atomic_save, load_checkpoint
 from las_env.files import NONFINITE_KEY, stale_temp_files, strict_json, write_json
+from tests.conftest import Ran, main_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "experiments" / "conf"
@@ -49,13 +50,6 @@ LIMIT_S = 30
 TINY = ["data.epochs=2", "data.max_steps_per_epoch=3", "data.batch_size=32", "eval.test_subset=32",
         "eval.train_subset=32", "eval.final_n=32", "eval.final_attacks=[clean]", "eval.pgd_iterations=2",
         "agent.k=2", "logger=none", "progress=false", "log_every_steps=2"]
-
-
-class Ran:
-    """A finished command: its exit status, output, and the CPU seconds it used."""
-
-    def __init__(self, returncode: int, stdout: str, stderr: str, cpu_s: float) -> None:
-        self.returncode, self.stdout, self.stderr, self.cpu_s = returncode, stdout, stderr, cpu_s
 
 
 def cli(*args: str, cwd: Path, tool: list[str] = RUN) -> Ran:
@@ -122,8 +116,8 @@ def _threads():
 # case -> (overrides, the key the message must name, the fix: overrides replacing the bad one;
 #          None = the one the message itself suggests as "e.g. KEY=VALUE")
 CATALOG = {
-    # Through the command line (each a Python start-up: the ones that used to end in a traceback
-    # or exit 0, plus one of each kind of check).
+    # Through run.py's entry point (the ones that used to end in a traceback or exit 0, plus one of
+    # each kind of check): two in a subprocess, the others in-process (tests/conftest.py).
     "lr nan": (["data.optim.lr=nan"], "data.optim.lr", ["data.optim.lr=0.05"]),
     "alpha nan": (["reward.alpha=nan"], "reward.alpha", ["reward.alpha=4"]),
     "radius above the pixel range": (["data.grid.epsilons=[0.2,2.0]"], "data.grid.epsilons",
@@ -147,31 +141,33 @@ CATALOG = {
     "unknown on_nonfinite": (["on_nonfinite=maybe"], "on_nonfinite", ["on_nonfinite=skip"]),
     "negative eval seed": (["eval.seed=-1"], "eval.seed", ["eval.seed=0"]),  # eval.seed=abc: Hydra's, as batch size
 }
-IN_CLI = list(CATALOG)[:6]
+IN_CLI = ["lr nan", "device tpu"]
+IN_MAIN = list(CATALOG)[:6]  # run.py's whole entry point: IN_CLI in a subprocess, the rest in-process
 
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    """An earlier run in ``runs/``, then the command-line cases in the same folder, two at a time."""
+    """An earlier run in ``runs/``, then the entry-point cases in the same folder."""
     cwd = tmp_path_factory.mktemp("catalog")
     train(settings(cwd / "runs" / "earlier", "data.epochs=1"))
     before = snapshot(cwd / "runs")
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(cli, *TINY, *CATALOG[name][0], cwd=cwd) for name in IN_CLI}
         runs = {name: f.result() for name, f in futures.items()}
+    runs |= {name: main_in_process("run", *TINY, *CATALOG[name][0], cwd=cwd) for name in IN_MAIN if name not in IN_CLI}
     return runs, before, cwd
 
 
 def message(catalog, case: str, tmp_path: Path) -> str:
-    """The one error paragraph of a catalog case (from its command line, or in-process)."""
-    if case in IN_CLI:
+    """The one error paragraph of a catalog case (from run.py's entry point, or its settings check)."""
+    if case in IN_MAIN:
         return error_line(catalog[0][case])
     with pytest.raises(ConfigError) as caught:
         settings_from_config(config(*TINY, *CATALOG[case][0]), tmp_path)
     return "las-at: error: " + " ".join(str(caught.value).split())
 
 
-@pytest.mark.parametrize("case", IN_CLI)
+@pytest.mark.parametrize("case", IN_MAIN)
 def test_bad_input_exits_at_once_with_one_paragraph_and_no_traceback(catalog, case):
     proc = catalog[0][case]
     assert proc.returncode == 1, proc.stdout[-2000:]
@@ -356,8 +352,8 @@ def test_a_second_run_and_a_live_resume_are_refused_and_a_dead_owners_lock_is_ta
             assert first.poll() is None and time.time() < deadline, "the first run ended or never started"
             time.sleep(0.2)
         record = snapshot(run_dir / ".hydra")
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            again, live_resume = pool.map(lambda extra: cli(*args, *extra, cwd=tmp_path), [[], ["resume=true"]])
+        again = cli(*args, cwd=tmp_path)
+        live_resume = main_in_process("run", *args, "resume=true", cwd=tmp_path)  # the same refusal, in-process
         assert snapshot(run_dir / ".hydra") == record  # Hydra's record of the live run is left alone
         for proc in (again, live_resume):
             assert proc.returncode == 1 and proc.cpu_s < LIMIT_S and "Traceback" not in proc.stderr

@@ -27,6 +27,7 @@ from experiments.config.settings import settings_from_config
 from las_env.checkpoint import load_checkpoint
 from las_env.strategy_space import StrategySpace
 from las_env.datasets.registry import lookup
+from tests.conftest import main_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "experiments" / "conf"
@@ -186,7 +187,8 @@ def test_paper_presets_compose_and_validate(tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 
-# The issue's list, end to end through the command line (each is a Python start-up, so few).
+# The issue's list, end to end through run.py's entry point: two in a subprocess (a Hydra failure,
+# a data set that cannot be loaded), the others in-process (tests/conftest.py).
 BAD_INPUTS = {
     "unknown agent": (["agent=nope"], "Unknown agent option 'nope'"),
     "empty grid": (["data.grid.epsilons=[]"], "empty"),
@@ -194,6 +196,7 @@ BAD_INPUTS = {
     "missing data folder": (["data=cifar10", "data.root=does/not/exist"], "cifar-10-batches-py"),
     "unwritable output dir": (["run_root=not_a_dir.txt/runs"], "cannot be written"),
 }
+IN_CLI = ["unknown agent", "missing data folder"]
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -215,8 +218,11 @@ def bad_input_runs(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("bad")
     (cwd / "not_a_dir.txt").write_text("a file where a folder is expected")
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(cli, *args, "logger=none", cwd=cwd) for name, (args, _) in BAD_INPUTS.items()}
-        return {name: f.result() for name, f in futures.items()}, cwd
+        futures = {name: pool.submit(cli, *BAD_INPUTS[name][0], "logger=none", cwd=cwd) for name in IN_CLI}
+        runs = {name: f.result() for name, f in futures.items()}
+    runs |= {name: main_in_process("run", *args, "logger=none", cwd=cwd)
+             for name, (args, _) in BAD_INPUTS.items() if name not in IN_CLI}
+    return runs, cwd
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -259,7 +265,7 @@ def test_multirun_gives_each_run_its_own_folder_and_a_user_agent_runs_from_the_c
             def load_state_dict(self, state):
                 pass
     '''))
-    tiny = [a for a in TINY if not a.startswith("agent.k")]
+    tiny = [a for a in TINY if not a.startswith(("agent.k", "data.epochs"))] + ["data.epochs=1"]  # three trainings
     multi = cli("-m", "agent=fixed,random", *tiny, cwd=tmp_path)
     assert multi.returncode == 0, multi.stderr[-3000:]
     dirs = sorted(p.parent for p in tmp_path.glob("runs/digits/*/*/metrics.json"))
@@ -274,9 +280,10 @@ def test_multirun_gives_each_run_its_own_folder_and_a_user_agent_runs_from_the_c
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
     assert all(h["choices"]["epsilon"][-1] == sum(h["choices"]["epsilon"]) for h in history)
 
-    again = cli("agent=fixed", *tiny, cwd=tmp_path)  # same settings as a multirun job: its folder
+    # In-process from here: the same entry point, two Python start-ups less.
+    again = main_in_process("run", "agent=fixed", *tiny, cwd=tmp_path)  # same settings as a multirun job: its folder
     assert again.returncode == 1 and "resume=true" in again.stderr and "Traceback" not in again.stderr
-    resumed = cli("agent=fixed", *tiny, "resume=true", cwd=tmp_path)  # finished: re-prints the table
+    resumed = main_in_process("run", "agent=fixed", *tiny, "resume=true", cwd=tmp_path)  # finished: re-prints the table
     assert resumed.returncode == 0 and "Robustness evaluation" in resumed.stdout
 
 

@@ -37,6 +37,7 @@ from las_env.data import DataError
 from las_env.datasets import load_dataset
 from las_env.datasets.checks import check_image_size, classes_missing_from_train
 from las_env.datasets.user import load_folder, load_npz
+from tests.conftest import main_in_process
 
 ONE_EPOCH = ("data.epochs=1", "data.max_steps_per_epoch=2")
 DELETE_WORDS = ("delete", "remove", "rm ")
@@ -101,8 +102,8 @@ def test_the_payload_is_live_when_loaded_the_unsafe_way(finished, tmp_path):
 
 
 def test_no_command_line_entry_runs_a_checkpoint_payload(finished, tmp_path):
-    """evaluate checkpoint=, run.py resume=true, a plain re-run of a finished command (their command
-    lines), compare.py (its main, in-process)."""
+    """evaluate checkpoint=, run.py resume=true (their command lines), a plain re-run of a finished
+    command (run.py's entry point in-process), compare.py (its main, in-process)."""
     marker = tmp_path / "MARK"
     evil = poisoned_checkpoint(finished[0] / "checkpoint.pt", tmp_path / "evil.pt", marker)
     resumed, rerun = copy_run(finished, "resumed"), copy_run(finished, "rerun")
@@ -116,10 +117,10 @@ def test_no_command_line_entry_runs_a_checkpoint_payload(finished, tmp_path):
         runs = {
             "evaluate": pool.submit(cli, f"checkpoint={evil}", "attacks=[clean]", cwd=tmp_path, tool=EVALUATE),
             "resume": pool.submit(cli, *args, f"hydra.run.dir={resumed}", "resume=true", cwd=tmp_path),
-            "re-run": pool.submit(cli, *args, f"hydra.run.dir={rerun}", cwd=tmp_path),
         }
         compared_rc = compare_main([str(compared), "--out", str(tmp_path / "report")])  # the command, in-process
         done = {name: f.result() for name, f in runs.items()}
+    done["re-run"] = main_in_process("run", *args, f"hydra.run.dir={rerun}", cwd=tmp_path)
     assert not marker.exists()
     for name in ("evaluate", "resume", "re-run"):
         proc = done[name]
@@ -177,8 +178,8 @@ def test_the_cifar_reader_admits_arrays_and_builtins_only(tmp_path):
     bad = cifar_folder(tmp_path / "bad", "data_batch_3", marker)
     with pytest.raises(DataError, match=r"data_batch_3 is not a data-set pickle.*posix\.system.*refused unread"):
         load_dataset("cifar10", bad, download=False)
-    proc = cli(*TINY, *ONE_EPOCH, "data=cifar10", f"data.root={bad}", "model.name=small_cnn",
-               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = main_in_process("run", *TINY, *ONE_EPOCH, "data=cifar10", f"data.root={bad}", "model.name=small_cnn",
+                           f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "refused unread" in error_line(proc)
     empty = cifar_folder(tmp_path / "empty", None, marker)
