@@ -99,6 +99,9 @@ def worker(args: argparse.Namespace) -> None:
                 means_allreduce_s=_timed(lambda: dist.all_reduce(means), args.repeats),
                 action_broadcast_s=_timed(lambda: dist.broadcast(actions, 0), args.repeats),
             )
+            # A broadcast's source may return before the others have received; without this barrier
+            # rank 0 could tear the group down under them (gloo then aborts: "terminate called ...").
+            dist.barrier()
         if shard.rank == 0:
             Path(args.worker).write_text(json.dumps(out))
 
