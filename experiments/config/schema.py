@@ -32,6 +32,7 @@ _OPTIM_TYPES = typing.get_type_hints(OptimConfig)
 OptimOverrides = make_dataclass(
     "OptimOverrides", [(f.name, Optional[_OPTIM_TYPES[f.name]], None) for f in fields(OptimConfig)])
 """``data.optim``: :class:`las_env.optim.OptimConfig`'s fields, each ``null`` = the data set's."""
+OptimOverrides.__module__ = __name__  # pickled by reference, so a sweep's worker processes share the class
 
 
 @dataclass
