@@ -88,7 +88,7 @@ def test_report_has_every_agent_with_mean_and_std_over_seeds(runs, tmp_path, cap
 
 
 def test_fixed_attack_search_is_one_table_with_the_learned_agents(runs, tmp_path):
-    # Two more fixed attacks (the search), as `+sweep=fixed_search_digits` would make them:
+    # Two more fixed attacks (the search), as `sweep=fixed_search_digits` would make them:
     # the recorded choices say which attack was played.
     for eps_index, accuracy in ((1, 0.9), (4, 0.05)):
         for src in run_dirs(runs, "fixed"):
