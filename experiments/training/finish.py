@@ -18,6 +18,7 @@ from experiments.runfolder.runfiles import (
     ACCURACY_PNG, AUTOATTACK_STATE, AUTOATTACK_STATE_BEST, BEST, CHECKPOINT, CHOICES_PNG, LOG_FILE, METRICS_FILE,
     METRICS_FORMAT, RESULTS_FILE, RESULTS_FORMAT, RESULTS_MD, WEIGHTS_FILE)
 from experiments.training.selection import BestWeights
+from experiments.training.trainer import ATTACK_COST, PROBE_COST
 from experiments.config.settings import RunSettings
 from las_env.checkpoint import export_state_dict
 from las_env.data import ImageData
@@ -141,6 +142,7 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
         "best": [r.to_dict() for r in best_results],  # best.pt's weights (see "selection"); [] when none
         "selection": {**best.as_dict(), "val_fraction": settings.selection.val_fraction,
                       "split_seed": settings.selection.split_seed},
+        "cost": attack_cost(history),
         "history": history,
         "seconds": seconds,
         "files": {k: str(v) for k, v in files.items()},
@@ -162,6 +164,19 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
     console.print(footer)
     return RunResult(run_dir, True, loop["epochs_done"], history, results, table, seconds,
                      {k: str(v) for k, v in files.items()}, offline)
+
+
+def attack_cost(history: list[dict[str, Any]]) -> dict[str, float | int]:
+    """The run's input-gradient computations per training image (attack, reward probes, both), averaged
+    over every training image seen (steps x batch: each epoch's per-image mean weighted by its images)."""
+    images = sum(h["images"] for h in history)
+
+    def per_image(key: str) -> float:
+        return sum(h["train"].get(key, 0.0) * h["images"] for h in history) / max(images, 1)
+
+    attack, probe = per_image(ATTACK_COST), per_image(PROBE_COST)
+    return {"attack_gradients_per_image": attack, "probe_gradients_per_image": probe,
+            "gradients_per_image": attack + probe, "images": images}
 
 
 def _history_table(history: list[dict[str, Any]], pgd: str) -> str:

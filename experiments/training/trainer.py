@@ -23,6 +23,12 @@ from evaluation import format_eps
 from las_env.strategy_space import ATTACK_COLUMNS
 
 
+ATTACK_COST = "cost/attack_gradients_per_image"
+"""The epoch's mean gradient computations of the training attack per training image."""
+PROBE_COST = "cost/probe_gradients_per_image"
+"""The same for the reward's probes and the ``score`` calls (the authors' reward flow)."""
+
+
 class StepMeter:
     """Running sums of per-step scalars, kept on the device so adding never synchronises; ``flush``
     reads them all back in one transfer."""
@@ -70,6 +76,8 @@ def _record_step(meter: StepMeter, env: LASEnv, reward: Tensor, info: Mapping[st
     for name in ATTACK_COLUMNS:  # the mean attack; every column's choices are counted in EpochTrainer
         meter.add(f"attack/{name}", info[name])
     meter.add("train/lr", info["lr"])
+    meter.add(ATTACK_COST, info["attack_gradients_per_image"])  # host floats: no device read
+    meter.add(PROBE_COST, info["probe_gradients_per_image"])
     if info["reward_computed"]:
         r = env.config.reward
         meter.add("reward/total", reward)
