@@ -138,11 +138,11 @@ class LASConfig:
         if taus is None:
             return
         if any(t != int(t) or t < 0 for t in taus):
-            raise SettingError(f"grid.extra.{EARLY_STOP_COLUMN}", list(taus),
+            raise SettingError("grid.extra", {EARLY_STOP_COLUMN: list(taus)},
                                "must hold whole numbers tau >= 0 (the attack stops tau steps after an image is "
-                               "first misclassified), e.g. {key}=[0,1,2,3].")
+                               f"first misclassified), e.g. data.grid.extra.{EARLY_STOP_COLUMN}=[0,1,2,3].")
         if not build_method(self.method).attack_uses_labels:
-            raise SettingError(f"grid.extra.{EARLY_STOP_COLUMN}", list(taus),
+            raise SettingError("grid.extra", {EARLY_STOP_COLUMN: list(taus)},
                                f"asks the training attack to stop early once an image is misclassified, but "
                                f"method={self.method.name}'s attack is TRADES' KL to the clean prediction, which "
                                f"has no label to be misclassified against: drop the column (and agent=fat, which "

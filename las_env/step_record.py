@@ -16,6 +16,9 @@ from torch import Tensor
 PER_IMAGE = ("rewards", "adv_correct", "indices", "batch_terms_before")
 """``info``'s per-image keys besides the reward terms (:data:`las_env.reward.REWARD_TERMS`) and the
 strategy's columns."""
+COST_KEYS = ("attack_gradients_per_image", "probe_gradients_per_image")
+"""``info``'s attack cost (host floats: input-gradient computations per image of the batch, of the training
+attack and of the reward's probes and ``score`` calls); the run logs them as ``cost/<key>``."""
 BATCH_MEANS = ("adv_accuracy", "clean_accuracy", "probe_accuracy", "train_loss")
 """``info``'s batch means (0-d; NaN when not measured on this step)."""
 SCALARS = ("reward_computed", "lr", "epoch", "step", "attack_gradients_per_image", "probe_gradients_per_image",

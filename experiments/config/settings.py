@@ -59,8 +59,7 @@ class RunSettings:
 
 
 GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
-             "reward_interval": "agent.k", "grid.extra": "data.grid.extra",
-             "grid.extra.early_stop_tau": "data.grid.extra.early_stop_tau", "augment": "data.augment",
+             "reward_interval": "agent.k", "grid.extra": "data.grid.extra", "augment": "data.augment",
              "threat.epsilon": "data.threat.epsilon", "threat.step_size": "data.threat.step_size",
              "sync_batchnorm": "ddp.sync_batchnorm",
              "augment_padding": "data.augment_padding", "model_init": "model.init"}
@@ -133,18 +132,6 @@ def fill_from_registry(data: dict[str, Any], record: DatasetRecord) -> None:
     threat = data["threat"]
     threat["epsilon"] = record.threat.epsilon if threat.get("epsilon") is None else threat["epsilon"]
     threat["step_size"] = record.threat.step_size if threat.get("step_size") is None else threat["step_size"]
-
-
-def add_agent_columns(grid: dict[str, Any], needs: Mapping[str, Any] | None) -> None:
-    """The strategy columns the agent needs (``agent.needs_columns``, e.g. agent=fat's ``early_stop_tau``)
-    into the grid's ``extra`` (in place, so the recorded config shows them); a column the grid already
-    has is kept as given (the agent itself refuses one that lacks a value it plays)."""
-    if not needs:
-        return
-    extra = dict(grid.get("extra") or {})
-    for name, values in needs.items():
-        extra.setdefault(name, list(values))
-    grid["extra"] = extra
 
 
 def _threat(values: Mapping[str, Any], record: DatasetRecord) -> ThreatModel:
@@ -226,7 +213,8 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         raise ConfigError(f"The configuration cannot be resolved: {exc}") from None
     record = dataset_record(resolved["data"])
     fill_from_registry(resolved["data"], record)
-    add_agent_columns(resolved["data"]["grid"], resolved["agent"].get("needs_columns"))
+    if needs := resolved["agent"].get("needs_columns"):  # columns the agent plays (fat: early_stop_tau), before the env
+        resolved["data"]["grid"]["extra"] = {**needs, **(resolved["data"]["grid"].get("extra") or {})}
     env = _game(resolved, record)
     resolved["data"]["name"] = record.name
     agent_name = str(resolved["agent"].get("name") or getattr(factory, "target", "agent").rsplit(".", 1)[-1])

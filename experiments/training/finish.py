@@ -18,12 +18,12 @@ from experiments.runfolder.runfiles import (
     ACCURACY_PNG, AUTOATTACK_STATE, AUTOATTACK_STATE_BEST, BEST, CHECKPOINT, CHOICES_PNG, LOG_FILE, METRICS_FILE,
     METRICS_FORMAT, RESULTS_FILE, RESULTS_FORMAT, RESULTS_MD, WEIGHTS_FILE)
 from experiments.training.selection import BestWeights
-from experiments.training.trainer import ATTACK_COST, PROBE_COST
 from experiments.config.settings import RunSettings
 from las_env.checkpoint import export_state_dict
 from las_env.data import ImageData
 from las_env.env import LASEnv
 from las_env.files import atomic_write_text, write_json
+from las_env.step_record import COST_KEYS
 from las_env.datasets.registry import ThreatModel
 
 
@@ -167,16 +167,10 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
 
 
 def attack_cost(history: list[dict[str, Any]]) -> dict[str, float | int]:
-    """The run's input-gradient computations per training image (attack, reward probes, both), averaged
-    over every training image seen (steps x batch: each epoch's per-image mean weighted by its images)."""
+    """Gradient computations per training image, over every image seen (epochs weighted by their images)."""
     images = sum(h["images"] for h in history)
-
-    def per_image(key: str) -> float:
-        return sum(h["train"].get(key, 0.0) * h["images"] for h in history) / max(images, 1)
-
-    attack, probe = per_image(ATTACK_COST), per_image(PROBE_COST)
-    return {"attack_gradients_per_image": attack, "probe_gradients_per_image": probe,
-            "gradients_per_image": attack + probe, "images": images}
+    attack, probe = (sum(h["train"].get(f"cost/{k}", 0.0) * h["images"] for h in history) / max(images, 1) for k in COST_KEYS)
+    return {COST_KEYS[0]: attack, COST_KEYS[1]: probe, "gradients_per_image": attack + probe, "images": images}
 
 
 def _history_table(history: list[dict[str, Any]], pgd: str) -> str:
@@ -196,8 +190,7 @@ def _history_table(history: list[dict[str, Any]], pgd: str) -> str:
 
         lines.append(f"| {h['epoch']} | {t.get('train/loss', math.nan):.4f} | "
                      f"{format_eps(t.get('attack/epsilon', math.nan))} | {pct('val_clean')} | {pct('val_robust')} | "
-                     f"{pct('test_clean')} | {pct('test_robust')} | "
-                     f"{pct('train_clean')} | {pct('train_robust')} | "
+                     f"{pct('test_clean')} | {pct('test_robust')} | {pct('train_clean')} | {pct('train_robust')} | "
                      f"{h['seconds']['train'] + h['seconds']['eval']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -19,14 +19,9 @@ from experiments.tracking.loggers import Tracker
 from experiments.config.settings import RunSettings
 from las_env.env import LASEnv
 from las_env.reward import REWARD_TERMS
+from las_env.step_record import COST_KEYS
 from evaluation import format_eps
 from las_env.strategy_space import ATTACK_COLUMNS
-
-
-ATTACK_COST = "cost/attack_gradients_per_image"
-"""The epoch's mean gradient computations of the training attack per training image."""
-PROBE_COST = "cost/probe_gradients_per_image"
-"""The same for the reward's probes and the ``score`` calls (the authors' reward flow)."""
 
 
 class StepMeter:
@@ -76,8 +71,8 @@ def _record_step(meter: StepMeter, env: LASEnv, reward: Tensor, info: Mapping[st
     for name in ATTACK_COLUMNS:  # the mean attack; every column's choices are counted in EpochTrainer
         meter.add(f"attack/{name}", info[name])
     meter.add("train/lr", info["lr"])
-    meter.add(ATTACK_COST, info["attack_gradients_per_image"])  # host floats: no device read
-    meter.add(PROBE_COST, info["probe_gradients_per_image"])
+    for key in COST_KEYS:  # host floats: no device read
+        meter.add(f"cost/{key}", info[key])
     if info["reward_computed"]:
         r = env.config.reward
         meter.add("reward/total", reward)
