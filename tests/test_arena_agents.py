@@ -251,3 +251,15 @@ def test_the_four_agents_run_from_the_command_line_and_record_their_cost(tmp_pat
     assert results["fat"]["config"]["data"]["grid"]["extra"] == {"early_stop_tau": [0, 1, 2]}  # added before the env
     assert results["fat"]["cost"]["attack_gradients_per_image"] < 5  # early-stopped PGD-5
     assert results["cat"]["cost"]["attack_gradients_per_image"] == 1  # the curriculum's first level
+
+
+def test_cat_batch_mixing_draws_every_level_up_to_the_current_one_and_resumes_exactly():
+    s = spec(epochs=6, steps_per_epoch=1, batch=64)
+    agent = CurriculumAgent(s, batch_mixing=True)
+    agent.level = 2
+    it_col = s.grid.column("iterations")
+    played = agent.act(torch.zeros(64, 1, 8, 8), {})[:, it_col]
+    assert set(played.tolist()) == {agent.levels[n][it_col] for n in range(3)}  # levels 0, 1, 2 only
+    resumed = CurriculumAgent(s, batch_mixing=True)
+    resumed.load_state_dict(roundtrip(agent.state_dict()))
+    assert torch.equal(agent.act(torch.zeros(64, 1, 8, 8), {}), resumed.act(torch.zeros(64, 1, 8, 8), {}))
