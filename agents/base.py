@@ -53,6 +53,8 @@ class AgentSpec:
         reward_interval: k, the env's: every k-th step carries the full reward (an agent that
             learns from it updates every k steps); ``None``: no step does.
         threat: the run's threat model (PGD-AT's default attack); ``None``: the data set's.
+        train_images: how many images the training set has (``info["next_indices"]`` and
+            ``info["indices"]`` lie in ``0 .. train_images - 1``); ``None``: not known.
     """
 
     grid: StrategySpace
@@ -65,6 +67,7 @@ class AgentSpec:
     seed: int = 0
     reward_interval: int | None = 1
     threat: ThreatModel | None = None
+    train_images: int | None = None
 
     @property
     def space(self) -> StrategySpace:
@@ -74,7 +77,8 @@ class AgentSpec:
     @classmethod
     def from_game(cls, env_or_game: Any, *, seed: int = 0) -> AgentSpec:
         """The spec of a built ``LASEnv`` (or its ``LASGame``, or ``las_env.global_view.GlobalView``): its
-        space, the GLOBAL batch's observation shape, classes, data set, device and episode length."""
+        space, the GLOBAL batch's observation shape, classes, data set, device, episode length and
+        training-set size."""
         game = getattr(env_or_game, "game", env_or_game)
         data, cfg = game.data, game.config
         return cls(
@@ -88,6 +92,7 @@ class AgentSpec:
             seed=seed,
             reward_interval=cfg.reward_interval,
             threat=cfg.threat,
+            train_images=data.x_train.shape[0],
         )
 
 

@@ -8,10 +8,14 @@ authors' loop (:func:`masked_pgd`) runs every image for the batch's maximum coun
 masks the updates, paying ``batch size x max``.
 
 Early stopping (``early_stop=tau``, one mechanism for the authors' reward probe and evaluation
-attacks, tau = 0, and for FAT's tau > 0): before each step an image is checked; once the model
-misclassifies it and it has already taken ``tau`` steps while misclassified, it is frozen where
-it is. The forward pass of the check is the step's own, and frozen images leave the batch, so
-the cost is the iterations actually run.
+attacks, tau = 0, and for FAT's tau > 0, also per image: the strategy column ``early_stop_tau``):
+before each step an image is checked; once the model misclassifies it and it has already taken
+``tau`` steps while misclassified, it is frozen where it is. The forward pass of the check is the
+step's own, and frozen images leave the batch, so the cost is the iterations actually run.
+
+Cost: pass ``count=GradientCount()`` and the attack adds the input-gradient computations it made
+(summed over images) from numbers it already has on the host (the sorted counts; the number of
+images still running), so counting never adds a host-device synchronisation.
 
 Clip order (``clip_start``): ours clips the random start into each image's own ball before the
 first step; ``clip_start=False`` is the authors' order (the start only kept inside [0, 1], the
@@ -24,6 +28,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -33,6 +38,14 @@ from torch import Tensor, nn
 from las_env.sharding import Shard
 
 Loss = Literal["ce", "margin", "kl"]
+
+
+@dataclass
+class GradientCount:
+    """Input-gradient computations (one forward and backward per image and step) attacks made,
+    summed over images; a host int each attack adds to (see the module docstring)."""
+
+    gradients: int = 0
 
 
 @contextmanager
@@ -85,8 +98,9 @@ def per_image_pgd(
     generator: torch.Generator | None = None,
     loss: Loss = "ce",
     shard: Shard | None = None,
-    early_stop: int | None = None,
+    early_stop: int | Tensor | None = None,
     clip_start: bool = True,
+    count: GradientCount | None = None,
 ) -> Tensor:
     """Adversarial examples with per-image settings.
 
@@ -105,9 +119,12 @@ def per_image_pgd(
             is drawn for the global batch); ``None``: one process.
         early_stop: ``None`` (ours: every image runs its full count) or ``tau >= 0``: an image
             is frozen at the check before a step once it is misclassified and has taken ``tau``
-            steps while misclassified (the authors' early stop: 0; FAT: its tau). Needs labels.
+            steps while misclassified (the authors' early stop: 0; FAT: its tau). A whole number,
+            or one per image ``(B,)`` (long, each >= 0; not checked here: the grid checks it).
+            Needs labels.
         clip_start: clip the start into each image's ball before the first step (ours), or only
             after it (``False``, the authors').
+        count: if given, the gradient computations made are added to it.
 
     Returns:
         ``x + delta`` with ``|delta|_inf <= epsilon`` per image, clipped to ``[0, 1]``.
@@ -121,12 +138,18 @@ def per_image_pgd(
     elif start.shape != x.shape:
         raise ValueError(f"start must have the images' shape {tuple(x.shape)}, got {tuple(start.shape)}.")
     if early_stop is not None:
-        return _early_stopping_pgd(model, x, y, epsilon, step_size, iterations, start, loss, early_stop, clip_start)
+        x_adv, gradients = _early_stopping_pgd(model, x, y, epsilon, step_size, iterations, start, loss, early_stop,
+                                               clip_start)
+        if count is not None:
+            count.gradients += gradients
+        return x_adv
 
     # Sort once by iteration count (descending): the images still attacking at step t are
     # then the prefix [:n_t], and slicing a prefix is a view, not a gather.
     order = torch.argsort(iterations, descending=True, stable=True)
     counts = iterations[order].tolist()  # the one host sync: slice sizes must be known on the host
+    if count is not None:
+        count.gradients += sum(counts)
     return _sorted_pgd(model, x, y, epsilon, step_size, start, counts, order, loss, clip_start)
 
 
@@ -147,21 +170,31 @@ def _first_point(x: Tensor, start: Tensor, eps: Tensor, lower: Tensor, upper: Te
 
 
 def _early_stopping_pgd(model: nn.Module, x: Tensor, y: Tensor, epsilon: Tensor, step_size: Tensor,
-                        iterations: Tensor, start: Tensor, loss: Loss, tau: int, clip_start: bool) -> Tensor:
+                        iterations: Tensor, start: Tensor, loss: Loss, tau: int | Tensor,
+                        clip_start: bool) -> tuple[Tensor, int]:
     """:func:`per_image_pgd` with early stopping (see the module docstring): the still-running
-    images are gathered by index each step (one host read per step: how many still run)."""
+    images are gathered by index each step (one host read per step: how many still run).
+    Returns the examples and the gradient computations made (the images running at each step)."""
     if loss == "kl":
         raise ValueError("early_stop needs labels (misclassified = argmax differs from the label); the KL "
                          "attack (TRADES) has clean probabilities instead: use early_stop=None.")
-    if isinstance(tau, bool) or int(tau) != tau or tau < 0:
+    left = iterations.to(x.device).long().clone()  # steps each image may still take
+    if isinstance(tau, Tensor):
+        if tau.shape != left.shape or tau.is_floating_point():
+            raise ValueError(f"a per-image early_stop must be a whole-number tensor of shape {tuple(left.shape)}, "
+                             f"got {tau.dtype} of shape {tuple(tau.shape)}.")
+        patience = tau.to(device=x.device, dtype=torch.long).clone()  # steps it may still take while misclassified
+    elif isinstance(tau, bool) or int(tau) != tau or tau < 0:
         raise ValueError(f"early_stop must be None (off) or a whole number tau >= 0, got {tau!r}.")
+    else:
+        patience = torch.full_like(left, int(tau))
     lower, upper, step, eps = _ball(x, epsilon, step_size)
     x_adv = _first_point(x, start, eps, lower, upper, clip_start)
-    left = iterations.to(x.device).long().clone()  # steps each image may still take
-    patience = torch.full_like(left, int(tau))  # steps it may still take while misclassified
     running = torch.nonzero(left > 0).squeeze(1)
+    gradients = 0
     with eval_mode(model), torch.enable_grad():
         while running.numel() > 0:
+            gradients += running.numel()
             xa = x_adv[running].detach().requires_grad_(True)
             yr = y[running]
             logits = model(xa)
@@ -173,7 +206,7 @@ def _early_stopping_pgd(model: nn.Module, x: Tensor, y: Tensor, epsilon: Tensor,
             patience[running] -= (wrong & go).long()
             left[running] -= 1
             running = running[go & (left[running] > 0)]
-    return torch.max(torch.min(x_adv, upper), lower).detach()
+    return torch.max(torch.min(x_adv, upper), lower).detach(), gradients
 
 
 def _sorted_pgd(
@@ -239,12 +272,14 @@ def pgd(
     generator: torch.Generator | None = None,
     shard: Shard | None = None,
     early_stop: int | None = None,
+    count: GradientCount | None = None,
 ) -> Tensor:
     """Plain PGD with the same settings for every image (the evaluation and probe attack).
 
     Same result as :func:`per_image_pgd` with constant settings, without its sort: the counts
     are known on the host, so there is no host-device synchronisation and no gather/scatter.
-    ``early_stop=tau`` freezes misclassified images (module docstring; the authors': 0).
+    ``early_stop=tau`` freezes misclassified images (module docstring; the authors': 0);
+    ``count`` gets the gradient computations made added.
     """
     b = x.shape[0]
     eps = torch.full((b,), float(epsilon), device=x.device)
@@ -252,7 +287,12 @@ def pgd(
     start = _random_start(x, eps, generator, shard) if random_start else torch.zeros_like(x)
     if early_stop is not None:
         counts = torch.full((b,), int(iterations), device=x.device, dtype=torch.long)
-        return _early_stopping_pgd(model, x, y, eps, step, counts, start, loss, early_stop, True)
+        x_adv, gradients = _early_stopping_pgd(model, x, y, eps, step, counts, start, loss, early_stop, True)
+        if count is not None:
+            count.gradients += gradients
+        return x_adv
+    if count is not None:
+        count.gradients += b * int(iterations)
     return _sorted_pgd(model, x, y, eps, step, start, [int(iterations)] * b, None, loss)
 
 

@@ -57,7 +57,8 @@ class LASEnv(gym.Env):
 
     Observation (``Box(0, 1, (B, C, H, W), float32)``): the clean, augmented images of the
     batch the next step trains the target on. Element ``[i, c, h, w]`` is channel ``c`` of
-    pixel ``(h, w)`` of image ``i``, in ``[0, 1]``. Labels are in ``info["labels"]``.
+    pixel ``(h, w)`` of image ``i``, in ``[0, 1]``. Labels are in ``info["labels"]``, the training-set
+    index of each image in ``info["next_indices"]`` (what a per-image stateful agent keys its memory by).
 
     Action (``MultiDiscrete`` of shape ``(B, columns)``): one index per column of the strategy
     space ``env.space`` (:class:`las_env.strategy_space.StrategySpace`), in
@@ -72,12 +73,16 @@ class LASEnv(gym.Env):
     ``info`` after a step (:meth:`las_env.step_record.StepRecord.info`) holds, per image (arrays
     of shape (B,)): ``rewards``, each reward term by name (``l1``, ``l2``, ``l3``),
     ``adv_correct`` (target right on its adversarial example before the update), ``indices``
-    (the training-set index of each image), and the value played in every column of the
-    space, by column name (``step_size``,
-    ``iterations``, ``epsilon``, then e.g. ``trades_beta``); and
-    scalars ``reward_computed``, ``adv_accuracy``, ``clean_accuracy`` and
-    ``probe_accuracy`` (of the updated target; NaN when not measured this step),
-    ``train_loss``, ``lr``, ``epoch``, ``step``, plus ``labels`` of the NEW observation.
+    (the training-set index of each image of the PLAYED batch), and the value played in every
+    column of the space, by column name (``step_size``, ``iterations``, ``epsilon``, then e.g.
+    ``trades_beta`` or ``early_stop_tau``); and scalars ``reward_computed``, ``adv_accuracy``,
+    ``clean_accuracy`` and ``probe_accuracy`` (of the updated target; NaN when not measured this
+    step), ``train_loss``, ``lr``, ``epoch``, ``step``, the attack cost per image of the batch
+    (``attack_gradients_per_image``: gradient computations of the training attack;
+    ``probe_gradients_per_image``: of the reward's probes and of the ``score`` calls on this
+    batch), plus of the NEW observation ``labels``, ``next_indices`` (its training-set indices:
+    the next step's ``indices``) and ``reward_next_step``. ``reset`` and ``observe`` give
+    ``labels``, ``next_indices``, ``epoch``, ``step`` and ``reward_next_step``.
     On reward steps with ``reward.pre_update_probe``, ``batch_terms_before`` (B,) holds
     ``alpha*L2 + beta*L3`` of the target before the step's update (``credit="unbiased"``).
 
@@ -161,9 +166,10 @@ class LASEnv(gym.Env):
         return x.contiguous().cpu().numpy()
 
     def _batch_info(self) -> dict[str, Any]:
-        y = self.game.batch[1]
+        y, idx = self.game.batch[1], self.game.indices
         return {
             "labels": y if self.tensor_api else y.cpu().numpy(),
+            "next_indices": idx if self.tensor_api else idx.cpu().numpy(),
             "epoch": self.game.epoch,
             "step": self.game.step_index,
             "reward_next_step": self.game.is_reward_step() if not self.game.done else False,
@@ -175,7 +181,8 @@ class LASEnv(gym.Env):
             info = {k: (v.cpu().numpy() if v.dim() else float(v)) if isinstance(v, torch.Tensor) else v
                     for k, v in info.items()}
         batch = self._batch_info()  # the NEW observation's labels; step and epoch stay the record's
-        info.update(labels=batch["labels"], reward_next_step=batch["reward_next_step"])
+        info.update(labels=batch["labels"], next_indices=batch["next_indices"],
+                    reward_next_step=batch["reward_next_step"])
         return info
 
     def _validate(self, action) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from las_env.attack import eval_mode, per_image_pgd, random_start
+from las_env.attack import GradientCount, eval_mode, per_image_pgd, random_start
 from las_env.augment import augment_batch
 from las_env.checkpoint import restore_generator
 from las_env.data import ImageData
@@ -29,7 +29,7 @@ from las_env.optim import autocast
 from las_env.reward import UpdatedTargetProbe, probe_updated_target, reward_terms, updated_target_total
 from las_env.sharding import Shard, process_shard, wrap_target
 from las_env.step_record import StepRecord
-from las_env.strategy_space import StrategySpace
+from las_env.strategy_space import EARLY_STOP_COLUMN, StrategySpace
 from las_env.target import TargetTrainer
 
 SCORE_SEED_OFFSET = 0x5C0DE
@@ -75,6 +75,7 @@ class LASGame:
         self.target: torch.nn.Module | None = None
         self.trainer: TargetTrainer | None = None
         self.step_index = 0
+        self._scored_gradients = 0  # score()'s gradient computations, reported by the next play's record
         # Several processes: this rank plays its rows of every global batch (las_env/sharding.py).
         self.shard: Shard = process_shard()
         self.shard.check_batch(config.batch_size)
@@ -109,6 +110,7 @@ class LASGame:
         self.trainer = TargetTrainer(trained, self.config.optim, self.total_steps, self.config.precision,
                                      method=self.method)
         self.step_index = 0
+        self._scored_gradients = 0
         self._new_epoch_order()
         self._load_batch()
 
@@ -131,6 +133,16 @@ class LASGame:
     def global_batch(self) -> tuple[Tensor, Tensor]:
         """The whole global batch of every rank (``batch`` itself in one process)."""
         return self._x_global, self._y_global
+
+    @property
+    def indices(self) -> Tensor:
+        """The training-set index of each image of ``batch`` ``(B,)``, on the training device."""
+        return self._indices
+
+    @property
+    def global_indices(self) -> Tensor:
+        """The training-set index of each image of ``global_batch`` (``indices`` in one process)."""
+        return self._indices_global
 
     @property
     def epoch_order(self) -> Tensor:
@@ -165,7 +177,8 @@ class LASGame:
             x = x.contiguous(memory_format=torch.channels_last)
         self._x_global, self._y_global = x, y
         self._x, self._y = self.shard.rows(x), self.shard.rows(y)
-        self._indices = self.shard.rows(idx.to(self.device))
+        self._indices_global = idx.to(self.device)
+        self._indices = self.shard.rows(self._indices_global)
 
     # -------------------------------------------------------------------- step
     def strategy(self, action: Tensor) -> dict[str, Tensor]:
@@ -199,7 +212,8 @@ class LASGame:
         ``score_rng``, a generator of its own (seeded from the episode's seed, checkpointed),
         so scoring never shifts the training stream's numbers. The record's ``step``,
         ``epoch`` and ``lr`` are those of the step that will train on this batch;
-        ``adv_correct`` and ``train_loss`` come from the copy's training forward.
+        ``adv_correct`` and ``train_loss`` come from the copy's training forward. Its gradient
+        computations (attack and probe) count as probe cost in the next ``play``'s record.
         """
         return self._step(action, train=False)
 
@@ -218,8 +232,9 @@ class LASGame:
         probed = full and r.needs_updated_target
         # Before the attack, so neither can depend on this batch's actions (not even via the RNG).
         rows = self._probe_rows(rng) if probed and r.probe_fraction < 1 else None
-        terms_before = self._terms_before(x, y, rng, rows) if full else None
-        x_adv = self._attack(x, y, chosen["step_size"], chosen["iterations"], chosen["epsilon"], rng)
+        attack_count, probe_count = GradientCount(), GradientCount()
+        terms_before = self._terms_before(x, y, rng, rows, probe_count) if full else None
+        x_adv = self._attack(x, y, chosen, rng, attack_count)
         lr = self.trainer.lr
         eval_l1 = self._eval_l1(x, x_adv, y, extras) if full and r.l1_forward == "eval" else None
         probe: UpdatedTargetProbe | None = None
@@ -230,11 +245,15 @@ class LASGame:
             w_hat, fit = lookahead_step(self.target, x_adv, y, self._lookahead_optim, lr, precision=cfg.precision,
                                         optimizer_state=momentum, method=self.method, x=x, extras=extras,
                                         epoch=self.epoch)
-            probe = self._probe(w_hat, x, y, rng, rows) if probed else None
+            probe = self._probe(w_hat, x, y, rng, rows, probe_count) if probed else None
         if train:
             fit = self.trainer.train_step(x_adv, y, x=x, extras=extras, epoch=self.epoch)
             if probed and r.w_hat == "this_step":
-                probe = self._probe(self.target, x, y, rng, rows)
+                probe = self._probe(self.target, x, y, rng, rows, probe_count)
+            probe_count.gradients += self._scored_gradients
+            self._scored_gradients = 0
+        else:
+            self._scored_gradients += attack_count.gradients + probe_count.gradients
 
         terms, rewards = reward_terms(r, fit.per_image if eval_l1 is None else eval_l1, probe, rows)
         record = StepRecord(
@@ -249,6 +268,8 @@ class LASGame:
             train_loss=fit.per_image.mean(),
             strategy=chosen,
             indices=self._indices,
+            attack_gradients=attack_count.gradients,
+            probe_gradients=probe_count.gradients,
             step=self.step_index,
             epoch=self.epoch,
             lr=lr,
@@ -272,19 +293,23 @@ class LASGame:
         m = max(1, round(self.config.reward.probe_fraction * b))
         return torch.randperm(b, generator=generator, device=self.device)[:m].sort().values
 
-    def _terms_before(self, x: Tensor, y: Tensor, generator: torch.Generator, rows: Tensor | None) -> Tensor | None:
+    def _terms_before(self, x: Tensor, y: Tensor, generator: torch.Generator, rows: Tensor | None,
+                      count: GradientCount) -> Tensor | None:
         """``alpha*L2 + beta*L3`` per image of the target before the update (``credit="unbiased"``'s
         control variate), or None when ``reward.pre_update_probe`` is off."""
         r = self.config.reward
         if not (r.pre_update_probe and r.needs_updated_target):
             return None
-        before = self._probe(self.target, x, y, generator, rows)
+        before = self._probe(self.target, x, y, generator, rows, count)
         return updated_target_total(r, before, y.shape[0], y.device, rows)
 
-    def _attack(self, x: Tensor, y: Tensor, step_size: Tensor, iterations: Tensor, epsilon: Tensor,
-                generator: torch.Generator) -> Tensor:
-        """The training attack of the method (PGD-AT: CE; TRADES: KL to the clean softmax), with
-        the random start ``config.attack_start`` asks for."""
+    def _attack(self, x: Tensor, y: Tensor, chosen: dict[str, Tensor], generator: torch.Generator,
+                count: GradientCount) -> Tensor:
+        """The training attack of the method (PGD-AT: CE; TRADES: KL to the clean softmax) with the
+        strategy ``chosen`` (per image: step size, iterations, epsilon and, when the grid has the
+        column, FAT's early stop tau), from the random start ``config.attack_start`` asks for."""
+        epsilon = chosen["epsilon"]
+        tau = chosen.get(EARLY_STOP_COLUMN)  # None: no early stop (the grid has no such column)
         start = None  # per_image_pgd's own: uniform in each image's ball
         if self.config.attack_start == "threat_ball":
             start = random_start(x, torch.full_like(epsilon, self.threat.epsilon), generator, self.shard)
@@ -292,9 +317,10 @@ class LASGame:
             start = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         loss, reference = self.method.attack_objective(self.target, x, y, self.config.precision)
         with autocast(self.device, self.config.precision):
-            return per_image_pgd(self.target, x, reference, epsilon, step_size, iterations, start=start,
-                                 generator=generator, loss=loss, shard=self.shard,
-                                 clip_start=self.config.attack_clip == "start")
+            return per_image_pgd(self.target, x, reference, epsilon, chosen["step_size"], chosen["iterations"],
+                                 start=start, generator=generator, loss=loss, shard=self.shard,
+                                 early_stop=None if tau is None else tau.long(),
+                                 clip_start=self.config.attack_clip == "start", count=count)
 
     def _eval_l1(self, x: Tensor, x_adv: Tensor, y: Tensor, extras: dict[str, Tensor]) -> Tensor:
         """The method's per-image L1 of the target (not yet updated) in eval mode: the authors' L1
@@ -304,7 +330,7 @@ class LASGame:
                                     self.config.precision).per_image
 
     def _probe(self, model: torch.nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
-               rows: Tensor | None = None) -> UpdatedTargetProbe:
+               rows: Tensor | None = None, count: GradientCount | None = None) -> UpdatedTargetProbe:
         """The reward's probe of ``model`` (the updated target, or the target before the update) on
         the batch's ``rows`` (None: all of it)."""
         r = self.config.reward
@@ -313,7 +339,7 @@ class LASGame:
         eps = r.probe_epsilon if r.probe_epsilon is not None else self.threat.epsilon
         step = r.probe_step_size if r.probe_step_size is not None else self.threat.step_size
         return probe_updated_target(model, x, y, r, eps, step, generator=generator,
-                                    precision=self.config.precision, shard=self.shard)
+                                    precision=self.config.precision, shard=self.shard, count=count)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -343,4 +369,5 @@ class LASGame:
         self._order = state["order"].to(self.data.x_train.device)
         self._x_global, self._y_global = (t.to(self.device) for t in state["batch"])
         self._x, self._y = self.shard.rows(self._x_global), self.shard.rows(self._y_global)
-        self._indices = self.shard.rows(self._batch_indices().to(self.device))
+        self._indices_global = self._batch_indices().to(self.device)
+        self._indices = self.shard.rows(self._indices_global)

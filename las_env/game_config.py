@@ -9,7 +9,7 @@ from typing import Literal
 from las_env.datasets.registry import ThreatModel, lookup
 from las_env.methods import COLUMNS_METHODS_READ, MethodConfig, build_method
 from las_env.reward import RewardConfig
-from las_env.strategy_space import StrategySpace
+from las_env.strategy_space import EARLY_STOP_COLUMN, StrategySpace
 from las_env.optim import OptimConfig, Precision
 from las_env.validate import SettingError, check_device, check_interval, check_number, check_whole
 
@@ -120,6 +120,7 @@ class LASConfig:
                      meaning="(the evaluation PGD step: at most epsilon; CIFAR: 2/255 = epsilon / 4)")
         self._check_fidelity_switches()
         self._check_method_columns()
+        self._check_early_stop_column()
 
     def _check_method_columns(self) -> None:
         # A column some method reads (trades_beta) but this one does not is a mistake; a column no
@@ -131,6 +132,21 @@ class LASConfig:
                                f"has the strategy column(s) {unread}, which method={self.method.name} does not read "
                                f"(trades_beta is TRADES' KL weight): use method=trades (or method=awp "
                                f"method.awp_base=trades), or drop the column from the grid.")
+
+    def _check_early_stop_column(self) -> None:
+        taus = self.grid.values.get(EARLY_STOP_COLUMN)
+        if taus is None:
+            return
+        if any(t != int(t) or t < 0 for t in taus):
+            raise SettingError("grid.extra", {EARLY_STOP_COLUMN: list(taus)},
+                               "must hold whole numbers tau >= 0 (the attack stops tau steps after an image is "
+                               f"first misclassified), e.g. data.grid.extra.{EARLY_STOP_COLUMN}=[0,1,2,3].")
+        if not build_method(self.method).attack_uses_labels:
+            raise SettingError("grid.extra", {EARLY_STOP_COLUMN: list(taus)},
+                               f"asks the training attack to stop early once an image is misclassified, but "
+                               f"method={self.method.name}'s attack is TRADES' KL to the clean prediction, which "
+                               f"has no label to be misclassified against: drop the column (and agent=fat, which "
+                               f"needs it) or use method=pgd_at (or method=awp with method.awp_base=pgd_at).")
 
     def _check_fidelity_switches(self) -> None:
         if self.attack_start not in ("own_ball", "threat_ball", "gaussian"):

@@ -39,7 +39,7 @@ class GlobalView:
     def observe(self) -> tuple[Tensor, dict[str, Any]]:
         _, info = self.env.observe()
         x, y = self.env.game.global_batch
-        return x, {**info, "labels": y}
+        return x, {**info, "labels": y, "next_indices": self.env.game.global_indices}
 
     def step(self, action):
         a = self._shared(action)
@@ -88,6 +88,7 @@ class GlobalView:
         out["adv_accuracy"] = out["adv_correct"].float().mean()  # exactly the single process's
         out.update(self.env.game.strategy(action))  # every column of the space, global rows
         out["labels"] = self.env.game.global_batch[1]
+        out["next_indices"] = self.env.game.global_indices
         return out
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from las_env.attack import eval_mode, pgd
+from las_env.attack import GradientCount, eval_mode, pgd
 from las_env.optim import Precision, autocast
 from las_env.sharding import Shard
 from las_env.validate import SettingError, check_number, check_whole
@@ -167,10 +167,12 @@ def probe_updated_target(
     generator: torch.Generator | None = None,
     precision: Precision = "fp32",
     shard: Shard | None = None,
+    count: GradientCount | None = None,
 ) -> UpdatedTargetProbe:
     """Measure the updated target on the clean batch and under the probe attack (with
     ``cfg.probe_restarts`` restarts, each image keeping the one with the highest CE; ``shard``:
-    this rank's rows, random starts drawn for the global batch)."""
+    this rank's rows, random starts drawn for the global batch; ``count``: the probe attacks'
+    gradient computations are added to it)."""
     device = x.device
     early_stop = 0 if cfg.probe_early_stop else None
     clean_loss = clean_correct = probe_loss = probe_correct = None
@@ -178,7 +180,7 @@ def probe_updated_target(
         if cfg.use_l2:
             with autocast(device, precision):
                 x_probe = pgd(model, x, y, epsilon, step_size, cfg.probe_iterations, generator=generator,
-                              shard=shard, early_stop=early_stop)
+                              shard=shard, early_stop=early_stop, count=count)
         with torch.no_grad(), autocast(device, precision):
             if cfg.use_l3:
                 logits = model(x).float()
@@ -191,7 +193,7 @@ def probe_updated_target(
         for _ in range(1, cfg.probe_restarts if cfg.use_l2 else 1):
             with autocast(device, precision):
                 x_probe = pgd(model, x, y, epsilon, step_size, cfg.probe_iterations, generator=generator,
-                              shard=shard, early_stop=early_stop)
+                              shard=shard, early_stop=early_stop, count=count)
             with torch.no_grad(), autocast(device, precision):
                 logits = model(x_probe).float()
             loss = F.cross_entropy(logits, y, reduction="none")

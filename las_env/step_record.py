@@ -16,10 +16,14 @@ from torch import Tensor
 PER_IMAGE = ("rewards", "adv_correct", "indices", "batch_terms_before")
 """``info``'s per-image keys besides the reward terms (:data:`las_env.reward.REWARD_TERMS`) and the
 strategy's columns."""
+COST_KEYS = ("attack_gradients_per_image", "probe_gradients_per_image")
+"""``info``'s attack cost (host floats: input-gradient computations per image of the batch, of the training
+attack and of the reward's probes and ``score`` calls); the run logs them as ``cost/<key>``."""
 BATCH_MEANS = ("adv_accuracy", "clean_accuracy", "probe_accuracy", "train_loss")
 """``info``'s batch means (0-d; NaN when not measured on this step)."""
-SCALARS = ("reward_computed", "lr", "epoch", "step", "labels", "reward_next_step")
-"""``info``'s plain values (``labels`` and ``reward_next_step`` describe the NEW observation)."""
+SCALARS = ("reward_computed", "lr", "epoch", "step", "attack_gradients_per_image", "probe_gradients_per_image",
+           "labels", "next_indices", "reward_next_step")
+"""``info``'s plain values (``labels``, ``next_indices`` and ``reward_next_step`` describe the NEW observation)."""
 
 
 @dataclass
@@ -44,6 +48,10 @@ class StepRecord:
         strategy: the values played per image, column name -> ``(B,)`` (``step_size``,
             ``iterations``, ``epsilon``, then the space's extra columns).
         indices: the training-set index of each image of the batch ``(B,)``.
+        attack_gradients: input-gradient computations the training attack made on this batch, summed
+            over its images (host int; early stop makes it less than the sum of chosen iterations).
+        probe_gradients: those of the reward's probes (the L2 probe, the pre-update probe) and of the
+            ``score`` calls made on this batch before it was played (host int; 0 on most steps).
         step: index of this step in the episode (0-based); epoch: its epoch; lr: its learning rate.
     """
 
@@ -58,13 +66,16 @@ class StepRecord:
     train_loss: Tensor
     strategy: dict[str, Tensor]
     indices: Tensor
+    attack_gradients: int
+    probe_gradients: int
     step: int
     epoch: int
     lr: float
 
     def info(self) -> dict[str, object]:
-        """The step's ``info`` as device tensors (the env adds the new observation's ``labels``
-        and ``reward_next_step``, and converts to NumPy unless asked for tensors)."""
+        """The step's ``info`` as device tensors (the env adds the new observation's ``labels``,
+        ``next_indices`` and ``reward_next_step``, and converts to NumPy unless asked for tensors);
+        the gradient counts as host floats per image of this batch."""
         nan = torch.full((), float("nan"), device=self.reward.device)
 
         def mean(t: Tensor | None) -> Tensor:
@@ -76,5 +87,8 @@ class StepRecord:
                                    "probe_accuracy": mean(self.probe_correct), "train_loss": self.train_loss}
         if self.terms_before is not None:  # reward steps with reward.pre_update_probe only
             info["batch_terms_before"] = self.terms_before
-        info.update(reward_computed=self.reward_computed, lr=self.lr, step=self.step, epoch=self.epoch)
+        rows = self.indices.shape[0]
+        info.update(reward_computed=self.reward_computed, lr=self.lr, step=self.step, epoch=self.epoch,
+                    attack_gradients_per_image=self.attack_gradients / rows,
+                    probe_gradients_per_image=self.probe_gradients / rows)
         return info

@@ -26,6 +26,9 @@ from las_env.validate import SettingError, check_numbers
 
 ATTACK_COLUMNS = ("step_size", "iterations", "epsilon")
 """The attack's columns, always the first three of an action; further columns follow them."""
+EARLY_STOP_COLUMN = "early_stop_tau"
+"""The further column the game's training attack reads, when the grid has it: per image, FAT's early
+stop (the attack stops ``tau`` steps after the image is first misclassified; whole numbers >= 0)."""
 _EXAMPLES = {"step_sizes": "[0.0078,0.0157]", "iterations": "[3,5,10]", "epsilons": "[0.0314,0.0627]"}
 """What the error messages suggest (CIFAR-like values in pixel units)."""
 _PIXEL = "(pixel units for images in [0, 1]: 8/255 = 0.0314; a value above 1 covers the whole pixel range)"

@@ -1,5 +1,6 @@
 """Early-stopping PGD (``las_env.attack``, ``early_stop=tau``): the authors' probe and evaluation
-attacks (tau = 0) and FAT's (tau > 0), against trajectories computed by hand, and its cost.
+attacks (tau = 0) and FAT's (tau > 0, also one per image: the ``early_stop_tau`` strategy column),
+against trajectories computed by hand, and its cost (``GradientCount``).
 
 The hand model: one pixel ``x``, two classes, logits ``(0, 10 * (x - 0.5))``, label 0. The CE
 gradient in ``x`` is always positive, so every step adds the step size: from ``x0`` the path is
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from evaluation import evaluate_attack
-from las_env.attack import per_image_pgd, pgd
+from las_env.attack import GradientCount, per_image_pgd, pgd
 from las_env.models import build_model
 from las_env.reward import RewardConfig, probe_updated_target
 
@@ -64,6 +65,29 @@ def test_early_stop_follows_the_hand_computed_trajectory_and_pays_only_the_steps
     torch.testing.assert_close(out.flatten(), torch.tensor([e[0] for e in expected]))
     if tau is not None:  # the sorted full-count path is costed in tests/test_attack.py
         assert model.rows == sum(e[1] for e in expected)
+
+
+def test_a_per_image_tau_follows_each_images_own_hand_computed_trajectory_and_counts_its_gradients():
+    taus = [0, 3, 1, 2, 5]
+    model, count = Threshold(), GradientCount()
+    x = torch.tensor(X0).view(-1, 1, 1, 1)
+    n = len(X0)
+    out = per_image_pgd(model, x, torch.zeros(n, dtype=torch.long), torch.full((n,), EPS), torch.full((n,), STEP),
+                        torch.tensor(COUNTS), start=torch.zeros_like(x), early_stop=torch.tensor(taus), count=count)
+    expected = [by_hand(x0, STEP, EPS, c, tau) for x0, c, tau in zip(X0, COUNTS, taus)]
+    torch.testing.assert_close(out.flatten(), torch.tensor([e[0] for e in expected]))
+    assert count.gradients == model.rows == sum(e[1] for e in expected)
+    assert count.gradients < sum(COUNTS)  # the early stop saves gradient computations
+
+
+def test_the_count_of_the_full_attack_is_the_sum_of_the_chosen_iterations():
+    model, count = Threshold(), GradientCount()
+    x = torch.tensor(X0).view(-1, 1, 1, 1)
+    n = len(X0)
+    per_image_pgd(model, x, torch.zeros(n, dtype=torch.long), torch.full((n,), EPS), torch.full((n,), STEP),
+                  torch.tensor(COUNTS), start=torch.zeros_like(x), count=count)
+    pgd(model, x, torch.zeros(n, dtype=torch.long), EPS, STEP, 3, count=count)
+    assert count.gradients == model.rows == sum(COUNTS) + 3 * n
 
 
 def test_tau_zero_stops_at_the_first_misclassified_check_and_a_larger_tau_goes_on():
@@ -116,6 +140,19 @@ def test_evaluation_early_stop_counts_an_image_robust_only_if_every_iterate_of_t
     on = evaluate_attack(model, x, y, "pgd10", 0.2, seed=3, progress=False, early_stop=True)
     off = evaluate_attack(model, x, y, "pgd10", 0.2, seed=3, progress=False)
     assert (on.robust <= off.robust).all() and on.details["early_stop"] and "early stop" in on.label
+
+
+def test_a_per_image_tau_tensor_of_one_value_is_the_scalar_tau_exactly(net_and_images):
+    model, x, y = net_and_images
+    n = x.shape[0]
+    start = (2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) - 1) * 0.2
+    iterations = torch.randint(1, 9, (n,), generator=torch.Generator().manual_seed(3))
+    settings = (model, x, y, torch.full((n,), 0.2), torch.full((n,), 0.05), iterations)
+    for tau in (0, 2):
+        counts = GradientCount(), GradientCount()
+        scalar = per_image_pgd(*settings, start=start, early_stop=tau, count=counts[0])
+        tensor = per_image_pgd(*settings, start=start, early_stop=torch.full((n,), tau), count=counts[1])
+        assert torch.equal(scalar, tensor) and counts[0] == counts[1]
 
 
 def test_the_probe_early_stop_is_never_more_robust_than_the_full_probe(net_and_images):

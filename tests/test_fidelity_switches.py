@@ -20,7 +20,7 @@ from torch import nn
 
 from agents import AgentSpec, ReinforceAgent
 from las_env import LASEnv
-from las_env.attack import per_image_pgd, pgd
+from las_env.attack import GradientCount, per_image_pgd, pgd
 from las_env.game_config import LASConfig
 from las_env.game import LASGame
 from las_env.datasets.registry import lookup
@@ -74,7 +74,8 @@ def test_attack_start_draws_in_the_own_or_the_threat_models_ball(digits, start):
     y = torch.zeros(b, dtype=torch.long)
     eps = torch.tensor([0.05, 0.3] * (b // 2))
     ones = torch.ones(b)
-    delta = (g._attack(x, y, ones * 0.05, ones.long(), eps, g.rng) - x).abs().flatten(1)
+    chosen = {"step_size": ones * 0.05, "iterations": ones.long(), "epsilon": eps}
+    delta = (g._attack(x, y, chosen, g.rng, GradientCount()) - x).abs().flatten(1)
     small, large = delta[0::2], delta[1::2]
     assert (small <= 0.05 + 1e-6).all() and (large <= 0.3 + 1e-6).all()  # always the own ball
     at_surface = (small >= 0.05 - 1e-6).float().mean().item()

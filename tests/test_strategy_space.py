@@ -78,7 +78,7 @@ def test_agent_spec_from_the_game_carries_its_k_and_threat_model(digits):
     spec = AgentSpec.from_game(env, seed=7)
     assert spec == AgentSpec(grid=TOY_SPACE, observation_shape=(8, 1, 8, 8), num_classes=10, dataset="digits",
                              device=torch.device("cpu"), total_steps=6, steps_per_epoch=3, seed=7, reward_interval=3,
-                             threat=env.game.threat)
+                             threat=env.game.threat, train_images=digits.x_train.shape[0])
     assert [env.game.is_reward_step(s) for s in range(6)] == [False, False, True, False, False, True]
 
 

@@ -18,7 +18,7 @@ from las_env.imports import import_object
 AgentFactory = Callable[[AgentSpec], Agent]
 """Anything that builds an agent from the game's :class:`AgentSpec`."""
 
-AGENT_META_KEYS = ("name", "k")  # display name; k is the env's reward_interval, read from the spec
+AGENT_META_KEYS = ("name", "k", "needs_columns")  # display name; the env's k; grid columns the env must have
 
 
 def agent_factory(node: Mapping[str, Any] | DictConfig) -> AgentFactory:

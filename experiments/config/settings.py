@@ -213,6 +213,8 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         raise ConfigError(f"The configuration cannot be resolved: {exc}") from None
     record = dataset_record(resolved["data"])
     fill_from_registry(resolved["data"], record)
+    if needs := resolved["agent"].get("needs_columns"):  # columns the agent plays (fat: early_stop_tau), before the env
+        resolved["data"]["grid"]["extra"] = {**needs, **(resolved["data"]["grid"].get("extra") or {})}
     env = _game(resolved, record)
     resolved["data"]["name"] = record.name
     agent_name = str(resolved["agent"].get("name") or getattr(factory, "target", "agent").rsplit(".", 1)[-1])

@@ -23,6 +23,7 @@ from las_env.checkpoint import export_state_dict
 from las_env.data import ImageData
 from las_env.env import LASEnv
 from las_env.files import atomic_write_text, write_json
+from las_env.step_record import COST_KEYS
 from las_env.datasets.registry import ThreatModel
 
 
@@ -141,6 +142,7 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
         "best": [r.to_dict() for r in best_results],  # best.pt's weights (see "selection"); [] when none
         "selection": {**best.as_dict(), "val_fraction": settings.selection.val_fraction,
                       "split_seed": settings.selection.split_seed},
+        "cost": attack_cost(history),
         "history": history,
         "seconds": seconds,
         "files": {k: str(v) for k, v in files.items()},
@@ -164,6 +166,13 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
                      {k: str(v) for k, v in files.items()}, offline)
 
 
+def attack_cost(history: list[dict[str, Any]]) -> dict[str, float | int]:
+    """Gradient computations per training image, over every image seen (epochs weighted by their images)."""
+    images = sum(h["images"] for h in history)
+    attack, probe = (sum(h["train"].get(f"cost/{k}", 0.0) * h["images"] for h in history) / max(images, 1) for k in COST_KEYS)
+    return {COST_KEYS[0]: attack, COST_KEYS[1]: probe, "gradients_per_image": attack + probe, "images": images}
+
+
 def _history_table(history: list[dict[str, Any]], pgd: str) -> str:
     lines = ["## Per epoch", "",
              f"Per-epoch attack: {pgd}. Test = the first images of the test split; train = a fixed "
@@ -181,8 +190,7 @@ def _history_table(history: list[dict[str, Any]], pgd: str) -> str:
 
         lines.append(f"| {h['epoch']} | {t.get('train/loss', math.nan):.4f} | "
                      f"{format_eps(t.get('attack/epsilon', math.nan))} | {pct('val_clean')} | {pct('val_robust')} | "
-                     f"{pct('test_clean')} | {pct('test_robust')} | "
-                     f"{pct('train_clean')} | {pct('train_robust')} | "
+                     f"{pct('test_clean')} | {pct('test_robust')} | {pct('train_clean')} | {pct('train_robust')} | "
                      f"{h['seconds']['train'] + h['seconds']['eval']:.1f} |")
     return "\n".join(lines) + "\n"
 

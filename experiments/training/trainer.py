@@ -19,6 +19,7 @@ from experiments.tracking.loggers import Tracker
 from experiments.config.settings import RunSettings
 from las_env.env import LASEnv
 from las_env.reward import REWARD_TERMS
+from las_env.step_record import COST_KEYS
 from evaluation import format_eps
 from las_env.strategy_space import ATTACK_COLUMNS
 
@@ -70,6 +71,8 @@ def _record_step(meter: StepMeter, env: LASEnv, reward: Tensor, info: Mapping[st
     for name in ATTACK_COLUMNS:  # the mean attack; every column's choices are counted in EpochTrainer
         meter.add(f"attack/{name}", info[name])
     meter.add("train/lr", info["lr"])
+    for key in COST_KEYS:  # host floats: no device read
+        meter.add(f"cost/{key}", info[key])
     if info["reward_computed"]:
         r = env.config.reward
         meter.add("reward/total", reward)

@@ -42,6 +42,7 @@ class AWP(TrainingMethod):
         self.proxy_loss = proxy_loss
         self.clean_forward = bool(clean_forward)
         self.reads = base.reads
+        self.attack_uses_labels = base.attack_uses_labels
         self.gamma = float(gamma)
         self.warmup_epochs = int(warmup_epochs)
         self.proxy_lr = float(proxy_lr)

@@ -112,6 +112,9 @@ class TrainingMethod:
     name: str = "base"
     reads: tuple[str, ...] = ()
     """Extra strategy columns this method reads from :attr:`MethodBatch.extras`."""
+    attack_uses_labels: bool = True
+    """Whether the training attack's objective has labels, so it can stop early once an image is
+    misclassified (the ``early_stop_tau`` column); TRADES' KL attack has none."""
 
     def attack_objective(self, model: nn.Module, x: Tensor, y: Tensor, precision: Precision) -> tuple[Loss, Tensor]:
         """``(loss name, reference)`` for :func:`las_env.attack.per_image_pgd`: the attack ascends

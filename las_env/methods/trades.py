@@ -30,6 +30,7 @@ class TRADES(TrainingMethod):
 
     name = "trades"
     reads = ("trades_beta",)
+    attack_uses_labels = False  # the KL attack ascends towards no label
 
     def __init__(self, beta: float = 6.0) -> None:
         self.beta = float(beta)
