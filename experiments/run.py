@@ -1,4 +1,4 @@
-"""Train a target network with LAS-AT, evaluate it, checkpoint it, log it.
+"""Train a target network with LAS-AT, evaluate it, checkpoint it, log it (options: ``experiments/conf/``).
 
     python experiments/run.py                                   # offline digits demo, REINFORCE agent
     python experiments/run.py agent=fixed                       # PGD-AT baseline (agent=random too)
@@ -8,12 +8,9 @@
     python experiments/run.py agent=fixed resume=true           # continue the run of this command
     python experiments/run.py resume=runs/digits/fixed/small_cnn-seed0-1a2b3c4d
 
-Every option is in ``experiments/conf/``; the run's folder (``experiments/runfolder/rundir.py``) is
-printed at its start and end. ``torchrun --nproc_per_node=N experiments/run.py ...`` trains ONE run.
-
-Exit status: 0 done (or stopped by ``stop_after_epochs``, resumable); 1 bad input, one paragraph on
-stderr before any training; 2 training diverged (``experiments/training/guard.py``; the last finite
-checkpoint kept); 3 under torchrun, a rank lost contact (``experiments/training/distributed.py``).
+``torchrun --nproc_per_node=N experiments/run.py ...`` trains ONE run. Exit status: 0 done (or stopped by
+``stop_after_epochs``); 1 bad input (one paragraph, before any training); 2 training diverged (the last
+finite checkpoint kept); 3 under torchrun, a rank lost contact.
 """
 
 from __future__ import annotations
@@ -114,8 +111,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def check_output_dirs(argv: list[str]) -> None:
-    """``hydra.run.dir=``/``hydra.sweep.dir=`` given literally: check they can be written before
-    Hydra tries (its own failure is a traceback)."""
+    """A literal ``hydra.run.dir=``/``hydra.sweep.dir=``, checked writable before Hydra tries (it would trace back)."""
     for arg in argv:
         match = re.fullmatch(r"\+{0,2}hydra\.(run|sweep)\.dir=(.+)", arg)
         if match and "${" not in match.group(2):

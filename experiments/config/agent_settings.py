@@ -1,6 +1,5 @@
-"""From an agent config node (``conf/agent/*.yaml`` plus overrides) to a checked agent factory: the
-class imported and its keys checked before any data is loaded; the values are checked by the class.
-"""
+"""An agent config node (``conf/agent/*.yaml`` plus overrides) into a factory whose class is imported and
+keys checked before any data is loaded (the values are the class's to check)."""
 
 from __future__ import annotations
 
@@ -22,8 +21,7 @@ AGENT_META_KEYS = ("name", "k")  # display name; k is the env's reward_interval,
 
 
 def agent_factory(node: Mapping[str, Any] | DictConfig) -> AgentFactory:
-    """A factory for the agent a config describes: ``_target_`` plus its keyword arguments (not
-    ``name``, ``k``); the agent itself is built once the spec is known."""
+    """A factory for the agent of ``_target_`` and its keyword arguments, built once the spec is known."""
     cfg = OmegaConf.create(node) if not isinstance(node, DictConfig) else node
     try:
         target = cfg._target_

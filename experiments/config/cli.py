@@ -1,8 +1,6 @@
-"""Hydra's own failures (before the task function runs: an unparsable override, an unknown option,
-an unwritable output folder) as the one-paragraph error, with Hydra's status 1. Exceptions raised
-inside the task function propagate unchanged (anything left there is a bug: its traceback helps);
-``HYDRA_FULL_ERROR=1`` gives Hydra's tracebacks as usual.
-"""
+"""Hydra's own failures before the task function runs (an unparsable override, an unknown option, an
+unwritable folder) as the one-paragraph error with status 1; the task function's exceptions propagate
+unchanged (a bug: its traceback helps), and ``HYDRA_FULL_ERROR=1`` gives Hydra's tracebacks."""
 
 from __future__ import annotations
 
@@ -79,8 +77,7 @@ def hydra_message(exc: BaseException, program: str, conf_dir: Path, hints: dict[
 
 def hydra_entry(main: Callable[[], Any], *, conf_dir: Path, program: str | None = None,
                 hints: dict[str, str] | None = None) -> None:
-    """Run the ``@hydra.main``-decorated ``main``; a failure of Hydra's own is one paragraph (``conf_dir``
-    lists a group's options, ``hints`` adds a sentence per group to an unknown option's message)."""
+    """Run the ``@hydra.main``-decorated ``main``; ``hints`` adds a sentence per group to an unknown option's message."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's tracebacks
         main()
         return

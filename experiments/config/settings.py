@@ -1,8 +1,5 @@
-"""From a composed Hydra config to complete, frozen run settings (:func:`settings_from_config`),
-before anything is built: the plugin imported, the data set's defaults filled into the ``null``
-values, the game's :class:`las_env.game.LASConfig` built with what the agent's settings imply.
-Every bad value raises :class:`experiments.config.errors.ConfigError` naming its key.
-"""
+"""From a composed Hydra config to complete, frozen run settings (:func:`settings_from_config`) before
+anything is built; every bad value raises :class:`experiments.config.errors.ConfigError` naming its key."""
 
 from __future__ import annotations
 
@@ -34,9 +31,8 @@ from las_env.validate import SettingError
 
 @dataclass
 class RunSettings:
-    """Everything the training loop needs, validated. Beyond :class:`RunConfig`'s keys: ``env`` (the game's
-    final settings, k included), ``agent`` (a factory ``spec -> Agent``), ``config`` (the resolved config,
-    recorded in the checkpoint and results) and ``settings_hash`` (a resume refuses another one's checkpoint)."""
+    """Everything the training loop needs, validated: ``env`` the game's final settings (k included), ``agent``
+    a factory ``spec -> Agent``, ``config`` the resolved config (recorded), the rest :class:`RunConfig`'s keys."""
 
     run_dir: Path
     env: LASConfig
@@ -67,8 +63,7 @@ GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_step
 
 
 def _build(cls: type, section: str, values: Mapping[str, Any], keys: Mapping[str, str] | None = None) -> Any:
-    """``cls(**values)``; a rejected value becomes one paragraph naming its command-line key
-    (``<section>.<field>``, or ``keys[field]``); the schema already refused unknown keys."""
+    """``cls(**values)``; a rejected value's paragraph names its key (``<section>.<field>``, or ``keys[field]``)."""
     try:
         return cls(**values)
     except SettingError as exc:
@@ -117,8 +112,8 @@ def dataset_record(data: Mapping[str, Any]) -> DatasetRecord:
 
 
 def fill_from_registry(data: dict[str, Any], record: DatasetRecord) -> None:
-    """The data set's grid, optimiser and threat model into the ``null`` values of a resolved ``data``
-    section (in place), so the recorded config holds what the run trains and evaluates with."""
+    """The data set's grid, optimiser and threat into a resolved ``data``'s ``null`` values (in place), so the
+    recorded config holds what the run trains and evaluates with."""
     grid = data["grid"]
     for key in ("step_sizes", "iterations", "epsilons"):
         if grid.get(key) is None:
@@ -202,8 +197,7 @@ def _logger(resolved: dict[str, Any], agent: str, model: str) -> LoggerSettings:
 
 
 def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash: str | None = None) -> RunSettings:
-    """Resolve a composed ``conf/config.yaml`` (or a recorded one) into :class:`RunSettings` for ``run_dir``;
-    anything wrong raises :class:`ConfigError`, one paragraph naming the key and the valid choices."""
+    """A composed ``conf/config.yaml`` (or a recorded one) resolved into :class:`RunSettings` for ``run_dir``."""
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)  # a recorded config gets the schema too
     import_plugin(cfg.data.plugin)  # before anything reads the registry
     factory = agent_factory(cfg.agent)  # first: agent=custom without _target_ cannot be resolved
@@ -249,9 +243,8 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
 
 
 def _resolve_default_model(*, _root_: DictConfig) -> str:
-    """``${las_default_model:}``: ``model=default``'s architecture, the data set's record's; for
-    user data decided by the image size (peeked at, not loaded). An unknown data set gives a
-    placeholder here: settings reject it with the proper message."""
+    """``${las_default_model:}``: the data set's architecture (user data: by the peeked image size); an
+    unknown data set gives a placeholder, rejected by the settings with the proper message."""
     data = _root_.data
     import_plugin(OmegaConf.select(_root_, "data.plugin", default=None))
     if not is_registered(str(data.name)):

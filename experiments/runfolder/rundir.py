@@ -1,11 +1,6 @@
-"""Where a run's files go, and the OmegaConf resolvers Hydra uses to name that folder.
-
-A run's folder is ``<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>``, the hash a digest of
-EVERY setting (minus :data:`NON_SETTINGS`): runs differing in any setting never share a folder,
-and the same command maps to the same folder, which is how ``resume=true`` finds it. The
-resolvers run while Hydra names ``hydra.run.dir``, so an unwritable folder is reported before
-anything is loaded.
-"""
+"""A run's folder, ``<run_root>/<data>/<agent>/<model>-seed<seed>-<hash of EVERY setting>`` (so the same
+command finds it again for ``resume=true``), and the resolvers Hydra names it with (an unwritable folder is
+reported before anything is loaded)."""
 
 from __future__ import annotations
 
@@ -30,8 +25,7 @@ SWEEP_ID = time.strftime("%Y%m%d-%H%M%S")  # when this process started: every jo
 
 
 def settings_hash(config: DictConfig | dict[str, Any]) -> str:
-    """Digest of every setting of a composed config (unresolved, so environment variables
-    read by interpolations, such as ``WANDB_MODE``, do not change it)."""
+    """Digest of every setting, unresolved (environment variables such as ``WANDB_MODE`` do not change it)."""
     container = OmegaConf.to_container(config, resolve=False) if isinstance(config, DictConfig) else dict(config)
     assert isinstance(container, dict)
     settings = {k: v for k, v in container.items() if k not in NON_SETTINGS}
@@ -56,8 +50,7 @@ def resume_target(resume: Any) -> Path | None:
 
 
 def ensure_writable(run_dir: Path, key: str = "run_root") -> None:
-    """Create ``run_dir`` and write/delete a probe file in it, else :func:`fail` naming ``key`` (the
-    setting that chose the folder)."""
+    """Create ``run_dir`` and write a probe file in it, else :func:`fail` naming ``key`` (what chose the folder)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-probe-{os.getpid()}"

@@ -1,12 +1,6 @@
-"""One run per folder at a time: an advisory lock taken before a run does any work.
-
-``<run_dir>/run.lock`` records its owner (pid, host, start time, command) and is held with
-``fcntl.flock``, which the kernel drops when the owner dies (``kill -9`` included): a stale lock
-is taken over, a live one refused. Without ``flock`` (``ENOLCK`` on some network file systems)
-the record decides: a live pid on this host, or any other host's record, holds the folder.
-Symlinks are never followed, and :meth:`RunLock.verify` stops a run whose folder or lock vanished
-or changed owner before it writes again.
-"""
+"""One run per folder: ``<run_dir>/run.lock`` records its owner and is held with ``fcntl.flock`` (dropped by the
+kernel when the owner dies: a stale lock is taken over). Without flock (``ENOLCK``) the record decides: a live
+pid here, or another host's record. Symlinks are never followed."""
 
 from __future__ import annotations
 
@@ -43,8 +37,7 @@ def refuse_symlinks(run_dir: Path) -> None:
 
 
 class RunLock:
-    """The lock of one run folder, held by this process until :meth:`release`; ``took_over``: the
-    record of a stale lock it replaced (its owner had died), or None."""
+    """A run folder's lock, held until :meth:`release`; ``took_over``: the stale record it replaced, or None."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME

@@ -1,5 +1,4 @@
-"""The end of a run: final evaluation on the test set, results.json / metrics.json / results.md, plots,
-the tracker's summary."""
+"""The end of a run: the final evaluation, results.json / metrics.json / results.md, plots, the tracker's summary."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 
 from evaluation import AttackResult, attack_spec, evaluate, format_eps, format_table
-from experiments.tracking.loggers import Console, Tracker, WandbTracker
+from experiments.tracking.loggers import Console, Tracker
 from experiments.runfolder.runfiles import (
     ACCURACY_PNG, AUTOATTACK_STATE, AUTOATTACK_STATE_BEST, BEST, CHECKPOINT, CHOICES_PNG, LOG_FILE, METRICS_FILE,
     METRICS_FORMAT, RESULTS_FILE, RESULTS_FORMAT, RESULTS_MD, WEIGHTS_FILE)
@@ -28,8 +27,7 @@ from las_env.datasets.registry import ThreatModel
 
 @dataclass
 class RunResult:
-    """What :func:`train` returns (also written to ``run_dir``); ``completed`` is False after
-    ``stop_after_epochs`` (resumable), and ``final`` then empty."""
+    """What :func:`train` returns; ``completed`` is False (and ``final`` empty) after ``stop_after_epochs``."""
 
     run_dir: Path
     completed: bool
@@ -42,16 +40,11 @@ class RunResult:
     wandb_offline_dir: Path | None = None
 
 
-def offline_dir(tracker: Tracker) -> Path | None:
-    """The local folder of an offline W&B run, else None."""
-    return tracker.offline_dir if isinstance(tracker, WandbTracker) else None
-
-
 def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatModel,
             loop: dict[str, Any], tracker: Tracker, console: Console, pgd: str, best: BestWeights,
             before_writing: Callable[[], None] = lambda: None) -> RunResult:
-    """Final evaluation on the test set (final weights, and the best-epoch weights when kept), result
-    files, plots, tracker summary; ``before_writing`` (the run lock's check) runs before the first write."""
+    """Final evaluation (final and best-epoch weights), result files, plots, tracker summary; ``before_writing``
+    (the run lock's check) runs before the first write."""
     run_dir, cfg, ev = settings.run_dir, settings.env, settings.eval
     model = env.game.target
     game_data = env.game.data
@@ -155,7 +148,7 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
                      "final/images": n, "final/eps": threat.epsilon, **{f"time/{k}": v for k, v in seconds.items()}})
     tracker.log_checkpoint(files["checkpoint"], {"dataset": cfg.dataset, "model": cfg.model,
                                                  "agent": settings.agent_name, **summary_rows})
-    offline = offline_dir(tracker)
+    offline = tracker.offline_dir
     tracker.finish()
     console.print("")
     console.print(table)
@@ -196,7 +189,7 @@ def _footer(settings: RunSettings, history: list[dict[str, Any]], seconds: Mappi
         f"Run directory: {settings.run_dir}",
         "  " + ", ".join(Path(p).name for p in files.values()),
     ]
-    offline = offline_dir(tracker)
+    offline = tracker.offline_dir
     if offline is not None:
         # A resumed run adds one offline folder per invocation (same run id): sync them all.
         lines.append(f"W&B (offline) run {tracker.info['id']}: upload it with "

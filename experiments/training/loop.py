@@ -1,10 +1,5 @@
-"""The training loop: LAS-AT from the first step to the results table, resumable at any epoch.
-
-:func:`train` (what ``experiments/run.py`` calls) drives any :class:`agents.base.Agent` through
-``act`` / ``env.step`` / ``learn`` (``agents/base.py``), with the per-epoch evaluation, an atomic
-checkpoint after every epoch, the final evaluation, the result files and the tracker. On CPU a run
-stopped after any epoch and resumed writes a ``metrics.json`` byte-identical to an uninterrupted one's.
-"""
+"""The training loop: any :class:`agents.base.Agent` through ``act`` / ``env.step`` / ``learn``, evaluated and
+checkpointed each epoch; on CPU a run resumed at any epoch writes the same ``metrics.json`` as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -23,7 +18,7 @@ from experiments.training import distributed
 from experiments.training.epoch_eval import eval_subsets, evaluate_epoch, pgd_name
 from experiments.config.errors import ConfigError
 from experiments.training.faults import full_disk_stops, stop_on_interrupt
-from experiments.training.finish import RunResult, finish_run, offline_dir
+from experiments.training.finish import RunResult, finish_run
 from experiments.training.guard import Context, TrainingDiverged, record_failure
 from experiments.tracking.loggers import Console, make_tracker
 from experiments.runfolder.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
@@ -64,11 +59,7 @@ def _restore_rng(states: Mapping[str, Any], device: torch.device) -> None:
 
 
 def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, AgentSpec]:
-    """The env from the final ``settings.env``, then the agent from ``AgentSpec.from_game(env)``.
-
-    Raises:
-        ConfigError: the game or the agent refuses its settings, or the agent is not an :class:`Agent`.
-    """
+    """The env from the final ``settings.env``, then the agent from its spec; a refusal is a :class:`ConfigError`."""
     cfg = settings.env
     n_train = data.x_train.shape[0]
     if cfg.batch_size > n_train:
@@ -100,8 +91,7 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
 
 def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, fingerprint: str, env: LASEnv,
                     agent: Agent, loop: dict[str, Any], wandb_info: dict[str, Any] | None) -> Path:
-    """Write the whole training state atomically (a crash mid-save leaves the previous file);
-    ``fingerprint`` is the loaded data's (:func:`las_env.checkpoint.data_fingerprint`)."""
+    """Write the whole training state atomically (a crash mid-save leaves the previous file)."""
     cfg = env.config
     state = {
         "format": FORMAT,
@@ -131,13 +121,8 @@ def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, finge
 
 
 def train(settings: RunSettings, *, data: ImageData | None = None, console: Console | None = None) -> RunResult:
-    """Train, evaluate, checkpoint, log (holding the folder's run lock); resume when asked.
-
-    Raises:
-        ConfigError: bad input, always found before training.
-        TrainingDiverged: a non-finite value (``experiments/training/guard.py``); the last finite
-            checkpoint stays and ``results.json`` marks the run failed.
-    """
+    """Train, evaluate, checkpoint, log (holding the run lock); resume when asked. Raises :class:`ConfigError`
+    (bad input, before training) or :class:`TrainingDiverged` (``results.json`` marks the run failed)."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings = distributed.localized(settings)
     with distributed.process_group(settings.env.device, distributed.timeout_s(settings.config)):
@@ -283,7 +268,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
         )
         tracker.finish()
         return RunResult(run_dir, False, loop["epochs_done"], history, seconds=dict(loop["seconds"]),
-                         files={"checkpoint": str(ckpt_path)}, wandb_offline_dir=offline_dir(tracker))
+                         files={"checkpoint": str(ckpt_path)}, wandb_offline_dir=tracker.offline_dir)
 
     if lock is None:  # the final evaluation is rank 0's alone; the other ranks leave now
         return RunResult(run_dir, True, loop["epochs_done"], history, seconds=dict(loop["seconds"]))
@@ -299,8 +284,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
 
 
 def _check_data_fits(settings: RunSettings, data: ImageData, console: Console) -> None:
-    """Images large enough for the target and the strategy backbone; a warning for test classes
-    the train split lacks."""
+    """Images large enough for the target and the strategy backbone; a warning for classes the train split lacks."""
     record = lookup(data.name) if is_registered(data.name) else None
     models = {"model.name": settings.env.model or (record.model_for(data.height, data.width) if record else "")}
     agent = settings.config.get("agent") or {}

@@ -24,8 +24,7 @@ from las_env.strategy_space import ATTACK_COLUMNS
 
 
 class StepMeter:
-    """Running sums of per-step scalars, kept on the device so adding never synchronises; ``flush``
-    reads them all back in one transfer."""
+    """Running sums of per-step scalars on the device (adding never syncs); ``flush`` reads them in one transfer."""
 
     def __init__(self) -> None:
         self._sums: dict[str, Tensor] = {}
