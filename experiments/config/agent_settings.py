@@ -45,8 +45,7 @@ def agent_factory(node: Mapping[str, Any] | DictConfig) -> AgentFactory:
     _check_signature(cls, str(target), kwargs)
 
     def build(spec: AgentSpec) -> Agent:
-        # Nested nodes with their own _target_ (e.g. a policy class) are built by Hydra; the spec
-        # is passed directly (Hydra would turn a dataclass argument into a config node).
+        # Hydra builds nested _target_ nodes (a policy class); the spec goes in as is (Hydra would make it a node).
         from hydra.utils import instantiate  # noqa: PLC0415
 
         return cls(spec=spec, **instantiate(OmegaConf.create(kwargs), _convert_="all"))

@@ -70,7 +70,7 @@ def hydra_message(exc: BaseException, program: str, conf_dir: Path, hints: dict[
     if isinstance(exc, OSError):
         where = exc.filename or "the output folder"
         return (f"{where} cannot be created or written ({exc.strerror or _flat(exc)}). Give "
-                f"hydra.run.dir (hydra.sweep.dir under -m) a writable folder, or drop it.")
+                f"hydra.run.dir a writable folder (hydra.sweep.dir under -m), or drop it.")
     return (f"Hydra could not start {program} ({type(exc).__name__}: {_flat(exc)}). "
             f"Set HYDRA_FULL_ERROR=1 for the full traceback.")
 

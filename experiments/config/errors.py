@@ -10,8 +10,7 @@ class ConfigError(ValueError):
 
 
 class RunStopped(ConfigError):
-    """A run stopped by a fault outside its settings (full disk, Ctrl-C, SIGTERM, its folder taken); the message
-    says what is kept and how to continue (a :class:`ConfigError`: shown as the same one paragraph)."""
+    """A run stopped by a fault outside its settings (full disk, Ctrl-C, its folder taken): what is kept, how to go on."""
 
 
 def fail(message: object, code: int = 1) -> None:

@@ -112,8 +112,7 @@ def dataset_record(data: Mapping[str, Any]) -> DatasetRecord:
 
 
 def fill_from_registry(data: dict[str, Any], record: DatasetRecord) -> None:
-    """The data set's grid, optimiser and threat into a resolved ``data``'s ``null`` values (in place), so the
-    recorded config holds what the run trains and evaluates with."""
+    """The data set's grid, optimiser and threat into a resolved ``data``'s ``null`` values (in place, so recorded)."""
     grid = data["grid"]
     for key in ("step_sizes", "iterations", "epsilons"):
         if grid.get(key) is None:
@@ -257,10 +256,5 @@ def _resolve_default_model(*, _root_: DictConfig) -> str:
     return record.model_for(*size) if size else "auto"
 
 
-def register_data_resolvers() -> None:
-    """Register ``las_default_model`` (idempotent)."""
-    if not OmegaConf.has_resolver("las_default_model"):
-        OmegaConf.register_new_resolver("las_default_model", _resolve_default_model)
-
-
-register_data_resolvers()  # also for configs composed outside run.py (tests, notebooks)
+if not OmegaConf.has_resolver("las_default_model"):  # at import: also for configs composed outside run.py
+    OmegaConf.register_new_resolver("las_default_model", _resolve_default_model)

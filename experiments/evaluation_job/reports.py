@@ -57,8 +57,7 @@ def update_wandb(
         import wandb  # noqa: PLC0415
     except ImportError:
         return "wandb is not installed: W&B summary not updated"
-    # The environment wins (tests and offline machines set WANDB_MODE), then the command line,
-    # then the mode the run was logged with; offline when nothing says otherwise.
+    # WANDB_MODE wins (tests, offline machines), then the command line, then the run's own mode; else offline.
     mode = os.environ.get("WANDB_MODE") or mode_override or info.get("mode") or "offline"
     if mode == "disabled":
         return "W&B disabled (mode=disabled): summary not updated"

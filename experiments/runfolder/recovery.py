@@ -70,8 +70,7 @@ def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | No
     where = f"epoch {meta.get('epochs_done', '?')} of {meta.get('epochs', '?')}"
     saved = meta.get("settings_hash")
     if saved and settings_hash and saved != settings_hash:
-        # Advice that works: resume=<dir> would read this folder's recorded settings, which are
-        # this command's, and meet the same mismatch.
+        # Not resume=<dir>: it would read this folder's recorded settings (this command's) and meet the same mismatch.
         raise ConfigError(
             f"The checkpoint {source} was written by a run with other settings (hash {saved}, first written in "
             f"{meta.get('run_dir', 'another folder')}; this command's settings hash to {settings_hash}), so "

@@ -18,8 +18,7 @@ from experiments.config.settings import LoggerSettings
 
 
 class Console:
-    """Prints lines above the progress bars (stdout) and appends them to ``log.txt``; ``quiet``: neither
-    (a torchrun rank other than 0)."""
+    """Prints above the progress bars and appends to ``log.txt``; ``quiet``: neither (torchrun ranks but 0)."""
 
     def __init__(self, log_path: Path | None = None, *, quiet: bool = False) -> None:
         self.log_path, self.quiet = log_path, quiet
@@ -77,8 +76,7 @@ class WandbTracker(Tracker):
 
     def __init__(self, settings: LoggerSettings, run_dir: Path, config: Mapping[str, Any],
                  run_id: str | None = None) -> None:
-        # Our top-level package is called `agents`, which W&B mistakes for an LLM-agents library
-        # and answers with an advert for its Weave tracer: irrelevant here.
+        # W&B mistakes our `agents` package for an LLM-agents library and advertises its Weave tracer.
         os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
         import wandb  # noqa: PLC0415 - only when W&B is asked for
 

@@ -41,8 +41,7 @@ def is_main() -> bool:
 
 @contextmanager
 def process_group(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Shard]:
-    """Join the job's process group under ``torchrun`` (NCCL on CUDA, gloo on CPU) and leave it at the
-    end; a single process passes through. A failed or timed-out collective raises :class:`RankLost`."""
+    """The job's process group under ``torchrun`` (NCCL on CUDA, gloo on CPU); a lost rank raises :class:`RankLost`."""
     if launched_world() <= 1 or dist.is_initialized():
         yield process_shard()
         return

@@ -43,8 +43,7 @@ class RunResult:
 def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatModel,
             loop: dict[str, Any], tracker: Tracker, console: Console, pgd: str, best: BestWeights,
             before_writing: Callable[[], None] = lambda: None) -> RunResult:
-    """Final evaluation (final and best-epoch weights), result files, plots, tracker summary; ``before_writing``
-    (the run lock's check) runs before the first write."""
+    """Final evaluation (final and best weights), result files, plots, summary; ``before_writing`` goes first."""
     run_dir, cfg, ev = settings.run_dir, settings.env, settings.eval
     model = env.game.target
     game_data = env.game.data
@@ -112,8 +111,7 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
 
     metrics = {
         "format": METRICS_FORMAT,
-        # Only what the settings determine: no wall-clock times, so a resumed run's file is
-        # byte-identical to an uninterrupted one's (on CPU).
+        # No wall-clock times: a resumed run's file is byte-identical to an uninterrupted one's (on CPU).
         "history": [{k: v for k, v in h.items() if k != "seconds"} for h in history],
         "final": rows(results),
         "best": rows(best_results),

@@ -72,15 +72,13 @@ class DivergenceGuard:
         self._buffers: list[Tensor] = []
         self._saved: list[Tensor] = []
         if mode == "skip" and getattr(game, "target", None) is not None:
-            # A skipped batch must not leave its trace in the BatchNorm statistics either: they
-            # are saved before each training forward pass (a few small copies, on the device).
+            # A skipped batch must not touch the BatchNorm statistics either: saved before each training forward.
             self._buffers = list(game.target.buffers())
             self._saved = [b.detach().clone() for b in self._buffers]
             target = game.target
 
             def save_buffers(module: torch.nn.Module, args: Any) -> None:
-                # A closure, not a bound method: deepcopy(target) (the authors' w_hat) copies
-                # hooks, and would copy this guard (and the game) with a bound method.
+                # A closure: deepcopy(target) (the authors' w_hat) copies hooks; a bound method would copy the guard.
                 if module is target and module.training:
                     torch._foreach_copy_(self._saved, self._buffers)
 
@@ -182,8 +180,7 @@ class DivergenceGuard:
                          f"({ctx.started_from}, epoch {done}) is untouched.")
             else:
                 text += " No epoch had finished, so there is no checkpoint to go back to."
-            # resume continues with the recorded settings, so it would diverge again: a fixed
-            # setting is a new run, which may start from the last finite checkpoint.
+            # resume keeps the recorded settings (it would diverge again); a fixed setting is a new run.
             source = ctx.run_dir if checkpoint.is_file() else ctx.started_from
             text += (" results.json marks the run failed. Fix the setting and run the command again: a changed "
                      "setting gets a folder of its own (resume=true and resume=<dir> continue a run with its "

@@ -38,8 +38,7 @@ from las_env.validate import SettingError
 
 
 def _rng_states(device: torch.device) -> dict[str, Any]:
-    # Tensors and plain values only, so the checkpoint loads with weights_only=True: numpy's
-    # (name, uint32 keys, pos, has_gauss, cached) with the keys as an int64 tensor.
+    # Tensors and plain values only (weights_only=True loads them): numpy's uint32 keys as an int64 tensor.
     name, keys, pos, has_gauss, cached = np.random.get_state()
     states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
                               "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
