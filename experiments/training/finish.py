@@ -79,16 +79,9 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
         table += "\n\n" + format_table(best_results, dataset_description=f"{data.description}; test split",
                                        model_description=f"{description}; {best.describe(pgd)}", n_total=n_total)
 
-    files = {
-        "checkpoint": run_dir / CHECKPOINT,
-        "weights": run_dir / WEIGHTS_FILE,
-        "results_json": run_dir / RESULTS_FILE,
-        "results_md": run_dir / RESULTS_MD,
-        "metrics_json": run_dir / METRICS_FILE,
-        "accuracy_png": run_dir / ACCURACY_PNG,
-        "choices_png": run_dir / CHOICES_PNG,
-        "log": run_dir / LOG_FILE,
-    }
+    names = {"checkpoint": CHECKPOINT, "weights": WEIGHTS_FILE, "results_json": RESULTS_FILE, "results_md": RESULTS_MD,
+             "metrics_json": METRICS_FILE, "accuracy_png": ACCURACY_PNG, "choices_png": CHOICES_PNG, "log": LOG_FILE}
+    files = {key: run_dir / name for key, name in names.items()}
     if best_results:
         files["best"] = run_dir / BEST
     before_writing()

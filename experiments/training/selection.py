@@ -3,6 +3,7 @@ the best epoch on held-out TRAINING images (``select_on=val``) goes to ``best.pt
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -92,8 +93,6 @@ class BestWeights:
         """A copy of ``model`` holding the best weights, or None when none were kept."""
         if self.epoch is None or not (run_dir / BEST).is_file():
             return None
-        import copy  # noqa: PLC0415
-
         best = copy.deepcopy(model)
         try:
             best.load_state_dict(read_torch_file(run_dir / BEST)["state_dict"])
