@@ -128,13 +128,6 @@ def fill_from_registry(data: dict[str, Any], record: DatasetRecord) -> None:
     threat["step_size"] = record.threat.step_size if threat.get("step_size") is None else threat["step_size"]
 
 
-def _threat(values: Mapping[str, Any], record: DatasetRecord) -> ThreatModel:
-    eps, step = values["epsilon"], values["step_size"]
-    if (eps, step) == (record.threat.epsilon, record.threat.step_size):
-        return record.threat
-    return ThreatModel(eps, step, f"L-inf eps={eps:g} (data.threat)")
-
-
 def _check_model(name: str) -> str:
     try:
         with torch.device("meta"):  # checks the name (and WRN depth) without allocating any weights
@@ -154,6 +147,7 @@ def _game(resolved: dict[str, Any], record: DatasetRecord) -> LASConfig:
         raise ConfigError(exc.describe("data.grid.")) from None
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"data.grid: {exc}") from None
+    eps, step = data["threat"]["epsilon"], data["threat"]["step_size"]
     reward = dict(resolved["reward"])
     # credit=unbiased's control variate: the batch terms of the target before each reward step's update.
     reward["pre_update_probe"] = bool(reward.get("pre_update_probe")) or agent.get("credit") == "unbiased"
@@ -169,7 +163,8 @@ def _game(resolved: dict[str, Any], record: DatasetRecord) -> LASConfig:
         reward_interval=agent.get("k"),  # None: no reward step (fixed, random)
         step_reward=agent.get("reward_flow") != "score_then_resample",  # the authors': the agent scores itself
         grid=grid,
-        threat=_threat(data["threat"], record),
+        threat=record.threat if (eps, step) == (record.threat.epsilon, record.threat.step_size) else
+        ThreatModel(eps, step, f"L-inf eps={eps:g} (data.threat)"),
         method=_build(MethodConfig, "method", resolved["method"]),
         augment=data["augment"],
         augment_padding=data["augment_padding"],

@@ -80,8 +80,12 @@ class RunLock:
             if previous and not lock._flock_unsupported and previous.get("pid"):
                 lock.took_over = previous
             lock._fd = fd
-            _write(fd, {"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)})
+            record = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(record) + "\n").encode())
+            os.fsync(fd)
             return lock
         raise ConfigError(f"Could not take the run lock {lock.path}: it kept changing under us. Run the command again.")
 
@@ -185,13 +189,6 @@ def _read_path(path: Path) -> dict[str, Any]:
         return _read(fd)
     finally:
         os.close(fd)
-
-
-def _write(fd: int, record: dict[str, Any]) -> None:
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, (json.dumps(record) + "\n").encode())
-    os.fsync(fd)
 
 
 def _alive_here(record: dict[str, Any]) -> bool:

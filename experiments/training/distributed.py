@@ -18,7 +18,6 @@ from torch import Tensor
 import evaluation
 from evaluation import CleanRobust
 from experiments.config.errors import ConfigError
-from experiments.tracking.loggers import Console
 from las_env.sharding import Shard, process_shard
 
 DEFAULT_TIMEOUT_S = 900  # ddp_timeout_s: how long a collective waits for a silent rank
@@ -32,11 +31,6 @@ class RankLost(RuntimeError):
 def launched_world() -> int:
     """Processes of this job as ``torchrun`` (or any ``env://`` launcher) announced them."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main() -> bool:
-    """Whether this process writes files (rank 0, or the only process)."""
-    return process_shard().rank == 0
 
 
 @contextmanager
@@ -151,7 +145,3 @@ def timeout_s(config: dict[str, Any] | None) -> float:
                           f"for a silent rank before the job fails; default {DEFAULT_TIMEOUT_S}).")
     return float(value)
 
-
-def for_other_rank(settings: Any) -> tuple[Any, Console]:
-    """``(settings, console)`` of a rank other than 0: no progress bars, no tracker, a silent console."""
-    return replace(settings, progress=False, logger=replace(settings.logger, name="none")), Console(quiet=True)

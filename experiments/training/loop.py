@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from las_env.datasets.checks import check_image_size, classes_missing_from_train
 from las_env.datasets.registry import is_registered, lookup
 from las_env.env import LASEnv
 from las_env.global_view import global_view
+from las_env.sharding import process_shard
 from las_env.validate import SettingError
 
 
@@ -125,8 +127,9 @@ def train(settings: RunSettings, *, data: ImageData | None = None, console: Cons
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings = distributed.localized(settings)
     with distributed.process_group(settings.env.device, distributed.timeout_s(settings.config)):
-        if not distributed.is_main():  # rank 0 alone holds the lock and writes (experiments/training/distributed.py)
-            return _train(*distributed.for_other_rank(settings), data, None)
+        if process_shard().rank != 0:  # rank 0 alone holds the lock, writes and tracks; the others are quiet
+            quiet = replace(settings, progress=False, logger=replace(settings.logger, name="none"))
+            return _train(quiet, Console(quiet=True), data, None)
         with RunLock.acquire(settings.run_dir) as lock, stop_on_interrupt(settings.run_dir):
             return _train(settings, console, data, lock)
 

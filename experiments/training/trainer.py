@@ -50,10 +50,6 @@ class StepMeter:
         return out
 
 
-def _means(sums: Mapping[str, tuple[float, int]]) -> dict[str, float]:
-    return {n: s / c for n, (s, c) in sums.items() if c}
-
-
 def _absorb(totals: dict[str, tuple[float, int]], window: Mapping[str, tuple[float, int]]) -> None:
     """Add a flushed window to the epoch's host-side totals (so no extra device reads)."""
     for n, (s, c) in window.items():
@@ -173,7 +169,7 @@ class EpochTrainer:
                 if every and step % every == 0:
                     window = self.guard.flush(meter)  # raises TrainingDiverged on a non-finite value
                     _absorb(totals, window)
-                    means = _means(window)
+                    means = {n: s / c for n, (s, c) in window.items() if c}
                     self.tracker.log({f"step/{k}": v for k, v in means.items()}, step)
                     bar.set_postfix(loss=f"{means.get('train/loss', math.nan):.3f}",
                                     adv_acc=f"{means.get('train/adv_accuracy', math.nan):.2f}",
