@@ -75,20 +75,19 @@ def hydra_message(exc: BaseException, program: str, conf_dir: Path, hints: dict[
             f"Set HYDRA_FULL_ERROR=1 for the full traceback.")
 
 
-def hydra_entry(main: Callable[[], Any], *, conf_dir: Path, program: str | None = None,
-                hints: dict[str, str] | None = None) -> None:
+def hydra_entry(main: Callable[[], Any], *, conf_dir: Path, hints: dict[str, str] | None = None) -> None:
     """Run the ``@hydra.main``-decorated ``main``; ``hints`` adds a sentence per group to an unknown option's message."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's tracebacks
         main()
         return
     task_code = getattr(main, "__wrapped__", main).__code__
-    program = program or (os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "this command")
+    program = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "this command"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; we print
     try:
         main()
     except Exception as exc:  # noqa: BLE001 - each is either reported here or re-raised untouched
         if _raised_inside(exc.__traceback__, task_code):
             raise
-        fail(hydra_message(exc, str(program), conf_dir, hints))  # Hydra's own status 1, the commands' "bad input"
+        fail(hydra_message(exc, program, conf_dir, hints))  # Hydra's own status 1, the commands' "bad input"
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
