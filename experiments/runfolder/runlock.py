@@ -66,11 +66,7 @@ class RunLock:
                 owner = _read(fd)
                 os.close(fd)
                 raise ConfigError(_refusal(lock.path, owner))
-            try:
-                same = os.fstat(fd).st_ino == os.stat(lock.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # the previous owner removed the file as we opened it
+            if not _is_file_of(fd, lock.path):  # the previous owner removed the file as we opened it
                 os.close(fd)
                 continue
             previous = _read(fd)
@@ -94,13 +90,11 @@ class RunLock:
         self._flock_unsupported = fcntl is None
         if fcntl is None:
             return True
-        for attempt in range(5):  # is_held() probes hold a shared lock for an instant: try again
+        for _ in range(5):  # is_held() probes hold a shared lock for an instant: try again
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
             except BlockingIOError:
-                if attempt == 4:
-                    return False
                 time.sleep(0.02)
             except OSError as exc:
                 if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
@@ -113,11 +107,7 @@ class RunLock:
         """Raise :class:`RunStopped` unless the folder and the lock are still this run's (before it writes again)."""
         assert self._fd is not None
         run_dir = self.path.parent
-        try:
-            mine = os.fstat(self._fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
-        except FileNotFoundError:
-            mine = False
-        if mine:
+        if _is_file_of(self._fd, self.path):
             return
         owner = _read_path(self.path)
         now = ("no longer exists" if not run_dir.is_dir() else
@@ -135,10 +125,8 @@ class RunLock:
         if self._fd is None:
             return
         try:
-            if os.fstat(self._fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino:
-                self.path.unlink()  # first unlink, then unlock: a waiter re-checks the inode
-        except FileNotFoundError:
-            pass
+            if _is_file_of(self._fd, self.path):
+                self.path.unlink(missing_ok=True)  # first unlink, then unlock: a waiter re-checks the inode
         finally:
             os.close(self._fd)
             self._fd = None
@@ -168,6 +156,14 @@ def is_held(run_dir: Path) -> bool:
         return False
     finally:
         os.close(fd)  # closing drops the probe's shared lock, if it got one
+
+
+def _is_file_of(fd: int, path: Path) -> bool:
+    """Whether ``path`` (a symlink not followed) is still the file ``fd`` has open."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _read(fd: int) -> dict[str, Any]:
