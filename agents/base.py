@@ -69,11 +69,6 @@ class AgentSpec:
     threat: ThreatModel | None = None
     train_images: int | None = None
 
-    @property
-    def space(self) -> StrategySpace:
-        """The strategy space (``grid``'s other name)."""
-        return self.grid
-
     @classmethod
     def from_game(cls, env_or_game: Any, *, seed: int = 0) -> AgentSpec:
         """The spec of a built ``LASEnv`` (or its ``LASGame``, or ``las_env.global_view.GlobalView``): its

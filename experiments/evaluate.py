@@ -6,12 +6,9 @@
     python experiments/evaluate.py state_dict=weights.pt model=resnet18 data=cifar10
     python experiments/evaluate.py checkpoint=runs/demo export=runs/demo/target_state_dict.pt
 
-Every option is in ``experiments/conf/evaluate.yaml``; the reports go to
-``<out_dir>/evaluation[_n<N>][_eps<E>].md`` and ``.json`` (a later evaluation of the same weights,
-images and eps adds its attacks), and a W&B-logged run's summary gets ``eval/<attack>``.
-
-Exit status: 0 done; 1 bad input (one paragraph, nothing evaluated); 3 a sanity check failed
-(results written all the same; ``fail_on_sanity=false`` turns this off). The work: :mod:`experiments.evaluation_job`.
+Options and report names: ``experiments/conf/evaluate.yaml``; the work: :mod:`experiments.evaluation_job`.
+Exit status: 0 done; 1 bad input (one paragraph, nothing evaluated); 3 a sanity check failed (results
+written all the same; ``fail_on_sanity=false`` turns this off).
 """
 
 from __future__ import annotations
@@ -32,8 +29,7 @@ from experiments.evaluation_job.settings import parse_settings
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    # Input errors (bad keys, missing files, unknown attacks) end here with one paragraph and
-    # status 1 before any evaluation; errors during the evaluation itself keep their traceback.
+    # Bad input ends here, before any evaluation; errors during the evaluation keep their traceback.
     try:
         settings = parse_settings(cfg)
         job = prepare(settings)
@@ -44,7 +40,6 @@ def main(cfg: DictConfig) -> None:
     try:
         status = execute(job)
     except KeyboardInterrupt:
-        # Finished AutoAttack chunks are already in the state file; say so instead of a traceback.
         print("\ninterrupted: finished AutoAttack chunks are saved next to the checkpoint "
               "(*.autoattack_state.json); rerun the same command to resume.", file=sys.stderr)
         sys.exit(130)

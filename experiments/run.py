@@ -1,4 +1,4 @@
-"""Train a target network with LAS-AT, evaluate it, checkpoint it, log it.
+"""Train a target network with LAS-AT, evaluate it, checkpoint it, log it (options: ``experiments/conf/``).
 
     python experiments/run.py                                   # offline digits demo, REINFORCE agent
     python experiments/run.py agent=fixed                       # PGD-AT baseline (agent=random too)
@@ -8,18 +8,14 @@
     python experiments/run.py agent=fixed resume=true           # continue the run of this command
     python experiments/run.py resume=runs/digits/fixed/small_cnn-seed0-1a2b3c4d
 
-Every option is in ``experiments/conf/``; the run's folder (``experiments/runfolder/rundir.py``) is
-printed at its start and end. ``torchrun --nproc_per_node=N experiments/run.py ...`` trains ONE run.
-
-Exit status: 0 done (or stopped by ``stop_after_epochs``, resumable); 1 bad input, one paragraph on
-stderr before any training; 2 training diverged (``experiments/training/guard.py``; the last finite
-checkpoint kept); 3 under torchrun, a rank lost contact (``experiments/training/distributed.py``).
+``torchrun --nproc_per_node=N experiments/run.py ...`` trains ONE run. Exit status: 0 done (or stopped by
+``stop_after_epochs``); 1 bad input (one paragraph, before any training); 2 training diverged (the last
+finite checkpoint kept); 3 under torchrun, a rank lost contact.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -41,7 +37,7 @@ from experiments.config.errors import ConfigError, fail  # noqa: E402
 from experiments.training.guard import TrainingDiverged  # noqa: E402
 from experiments.training.finish import RunResult  # noqa: E402
 from experiments.training.loop import train  # noqa: E402
-from experiments.runfolder.rundir import ensure_writable, register_resolvers, resume_target, settings_hash  # noqa: E402
+from experiments.runfolder.rundir import resume_target, settings_hash  # noqa: E402
 from experiments.config.settings import settings_from_config  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -52,8 +48,6 @@ GROUP_HINTS = {
 EXIT_DIVERGED = 2
 RESUME_KEEPS = ("resume", "stop_after_epochs", "progress", "threads", "ddp_timeout_s")
 """Overrides that may accompany ``resume=<run_dir>`` (they do not change the run's settings)."""
-
-register_resolvers()
 
 
 def recorded_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
@@ -113,17 +107,7 @@ def main(cfg: DictConfig) -> None:
         fail(str(exc), code=EXIT_RANK_LOST)
 
 
-def check_output_dirs(argv: list[str]) -> None:
-    """``hydra.run.dir=``/``hydra.sweep.dir=`` given literally: check they can be written before
-    Hydra tries (its own failure is a traceback)."""
-    for arg in argv:
-        match = re.fullmatch(r"\+{0,2}hydra\.(run|sweep)\.dir=(.+)", arg)
-        if match and "${" not in match.group(2):
-            ensure_writable(Path(match.group(2)).expanduser(), key=f"hydra.{match.group(1)}.dir")
-
-
 if __name__ == "__main__":
-    check_output_dirs(sys.argv[1:])
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 alone writes the run's .hydra record
         sys.argv.append("hydra.output_subdir=null")
     hydra_entry(main, conf_dir=CONF_DIR, hints=GROUP_HINTS)

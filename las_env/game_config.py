@@ -35,8 +35,7 @@ class LASConfig:
             step (agents that never learn: fixed, random).
         threat: the evaluation threat model (L-inf epsilon and PGD step), also the L2 probe's and
             PGD-AT's default; ``None``: the data set's.
-        grid: the strategy space (:class:`las_env.strategy_space.StrategySpace`, alias
-            ``StrategySpace``); ``None`` takes the data set's default grid.
+        grid: the strategy space (:class:`las_env.strategy_space.StrategySpace`); ``None``: the data set's.
         augment: random crop (pad 4) + flip on the device; ``None``: the data set's (on for 32 px and larger).
         augment_padding: how the crop pads: "zeros" (ours) or "reflect" (the authors' AWP and
             LAS-AWP scripts).

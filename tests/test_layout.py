@@ -29,9 +29,9 @@ EXPERIMENTS_MAY_IMPORT = {
     "comparison": {"config", "runfolder", "comparison"},
     "evaluation_job": {"config", "runfolder", "evaluation_job"},
 }
-EXPERIMENTS_MAX_LINES = 4500
-# A ratchet, not the goal: issue 19 asks for at most 4,000 lines; the redesign reached ~4,490 (from
-# 5,114 after the merges) with every feature kept. Lower this as the plumbing shrinks; never raise it.
+EXPERIMENTS_MAX_LINES = 4280
+# A ratchet, not the goal: issue 19 asks for at most 4,000 lines; the trims reached ~4,240 (from 5,114
+# after the redesign merges) with every feature kept. Lower this as the plumbing shrinks; never raise it.
 
 
 def _modules(room: str) -> list[Path]:

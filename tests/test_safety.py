@@ -63,10 +63,8 @@ def poisoned_checkpoint(real: Path, out: Path, marker: Path) -> Path:
 
 def evaluating(checkpoint: Path) -> Settings:
     """``experiments/evaluate.py checkpoint=PATH attacks=[clean]``'s settings."""
-    return Settings(checkpoint=checkpoint, state_dict=None, model=None, data=None, data_root=None, attacks=["clean"],
-                    n=None, n_per_attack={}, eps=None, restarts=1, batch_size=64, device=torch.device("cpu"),
-                    threads=None, seed=0, sanity=False, sanity_n=0, sanity_max_gap=0.0, fail_on_sanity=False,
-                    export=None, out_dir=None, progress=False, wandb_mode=None)
+    return Settings(checkpoint=str(checkpoint), attacks=["clean"], batch_size=64, device="cpu", sanity=False,
+                    fail_on_sanity=False, progress=False)
 
 
 def never_advises_deleting(text: str) -> None:

@@ -1,6 +1,5 @@
-"""From an agent config node (``conf/agent/*.yaml`` plus overrides) to a checked agent factory: the
-class imported and its keys checked before any data is loaded; the values are checked by the class.
-"""
+"""An agent config node (``conf/agent/*.yaml`` plus overrides) into a factory whose class is imported and
+keys checked before any data is loaded (the values are the class's to check)."""
 
 from __future__ import annotations
 
@@ -22,8 +21,7 @@ AGENT_META_KEYS = ("name", "k", "needs_columns")  # display name; the env's k; g
 
 
 def agent_factory(node: Mapping[str, Any] | DictConfig) -> AgentFactory:
-    """A factory for the agent a config describes: ``_target_`` plus its keyword arguments (not
-    ``name``, ``k``); the agent itself is built once the spec is known."""
+    """A factory for the agent of ``_target_`` and its keyword arguments, built once the spec is known."""
     cfg = OmegaConf.create(node) if not isinstance(node, DictConfig) else node
     try:
         target = cfg._target_
@@ -47,8 +45,7 @@ def agent_factory(node: Mapping[str, Any] | DictConfig) -> AgentFactory:
     _check_signature(cls, str(target), kwargs)
 
     def build(spec: AgentSpec) -> Agent:
-        # Nested nodes with their own _target_ (e.g. a policy class) are built by Hydra; the spec
-        # is passed directly (Hydra would turn a dataclass argument into a config node).
+        # Hydra builds nested _target_ nodes (a policy class); the spec goes in as is (Hydra would make it a node).
         from hydra.utils import instantiate  # noqa: PLC0415
 
         return cls(spec=spec, **instantiate(OmegaConf.create(kwargs), _convert_="all"))

@@ -1,8 +1,6 @@
-"""Hydra's own failures (before the task function runs: an unparsable override, an unknown option,
-an unwritable output folder) as the one-paragraph error, with Hydra's status 1. Exceptions raised
-inside the task function propagate unchanged (anything left there is a bug: its traceback helps);
-``HYDRA_FULL_ERROR=1`` gives Hydra's tracebacks as usual.
-"""
+"""Hydra's own failures before the task function runs (an unparsable override, an unknown option, an
+unwritable folder) as the one-paragraph error with status 1; the task function's exceptions propagate
+unchanged (a bug: its traceback helps), and ``HYDRA_FULL_ERROR=1`` gives Hydra's tracebacks."""
 
 from __future__ import annotations
 
@@ -72,26 +70,24 @@ def hydra_message(exc: BaseException, program: str, conf_dir: Path, hints: dict[
     if isinstance(exc, OSError):
         where = exc.filename or "the output folder"
         return (f"{where} cannot be created or written ({exc.strerror or _flat(exc)}). Give "
-                f"hydra.run.dir (hydra.sweep.dir under -m) a writable folder, or drop it.")
+                f"hydra.run.dir a writable folder (hydra.sweep.dir under -m), or drop it.")
     return (f"Hydra could not start {program} ({type(exc).__name__}: {_flat(exc)}). "
             f"Set HYDRA_FULL_ERROR=1 for the full traceback.")
 
 
-def hydra_entry(main: Callable[[], Any], *, conf_dir: Path, program: str | None = None,
-                hints: dict[str, str] | None = None) -> None:
-    """Run the ``@hydra.main``-decorated ``main``; a failure of Hydra's own is one paragraph (``conf_dir``
-    lists a group's options, ``hints`` adds a sentence per group to an unknown option's message)."""
+def hydra_entry(main: Callable[[], Any], *, conf_dir: Path, hints: dict[str, str] | None = None) -> None:
+    """Run the ``@hydra.main``-decorated ``main``; ``hints`` adds a sentence per group to an unknown option's message."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's tracebacks
         main()
         return
     task_code = getattr(main, "__wrapped__", main).__code__
-    program = program or (os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "this command")
+    program = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "this command"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; we print
     try:
         main()
     except Exception as exc:  # noqa: BLE001 - each is either reported here or re-raised untouched
         if _raised_inside(exc.__traceback__, task_code):
             raise
-        fail(hydra_message(exc, str(program), conf_dir, hints))  # Hydra's own status 1, the commands' "bad input"
+        fail(hydra_message(exc, program, conf_dir, hints))  # Hydra's own status 1, the commands' "bad input"
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -1,6 +1,4 @@
-"""Bad input: one exception type for it, and the one exit every command line uses: one line on stderr,
-``las-at: error: <paragraph naming the problem and a fix that works>``, no traceback.
-"""
+"""Bad input's exception and the one exit of every command: ``las-at: error: <paragraph>`` on stderr."""
 
 from __future__ import annotations
 
@@ -12,14 +10,11 @@ class ConfigError(ValueError):
 
 
 class RunStopped(ConfigError):
-    """A run stopped by a fault outside its settings (a full disk, Ctrl-C or SIGTERM, its folder
-    taken or removed); the message says what is kept and how to continue. A :class:`ConfigError`,
-    so every command shows it as the same one paragraph."""
+    """A run stopped by a fault outside its settings (full disk, Ctrl-C, its folder taken): what is kept, how to go on."""
 
 
 def fail(message: object, code: int = 1) -> None:
-    """Print ``message`` as one paragraph on stderr and exit with ``code`` (1: bad input). ``SystemExit``
-    is not an ``Exception``, so Hydra (which prints a traceback for those) lets it through."""
+    """Print ``message`` as one paragraph on stderr, exit with ``code`` (``SystemExit`` passes through Hydra)."""
     sys.stderr.write("las-at: error: " + " ".join(str(message).split()) + "\n")  # whitespace folded: one line
     sys.stderr.flush()
     raise SystemExit(code)

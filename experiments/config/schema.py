@@ -1,10 +1,6 @@
-"""The training command line's settings: typed dataclasses, the schema of ``conf/config.yaml``.
-
-Each key's default and type live here once (``conf/`` only chooses and overrides); Hydra checks the
-types while composing, the classes' ``__post_init__`` the ranges. ``reward`` and ``method`` are the
-game's own configs; a ``null`` in ``data`` means the data set's (``las_env/datasets/builtin.py``).
-``python experiments/run.py --cfg job`` prints every key.
-"""
+"""The training command line's schema: each key's default and type, once (``conf/`` only chooses and
+overrides; ``--cfg job`` prints every key). Hydra checks types, ``__post_init__`` ranges; ``null`` in
+``data`` means the data set's (``las_env/datasets/builtin.py``)."""
 
 from __future__ import annotations
 
@@ -37,9 +33,8 @@ OptimOverrides.__module__ = __name__  # pickled by reference, so a sweep's worke
 
 @dataclass
 class GridOverrides:
-    """``data.grid``: the strategy space (an action indexes these values); ``null``: the data set's.
-    Each entry is a list (fractions such as 8/255 allowed) or ``{start, stop, scale}``; ``extra``:
-    further columns, e.g. ``+data.grid.extra.trades_beta=[5,6,7,8,9]`` (LAS-TRADES)."""
+    """``data.grid``: the strategy space; each entry a list (8/255 allowed) or ``{start, stop, scale}``;
+    ``extra``: further columns, e.g. ``+data.grid.extra.trades_beta=[5,6,7,8,9]`` (LAS-TRADES)."""
 
     step_sizes: Any = None
     iterations: Any = None
@@ -49,9 +44,8 @@ class GridOverrides:
 
 @dataclass
 class ThreatOverrides:
-    """``data.threat``: the L-inf threat model of the evaluation, the L2 reward probe and PGD-AT's
-    default attack, in pixel units for images in [0, 1]; ``null``: the data set's (CIFAR 8/255 with
-    step 2/255, digits 0.2 with step 0.05)."""
+    """``data.threat``: the L-inf threat model of the evaluation, the L2 reward probe and PGD-AT's default
+    attack, in pixels of [0, 1] images; ``null``: the data set's (CIFAR 8/255 step 2/255, digits 0.2 step 0.05)."""
 
     epsilon: Optional[float] = None
     step_size: Optional[float] = None  # PGD step, at most epsilon (usually epsilon / 4)
@@ -59,8 +53,7 @@ class ThreatOverrides:
 
 @dataclass
 class FixedAttack:
-    """``data.fixed_attack``: PGD-AT's attack (``agent=fixed``); ``null``: the threat model's
-    epsilon and step with the data set's iterations (10 on CIFAR, 5 on digits)."""
+    """``data.fixed_attack``: PGD-AT's attack; ``null``: the threat model's with the data set's iterations."""
 
     step_size: Optional[float] = None
     iterations: Optional[int] = None
@@ -184,8 +177,7 @@ class DdpSettings:
 
 @dataclass
 class RunConfig:
-    """The whole training command line (``conf/config.yaml`` picks the groups); the game's switches
-    default to :class:`las_env.game.LASConfig`'s (documented there)."""
+    """The whole training command line; the game's switches default to :class:`las_env.game.LASConfig`'s."""
 
     agent: Any = MISSING  # conf/agent/*.yaml: _target_ (the class) and its arguments; k read by the game
     data: DataSettings = field(default_factory=DataSettings)

@@ -1,8 +1,5 @@
-"""From a composed Hydra config to complete, frozen run settings (:func:`settings_from_config`),
-before anything is built: the plugin imported, the data set's defaults filled into the ``null``
-values, the game's :class:`las_env.game.LASConfig` built with what the agent's settings imply.
-Every bad value raises :class:`experiments.config.errors.ConfigError` naming its key.
-"""
+"""From a composed Hydra config to complete, frozen run settings (:func:`settings_from_config`) before
+anything is built; every bad value raises :class:`experiments.config.errors.ConfigError` naming its key."""
 
 from __future__ import annotations
 
@@ -34,9 +31,8 @@ from las_env.validate import SettingError
 
 @dataclass
 class RunSettings:
-    """Everything the training loop needs, validated. Beyond :class:`RunConfig`'s keys: ``env`` (the game's
-    final settings, k included), ``agent`` (a factory ``spec -> Agent``), ``config`` (the resolved config,
-    recorded in the checkpoint and results) and ``settings_hash`` (a resume refuses another one's checkpoint)."""
+    """Everything the training loop needs, validated: ``env`` the game's final settings (k included), ``agent``
+    a factory ``spec -> Agent``, ``config`` the resolved config (recorded), the rest :class:`RunConfig`'s keys."""
 
     run_dir: Path
     env: LASConfig
@@ -67,8 +63,7 @@ GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_step
 
 
 def _build(cls: type, section: str, values: Mapping[str, Any], keys: Mapping[str, str] | None = None) -> Any:
-    """``cls(**values)``; a rejected value becomes one paragraph naming its command-line key
-    (``<section>.<field>``, or ``keys[field]``); the schema already refused unknown keys."""
+    """``cls(**values)``; a rejected value's paragraph names its key (``<section>.<field>``, or ``keys[field]``)."""
     try:
         return cls(**values)
     except SettingError as exc:
@@ -117,8 +112,7 @@ def dataset_record(data: Mapping[str, Any]) -> DatasetRecord:
 
 
 def fill_from_registry(data: dict[str, Any], record: DatasetRecord) -> None:
-    """The data set's grid, optimiser and threat model into the ``null`` values of a resolved ``data``
-    section (in place), so the recorded config holds what the run trains and evaluates with."""
+    """The data set's grid, optimiser and threat into a resolved ``data``'s ``null`` values (in place, so recorded)."""
     grid = data["grid"]
     for key in ("step_sizes", "iterations", "epsilons"):
         if grid.get(key) is None:
@@ -132,13 +126,6 @@ def fill_from_registry(data: dict[str, Any], record: DatasetRecord) -> None:
     threat = data["threat"]
     threat["epsilon"] = record.threat.epsilon if threat.get("epsilon") is None else threat["epsilon"]
     threat["step_size"] = record.threat.step_size if threat.get("step_size") is None else threat["step_size"]
-
-
-def _threat(values: Mapping[str, Any], record: DatasetRecord) -> ThreatModel:
-    eps, step = values["epsilon"], values["step_size"]
-    if (eps, step) == (record.threat.epsilon, record.threat.step_size):
-        return record.threat
-    return ThreatModel(eps, step, f"L-inf eps={eps:g} (data.threat)")
 
 
 def _check_model(name: str) -> str:
@@ -160,6 +147,7 @@ def _game(resolved: dict[str, Any], record: DatasetRecord) -> LASConfig:
         raise ConfigError(exc.describe("data.grid.")) from None
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"data.grid: {exc}") from None
+    eps, step = data["threat"]["epsilon"], data["threat"]["step_size"]
     reward = dict(resolved["reward"])
     # credit=unbiased's control variate: the batch terms of the target before each reward step's update.
     reward["pre_update_probe"] = bool(reward.get("pre_update_probe")) or agent.get("credit") == "unbiased"
@@ -175,7 +163,8 @@ def _game(resolved: dict[str, Any], record: DatasetRecord) -> LASConfig:
         reward_interval=agent.get("k"),  # None: no reward step (fixed, random)
         step_reward=agent.get("reward_flow") != "score_then_resample",  # the authors': the agent scores itself
         grid=grid,
-        threat=_threat(data["threat"], record),
+        threat=record.threat if (eps, step) == (record.threat.epsilon, record.threat.step_size) else
+        ThreatModel(eps, step, f"L-inf eps={eps:g} (data.threat)"),
         method=_build(MethodConfig, "method", resolved["method"]),
         augment=data["augment"],
         augment_padding=data["augment_padding"],
@@ -202,8 +191,7 @@ def _logger(resolved: dict[str, Any], agent: str, model: str) -> LoggerSettings:
 
 
 def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash: str | None = None) -> RunSettings:
-    """Resolve a composed ``conf/config.yaml`` (or a recorded one) into :class:`RunSettings` for ``run_dir``;
-    anything wrong raises :class:`ConfigError`, one paragraph naming the key and the valid choices."""
+    """A composed ``conf/config.yaml`` (or a recorded one) resolved into :class:`RunSettings` for ``run_dir``."""
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)  # a recorded config gets the schema too
     import_plugin(cfg.data.plugin)  # before anything reads the registry
     factory = agent_factory(cfg.agent)  # first: agent=custom without _target_ cannot be resolved
@@ -251,9 +239,8 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
 
 
 def _resolve_default_model(*, _root_: DictConfig) -> str:
-    """``${las_default_model:}``: ``model=default``'s architecture, the data set's record's; for
-    user data decided by the image size (peeked at, not loaded). An unknown data set gives a
-    placeholder here: settings reject it with the proper message."""
+    """``${las_default_model:}``: the data set's architecture (user data: by the peeked image size); an
+    unknown data set gives a placeholder, rejected by the settings with the proper message."""
     data = _root_.data
     import_plugin(OmegaConf.select(_root_, "data.plugin", default=None))
     if not is_registered(str(data.name)):
@@ -266,10 +253,5 @@ def _resolve_default_model(*, _root_: DictConfig) -> str:
     return record.model_for(*size) if size else "auto"
 
 
-def register_data_resolvers() -> None:
-    """Register ``las_default_model`` (idempotent)."""
-    if not OmegaConf.has_resolver("las_default_model"):
-        OmegaConf.register_new_resolver("las_default_model", _resolve_default_model)
-
-
-register_data_resolvers()  # also for configs composed outside run.py (tests, notebooks)
+if not OmegaConf.has_resolver("las_default_model"):  # at import: also for configs composed outside run.py
+    OmegaConf.register_new_resolver("las_default_model", _resolve_default_model)

@@ -1,1 +1,1 @@
-"""``experiments/evaluate.py``'s work: settings, target, reports, the job (one module each)."""
+"""``experiments/evaluate.py``'s work: its settings, the target to evaluate, the job and its reports."""

@@ -1,44 +1,18 @@
-"""The evaluation command line, validated: every key of ``conf/evaluate.yaml`` checked before any work."""
+"""The evaluation command line's schema: each key's type and default once (``conf/evaluate.yaml`` only picks the
+groups); Hydra checks the types while composing, ``__post_init__`` the values, before any work."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
-import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation import DEFAULT_ATTACKS, attack_spec
 from las_env.validate import check_device, check_number, check_whole
 
-
-@dataclass
-class Settings:
-    """The validated command line (see ``conf/evaluate.yaml`` for each key's meaning)."""
-
-    checkpoint: Path | None
-    state_dict: Path | None
-    model: str | None
-    data: str | None
-    data_root: str | None
-    attacks: list[str]
-    n: int | None
-    n_per_attack: dict[str, int]
-    eps: float | None
-    restarts: int
-    batch_size: int
-    device: torch.device
-    threads: int | None
-    seed: int
-    sanity: bool
-    sanity_n: int
-    sanity_max_gap: float
-    fail_on_sanity: bool
-    export: Path | None
-    out_dir: Path | None
-    progress: bool
-    wandb_mode: str | None
+WANDB_MODES = (None, "offline", "online", "disabled")
 
 
 def _epsilon(value: Any) -> float | None:
@@ -54,65 +28,75 @@ def _epsilon(value: Any) -> float | None:
     return eps
 
 
+@dataclass
+class Settings:
+    """``experiments/evaluate.py``'s settings; after ``__post_init__``, ``model`` and ``data`` are names and
+    ``attacks`` canonical names."""
+
+    checkpoint: Optional[str] = None  # a run directory or its checkpoint.pt (LAS-AT format)
+    state_dict: Optional[str] = None  # or: a plain state_dict file, with model= and data= naming what it is
+    model: Any = None  # the training runner's groups (model=resnet18, data=cifar10...), with state_dict= only
+    data: Any = None
+    data_root: Optional[str] = None  # null: the checkpoint's data_root (state_dict=: the data group's root)
+    attacks: Any = field(default_factory=lambda: list(DEFAULT_ATTACKS))  # or "all"; pgd<k>/cw<k> for other k
+    n: Optional[int] = None  # first n test images (RobustBench order); null = all
+    n_per_attack: dict[str, Optional[int]] = field(default_factory=lambda: {"autoattack": None})  # overrides of n
+    eps: Any = None  # L-inf radius in pixels (0.0314 or 8/255); null = the data set's threat model
+    restarts: int = 1  # PGD/C&W random restarts (per-image worst case)
+    batch_size: int = 256  # images per pass (and per resumable AutoAttack chunk)
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1...
+    threads: Optional[int] = None  # torch CPU threads; null = torch's default (1 was ~3x faster for small_cnn on 2 cores)
+    seed: int = 0  # seeds PGD random starts and AutoAttack
+    sanity: bool = True  # run the gradient-masking sanity checks
+    sanity_n: int = 200  # images the eps=0 / huge-eps probes use
+    sanity_max_gap: float = 0.15  # PGD/C&W more than this above AutoAttack is reported as gradient masking
+    fail_on_sanity: bool = True  # exit with status 3 when a sanity check fails (results are still written)
+    export: Optional[str] = None  # write the target as a plain state_dict (RobustBench convention) and exit
+    out_dir: Optional[str] = None  # where reports go; null = the checkpoint's (or state_dict's) folder
+    progress: bool = True  # tqdm bars per attack
+    wandb_mode: Optional[str] = None  # null: the mode the run was logged with (default offline); WANDB_MODE wins
+
+    def __post_init__(self) -> None:
+        model, data = self.model or {}, self.data or {}
+        if (self.checkpoint is None) == (self.state_dict is None):
+            raise ValueError(
+                "Say what to evaluate: checkpoint=RUN_DIR_OR_CHECKPOINT_PT (a LAS-AT run), or "
+                "state_dict=FILE model=ARCH data=DATASET (a plain state_dict), not both."
+            )
+        if self.checkpoint is not None and (model.get("name") or data):
+            raise ValueError("model= and data= describe a plain state_dict; a checkpoint names its own architecture "
+                             "and data set (use data_root= to read the data from another folder).")
+        if self.state_dict is not None and (model.get("name") is None or data.get("name") is None):
+            raise ValueError("A plain state_dict needs its architecture and data set: state_dict=FILE model=ARCH "
+                             "data=DATASET (e.g. model=resnet18 data=cifar10).")
+        # model= and data= select the training runner's groups: their names (and root) are what counts here.
+        self.model, self.data = model.get("name"), data.get("name")
+        self.data_root = self.data_root or data.get("root")
+        attacks = list(DEFAULT_ATTACKS) if self.attacks == "all" else self.attacks
+        attacks = [attacks] if isinstance(attacks, str) else attacks
+        if not isinstance(attacks, list):
+            raise ValueError(f"attacks must be a list such as [clean,pgd20,autoattack] or 'all', got {attacks!r}.")
+        self.attacks = [attack_spec(str(a)).name for a in attacks]
+        if len(set(self.attacks)) != len(self.attacks):
+            raise ValueError(f"attacks lists an attack twice: {self.attacks}.")
+        if not self.attacks and self.export is None:
+            raise ValueError("attacks is empty: name at least one attack (or use export=PATH).")
+        self.n_per_attack = {attack_spec(str(key)).name: check_whole(f"n_per_attack.{key}", value)
+                             for key, value in self.n_per_attack.items() if value is not None}
+        if self.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"wandb_mode must be null, offline, online or disabled, got {self.wandb_mode!r}.")
+        for key in ("n", "threads"):
+            check_whole(key, getattr(self, key), allow_none=True)
+        for key in ("restarts", "batch_size", "sanity_n"):
+            check_whole(key, getattr(self, key))
+        self.eps = _epsilon(self.eps)
+        self.device = check_device("device", self.device)
+        check_number("sanity_max_gap", self.sanity_max_gap, 0, 1, meaning="(a fraction: 0.15 = 15 points)")
+
+
+ConfigStore.instance().store(name="evaluate_schema", node=Settings)
+
+
 def parse_settings(cfg: DictConfig) -> Settings:
-    """Validate every key before any work; raise ValueError with a one-paragraph message."""
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(raw, dict)
-    # model= and data= select the training runner's config groups (conf/model, conf/data).
-    model_name = (raw.get("model") or {}).get("name")
-    data_cfg = raw.get("data") or {}
-    if (raw.get("checkpoint") is None) == (raw.get("state_dict") is None):
-        raise ValueError(
-            "Say what to evaluate: checkpoint=RUN_DIR_OR_CHECKPOINT_PT (a LAS-AT run), or "
-            "state_dict=FILE model=ARCH data=DATASET (a plain state_dict), not both."
-        )
-    if raw.get("checkpoint") is not None and (model_name or data_cfg):
-        raise ValueError("model= and data= describe a plain state_dict; a checkpoint names its own architecture "
-                         "and data set (use data_root= to read the data from another folder).")
-    if raw.get("state_dict") is not None and (model_name is None or data_cfg.get("name") is None):
-        raise ValueError("A plain state_dict needs its architecture and data set: state_dict=FILE model=ARCH "
-                         "data=DATASET (e.g. model=resnet18 data=cifar10).")
-    attacks = raw.get("attacks")
-    if attacks == "all":
-        attacks = list(DEFAULT_ATTACKS)
-    elif isinstance(attacks, str):
-        attacks = [attacks]
-    if not isinstance(attacks, list):
-        raise ValueError(f"attacks must be a list such as [clean,pgd20,autoattack] or 'all', got {attacks!r}.")
-    attacks = [attack_spec(str(a)).name for a in attacks]
-    if len(set(attacks)) != len(attacks):
-        raise ValueError(f"attacks lists an attack twice: {attacks}.")
-    if not attacks and raw.get("export") is None:
-        raise ValueError("attacks is empty: name at least one attack (or use export=PATH).")
-    n_per_attack: dict[str, int] = {}
-    for key, value in (raw.get("n_per_attack") or {}).items():
-        if value is not None:
-            n_per_attack[attack_spec(str(key)).name] = check_whole(f"n_per_attack.{key}", value)  # type: ignore[assignment]
-    wandb_mode = raw.get("wandb_mode")
-    if wandb_mode not in (None, "offline", "online", "disabled"):
-        raise ValueError(f"wandb_mode must be null, offline, online or disabled, got {wandb_mode!r}.")
-    return Settings(
-        checkpoint=None if raw.get("checkpoint") is None else Path(str(raw["checkpoint"])),
-        state_dict=None if raw.get("state_dict") is None else Path(str(raw["state_dict"])),
-        model=model_name,
-        data=data_cfg.get("name"),
-        data_root=raw.get("data_root") or data_cfg.get("root"),
-        attacks=attacks,
-        n=check_whole("n", raw.get("n"), allow_none=True),
-        n_per_attack=n_per_attack,
-        eps=_epsilon(raw.get("eps")),
-        restarts=check_whole("restarts", raw.get("restarts")),  # type: ignore[arg-type]
-        batch_size=check_whole("batch_size", raw.get("batch_size")),  # type: ignore[arg-type]
-        device=torch.device(check_device("device", raw.get("device", "auto"))),
-        threads=check_whole("threads", raw.get("threads"), allow_none=True),
-        seed=int(raw.get("seed", 0)),
-        sanity=bool(raw.get("sanity", True)),
-        sanity_n=check_whole("sanity_n", raw.get("sanity_n", 200)),  # type: ignore[arg-type]
-        sanity_max_gap=check_number("sanity_max_gap", raw.get("sanity_max_gap", 0.15), 0, 1,
-                                    meaning="(a fraction: 0.15 = 15 points)"),
-        fail_on_sanity=bool(raw.get("fail_on_sanity", True)),
-        export=None if raw.get("export") is None else Path(str(raw["export"])),
-        out_dir=None if raw.get("out_dir") is None else Path(str(raw["out_dir"])),
-        progress=bool(raw.get("progress", True)),
-        wandb_mode=wandb_mode,
-    )
+    """The composed command line as checked :class:`Settings` (a bad value raises ValueError, one paragraph)."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

@@ -47,7 +47,7 @@ def _recorded_threat(ckpt: dict[str, Any]) -> ThreatModel | None:
 def load_target(s: Settings) -> Target:
     """Build the network from a LAS-AT checkpoint or a plain state_dict (loads data for the latter)."""
     if s.checkpoint is not None:
-        source = s.checkpoint / CHECKPOINT if s.checkpoint.is_dir() else s.checkpoint
+        source = Path(s.checkpoint) / CHECKPOINT if Path(s.checkpoint).is_dir() else Path(s.checkpoint)
         ckpt = load_checkpoint(source)  # safe: weights_only, refuses anything but tensors and plain values
         require_keys(ckpt, source, ("meta", "target"))
         meta = dict(ckpt["meta"] or {})
@@ -59,15 +59,15 @@ def load_target(s: Settings) -> Target:
             raise NotACheckpointError(source, f"its target weights do not fit the {meta['model']} its metadata "
                                       f"names ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})") from None
         target = Target(model, meta["model"], meta["dataset"], s.data_root or meta.get("data_root") or "data",
-                        source, s.out_dir or source.parent, meta, threat=_recorded_threat(ckpt))
+                        source, Path(s.out_dir or source.parent), meta, threat=_recorded_threat(ckpt))
     else:
-        assert s.state_dict is not None and s.model is not None and s.data is not None
-        if not s.state_dict.is_file():
-            raise FileNotFoundError(f"No state_dict file at {s.state_dict}.")
+        source = Path(str(s.state_dict))
+        if not source.is_file():
+            raise FileNotFoundError(f"No state_dict file at {source}.")
         root = s.data_root or "data"
         data = load_dataset(s.data, root)
-        model = load_plain_state_dict(build_model(s.model, data.channels, data.num_classes), s.state_dict)
-        target = Target(model, s.model, s.data, root, s.state_dict, s.out_dir or s.state_dict.parent, data=data)
+        model = load_plain_state_dict(build_model(s.model, data.channels, data.num_classes), source)
+        target = Target(model, s.model, s.data, root, source, Path(s.out_dir or source.parent), data=data)
     target.model.to(s.device).eval()
     return target
 

@@ -1,2 +1,1 @@
-"""Run folders: file names and formats, the folder a command maps to, the one-run lock, and what a run
-finds there at start (imports config only)."""
+"""Run folders: file names, the folder a command maps to, the run lock, what a run finds at start (imports config)."""

@@ -1,6 +1,5 @@
-"""What a run finds in its folder when it starts (under its run lock): the checkpoint to resume
-(falling back to ``checkpoint.prev.pt`` when the latest is damaged, which is kept aside as
-``checkpoint.damaged.pt``), leftover temporary files, and ``init_from``'s checkpoint."""
+"""What a run finds in its folder at start (under its lock): the checkpoint to resume (``checkpoint.prev.pt``
+when the latest is damaged), leftover temporary files, ``init_from``'s checkpoint."""
 
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ from las_env.files import stale_temp_files
 
 
 def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> list[Path]:
-    """Delete the temporary files of the run's own killed atomic writes (the caller holds the run
-    lock: none belongs to a live writer); say how much space that freed."""
+    """Delete the temporary files of the run's killed atomic writes (under the run lock: no live writer's)."""
     stale = stale_temp_files(run_dir, RUN_FILES, any_writer=True)
     size = 0
     for p in stale:
@@ -35,8 +33,7 @@ def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> list[
 
 def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | None,
                          say: Callable[[str], None]) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or None; a :class:`ConfigError` when one exists without
-    ``resume``, belongs to other settings, or is damaged with no readable previous one."""
+    """The checkpoint to resume from, or None; refused without ``resume``, of other settings, or unreadable."""
     path = run_dir / CHECKPOINT
     prev = previous_path(path)
     if not path.is_file() and not prev.is_file():
@@ -73,8 +70,7 @@ def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | No
     where = f"epoch {meta.get('epochs_done', '?')} of {meta.get('epochs', '?')}"
     saved = meta.get("settings_hash")
     if saved and settings_hash and saved != settings_hash:
-        # Advice that works: resume=<dir> would read this folder's recorded settings, which are
-        # this command's, and meet the same mismatch.
+        # Not resume=<dir>: it would read this folder's recorded settings (this command's) and meet the same mismatch.
         raise ConfigError(
             f"The checkpoint {source} was written by a run with other settings (hash {saved}, first written in "
             f"{meta.get('run_dir', 'another folder')}; this command's settings hash to {settings_hash}), so "
@@ -92,10 +88,9 @@ def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | No
     return ckpt
 
 
+# What init_from must share with its source (they fix the saved state's shape); the rest may change.
 MUST_MATCH = (("data", "name"), ("model", "name"), ("data", "batch_size"), ("data", "epochs"),
               ("data", "max_steps_per_epoch"), ("data", "grid"), ("agent",))
-# What init_from must share with its source: these fix the shape of the saved state; the rest
-# (optimiser, reward, evaluation...) may change, which is what init_from is for.
 
 
 def _get(config: Any, path: tuple[str, ...]) -> Any:
@@ -125,8 +120,7 @@ def start_from(settings: Any) -> dict[str, Any]:
 
 
 def check_same_data(ckpt: dict[str, Any], fingerprint: str, settings: Any, *, started: bool) -> None:
-    """Refuse to continue a checkpoint on other data than its recorded ``data_fingerprint`` (older
-    checkpoints pass); ``init_from_other_data=true`` allows it for ``init_from``."""
+    """Refuse to continue a checkpoint on other data than its ``data_fingerprint`` (unless init_from_other_data)."""
     saved = (ckpt.get("meta") or {}).get("data_fingerprint")
     if saved is None or saved == fingerprint:
         return
@@ -149,9 +143,8 @@ def check_same_data(ckpt: dict[str, Any], fingerprint: str, settings: Any, *, st
 
 
 def started_from(env: Any, ckpt: dict[str, Any], settings: Any) -> str:
-    """After :func:`start_from`'s checkpoint is loaded: this run's momentum and weight decay (the
-    loaded optimiser state carries the other run's; the schedule sets the lr every step) and a
-    record of the start in the loop state. Returns the line to print."""
+    """After :func:`start_from`'s checkpoint is loaded: this run's momentum and weight decay (the schedule sets
+    the lr), the start recorded in the loop state; the line to print."""
     optim = settings.env.optim
     for group in env.game.trainer.optimizer.param_groups:
         group["momentum"] = optim.momentum

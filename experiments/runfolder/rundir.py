@@ -1,11 +1,6 @@
-"""Where a run's files go, and the OmegaConf resolvers Hydra uses to name that folder.
-
-A run's folder is ``<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>``, the hash a digest of
-EVERY setting (minus :data:`NON_SETTINGS`): runs differing in any setting never share a folder,
-and the same command maps to the same folder, which is how ``resume=true`` finds it. The
-resolvers run while Hydra names ``hydra.run.dir``, so an unwritable folder is reported before
-anything is loaded.
-"""
+"""A run's folder, ``<run_root>/<data>/<agent>/<model>-seed<seed>-<hash of EVERY setting>`` (so the same
+command finds it again for ``resume=true``), and the resolvers Hydra names it with (an unwritable folder is
+reported before anything is loaded)."""
 
 from __future__ import annotations
 
@@ -18,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+import experiments.config.settings  # noqa: F401 - registers model=default's resolver, las_default_model
 from experiments.config.errors import fail
 from experiments.runfolder.runfiles import CHECKPOINT, PREVIOUS_CHECKPOINT
 from experiments.runfolder.runlock import is_held
@@ -30,8 +26,7 @@ SWEEP_ID = time.strftime("%Y%m%d-%H%M%S")  # when this process started: every jo
 
 
 def settings_hash(config: DictConfig | dict[str, Any]) -> str:
-    """Digest of every setting of a composed config (unresolved, so environment variables
-    read by interpolations, such as ``WANDB_MODE``, do not change it)."""
+    """Digest of every setting, unresolved (environment variables such as ``WANDB_MODE`` do not change it)."""
     container = OmegaConf.to_container(config, resolve=False) if isinstance(config, DictConfig) else dict(config)
     assert isinstance(container, dict)
     settings = {k: v for k, v in container.items() if k not in NON_SETTINGS}
@@ -55,20 +50,16 @@ def resume_target(resume: Any) -> Path | None:
     return Path(text).expanduser()
 
 
-def ensure_writable(run_dir: Path, key: str = "run_root") -> None:
-    """Create ``run_dir`` and write/delete a probe file in it, else :func:`fail` naming ``key`` (the
-    setting that chose the folder)."""
+def ensure_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` and write a probe file in it, else :func:`fail` naming ``run_root``."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        where = ("Choose a writable place for runs with run_root=/some/writable/folder (runs go to "
-                 "<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>)." if key == "run_root" else
-                 f"Give {key} a writable folder, or drop it: runs then go to "
-                 f"<run_root>/<data>/<agent>/<model>-seed<seed>-<hash>.")
-        fail(f"The run directory {run_dir} cannot be written ({exc.strerror or exc}). {where}")
+        fail(f"The run directory {run_dir} cannot be written ({exc.strerror or exc}). Choose a writable place for "
+             f"runs with run_root=/some/writable/folder (runs go to <run_root>/<data>/<agent>/<model>-seed<seed>-<hash>).")
 
 
 def _resolve_run_dir(*, _root_: DictConfig) -> str:
@@ -89,23 +80,20 @@ def _resolve_run_dir(*, _root_: DictConfig) -> str:
 
 
 def _resolve_run_subdir(*, _root_: DictConfig) -> str:
-    # Multirun: each job's folder, named as a single run's, as an absolute path: Hydra joins it to
-    # hydra.sweep.dir (os.path.join keeps an absolute second part), which holds only the sweep's record.
+    # Multirun: each job's folder, as a single run's, absolute (Hydra's os.path.join with hydra.sweep.dir keeps it).
     run_dir = Path(str(_root_.run_root)) / run_subdir(_root_)
     ensure_writable(run_dir)
     return os.path.abspath(run_dir)
 
 
 def _resolve_sweep_dir(*, _root_: DictConfig) -> str:
-    # One folder per multirun for Hydra's multirun.yaml, so concurrent multiruns on one run_root
-    # never overwrite each other's record: <run_root>/multiruns/<start time>-<pid>.
+    # One folder per multirun for its multirun.yaml: concurrent multiruns never overwrite each other's record.
     return str(Path(str(_root_.run_root)) / "multiruns" / f"{SWEEP_ID}-{os.getpid()}")
 
 
 def _resolve_hydra_subdir(*, _root_: DictConfig) -> str | None:
-    # resume=<run_dir> reuses the run's recorded config: do not let Hydra overwrite its .hydra/
-    # with this command's (which names only resume=...). Nor the record of a run that is live
-    # in that folder: this invocation is about to be refused (experiments/runfolder/runlock.py).
+    # Hydra must not overwrite the record of the run resume=<run_dir> continues, nor of a run live in the folder
+    # (this invocation is about to be refused by the run lock).
     if resume_target(_root_.get("resume")) is not None:
         return None
     folders = [Path(str(_root_.run_root)) / run_subdir(_root_)]
@@ -116,8 +104,7 @@ def _resolve_hydra_subdir(*, _root_: DictConfig) -> str | None:
 
 
 def _resolve_sweep_suffix() -> str:
-    # logger.group: "-sweep-<start time>" for the jobs of a multirun (one W&B group per sweep),
-    # "" for a single run. Resolved inside the job, so it never enters the settings hash.
+    # logger.group's "-sweep-<start time>" in a multirun (one W&B group per sweep); resolved in the job: never hashed.
     from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
     from hydra.types import RunMode  # noqa: PLC0415
 
@@ -126,20 +113,9 @@ def _resolve_sweep_suffix() -> str:
     return ""
 
 
-def register_resolvers() -> None:
-    """Register the ``las_*`` resolvers of ``conf/config.yaml`` (idempotent)."""
-    for name, fn in (
-        ("las_run_dir", _resolve_run_dir),
-        ("las_run_subdir", _resolve_run_subdir),
-        ("las_sweep_dir", _resolve_sweep_dir),
-        ("las_hydra_subdir", _resolve_hydra_subdir),
-        ("las_sweep_suffix", _resolve_sweep_suffix),
-    ):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
-    from experiments.config.settings import register_data_resolvers  # noqa: PLC0415 - model=default's resolver
-
-    register_data_resolvers()
-
-
-register_resolvers()  # also for configs composed outside run.py (tests, notebooks)
+# conf/config.yaml's las_* resolvers, at import: also for configs composed outside run.py (tests, notebooks).
+for _name, _resolver in (("las_run_dir", _resolve_run_dir), ("las_run_subdir", _resolve_run_subdir),
+                         ("las_sweep_dir", _resolve_sweep_dir), ("las_hydra_subdir", _resolve_hydra_subdir),
+                         ("las_sweep_suffix", _resolve_sweep_suffix)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)

@@ -1,8 +1,4 @@
-"""The names and formats of the files in a run folder: one place for every reader and writer.
-
-It imports nothing of the project (no torch, no env), so the comparison can read run folders
-without building anything. README.md ("The main job") lists what a run writes.
-"""
+"""The names and formats of a run folder's files, for every reader and writer (imports nothing: cheap to read)."""
 
 from __future__ import annotations
 

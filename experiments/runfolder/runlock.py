@@ -1,12 +1,6 @@
-"""One run per folder at a time: an advisory lock taken before a run does any work.
-
-``<run_dir>/run.lock`` records its owner (pid, host, start time, command) and is held with
-``fcntl.flock``, which the kernel drops when the owner dies (``kill -9`` included): a stale lock
-is taken over, a live one refused. Without ``flock`` (``ENOLCK`` on some network file systems)
-the record decides: a live pid on this host, or any other host's record, holds the folder.
-Symlinks are never followed, and :meth:`RunLock.verify` stops a run whose folder or lock vanished
-or changed owner before it writes again.
-"""
+"""One run per folder: ``<run_dir>/run.lock`` records its owner and is held with ``fcntl.flock`` (dropped by the
+kernel when the owner dies: a stale lock is taken over). Without flock (``ENOLCK``) the record decides: a live
+pid here, or another host's record. Symlinks are never followed."""
 
 from __future__ import annotations
 
@@ -43,8 +37,7 @@ def refuse_symlinks(run_dir: Path) -> None:
 
 
 class RunLock:
-    """The lock of one run folder, held by this process until :meth:`release`; ``took_over``: the
-    record of a stale lock it replaced (its owner had died), or None."""
+    """A run folder's lock, held until :meth:`release`; ``took_over``: the stale record it replaced, or None."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME
@@ -73,11 +66,7 @@ class RunLock:
                 owner = _read(fd)
                 os.close(fd)
                 raise ConfigError(_refusal(lock.path, owner))
-            try:
-                same = os.fstat(fd).st_ino == os.stat(lock.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # the previous owner removed the file as we opened it
+            if not _is_file_of(fd, lock.path):  # the previous owner removed the file as we opened it
                 os.close(fd)
                 continue
             previous = _read(fd)
@@ -87,8 +76,12 @@ class RunLock:
             if previous and not lock._flock_unsupported and previous.get("pid"):
                 lock.took_over = previous
             lock._fd = fd
-            _write(fd, {"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)})
+            record = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(record) + "\n").encode())
+            os.fsync(fd)
             return lock
         raise ConfigError(f"Could not take the run lock {lock.path}: it kept changing under us. Run the command again.")
 
@@ -97,13 +90,11 @@ class RunLock:
         self._flock_unsupported = fcntl is None
         if fcntl is None:
             return True
-        for attempt in range(5):  # is_held() probes hold a shared lock for an instant: try again
+        for _ in range(5):  # is_held() probes hold a shared lock for an instant: try again
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
             except BlockingIOError:
-                if attempt == 4:
-                    return False
                 time.sleep(0.02)
             except OSError as exc:
                 if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
@@ -116,11 +107,7 @@ class RunLock:
         """Raise :class:`RunStopped` unless the folder and the lock are still this run's (before it writes again)."""
         assert self._fd is not None
         run_dir = self.path.parent
-        try:
-            mine = os.fstat(self._fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
-        except FileNotFoundError:
-            mine = False
-        if mine:
+        if _is_file_of(self._fd, self.path):
             return
         owner = _read_path(self.path)
         now = ("no longer exists" if not run_dir.is_dir() else
@@ -138,10 +125,8 @@ class RunLock:
         if self._fd is None:
             return
         try:
-            if os.fstat(self._fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino:
-                self.path.unlink()  # first unlink, then unlock: a waiter re-checks the inode
-        except FileNotFoundError:
-            pass
+            if _is_file_of(self._fd, self.path):
+                self.path.unlink(missing_ok=True)  # first unlink, then unlock: a waiter re-checks the inode
         finally:
             os.close(self._fd)
             self._fd = None
@@ -173,6 +158,14 @@ def is_held(run_dir: Path) -> bool:
         os.close(fd)  # closing drops the probe's shared lock, if it got one
 
 
+def _is_file_of(fd: int, path: Path) -> bool:
+    """Whether ``path`` (a symlink not followed) is still the file ``fd`` has open."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def _read(fd: int) -> dict[str, Any]:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
@@ -192,13 +185,6 @@ def _read_path(path: Path) -> dict[str, Any]:
         return _read(fd)
     finally:
         os.close(fd)
-
-
-def _write(fd: int, record: dict[str, Any]) -> None:
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, (json.dumps(record) + "\n").encode())
-    os.fsync(fd)
 
 
 def _alive_here(record: dict[str, Any]) -> bool:

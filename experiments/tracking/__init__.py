@@ -1,4 +1,1 @@
-"""Tracking: the run's loggers (log file, console, offline W&B) and its PNG plots.
-
-May import: ``las_env``, ``experiments.config``.
-"""
+"""Tracking: the run's loggers (log file, console, W&B) and PNG plots. May import ``las_env``, ``experiments.config``."""

@@ -1,6 +1,4 @@
-"""Where a run reports: the console (plus ``log.txt`` in the run directory) and W&B. The loop calls a
-:class:`Tracker` every N steps and once per epoch with host floats, so a tracker never adds a device sync.
-"""
+"""Where a run reports: the console (plus ``log.txt``) and W&B, called with host floats (never a device sync)."""
 
 from __future__ import annotations
 
@@ -20,20 +18,19 @@ from experiments.config.settings import LoggerSettings
 
 
 class Console:
-    """Prints lines above the progress bars (stdout) and appends them to ``log.txt``."""
+    """Prints above the progress bars and appends to ``log.txt``; ``quiet``: neither (torchrun ranks but 0)."""
 
-    def __init__(self, log_path: Path | None = None) -> None:
-        self.log_path = log_path
+    def __init__(self, log_path: Path | None = None, *, quiet: bool = False) -> None:
+        self.log_path, self.quiet = log_path, quiet
 
     def print(self, text: str = "") -> None:
-        tqdm.write(text, file=sys.stdout)
-        sys.stdout.flush()
+        if not self.quiet:
+            tqdm.write(text, file=sys.stdout)
+            sys.stdout.flush()
         self.log(text)
 
     def log(self, text: str) -> None:
-        """``text`` to ``log.txt`` only (what the command line also prints on stderr). Opened
-        without following a symlink (``O_NOFOLLOW``: ``experiments/runfolder/runlock.py`` refuses a run
-        folder with one), and without creating a vanished folder again."""
+        """``text`` to ``log.txt`` only; never through a symlink, never re-creating a vanished folder."""
         if self.log_path is None:
             return
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
@@ -43,9 +40,10 @@ class Console:
 
 class Tracker:
     """An experiment tracker; this base tracks nothing (``logger=none``: the run directory still has every
-    result). ``info``: what the checkpoint's ``meta["wandb"]`` records (``None`` without W&B)."""
+    result). ``info``: the checkpoint's ``meta["wandb"]``; ``offline_dir``: the offline run to ``wandb sync``."""
 
     info: dict[str, Any] | None = None
+    offline_dir: Path | None = None
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Scalars at global step ``step`` (number of training steps done)."""
@@ -73,13 +71,12 @@ def _bin_edges(values: Sequence[float]) -> list[float]:
 
 
 class WandbTracker(Tracker):
-    """Weights & Biases, offline by default. Values are logged against a ``global_step`` metric (not W&B's
-    step), so a resume that re-logs epochs does not hit "steps must increase"; it continues the same W&B run."""
+    """Weights & Biases, offline by default, against a ``global_step`` metric: a resume re-logging epochs continues
+    the same W&B run without "steps must increase"."""
 
     def __init__(self, settings: LoggerSettings, run_dir: Path, config: Mapping[str, Any],
                  run_id: str | None = None) -> None:
-        # Our top-level package is called `agents`, which W&B mistakes for an LLM-agents library
-        # and answers with an advert for its Weave tracer: irrelevant here.
+        # W&B mistakes our `agents` package for an LLM-agents library and advertises its Weave tracer.
         os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
         import wandb  # noqa: PLC0415 - only when W&B is asked for
 
@@ -117,16 +114,11 @@ class WandbTracker(Tracker):
         self.log_checkpoints = settings.log_checkpoint
         self.info = {"id": run_id, "project": settings.project, "group": settings.group,
                      "mode": settings.mode, "dir": str(run_dir)}
+        if self.mode == "offline":
+            self.offline_dir = Path(self.run.dir).parent  # <run_dir>/wandb/offline-run-<time>-<id>
         if self.mode != "disabled":
             self.run.define_metric("global_step")
             self.run.define_metric("*", step_metric="global_step")
-
-    @property
-    def offline_dir(self) -> Path | None:
-        """The offline run folder to ``wandb sync`` (offline mode only)."""
-        if self.mode != "offline":
-            return None
-        return Path(self.run.dir).parent  # <run_dir>/wandb/offline-run-<time>-<id>
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log({**metrics, "global_step": step})

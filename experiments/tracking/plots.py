@@ -1,6 +1,4 @@
-"""The run's PNG figures from its per-epoch history: accuracy curves (the paper's Fig. 1; the gap
-between the two robust curves is robust overfitting) and the chosen grid values (epsilon: Fig. 4).
-"""
+"""The run's PNG figures: accuracy curves (the paper's Fig. 1) and the chosen grid values (Fig. 4)."""
 
 from __future__ import annotations
 
@@ -57,8 +55,7 @@ def plot_accuracy(history: Sequence[Mapping[str, Any]], path: Path, *, title: st
 
 def plot_choices(history: Sequence[Mapping[str, Any]], grid_values: Mapping[str, Sequence[float]],
                  path: Path, *, title: str) -> Path | None:
-    """Heatmaps, one per strategy column: rows = grid values, columns = epochs, colour = the
-    share of that epoch's training images given the value. Epsilon comes first (Fig. 4)."""
+    """A heatmap per strategy column (epsilon first): each epoch's share of training images per grid value."""
     rows = [h for h in history if h.get("choices")]
     if not rows:
         return None

@@ -1,11 +1,6 @@
-"""One run across several processes (``torchrun``): process group, the agent's global view,
-sharded evaluation, rank 0's privileges, and a clear failure when a rank dies.
-
-Every rank plays its rows of each global batch with the same seed (``las_env/sharding.py``); the
-agent is replicated and sees the GLOBAL batch and rewards (:class:`las_env.global_view.GlobalView`),
-rank 0's actions broadcast, so replicas cannot drift; per-epoch evaluation is split over the ranks; rank 0 alone
-holds the run lock, writes every file and runs the final evaluation (docs/distributed.md).
-"""
+"""One run across several processes (``torchrun``, docs/distributed.md): the process group, sharded
+evaluation, rank 0's privileges (the run lock, every file, the final evaluation), a clear failure when a
+rank dies. The game's side (shards, the agent's global view) is ``las_env``'s."""
 
 from __future__ import annotations
 
@@ -38,15 +33,9 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_main() -> bool:
-    """Whether this process writes files (rank 0, or the only process)."""
-    return process_shard().rank == 0
-
-
 @contextmanager
 def process_group(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Shard]:
-    """Join the job's process group under ``torchrun`` (NCCL on CUDA, gloo on CPU) and leave it at the
-    end; a single process passes through. A failed or timed-out collective raises :class:`RankLost`."""
+    """The job's process group under ``torchrun`` (NCCL on CUDA, gloo on CPU); a lost rank raises :class:`RankLost`."""
     if launched_world() <= 1 or dist.is_initialized():
         yield process_shard()
         return
@@ -109,11 +98,9 @@ def check_agent(agent: Any, shard: Shard) -> None:
 
 
 def split_for_eval(x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor, int, Shard | None]:
-    """``(x_r, y_r, batch_size_r, shard)``: this rank's share of an evaluation set.
-
-    When every batch splits evenly over the ranks, rank r takes its rows of EACH batch with
-    ``shard`` (random starts drawn for the whole batch): exactly one process's numbers. Otherwise a
-    contiguous block with its own random starts (robust accuracy within random-start noise)."""
+    """``(x_r, y_r, batch_size_r, shard)``: this rank's rows of EACH batch when every batch splits evenly
+    (random starts drawn for the whole batch: exactly one process's numbers), else a contiguous block with
+    its own random starts (within random-start noise)."""
     shard = process_shard()
     if not shard.distributed:
         return x, y, batch_size, None
@@ -129,8 +116,7 @@ def split_for_eval(x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tenso
 
 def robust_accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, eps: float, step: float, iterations: int, *,
                     batch_size: int, seed: int, early_stop: bool = False) -> CleanRobust:
-    """:func:`evaluation.robust_accuracy` of the whole set, each rank evaluating its share
-    (:func:`split_for_eval`) and the counts summed; the plain call in one process."""
+    """:func:`evaluation.robust_accuracy` of the whole set, each rank evaluating its share, counts summed."""
     xr, yr, batch, shard = split_for_eval(x, y, batch_size)
     r = evaluation.robust_accuracy(model, xr, yr, eps, step, iterations, batch_size=batch, seed=seed, shard=shard,
                                    early_stop=early_stop)
@@ -159,19 +145,3 @@ def timeout_s(config: dict[str, Any] | None) -> float:
                           f"for a silent rank before the job fails; default {DEFAULT_TIMEOUT_S}).")
     return float(value)
 
-
-class _Silent:
-    """The console of ranks other than 0: rank 0 alone prints and writes log.txt."""
-
-    log_path = None
-
-    def print(self, text: str = "") -> None:
-        pass
-
-    def log(self, text: str) -> None:
-        pass
-
-
-def for_other_rank(settings: Any) -> tuple[Any, Any]:
-    """``(settings, console)`` of a rank other than 0: no progress bars, no tracker, a silent console."""
-    return replace(settings, progress=False, logger=replace(settings.logger, name="none")), _Silent()

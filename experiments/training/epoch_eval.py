@@ -1,5 +1,4 @@
-"""The per-epoch evaluation (clean and PGD accuracy on fixed test/train subsets) and the fixed images' chosen
-attacks (the paper's Fig. 5)."""
+"""The per-epoch evaluation (clean and PGD accuracy on fixed subsets) and the fixed images' attacks (Fig. 5)."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ TRAIN_SUBSET_SEED = 20220601  # the same train-subset images for every run, what
 
 
 def eval_subsets(data: ImageData, test_n: int | None, train_n: int | None) -> dict[str, tuple[Tensor, Tensor]]:
-    """The first ``test_n`` test images (RobustBench order) and ``train_n`` training images drawn with
-    a fixed seed (some data sets store them sorted by class: "the first n" would be a few classes)."""
+    """The first ``test_n`` test images and ``train_n`` seeded training images (some sets are sorted by class)."""
     n_test = min(test_n or data.x_test.shape[0], data.x_test.shape[0])
     n_train_total = data.x_train.shape[0]
     n_train = min(train_n or n_train_total, n_train_total)
@@ -57,9 +55,8 @@ def pgd_name(settings: RunSettings, threat: ThreatModel) -> str:
 
 
 class FixedImageChoices:
-    """The attack chosen for the first ``count`` training images each epoch (the paper's Fig. 5):
-    their (step, slot) positions are read once per epoch, and the step that trains one copies its
-    settings on the device; an image in the dropped partial batch gets ``None``."""
+    """The attack chosen for the first ``count`` training images each epoch, copied on the device by the step
+    that trains each (positions read once per epoch); an image in the dropped partial batch gets ``None``."""
 
     def __init__(self, game, count: int = 8) -> None:
         self.game = game

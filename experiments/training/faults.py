@@ -1,8 +1,5 @@
-"""Faults outside a run's settings, each turned into one paragraph that says what is kept: a full
-disk (``ENOSPC``/``EDQUOT``) while writing, and Ctrl-C or SIGTERM. The atomic writes
-(``las_env/files.py``) leave the last good checkpoint in place; a run folder taken or removed
-mid-run is :meth:`experiments.runfolder.runlock.RunLock.verify`'s.
-"""
+"""A full disk while writing, Ctrl-C and SIGTERM, each one paragraph saying what is kept (the atomic writes
+leave the last good checkpoint in place)."""
 
 from __future__ import annotations
 
@@ -39,8 +36,7 @@ def resume_command() -> str:
 
 @contextmanager
 def full_disk_stops(run_dir: Path, writing: str, needed: int) -> Iterator[None]:
-    """A full disk inside the block ends in one paragraph naming the folder, the free space and
-    about ``needed`` bytes; other errors pass unchanged."""
+    """A full disk inside the block ends in one paragraph naming the folder, free and ``needed`` bytes."""
     try:
         yield
     except OSError as exc:
@@ -66,8 +62,8 @@ class _Terminated(KeyboardInterrupt):
 
 @contextmanager
 def stop_on_interrupt(run_dir: Path) -> Iterator[None]:
-    """Ctrl-C and SIGTERM inside the block end in one paragraph naming the kept checkpoint and the
-    command that resumes. SIGTERM is caught in the main thread only (where Python delivers signals)."""
+    """Ctrl-C and SIGTERM (main thread only: where Python delivers signals) end in one paragraph naming the kept
+    checkpoint and the command that resumes."""
     def terminate(signum: int, frame: FrameType | None) -> None:
         raise _Terminated()
 

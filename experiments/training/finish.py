@@ -1,5 +1,4 @@
-"""The end of a run: final evaluation on the test set, results.json / metrics.json / results.md, plots,
-the tracker's summary."""
+"""The end of a run: the final evaluation, results.json / metrics.json / results.md, plots, the tracker's summary."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 
 from evaluation import AttackResult, attack_spec, evaluate, format_eps, format_table
-from experiments.tracking.loggers import Console, Tracker, WandbTracker
+from experiments.tracking.loggers import Console, Tracker
 from experiments.runfolder.runfiles import (
     ACCURACY_PNG, AUTOATTACK_STATE, AUTOATTACK_STATE_BEST, BEST, CHECKPOINT, CHOICES_PNG, LOG_FILE, METRICS_FILE,
     METRICS_FORMAT, RESULTS_FILE, RESULTS_FORMAT, RESULTS_MD, WEIGHTS_FILE)
@@ -29,8 +28,7 @@ from las_env.datasets.registry import ThreatModel
 
 @dataclass
 class RunResult:
-    """What :func:`train` returns (also written to ``run_dir``); ``completed`` is False after
-    ``stop_after_epochs`` (resumable), and ``final`` then empty."""
+    """What :func:`train` returns; ``completed`` is False (and ``final`` empty) after ``stop_after_epochs``."""
 
     run_dir: Path
     completed: bool
@@ -43,16 +41,10 @@ class RunResult:
     wandb_offline_dir: Path | None = None
 
 
-def offline_dir(tracker: Tracker) -> Path | None:
-    """The local folder of an offline W&B run, else None."""
-    return tracker.offline_dir if isinstance(tracker, WandbTracker) else None
-
-
 def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatModel,
             loop: dict[str, Any], tracker: Tracker, console: Console, pgd: str, best: BestWeights,
             before_writing: Callable[[], None] = lambda: None) -> RunResult:
-    """Final evaluation on the test set (final weights, and the best-epoch weights when kept), result
-    files, plots, tracker summary; ``before_writing`` (the run lock's check) runs before the first write."""
+    """Final evaluation (final and best weights), result files, plots, summary; ``before_writing`` goes first."""
     run_dir, cfg, ev = settings.run_dir, settings.env, settings.eval
     model = env.game.target
     game_data = env.game.data
@@ -88,16 +80,9 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
         table += "\n\n" + format_table(best_results, dataset_description=f"{data.description}; test split",
                                        model_description=f"{description}; {best.describe(pgd)}", n_total=n_total)
 
-    files = {
-        "checkpoint": run_dir / CHECKPOINT,
-        "weights": run_dir / WEIGHTS_FILE,
-        "results_json": run_dir / RESULTS_FILE,
-        "results_md": run_dir / RESULTS_MD,
-        "metrics_json": run_dir / METRICS_FILE,
-        "accuracy_png": run_dir / ACCURACY_PNG,
-        "choices_png": run_dir / CHOICES_PNG,
-        "log": run_dir / LOG_FILE,
-    }
+    names = {"checkpoint": CHECKPOINT, "weights": WEIGHTS_FILE, "results_json": RESULTS_FILE, "results_md": RESULTS_MD,
+             "metrics_json": METRICS_FILE, "accuracy_png": ACCURACY_PNG, "choices_png": CHOICES_PNG, "log": LOG_FILE}
+    files = {key: run_dir / name for key, name in names.items()}
     if best_results:
         files["best"] = run_dir / BEST
     before_writing()
@@ -120,8 +105,7 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
 
     metrics = {
         "format": METRICS_FORMAT,
-        # Only what the settings determine: no wall-clock times, so a resumed run's file is
-        # byte-identical to an uninterrupted one's (on CPU).
+        # No wall-clock times: a resumed run's file is byte-identical to an uninterrupted one's (on CPU).
         "history": [{k: v for k, v in h.items() if k != "seconds"} for h in history],
         "final": rows(results),
         "best": rows(best_results),
@@ -157,7 +141,7 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: Thre
                      "final/images": n, "final/eps": threat.epsilon, **{f"time/{k}": v for k, v in seconds.items()}})
     tracker.log_checkpoint(files["checkpoint"], {"dataset": cfg.dataset, "model": cfg.model,
                                                  "agent": settings.agent_name, **summary_rows})
-    offline = offline_dir(tracker)
+    offline = tracker.offline_dir
     tracker.finish()
     console.print("")
     console.print(table)
@@ -204,7 +188,7 @@ def _footer(settings: RunSettings, history: list[dict[str, Any]], seconds: Mappi
         f"Run directory: {settings.run_dir}",
         "  " + ", ".join(Path(p).name for p in files.values()),
     ]
-    offline = offline_dir(tracker)
+    offline = tracker.offline_dir
     if offline is not None:
         # A resumed run adds one offline folder per invocation (same run id): sync them all.
         lines.append(f"W&B (offline) run {tracker.info['id']}: upload it with "

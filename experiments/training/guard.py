@@ -1,12 +1,7 @@
-"""Divergence detection: a non-finite loss, reward, gradient norm or weight stops the run.
-
-Everything is summed on the device and read back with the loop's step-metric flushes (every
-``log_every_steps`` steps and at each epoch's end), so the hot loop gains no synchronisation; a
-fault is noticed at most one window late, always before the epoch's checkpoint, which therefore
-stays the last finite state. ``on_nonfinite=skip`` drops, on the device, the update of a batch
-whose gradient is not finite (gradient zeroed, BatchNorm statistics put back) and counts it
-(``guard/skipped_batches``); a non-finite reward, agent metric or weight still stops the run.
-"""
+"""Divergence detection: a non-finite loss, reward, gradient norm or weight stops the run. Read back with
+the loop's step-metric flushes (no extra sync), so a fault is caught before the epoch's checkpoint, which
+stays the last finite state. ``on_nonfinite=skip`` drops a batch whose gradient is not finite (gradient
+zeroed, BatchNorm statistics put back, counted); a non-finite reward, agent metric or weight still stops."""
 
 from __future__ import annotations
 
@@ -19,7 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from experiments.config.schema import NONFINITE_MODES
 from experiments.runfolder.runfiles import CHECKPOINT, RESULTS_FILE
 from las_env.files import write_json
 from las_env.reward import REWARD_TERMS
@@ -47,8 +41,7 @@ def _watched(name: str) -> str | None:
 
 
 class TrainingDiverged(Exception):
-    """Training stopped because a watched quantity was not finite; the message is the paragraph.
-    ``steps``: the (first, last) global steps of the window; ``bad``: quantity -> its value."""
+    """A watched quantity was not finite; ``steps``: the window's (first, last) global steps; ``bad``: name -> value."""
 
     def __init__(self, message: str, *, epoch: int, steps: tuple[int, int], first_step: int | None,
                  bad: dict[str, float]) -> None:
@@ -58,7 +51,7 @@ class TrainingDiverged(Exception):
 
 @dataclass
 class Context:
-    """What the failure message says about the run (set by the loop; ``loop`` is read when the message is written)."""
+    """The run, as the failure message describes it (``loop`` is read when the message is written)."""
 
     run_dir: Path
     loop: Mapping[str, Any]
@@ -69,8 +62,6 @@ class DivergenceGuard:
     """Watches one :class:`las_env.game.LASGame`'s target and the loop's step metrics."""
 
     def __init__(self, game: Any, mode: str = "stop") -> None:
-        if mode not in NONFINITE_MODES:
-            raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {mode!r}.")
         self.game, self.mode = game, mode
         self._first_bad = torch.full((), -1, dtype=torch.long, device=game.device)
         self._grad_norm: Tensor | None = None
@@ -81,15 +72,13 @@ class DivergenceGuard:
         self._buffers: list[Tensor] = []
         self._saved: list[Tensor] = []
         if mode == "skip" and getattr(game, "target", None) is not None:
-            # A skipped batch must not leave its trace in the BatchNorm statistics either: they
-            # are saved before each training forward pass (a few small copies, on the device).
+            # A skipped batch must not touch the BatchNorm statistics either: saved before each training forward.
             self._buffers = list(game.target.buffers())
             self._saved = [b.detach().clone() for b in self._buffers]
             target = game.target
 
             def save_buffers(module: torch.nn.Module, args: Any) -> None:
-                # A closure, not a bound method: deepcopy(target) (the authors' w_hat) copies
-                # hooks, and would copy this guard (and the game) with a bound method.
+                # A closure: deepcopy(target) (the authors' w_hat) copies hooks; a bound method would copy the guard.
                 if module is target and module.training:
                     torch._foreach_copy_(self._saved, self._buffers)
 
@@ -127,8 +116,7 @@ class DivergenceGuard:
         self._grad_norm = self._skipped = None
 
     def flush(self, meter: Any) -> dict[str, tuple[float, int]]:
-        """``meter.flush()`` with the weights' norm in the same read (without the guard's internal
-        entries); raises :class:`TrainingDiverged` if anything watched is not finite."""
+        """``meter.flush()`` with the weights' norm in the same read; raises :class:`TrainingDiverged`."""
         tensors = [t.detach().float() for t in (*self.game.target.parameters(), *self.game.target.buffers())
                    if t.is_floating_point()]
         if tensors:
@@ -192,8 +180,7 @@ class DivergenceGuard:
                          f"({ctx.started_from}, epoch {done}) is untouched.")
             else:
                 text += " No epoch had finished, so there is no checkpoint to go back to."
-            # resume continues with the recorded settings, so it would diverge again: a fixed
-            # setting is a new run, which may start from the last finite checkpoint.
+            # resume keeps the recorded settings (it would diverge again); a fixed setting is a new run.
             source = ctx.run_dir if checkpoint.is_file() else ctx.started_from
             text += (" results.json marks the run failed. Fix the setting and run the command again: a changed "
                      "setting gets a folder of its own (resume=true and resume=<dir> continue a run with its "
@@ -205,8 +192,7 @@ class DivergenceGuard:
 
 
 def record_failure(error: TrainingDiverged, results: dict[str, Any], tracker: Any, console: Any) -> None:
-    """Mark the run failed in ``results.json`` (``results``: the loop's fields of it), the tracker and
-    ``log.txt``; the checkpoint is not touched."""
+    """Mark the run failed in ``results.json`` (``results``: the loop's fields of it), the tracker and ``log.txt``."""
     doc = {**results, "status": "failed", "final": [],
            "failure": {"kind": "diverged", "message": str(error), "epoch": error.epoch,
                        "steps": list(error.steps), "first_nonfinite_step": error.first_step,

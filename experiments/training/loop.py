@@ -1,16 +1,12 @@
-"""The training loop: LAS-AT from the first step to the results table, resumable at any epoch.
-
-:func:`train` (what ``experiments/run.py`` calls) drives any :class:`agents.base.Agent` through
-``act`` / ``env.step`` / ``learn`` (``agents/base.py``), with the per-epoch evaluation, an atomic
-checkpoint after every epoch, the final evaluation, the result files and the tracker. On CPU a run
-stopped after any epoch and resumed writes a ``metrics.json`` byte-identical to an uninterrupted one's.
-"""
+"""The training loop: any :class:`agents.base.Agent` through ``act`` / ``env.step`` / ``learn``, evaluated and
+checkpointed each epoch; on CPU a run resumed at any epoch writes the same ``metrics.json`` as an uninterrupted one."""
 
 from __future__ import annotations
 
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +19,7 @@ from experiments.training import distributed
 from experiments.training.epoch_eval import eval_subsets, evaluate_epoch, pgd_name
 from experiments.config.errors import ConfigError
 from experiments.training.faults import full_disk_stops, stop_on_interrupt
-from experiments.training.finish import RunResult, finish_run, offline_dir
+from experiments.training.finish import RunResult, finish_run
 from experiments.training.guard import Context, TrainingDiverged, record_failure
 from experiments.tracking.loggers import Console, make_tracker
 from experiments.runfolder.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
@@ -39,12 +35,12 @@ from las_env.datasets.checks import check_image_size, classes_missing_from_train
 from las_env.datasets.registry import is_registered, lookup
 from las_env.env import LASEnv
 from las_env.global_view import global_view
+from las_env.sharding import process_shard
 from las_env.validate import SettingError
 
 
 def _rng_states(device: torch.device) -> dict[str, Any]:
-    # Tensors and plain values only, so the checkpoint loads with weights_only=True: numpy's
-    # (name, uint32 keys, pos, has_gauss, cached) with the keys as an int64 tensor.
+    # Tensors and plain values only (weights_only=True loads them): numpy's uint32 keys as an int64 tensor.
     name, keys, pos, has_gauss, cached = np.random.get_state()
     states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
                               "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
@@ -64,11 +60,7 @@ def _restore_rng(states: Mapping[str, Any], device: torch.device) -> None:
 
 
 def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, AgentSpec]:
-    """The env from the final ``settings.env``, then the agent from ``AgentSpec.from_game(env)``.
-
-    Raises:
-        ConfigError: the game or the agent refuses its settings, or the agent is not an :class:`Agent`.
-    """
+    """The env from the final ``settings.env``, then the agent from its spec; a refusal is a :class:`ConfigError`."""
     cfg = settings.env
     n_train = data.x_train.shape[0]
     if cfg.batch_size > n_train:
@@ -100,8 +92,7 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
 
 def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, fingerprint: str, env: LASEnv,
                     agent: Agent, loop: dict[str, Any], wandb_info: dict[str, Any] | None) -> Path:
-    """Write the whole training state atomically (a crash mid-save leaves the previous file);
-    ``fingerprint`` is the loaded data's (:func:`las_env.checkpoint.data_fingerprint`)."""
+    """Write the whole training state atomically (a crash mid-save leaves the previous file)."""
     cfg = env.config
     state = {
         "format": FORMAT,
@@ -131,18 +122,14 @@ def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, finge
 
 
 def train(settings: RunSettings, *, data: ImageData | None = None, console: Console | None = None) -> RunResult:
-    """Train, evaluate, checkpoint, log (holding the folder's run lock); resume when asked.
-
-    Raises:
-        ConfigError: bad input, always found before training.
-        TrainingDiverged: a non-finite value (``experiments/training/guard.py``); the last finite
-            checkpoint stays and ``results.json`` marks the run failed.
-    """
+    """Train, evaluate, checkpoint, log (holding the run lock); resume when asked. Raises :class:`ConfigError`
+    (bad input, before training) or :class:`TrainingDiverged` (``results.json`` marks the run failed)."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings = distributed.localized(settings)
     with distributed.process_group(settings.env.device, distributed.timeout_s(settings.config)):
-        if not distributed.is_main():  # rank 0 alone holds the lock and writes (experiments/training/distributed.py)
-            return _train(*distributed.for_other_rank(settings), data, None)
+        if process_shard().rank != 0:  # rank 0 alone holds the lock, writes and tracks; the others are quiet
+            quiet = replace(settings, progress=False, logger=replace(settings.logger, name="none"))
+            return _train(quiet, Console(quiet=True), data, None)
         with RunLock.acquire(settings.run_dir) as lock, stop_on_interrupt(settings.run_dir):
             return _train(settings, console, data, lock)
 
@@ -283,7 +270,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
         )
         tracker.finish()
         return RunResult(run_dir, False, loop["epochs_done"], history, seconds=dict(loop["seconds"]),
-                         files={"checkpoint": str(ckpt_path)}, wandb_offline_dir=offline_dir(tracker))
+                         files={"checkpoint": str(ckpt_path)}, wandb_offline_dir=tracker.offline_dir)
 
     if lock is None:  # the final evaluation is rank 0's alone; the other ranks leave now
         return RunResult(run_dir, True, loop["epochs_done"], history, seconds=dict(loop["seconds"]))
@@ -299,8 +286,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
 
 
 def _check_data_fits(settings: RunSettings, data: ImageData, console: Console) -> None:
-    """Images large enough for the target and the strategy backbone; a warning for test classes
-    the train split lacks."""
+    """Images large enough for the target and the strategy backbone; a warning for classes the train split lacks."""
     record = lookup(data.name) if is_registered(data.name) else None
     models = {"model.name": settings.env.model or (record.model_for(data.height, data.width) if record else "")}
     agent = settings.config.get("agent") or {}

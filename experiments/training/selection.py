@@ -1,14 +1,9 @@
-"""Checkpoint selection without test leakage: a validation split, the best-on-validation weights.
-
-The authors keep the epoch with the best TEST PGD-10 accuracy and report it on the same test
-images (optimistic). Here a stratified, seeded share of the TRAINING images is held out as the
-``val`` subset of the per-epoch evaluation, and :class:`BestWeights` keeps the best epoch on
-``select_on`` (``val`` by default) in ``best.pt``; ``select_on=test`` reproduces the authors'
-choice with a warning, ``select_on=last`` keeps the final weights only.
-"""
+"""Checkpoint selection without test leakage: the authors pick the epoch by its TEST accuracy (optimistic); here
+the best epoch on held-out TRAINING images (``select_on=val``) goes to ``best.pt`` (``test``: theirs, warned)."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -31,9 +26,8 @@ TEST_SELECTION_WARNING = (
 
 
 def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, tuple[Tensor, Tensor] | None]:
-    """``(data without the held-out images, (x_val, y_val))``, or ``(data, None)`` when ``fraction == 0``.
-    Each class gives ``round(fraction * n_class)`` of its images (at least one of two or more), seeded;
-    the training images keep their order."""
+    """``(data without the held-out images, (x_val, y_val))``, or ``(data, None)``; each class gives
+    ``round(fraction * n_class)`` (at least one of two or more), seeded; the training images keep their order."""
     if fraction == 0:
         return data, None
     g = torch.Generator().manual_seed(seed)
@@ -62,9 +56,8 @@ def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[Image
 
 @dataclass
 class BestWeights:
-    """The epoch with the best per-epoch PGD accuracy on ``select_on``, its weights in ``best.pt``.
-    Its state (``as_dict``) lives in the checkpoint's loop state, so a resumed run continues the
-    selection; ``best.pt`` is written before the same epoch's checkpoint, which a crash re-runs."""
+    """The epoch with the best per-epoch PGD accuracy on ``select_on``, its weights in ``best.pt`` (written before
+    the epoch's checkpoint, whose loop state holds ``as_dict()``: a resumed run continues the selection)."""
 
     select_on: str
     epoch: int | None = None
@@ -100,8 +93,6 @@ class BestWeights:
         """A copy of ``model`` holding the best weights, or None when none were kept."""
         if self.epoch is None or not (run_dir / BEST).is_file():
             return None
-        import copy  # noqa: PLC0415
-
         best = copy.deepcopy(model)
         try:
             best.load_state_dict(read_torch_file(run_dir / BEST)["state_dict"])

@@ -25,8 +25,7 @@ from las_env.strategy_space import ATTACK_COLUMNS
 
 
 class StepMeter:
-    """Running sums of per-step scalars, kept on the device so adding never synchronises; ``flush``
-    reads them all back in one transfer."""
+    """Running sums of per-step scalars on the device (adding never syncs); ``flush`` reads them in one transfer."""
 
     def __init__(self) -> None:
         self._sums: dict[str, Tensor] = {}
@@ -50,10 +49,6 @@ class StepMeter:
         out.update({n: (v, self._counts[n]) for n, v in self._host.items()})
         self._sums, self._host, self._counts = {}, {}, {}
         return out
-
-
-def _means(sums: Mapping[str, tuple[float, int]]) -> dict[str, float]:
-    return {n: s / c for n, (s, c) in sums.items() if c}
 
 
 def _absorb(totals: dict[str, tuple[float, int]], window: Mapping[str, tuple[float, int]]) -> None:
@@ -177,7 +172,7 @@ class EpochTrainer:
                 if every and step % every == 0:
                     window = self.guard.flush(meter)  # raises TrainingDiverged on a non-finite value
                     _absorb(totals, window)
-                    means = _means(window)
+                    means = {n: s / c for n, (s, c) in window.items() if c}
                     self.tracker.log({f"step/{k}": v for k, v in means.items()}, step)
                     bar.set_postfix(loss=f"{means.get('train/loss', math.nan):.3f}",
                                     adv_acc=f"{means.get('train/adv_accuracy', math.nan):.2f}",
