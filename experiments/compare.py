@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.comparison.ranking import compare  # noqa: E402
+from experiments.comparison.ranking import Comparison, compare  # noqa: E402
 from experiments.comparison.report import results_table, write_report  # noqa: E402
 from experiments.comparison.runs import WEIGHTS, CompareError  # noqa: E402
-from experiments.comparison.stats import attack_title  # noqa: E402
+from experiments.comparison.stats import BOOTSTRAP_REPS, attack_title  # noqa: E402
 from experiments.config.errors import fail  # noqa: E402
+from experiments.config.schema import LoggerSettings  # noqa: E402
+from experiments.tracking.loggers import WandbTracker  # noqa: E402
 
 EXIT_MISMATCH = 2
 
@@ -45,6 +48,32 @@ def default_out(paths: Sequence[str | Path]) -> Path:
     return common / "comparison"
 
 
+def log_to_wandb(c: Comparison, files: Mapping[str, Path], out: Path) -> Path | None:
+    """One offline W&B run (job type "compare") holding the results table and the PNGs; returns the
+    folder for ``wandb sync`` (under ``out``). Offline always: a report needs no network."""
+    import wandb  # noqa: PLC0415 - only with --wandb
+
+    summary = json.loads(files["summary"].read_text())  # the same numbers as summary.json, as a table
+    columns = ["agent", "seeds", "gradients_per_image"] + [f"{a} {k}" for a in c.attacks
+                                                          for k in ("iqm", "ci_low", "ci_high", "worst", "p_improvement")]
+    rows = []
+    for g in summary["groups"]:
+        row = [g["label"], len(g["seeds"]), g["gradients_per_image"]]
+        for a in c.attacks:
+            acc = g["accuracy"][a]
+            iqm, p = acc["iqm"] or {"value": None, "ci": [None, None]}, acc["improvement_over_pgd_at"] or {}
+            row += [iqm["value"], *iqm["ci"], acc["worst"], p.get("value")]
+        rows.append(row)
+    settings = LoggerSettings(name="wandb", mode="offline", run_name=f"compare-{out.name}", tags=["compare"],
+                              log_checkpoint=False)
+    tracker = WandbTracker(settings, out, {"sources": c.sources, "weights": c.weights, "bootstrap_reps": c.reps},
+                           job_type="compare")
+    tracker.run.log({"results": wandb.Table(columns=columns, data=rows),
+                     **{k: wandb.Image(str(v)) for k, v in files.items() if v.suffix == ".png"}})
+    tracker.finish()
+    return tracker.offline_dir
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="compare.py", description="Compare finished LAS-AT runs: report.md + PNG figures, no W&B needed.")
@@ -57,9 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(best.pt, selected on the held-out validation images)")
     parser.add_argument("--strict", action="store_true",
                         help=f"exit with status {EXIT_MISMATCH} when the runs' protocols differ")
+    parser.add_argument("--bootstrap-reps", type=int, default=BOOTSTRAP_REPS,
+                        help=f"bootstrap repetitions per confidence interval (default {BOOTSTRAP_REPS})")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the table and figures as one offline W&B run (upload later with wandb sync)")
     args = parser.parse_args(argv)
     try:
-        c = compare(args.dirs, args.weights)
+        c = compare(args.dirs, args.weights, args.bootstrap_reps)
     except CompareError as exc:
         # The one error format of every command (experiments.config.errors); main() returns its status
         # instead of exiting so that callers (and tests) can run it in-process.
@@ -76,14 +109,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "comparable (details at the top of the report).\n")
     print(f"{len(c.runs)} runs in {len(c.groups)} groups; {WEIGHTS[c.weights]}.")
     print(results_table(c, c.main, winners=c.winners))
+    if c.few_seeds_note():
+        print(c.few_seeds_note())
     if c.winners:
-        print(f"Best mean {attack_title(c.headline, c.runs[0])} robust accuracy: "
+        print(f"Best (IQM) {attack_title(c.headline, c.runs[0])} robust accuracy: "
               + ", ".join(g.label for g in c.winners) + c.margin_note())
     if c.search:
         print(f"\nSearch baseline ({len(c.search)} fixed attack settings):")
         print(results_table(c, c.search))
     print(f"\nReport: {files['report']}")
     print("Figures: " + (", ".join(str(v) for k, v in files.items() if k not in ("report", "summary")) or "none"))
+    if args.wandb:
+        print(f"W&B (offline): upload with  wandb sync {log_to_wandb(c, files, out)}")
     return EXIT_MISMATCH if (args.strict and c.warnings) else 0
 
 

@@ -1,4 +1,5 @@
-"""The comparison's figures: per-epoch curves (paper Fig. 1), chosen epsilon (Fig. 4), fixed images (Fig. 5)."""
+"""The comparison's figures: per-epoch curves (paper Fig. 1), chosen epsilon (Fig. 4), fixed images (Fig. 5),
+rliable's IQM intervals and probability of improvement. matplotlib is imported on first use (Agg backend)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from evaluation.attacks import format_eps
+from experiments.comparison.runs import Run
+from experiments.comparison.stats import Group
 
-from evaluation.attacks import format_eps  # noqa: E402
-from experiments.comparison.runs import Run  # noqa: E402
-from experiments.comparison.stats import Group  # noqa: E402
+
+def _pyplot() -> Any:
+    """pyplot on the file-only Agg backend, imported when a figure is drawn (compare.py starts without it)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
 
 
 def _short(g: Group) -> str:
@@ -25,6 +31,7 @@ def _short(g: Group) -> str:
 
 
 def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
+    plt = _pyplot()
     panels = [("test_robust", "test, robust"), ("train_robust", "train subset, robust"), ("test_clean", "test, clean")]
     if any("val_robust" in (h.get("eval") or {}) for g in groups for r in g.runs for h in r.history):
         panels.insert(0, ("val_robust", "validation (held out; selects best.pt), robust"))
@@ -49,7 +56,7 @@ def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
             ax.fill_between(epochs, mean - std, mean + std, color=colors[g.label], alpha=0.2, lw=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
@@ -60,7 +67,8 @@ def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
     return path
 
 
-def _grid_panels(n: int) -> tuple[plt.Figure, list[Any]]:
+def _grid_panels(n: int) -> tuple[Any, list[Any]]:
+    plt = _pyplot()
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, layout="constrained")
@@ -74,6 +82,7 @@ def plot_epsilon_distribution(groups: Sequence[Group], path: Path) -> Path | Non
     groups = [g for g in groups if any(h.get("choices", {}).get("epsilon") for r in g.runs for h in r.history)]
     if not groups:
         return None
+    plt = _pyplot()
     fig, axes = _grid_panels(len(groups))
     im = None
     for ax, g in zip(axes, groups):
@@ -98,7 +107,7 @@ def plot_epsilon_distribution(groups: Sequence[Group], path: Path) -> Path | Non
         ax.set_yticklabels([format_eps(v) for v in values], fontsize=7)
         ax.set_xlabel("epoch")
         ax.set_ylabel("epsilon")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_title(f"{_short(g)}, {len(g.runs)} seed(s)", fontsize=8)
     if im is not None:
         fig.colorbar(im, ax=axes, fraction=0.025, label="share of training images")
@@ -120,6 +129,7 @@ def plot_fixed_images(groups: Sequence[Group], path: Path, *, images: int = 8) -
     shown = [(g, g.runs[0]) for g in groups if not g.is_fixed and _fixed_images(g.runs[0])]
     if not shown:
         return None
+    plt = _pyplot()
     fig, axes = _grid_panels(len(shown))
     for ax, (g, run) in zip(axes, shown):
         records = _fixed_images(run)
@@ -141,11 +151,55 @@ def plot_fixed_images(groups: Sequence[Group], path: Path, *, images: int = 8) -
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         ax.set_xlabel("epoch")
         ax.set_ylabel("chosen epsilon")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.set_title(f"{_short(g)}, seed {run.seed}", fontsize=8)
         ax.legend(fontsize=6, ncol=2, loc="best")
     fig.suptitle("Epsilon chosen for fixed training images over epochs (paper Fig. 5)", fontsize=10)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _shared_attacks(groups: Sequence[Group], titles: dict[str, str]) -> list[str]:
+    return [a for a in titles if all(a in g.iqm for g in groups)]
+
+
+def plot_iqm(groups: Sequence[Group], titles: dict[str, str], path: Path) -> Path | None:
+    """rliable's interval-estimate plot: per attack (``titles``: name -> title), each agent's IQM and 95% CI."""
+    attacks = _shared_attacks(groups, titles)
+    if not groups or not attacks:
+        return None
+    plt = _pyplot()
+    from rliable import plot_utils  # noqa: PLC0415 - imports seaborn
+
+    points = {_short(g): np.array([100 * g.iqm[a].value for a in attacks]) for g in groups}
+    intervals = {_short(g): np.array([[100 * g.iqm[a].low for a in attacks], [100 * g.iqm[a].high for a in attacks]])
+                 for g in groups}
+    fig, _ = plot_utils.plot_interval_estimates(points, intervals, [titles[a] for a in attacks],
+                                                subfigure_width=4.0, row_height=0.5, xlabel="accuracy (%), IQM and 95% CI")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_improvement(groups: Sequence[Group], titles: dict[str, str], reference: Group, path: Path) -> Path | None:
+    """rliable's probability-of-improvement plot: per attack, P(agent > PGD-AT) with its 95% CI."""
+    groups = [g for g in groups if g.improvement]
+    attacks = [a for a in titles if all(a in g.improvement for g in groups)]
+    if not groups or not attacks:
+        return None
+    plt = _pyplot()
+    from rliable import plot_utils  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5.5 * len(attacks), 0.5 * len(groups) + 1.5), squeeze=False)
+    for ax, a in zip(axes[0], attacks):
+        pairs = {f"{g.label}|{reference.label}": g.improvement[a] for g in groups}
+        plot_utils.plot_probability_of_improvement(
+            {k: i.value for k, i in pairs.items()}, {k: [i.low, i.high] for k, i in pairs.items()}, pair_separator="|",
+            ax=ax, xlabel=f"P(agent > PGD-AT), {titles[a]}", left_ylabel="agent", right_ylabel="PGD-AT",
+            ticklabelsize="small", labelsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

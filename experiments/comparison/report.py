@@ -7,29 +7,50 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.attacks import format_eps
-from experiments.comparison.figures import plot_curves, plot_epsilon_distribution, plot_fixed_images
+from experiments.comparison.figures import (plot_curves, plot_epsilon_distribution, plot_fixed_images, plot_improvement,
+                                            plot_iqm)
 from experiments.comparison.labels import protocol_of
 from experiments.comparison.ranking import Comparison
 from experiments.comparison.runs import WEIGHTS
-from experiments.comparison.stats import Group, attack_title
+from experiments.comparison.stats import BOOTSTRAP_SEED, CONFIDENCE, Group, Interval, attack_title
 from experiments.runfolder.runfiles import REPORT_MD, SUMMARY_FILE, SUMMARY_FORMAT
 from las_env.files import atomic_write_text, write_json
 
 
+def _pct(i: Interval | None, n: int, n_expected: int) -> str:
+    if i is None:
+        return "-"
+    return f"{100 * i.value:.2f} [{100 * i.low:.2f}, {100 * i.high:.2f}]" + (f" (n={n})" if n != n_expected else "")
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def titles(c: Comparison) -> dict[str, str]:
+    """Attack name -> its title (e.g. ``pgd20`` -> ``PGD-20``), in the table's order."""
+    return {a: attack_title(a, next(r for r in c.runs if a in r.final)) for a in c.attacks}
+
+
 def results_table(c: Comparison, groups: Sequence[Group], *, winners: Sequence[Group] = ()) -> str:
-    titles = []
-    for a in c.attacks:
-        have = next(r for r in c.runs if a in r.final)
-        star = " *" if a == c.headline else ""
-        titles.append(f"{attack_title(a, have)}{star} (%)")
-    head = ["Agent", "Seeds", *titles, "Wall time (s)", "Train s/epoch"]
+    """Per attack: IQM [95% CI], the worst seed and P(> PGD-AT) [95% CI]; then cost and time."""
+    head = ["Agent", "Seeds"]
+    for a, title in titles(c).items():
+        head += [f"{title}{' *' if a == c.headline else ''} IQM [95% CI] (%)", f"{title} worst (%)"]
+        head += [f"{title} P(> PGD-AT) [95% CI]"] if c.reference else []
+    head += ["Gradients/image", "Wall time (s)", "Train s/epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for g in groups:
-        n = len(g.runs)
         label = (f"**`{g.label}`**" if g in winners else f"`{g.label}`") + (f" ({g.role})" if g.role else "")
-        cells = [label + (" **← best**" if g in winners else ""), f"{n} ({','.join(map(str, g.seeds))})"]
-        cells += [g.accuracy(a).pct(n) for a in c.attacks]
-        cells += [g.wall().seconds(), g.per_epoch().seconds()]
+        cells = [label + (" **← best**" if g in winners else ""), f"{len(g.runs)} ({','.join(map(str, g.seeds))})"]
+        for a in c.attacks:
+            scores = g.scores(a)
+            cells += [_pct(g.iqm.get(a), len(scores), len(g.runs)), _num(100 * min(scores) if scores else None, 2)]
+            if c.reference:
+                p = g.improvement.get(a)
+                cells.append("(reference)" if g is c.reference else "-" if p is None
+                             else f"{p.value:.2f} [{p.low:.2f}, {p.high:.2f}]")
+        cells += [_num(g.cost()), _num(g.wall()), _num(g.per_epoch())]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -49,10 +70,18 @@ def _protocol_lines(c: Comparison) -> list[str]:
         lines.append(f"- `{a}`: {row.get('label', a)}, eps {format_eps(float(row.get('epsilon', 0)))}, "
                      f"first {'/'.join(map(str, n_images))} test images{where}")
     if c.headline:
-        lines.append(f"- Ranking (* column): {attack_title(c.headline, c.runs[0])} robust accuracy, mean over seeds "
+        lines.append(f"- Ranking (* column): {attack_title(c.headline, c.runs[0])} robust accuracy, IQM over seeds "
                      f"(AutoAttack when every run has it, else the strongest PGD every run has)")
     lines.append(f"- Per-epoch curves: {p['per-epoch evaluation']}")
-    lines.append("- ± is the sample standard deviation over seeds; (n=k) marks a cell with fewer seeds than its row")
+    reference = f"`{c.reference.label}`" if c.reference else "none among these runs"
+    lines += [f"- IQM: interquartile mean over seeds; [95% CI]: rliable's stratified percentile bootstrap "
+              f"({c.reps} repetitions, seed {BOOTSTRAP_SEED}); worst: the lowest seed; (n=k): a cell with fewer seeds "
+              f"than its row",
+              f"- P(> PGD-AT): rliable's probability that a seed of the agent scores above a seed of PGD-AT "
+              f"(agent=fixed at the threat model's attack: {reference}), 0.5 = no difference, with its 95% CI",
+              "- Gradients/image: gradient computations per training image over the whole training, mean over "
+              "seeds: the attack's PGD steps plus the reward probes' (results.json `cost`; - for runs from "
+              "before it was recorded)"]
     return lines
 
 
@@ -64,14 +93,16 @@ def markdown_report(c: Comparison, figures: Mapping[str, Path | None]) -> str:
                 "The numbers below are NOT directly comparable:", ""]
         out += [f"- **{w}**" for w in c.warnings] + [""]
     out += ["## Protocol", ""] + _protocol_lines(c) + [""]
-    out += ["## Results (test accuracy, mean ± std over seeds)", "", results_table(c, c.main, winners=c.winners), ""]
+    out += ["## Results (test accuracy, IQM over seeds with 95% bootstrap CIs)", "",
+            results_table(c, c.main, winners=c.winners), ""]
+    if c.few_seeds_note():
+        out += [f"**{c.few_seeds_note()}**", ""]
     if c.winners:
         names = ", ".join(f"`{g.label}`" for g in c.winners)
-        out.append(f"Best mean {attack_title(c.headline, c.runs[0])} robust accuracy: {names}{c.margin_note()}.")
-        out.append("")
+        out += [f"Best {attack_title(c.headline, c.runs[0])} robust accuracy (IQM): {names}{c.margin_note()}.", ""]
     if c.search:
         if c.headline:
-            text = (f"Every fixed (PGD-AT) attack that was run, ranked by mean {attack_title(c.headline, c.runs[0])} "
+            text = (f"Every fixed (PGD-AT) attack that was run, ranked by the IQM of {attack_title(c.headline, c.runs[0])} "
                     "robust accuracy. The best is picked on the same test images it is reported on, so its row "
                     "above is an optimistic estimate of hand-tuning the fixed attack.")
         else:
@@ -86,6 +117,9 @@ def markdown_report(c: Comparison, figures: Mapping[str, Path | None]) -> str:
         out.append("")
     out += ["## Figures", ""]
     captions = {
+        "iqm": "IQM over seeds with its 95% stratified-bootstrap CI, per agent and attack (rliable).",
+        "improvement": "Probability of improvement over PGD-AT with its 95% CI, per attack (rliable); 0.5: no "
+                       "difference.",
         "robust_curves": "Per-epoch accuracy (mean ± std over seeds): test and train-subset robust, test clean "
                          "(paper Fig. 1; a gap between the robust curves is robust overfitting).",
         "epsilon_distribution": "Share of training images given each epsilon, per epoch, all seeds pooled; "
@@ -101,23 +135,33 @@ def markdown_report(c: Comparison, figures: Mapping[str, Path | None]) -> str:
         elif key == "fixed_images_strength":
             out += ["(No fixed-images figure (Fig. 5): no run of an agent that chooses records `fixed_images` "
                     "in its per-epoch history.)", ""]
-    out += ["## Runs", "", "| Agent | Seed | " + " | ".join(c.attacks) + " | Wall time (s) | Run directory |",
-            "|---|---:|" + "---:|" * len(c.attacks) + "---:|---|"]
+    out += ["## Runs", "", "| Agent | Seed | " + " | ".join(c.attacks) + " | Gradients/image | Wall time (s) | Run "
+            "directory |", "|---|---:|" + "---:|" * len(c.attacks) + "---:|---:|---|"]
     for g in c.groups:
         for r in g.runs:
             accs = [f"{100 * float(r.final[a]['accuracy']):.2f}" if a in r.final else "-" for a in c.attacks]
-            wall = f"{r.seconds['total']:.1f}" if "total" in r.seconds else "-"
-            out.append(f"| `{r.label}` | {r.seed} | " + " | ".join(accs) + f" | {wall} | {r.path} |")
+            cost, wall = _num(r.cost.get("gradients_per_image")), _num(r.seconds.get("total"))
+            out.append(f"| `{r.label}` | {r.seed} | " + " | ".join(accs) + f" | {cost} | {wall} | {r.path} |")
     return "\n".join(out) + "\n"
 
 
 def summary_json(c: Comparison, figures: Mapping[str, Path | None]) -> dict[str, Any]:
+    """The report's numbers for scripts (fractions, not percent)."""
+    def accuracy(g: Group, a: str) -> dict[str, Any]:
+        scores = g.scores(a)
+        improvement = g.improvement.get(a)
+        return {"values": scores, "n": len(scores), "worst": min(scores) if scores else None,
+                "iqm": g.iqm[a].to_dict() if a in g.iqm else None,
+                "improvement_over_pgd_at": improvement.to_dict() if improvement else None}
+
     def group(g: Group) -> dict[str, Any]:
         return {"label": g.label, "role": g.role, "seeds": g.seeds, "runs": [str(r.path) for r in g.runs],
-                "accuracy": {a: g.accuracy(a).to_dict() for a in c.attacks},
-                "wall_seconds": g.wall().to_dict(), "train_seconds_per_epoch": g.per_epoch().to_dict()}
+                "accuracy": {a: accuracy(g, a) for a in c.attacks}, "gradients_per_image": g.cost(),
+                "wall_seconds": g.wall(), "train_seconds_per_epoch": g.per_epoch()}
 
     return {"format": SUMMARY_FORMAT, "weights": c.weights, "headline_attack": c.headline, "attacks": c.attacks,
+            "bootstrap": {"reps": c.reps, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE},
+            "pgd_at": c.reference.label if c.reference else None, "few_seeds": c.few_seeds_note() or None,
             "winners": [g.label for g in c.winners], "main": [g.label for g in c.main],
             "search": [g.label for g in c.search], "groups": [group(g) for g in c.groups],
             "warnings": c.warnings, "notes": c.notes,
@@ -131,6 +175,8 @@ def write_report(c: Comparison, out: Path, *, images: int = 8) -> dict[str, Path
         "robust_curves": plot_curves(plotted, out / "robust_curves.png"),
         "epsilon_distribution": plot_epsilon_distribution(plotted, out / "epsilon_distribution.png"),
         "fixed_images_strength": plot_fixed_images(plotted, out / "fixed_images_strength.png", images=images),
+        "iqm": plot_iqm(plotted, titles(c), out / "iqm.png"),
+        "improvement": plot_improvement(plotted, titles(c), c.reference, out / "improvement.png") if c.reference else None,
     }
     report = out / REPORT_MD
     atomic_write_text(report, markdown_report(c, figures))

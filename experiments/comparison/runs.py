@@ -42,6 +42,7 @@ class Run:
     per_epoch_attack: str
     data_description: str
     grid: StrategySpace
+    cost: dict[str, float] = field(default_factory=dict)  # results.json "cost" (gradients per image); {} in older runs
     fixed_attack: tuple[float, int, float] | None = None  # (epsilon, iterations, step size) played
     posthoc: list[str] = field(default_factory=list)  # attack names read from evaluate.py reports
     notes: list[str] = field(default_factory=list)
@@ -199,6 +200,7 @@ def _run_of(path: Path, doc: dict[str, Any], weights: str) -> Run:
         per_epoch_attack=str(doc.get("per_epoch_attack", "")),
         data_description=str(doc.get("data", dataset)),
         grid=grid,
+        cost={k: float(v) for k, v in (doc.get("cost") or {}).items()},
     )
     if run.is_fixed:
         run.fixed_attack = played_attack(run.history, grid)

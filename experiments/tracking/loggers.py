@@ -77,7 +77,7 @@ class WandbTracker(Tracker):
     step), so a resume that re-logs epochs does not hit "steps must increase"; it continues the same W&B run."""
 
     def __init__(self, settings: LoggerSettings, run_dir: Path, config: Mapping[str, Any],
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, job_type: str = "train") -> None:
         # Our top-level package is called `agents`, which W&B mistakes for an LLM-agents library
         # and answers with an advert for its Weave tracer: irrelevant here.
         os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
@@ -104,7 +104,7 @@ class WandbTracker(Tracker):
                 mode=settings.mode,
                 id=run_id,
                 resume="allow",
-                job_type="train",
+                job_type=job_type,
                 # console="off": W&B would otherwise wrap stdout, which fights the progress bars.
                 settings=wandb.Settings(silent=True, console="off"),
             )
