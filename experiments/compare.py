@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.comparison.ranking import Comparison, compare  # noqa: E402
-from experiments.comparison.report import results_table, write_report  # noqa: E402
+from experiments.comparison.report import markdown_table, table_rows, write_report  # noqa: E402
 from experiments.comparison.runs import WEIGHTS, CompareError  # noqa: E402
 from experiments.comparison.stats import BOOTSTRAP_REPS, attack_title  # noqa: E402
 from experiments.config.errors import fail  # noqa: E402
@@ -39,36 +39,20 @@ EXIT_MISMATCH = 2
 
 def default_out(paths: Sequence[str | Path]) -> Path:
     """``<deepest common folder of the inputs>/comparison``."""
-    resolved = [Path(p).expanduser().resolve() for p in paths]
-    folders = [p.parent if p.is_file() else p for p in resolved]
-    common = Path(*Path(folders[0]).parts)
-    for f in folders[1:]:
-        while common not in (f, *f.parents):
-            common = common.parent
-    return common / "comparison"
+    folders = [p.parent if p.is_file() else p for p in (Path(q).expanduser().resolve() for q in paths)]
+    return Path(os.path.commonpath(folders)) / "comparison"
 
 
 def log_to_wandb(c: Comparison, files: Mapping[str, Path], out: Path) -> Path | None:
-    """One offline W&B run (job type "compare") holding the results table and the PNGs; returns the
-    folder for ``wandb sync`` (under ``out``). Offline always: a report needs no network."""
+    """One offline W&B run (job type "compare", under ``out``) holding the results table and the PNGs;
+    returns the folder for ``wandb sync``. Offline always: a report needs no account or network."""
     import wandb  # noqa: PLC0415 - only with --wandb
 
-    summary = json.loads(files["summary"].read_text())  # the same numbers as summary.json, as a table
-    columns = ["agent", "seeds", "gradients_per_image"] + [f"{a} {k}" for a in c.attacks
-                                                          for k in ("iqm", "ci_low", "ci_high", "worst", "p_improvement")]
-    rows = []
-    for g in summary["groups"]:
-        row = [g["label"], len(g["seeds"]), g["gradients_per_image"]]
-        for a in c.attacks:
-            acc = g["accuracy"][a]
-            iqm, p = acc["iqm"] or {"value": None, "ci": [None, None]}, acc["improvement_over_pgd_at"] or {}
-            row += [iqm["value"], *iqm["ci"], acc["worst"], p.get("value")]
-        rows.append(row)
-    settings = LoggerSettings(name="wandb", mode="offline", run_name=f"compare-{out.name}", tags=["compare"],
-                              log_checkpoint=False)
+    settings = LoggerSettings(name="wandb", mode="offline", run_name=f"compare-{out.name}", tags=["compare"])
     tracker = WandbTracker(settings, out, {"sources": c.sources, "weights": c.weights, "bootstrap_reps": c.reps},
                            job_type="compare")
-    tracker.run.log({"results": wandb.Table(columns=columns, data=rows),
+    head, *rows = table_rows(c, c.main, winners=c.winners)
+    tracker.run.log({"results": wandb.Table(columns=head, data=rows),
                      **{k: wandb.Image(str(v)) for k, v in files.items() if v.suffix == ".png"}})
     tracker.finish()
     return tracker.offline_dir
@@ -108,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("compare: WARNING: the runs do not share one protocol; their numbers are not directly "
                          "comparable (details at the top of the report).\n")
     print(f"{len(c.runs)} runs in {len(c.groups)} groups; {WEIGHTS[c.weights]}.")
-    print(results_table(c, c.main, winners=c.winners))
+    print(markdown_table(table_rows(c, c.main, winners=c.winners)))
     if c.few_seeds_note():
         print(c.few_seeds_note())
     if c.winners:
@@ -116,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               + ", ".join(g.label for g in c.winners) + c.margin_note())
     if c.search:
         print(f"\nSearch baseline ({len(c.search)} fixed attack settings):")
-        print(results_table(c, c.search))
+        print(markdown_table(table_rows(c, c.search)))
     print(f"\nReport: {files['report']}")
     print("Figures: " + (", ".join(str(v) for k, v in files.items() if k not in ("report", "summary")) or "none"))
     if args.wandb:

@@ -161,33 +161,30 @@ def plot_fixed_images(groups: Sequence[Group], path: Path, *, images: int = 8) -
     return path
 
 
-def _shared_attacks(groups: Sequence[Group], titles: dict[str, str]) -> list[str]:
-    return [a for a in titles if all(a in g.iqm for g in groups)]
-
-
 def plot_iqm(groups: Sequence[Group], titles: dict[str, str], path: Path) -> Path | None:
     """rliable's interval-estimate plot: per attack (``titles``: name -> title), each agent's IQM and 95% CI."""
-    attacks = _shared_attacks(groups, titles)
-    if not groups or not attacks:
+    attacks = [a for a in titles if groups and all(a in g.iqm for g in groups)]
+    if not attacks:
         return None
     plt = _pyplot()
     from rliable import plot_utils  # noqa: PLC0415 - imports seaborn
 
-    points = {_short(g): np.array([100 * g.iqm[a].value for a in attacks]) for g in groups}
-    intervals = {_short(g): np.array([[100 * g.iqm[a].low for a in attacks], [100 * g.iqm[a].high for a in attacks]])
-                 for g in groups}
-    fig, _ = plot_utils.plot_interval_estimates(points, intervals, [titles[a] for a in attacks],
-                                                subfigure_width=4.0, row_height=0.5, xlabel="accuracy (%), IQM and 95% CI")
+    points = {_short(g): np.array([[100 * getattr(g.iqm[a], k) for a in attacks] for k in ("value", "low", "high")])
+              for g in groups}
+    fig, _ = plot_utils.plot_interval_estimates({k: v[0] for k, v in points.items()}, {k: v[1:] for k, v in points.items()},
+                                                [titles[a] for a in attacks], subfigure_width=4.0, row_height=0.5,
+                                                xlabel="accuracy (%): IQM over seeds, 95% CI")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def plot_improvement(groups: Sequence[Group], titles: dict[str, str], reference: Group, path: Path) -> Path | None:
+def plot_improvement(groups: Sequence[Group], titles: dict[str, str], reference: Group | None,
+                     path: Path) -> Path | None:
     """rliable's probability-of-improvement plot: per attack, P(agent > PGD-AT) with its 95% CI."""
     groups = [g for g in groups if g.improvement]
-    attacks = [a for a in titles if all(a in g.improvement for g in groups)]
-    if not groups or not attacks:
+    attacks = [a for a in titles if groups and all(a in g.improvement for g in groups)]
+    if reference is None or not attacks:
         return None
     plt = _pyplot()
     from rliable import plot_utils  # noqa: PLC0415

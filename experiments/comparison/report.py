@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,18 @@ from experiments.runfolder.runfiles import REPORT_MD, SUMMARY_FILE, SUMMARY_FORM
 from las_env.files import atomic_write_text, write_json
 
 
-def _pct(i: Interval | None, n: int, n_expected: int) -> str:
-    if i is None:
-        return "-"
-    return f"{100 * i.value:.2f} [{100 * i.low:.2f}, {100 * i.high:.2f}]" + (f" (n={n})" if n != n_expected else "")
+def _cell(i: Interval | None, scale: float = 100.0) -> str:
+    return "-" if i is None else f"{scale * i.value:.2f} [{scale * i.low:.2f}, {scale * i.high:.2f}]"
 
 
 def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table: the first row is the header; the first column left-aligned, the rest right-aligned."""
+    return "\n".join(["| " + " | ".join(rows[0]) + " |", "|---|" + "---:|" * (len(rows[0]) - 1)]
+                     + ["| " + " | ".join(r) + " |" for r in rows[1:]])
 
 
 def titles(c: Comparison) -> dict[str, str]:
@@ -32,27 +37,23 @@ def titles(c: Comparison) -> dict[str, str]:
     return {a: attack_title(a, next(r for r in c.runs if a in r.final)) for a in c.attacks}
 
 
-def results_table(c: Comparison, groups: Sequence[Group], *, winners: Sequence[Group] = ()) -> str:
-    """Per attack: IQM [95% CI], the worst seed and P(> PGD-AT) [95% CI]; then cost and time."""
+def table_rows(c: Comparison, groups: Sequence[Group], *, winners: Sequence[Group] = ()) -> list[list[str]]:
+    """Header, then a row per group: per attack IQM [95% CI], the worst seed, P(> PGD-AT) [95% CI]; cost, time."""
     head = ["Agent", "Seeds"]
     for a, title in titles(c).items():
         head += [f"{title}{' *' if a == c.headline else ''} IQM [95% CI] (%)", f"{title} worst (%)"]
         head += [f"{title} P(> PGD-AT) [95% CI]"] if c.reference else []
-    head += ["Gradients/image", "Wall time (s)", "Train s/epoch"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    rows = [head + ["Gradients/image", "Wall time (s)", "Train s/epoch"]]
     for g in groups:
         label = (f"**`{g.label}`**" if g in winners else f"`{g.label}`") + (f" ({g.role})" if g.role else "")
         cells = [label + (" **← best**" if g in winners else ""), f"{len(g.runs)} ({','.join(map(str, g.seeds))})"]
         for a in c.attacks:
             scores = g.scores(a)
-            cells += [_pct(g.iqm.get(a), len(scores), len(g.runs)), _num(100 * min(scores) if scores else None, 2)]
-            if c.reference:
-                p = g.improvement.get(a)
-                cells.append("(reference)" if g is c.reference else "-" if p is None
-                             else f"{p.value:.2f} [{p.low:.2f}, {p.high:.2f}]")
-        cells += [_num(g.cost()), _num(g.wall()), _num(g.per_epoch())]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            fewer = f" (n={len(scores)})" if 0 < len(scores) < len(g.runs) else ""
+            cells += [_cell(g.iqm.get(a)) + fewer, _num(100 * min(scores) if scores else None, 2)]
+            cells += [("(reference)" if g is c.reference else _cell(g.improvement.get(a), 1.0))] if c.reference else []
+        rows.append(cells + [_num(g.cost()), _num(g.wall()), _num(g.per_epoch())])
+    return rows
 
 
 def _protocol_lines(c: Comparison) -> list[str]:
@@ -94,7 +95,7 @@ def markdown_report(c: Comparison, figures: Mapping[str, Path | None]) -> str:
         out += [f"- **{w}**" for w in c.warnings] + [""]
     out += ["## Protocol", ""] + _protocol_lines(c) + [""]
     out += ["## Results (test accuracy, IQM over seeds with 95% bootstrap CIs)", "",
-            results_table(c, c.main, winners=c.winners), ""]
+            markdown_table(table_rows(c, c.main, winners=c.winners)), ""]
     if c.few_seeds_note():
         out += [f"**{c.few_seeds_note()}**", ""]
     if c.winners:
@@ -108,7 +109,7 @@ def markdown_report(c: Comparison, figures: Mapping[str, Path | None]) -> str:
         else:
             text = "Every fixed (PGD-AT) attack that was run (unranked: no robust attack was evaluated on every run)."
         out += ["## Search baseline: fixed attack settings (paper Fig. 3)", "", text, "",
-                results_table(c, c.search), ""]
+                markdown_table(table_rows(c, c.search)), ""]
     if c.notes or c.unfinished:
         out += ["## Notes", ""] + [f"- {n}" for n in c.notes]
         if c.unfinished:
@@ -135,24 +136,21 @@ def markdown_report(c: Comparison, figures: Mapping[str, Path | None]) -> str:
         elif key == "fixed_images_strength":
             out += ["(No fixed-images figure (Fig. 5): no run of an agent that chooses records `fixed_images` "
                     "in its per-epoch history.)", ""]
-    out += ["## Runs", "", "| Agent | Seed | " + " | ".join(c.attacks) + " | Gradients/image | Wall time (s) | Run "
-            "directory |", "|---|---:|" + "---:|" * len(c.attacks) + "---:|---:|---|"]
-    for g in c.groups:
-        for r in g.runs:
-            accs = [f"{100 * float(r.final[a]['accuracy']):.2f}" if a in r.final else "-" for a in c.attacks]
-            cost, wall = _num(r.cost.get("gradients_per_image")), _num(r.seconds.get("total"))
-            out.append(f"| `{r.label}` | {r.seed} | " + " | ".join(accs) + f" | {cost} | {wall} | {r.path} |")
+    runs = [[f"`{r.label}`", str(r.seed), *[_num(100 * r.final[a]["accuracy"] if a in r.final else None, 2)
+                                            for a in c.attacks],
+             _num(r.cost.get("gradients_per_image")), _num(r.seconds.get("total")), str(r.path)]
+            for g in c.groups for r in g.runs]
+    out += ["## Runs", "", markdown_table([["Agent", "Seed", *c.attacks, "Gradients/image", "Wall time (s)",
+                                            "Run directory"], *runs])]
     return "\n".join(out) + "\n"
 
 
 def summary_json(c: Comparison, figures: Mapping[str, Path | None]) -> dict[str, Any]:
     """The report's numbers for scripts (fractions, not percent)."""
     def accuracy(g: Group, a: str) -> dict[str, Any]:
-        scores = g.scores(a)
-        improvement = g.improvement.get(a)
+        scores, iqm, gain = g.scores(a), g.iqm.get(a), g.improvement.get(a)
         return {"values": scores, "n": len(scores), "worst": min(scores) if scores else None,
-                "iqm": g.iqm[a].to_dict() if a in g.iqm else None,
-                "improvement_over_pgd_at": improvement.to_dict() if improvement else None}
+                "iqm": iqm and asdict(iqm), "improvement_over_pgd_at": gain and asdict(gain)}
 
     def group(g: Group) -> dict[str, Any]:
         return {"label": g.label, "role": g.role, "seeds": g.seeds, "runs": [str(r.path) for r in g.runs],
@@ -170,13 +168,12 @@ def summary_json(c: Comparison, figures: Mapping[str, Path | None]) -> dict[str,
 
 def write_report(c: Comparison, out: Path, *, images: int = 8) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    plotted = c.main
     figures = {
-        "robust_curves": plot_curves(plotted, out / "robust_curves.png"),
-        "epsilon_distribution": plot_epsilon_distribution(plotted, out / "epsilon_distribution.png"),
-        "fixed_images_strength": plot_fixed_images(plotted, out / "fixed_images_strength.png", images=images),
-        "iqm": plot_iqm(plotted, titles(c), out / "iqm.png"),
-        "improvement": plot_improvement(plotted, titles(c), c.reference, out / "improvement.png") if c.reference else None,
+        "iqm": plot_iqm(c.main, titles(c), out / "iqm.png"),
+        "improvement": plot_improvement(c.main, titles(c), c.reference, out / "improvement.png"),
+        "robust_curves": plot_curves(c.main, out / "robust_curves.png"),
+        "epsilon_distribution": plot_epsilon_distribution(c.main, out / "epsilon_distribution.png"),
+        "fixed_images_strength": plot_fixed_images(c.main, out / "fixed_images_strength.png", images=images),
     }
     report = out / REPORT_MD
     atomic_write_text(report, markdown_report(c, figures))

@@ -8,7 +8,6 @@ import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -42,13 +41,10 @@ def headline_attack(runs: Sequence[Run]) -> str | None:
     return max(common, key=attack_order)
 
 
-BOOTSTRAP_REPS = 2000
-"""Bootstrap repetitions per confidence interval (rliable's default for probability of improvement);
-``compare.py --bootstrap-reps``."""
+BOOTSTRAP_REPS = 2000  # per confidence interval (rliable's default for P(improvement)); --bootstrap-reps
 BOOTSTRAP_SEED = 0  # the same runs give the same intervals: the report is reproducible
 CONFIDENCE = 0.95
-FEW_SEEDS = 5
-"""Below this many seeds the bootstrap intervals are wide and unreliable (rliable's authors ask for more runs)."""
+FEW_SEEDS = 5  # below this, bootstrap intervals are wide and unreliable (rliable's authors ask for more runs)
 
 
 @dataclass(frozen=True)
@@ -59,39 +55,23 @@ class Interval:
     low: float
     high: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"value": self.value, "ci": [self.low, self.high]}
 
-
-def _bootstrap(scores: list[np.ndarray], statistic: Callable[..., float], reps: int) -> Interval:
-    """rliable's percentile stratified bootstrap of ``statistic`` over (seeds, tasks=1) score matrices.
-    rliable draws its resampling indices from NumPy's global generator (its ``random_state`` does not
-    reach them), so that generator is seeded here, per call, and restored after."""
+def bootstrap(statistic: Callable[..., float], *scores: Sequence[float], reps: int) -> Interval:
+    """rliable's stratified percentile bootstrap of ``statistic`` over per-seed scores, as (seeds, tasks=1)
+    matrices. rliable resamples with NumPy's global generator (its ``random_state`` does not reach it), so
+    that generator is seeded here, per call, and restored after."""
     from rliable import library  # noqa: PLC0415 - imports scipy and arch: only when a report is made
 
+    matrices = [np.asarray(s, dtype=float)[:, None] for s in scores]
     state = np.random.get_state()
     np.random.seed(BOOTSTRAP_SEED)
     try:
-        point, ci = library.get_interval_estimates({"x": scores}, lambda *s: np.array([statistic(*s)]), reps=reps,
+        point, ci = library.get_interval_estimates({"x": matrices if len(matrices) > 1 else matrices[0]},
+                                                   lambda *m: np.array([statistic(*m)]), reps=reps,
                                                    confidence_interval_size=CONFIDENCE)
     finally:
         np.random.set_state(state)
     return Interval(float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0]))
-
-
-def iqm(values: Sequence[float], reps: int) -> Interval:
-    """Interquartile mean over seeds with its 95% confidence interval."""
-    from rliable import metrics  # noqa: PLC0415
-
-    return _bootstrap(np.asarray(values, dtype=float)[:, None], metrics.aggregate_iqm, reps)
-
-
-def improvement(values: Sequence[float], reference: Sequence[float], reps: int) -> Interval:
-    """P(a seed of this agent scores above a seed of the reference), with its 95% confidence interval."""
-    from rliable import metrics  # noqa: PLC0415
-
-    pair = [np.asarray(v, dtype=float)[:, None] for v in (values, reference)]
-    return _bootstrap(pair, metrics.probability_of_improvement, reps)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -133,12 +113,15 @@ class Group:
 
 def estimate(groups: Sequence[Group], attacks: Sequence[str], reference: Group | None, reps: int) -> None:
     """Fill each group's IQM and, against ``reference`` (PGD-AT), its probability of improvement."""
+    from rliable import metrics  # noqa: PLC0415
+
     for g in groups:
         for a in attacks:
             if scores := g.scores(a):
-                g.iqm[a] = iqm(scores, reps)
+                g.iqm[a] = bootstrap(metrics.aggregate_iqm, scores, reps=reps)
                 if reference is not None and g is not reference and reference.scores(a):
-                    g.improvement[a] = improvement(scores, reference.scores(a), reps)
+                    g.improvement[a] = bootstrap(metrics.probability_of_improvement, scores, reference.scores(a),
+                                                 reps=reps)
 
 
 def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
@@ -160,6 +143,4 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
 
 def rank_key(headline: str | None) -> Callable[[Group], float]:
     """Sort key: the headline attack's IQM, highest first (groups without it last)."""
-    def key(g: Group) -> float:
-        return -g.iqm[headline].value if headline in g.iqm else math.inf
-    return key
+    return lambda g: -g.iqm[headline].value if headline in g.iqm else math.inf
