@@ -1,5 +1,5 @@
 """The comparison's figures: per-epoch curves (paper Fig. 1), chosen epsilon (Fig. 4), fixed images (Fig. 5),
-rliable's IQM intervals and probability of improvement. matplotlib is imported on first use (Agg backend)."""
+rliable's IQM intervals and probability of improvement. Imported when a report is drawn (matplotlib is slow to load)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import matplotlib
 
-from evaluation.attacks import format_eps
-from experiments.comparison.runs import Run
-from experiments.comparison.stats import Group
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from rliable import plot_utils  # noqa: E402
 
-
-def _pyplot() -> Any:
-    """pyplot on the file-only Agg backend, imported when a figure is drawn (compare.py starts without it)."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
+from evaluation.attacks import format_eps  # noqa: E402
+from experiments.comparison.runs import Run  # noqa: E402
+from experiments.comparison.stats import Group  # noqa: E402
 
 
 def _short(g: Group) -> str:
@@ -31,7 +26,6 @@ def _short(g: Group) -> str:
 
 
 def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
-    plt = _pyplot()
     panels = [("test_robust", "test, robust"), ("train_robust", "train subset, robust"), ("test_clean", "test, clean")]
     if any("val_robust" in (h.get("eval") or {}) for g in groups for r in g.runs for h in r.history):
         panels.insert(0, ("val_robust", "validation (held out; selects best.pt), robust"))
@@ -67,8 +61,7 @@ def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
     return path
 
 
-def _grid_panels(n: int) -> tuple[Any, list[Any]]:
-    plt = _pyplot()
+def _grid_panels(n: int) -> tuple[plt.Figure, list[Any]]:
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, layout="constrained")
@@ -82,7 +75,6 @@ def plot_epsilon_distribution(groups: Sequence[Group], path: Path) -> Path | Non
     groups = [g for g in groups if any(h.get("choices", {}).get("epsilon") for r in g.runs for h in r.history)]
     if not groups:
         return None
-    plt = _pyplot()
     fig, axes = _grid_panels(len(groups))
     im = None
     for ax, g in zip(axes, groups):
@@ -129,7 +121,6 @@ def plot_fixed_images(groups: Sequence[Group], path: Path, *, images: int = 8) -
     shown = [(g, g.runs[0]) for g in groups if not g.is_fixed and _fixed_images(g.runs[0])]
     if not shown:
         return None
-    plt = _pyplot()
     fig, axes = _grid_panels(len(shown))
     for ax, (g, run) in zip(axes, shown):
         records = _fixed_images(run)
@@ -166,9 +157,6 @@ def plot_iqm(groups: Sequence[Group], titles: dict[str, str], path: Path) -> Pat
     attacks = [a for a in titles if groups and all(a in g.iqm for g in groups)]
     if not attacks:
         return None
-    plt = _pyplot()
-    from rliable import plot_utils  # noqa: PLC0415 - imports seaborn
-
     points = {_short(g): np.array([[100 * getattr(g.iqm[a], k) for a in attacks] for k in ("value", "low", "high")])
               for g in groups}
     fig, _ = plot_utils.plot_interval_estimates({k: v[0] for k, v in points.items()}, {k: v[1:] for k, v in points.items()},
@@ -186,9 +174,6 @@ def plot_improvement(groups: Sequence[Group], titles: dict[str, str], reference:
     attacks = [a for a in titles if groups and all(a in g.improvement for g in groups)]
     if reference is None or not attacks:
         return None
-    plt = _pyplot()
-    from rliable import plot_utils  # noqa: PLC0415
-
     fig, axes = plt.subplots(1, len(attacks), figsize=(5.5 * len(attacks), 0.5 * len(groups) + 1.5), squeeze=False)
     for ax, a in zip(axes[0], attacks):
         pairs = {f"{g.label}|{reference.label}": g.improvement[a] for g in groups}

@@ -35,12 +35,8 @@ class Comparison:
     def margin_note(self) -> str:
         """A caveat when the runner-up's IQM lies within the winner's 95% confidence interval."""
         others = [g for g in self.main if g not in self.winners and self.headline in g.iqm]
-        if not self.winners or not others:
-            return ""
-        best, second = self.winners[0].iqm[self.headline], others[0].iqm[self.headline]
-        if second.value >= best.low:
-            return (f" (the runner-up `{others[0].label}`, {100 * (best.value - second.value):.2f} points lower, "
-                    f"lies within the winner's 95% confidence interval: not a clear win)")
+        if self.winners and others and others[0].iqm[self.headline].value >= self.winners[0].iqm[self.headline].low:
+            return f" (the runner-up `{others[0].label}` lies within the winner's 95% confidence interval: not a clear win)"
         return ""
 
     def few_seeds_note(self) -> str:
@@ -134,8 +130,6 @@ def compare(paths: Sequence[str | Path], weights: str = "final", reps: int = BOO
     reference = pgd_at_reference(groups)
     estimate(groups, attacks, reference, reps)
     groups.sort(key=rank_key(headline))
-
     main, search = pick_main_rows(groups, headline)
-    sources = [str(p) for p in paths]
-    return Comparison(runs, groups, main, search, attacks, headline, warnings, notes, unfinished, sources, weights,
-                      reference, reps)
+    return Comparison(runs, groups, main, search, attacks, headline, warnings, notes, unfinished,
+                      [str(p) for p in paths], weights, reference, reps)

@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.attacks import format_eps
-from experiments.comparison.figures import (plot_curves, plot_epsilon_distribution, plot_fixed_images, plot_improvement,
-                                            plot_iqm)
 from experiments.comparison.labels import protocol_of
 from experiments.comparison.ranking import Comparison
 from experiments.comparison.runs import WEIGHTS
@@ -43,7 +41,7 @@ def table_rows(c: Comparison, groups: Sequence[Group], *, winners: Sequence[Grou
     for a, title in titles(c).items():
         head += [f"{title}{' *' if a == c.headline else ''} IQM [95% CI] (%)", f"{title} worst (%)"]
         head += [f"{title} P(> PGD-AT) [95% CI]"] if c.reference else []
-    rows = [head + ["Gradients/image", "Wall time (s)", "Train s/epoch"]]
+    rows = [head + ["Gradients/image", "Wall time (s)"]]
     for g in groups:
         label = (f"**`{g.label}`**" if g in winners else f"`{g.label}`") + (f" ({g.role})" if g.role else "")
         cells = [label + (" **← best**" if g in winners else ""), f"{len(g.runs)} ({','.join(map(str, g.seeds))})"]
@@ -52,7 +50,7 @@ def table_rows(c: Comparison, groups: Sequence[Group], *, winners: Sequence[Grou
             fewer = f" (n={len(scores)})" if 0 < len(scores) < len(g.runs) else ""
             cells += [_cell(g.iqm.get(a)) + fewer, _num(100 * min(scores) if scores else None, 2)]
             cells += [("(reference)" if g is c.reference else _cell(g.improvement.get(a), 1.0))] if c.reference else []
-        rows.append(cells + [_num(g.cost()), _num(g.wall()), _num(g.per_epoch())])
+        rows.append(cells + [_num(g.cost()), _num(g.wall())])
     return rows
 
 
@@ -155,7 +153,7 @@ def summary_json(c: Comparison, figures: Mapping[str, Path | None]) -> dict[str,
     def group(g: Group) -> dict[str, Any]:
         return {"label": g.label, "role": g.role, "seeds": g.seeds, "runs": [str(r.path) for r in g.runs],
                 "accuracy": {a: accuracy(g, a) for a in c.attacks}, "gradients_per_image": g.cost(),
-                "wall_seconds": g.wall(), "train_seconds_per_epoch": g.per_epoch()}
+                "wall_seconds": g.wall()}
 
     return {"format": SUMMARY_FORMAT, "weights": c.weights, "headline_attack": c.headline, "attacks": c.attacks,
             "bootstrap": {"reps": c.reps, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE},
@@ -168,12 +166,14 @@ def summary_json(c: Comparison, figures: Mapping[str, Path | None]) -> dict[str,
 
 def write_report(c: Comparison, out: Path, *, images: int = 8) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
+    from experiments.comparison import figures as fig  # noqa: PLC0415 - matplotlib: only when a report is drawn
+
     figures = {
-        "iqm": plot_iqm(c.main, titles(c), out / "iqm.png"),
-        "improvement": plot_improvement(c.main, titles(c), c.reference, out / "improvement.png"),
-        "robust_curves": plot_curves(c.main, out / "robust_curves.png"),
-        "epsilon_distribution": plot_epsilon_distribution(c.main, out / "epsilon_distribution.png"),
-        "fixed_images_strength": plot_fixed_images(c.main, out / "fixed_images_strength.png", images=images),
+        "iqm": fig.plot_iqm(c.main, titles(c), out / "iqm.png"),
+        "improvement": fig.plot_improvement(c.main, titles(c), c.reference, out / "improvement.png"),
+        "robust_curves": fig.plot_curves(c.main, out / "robust_curves.png"),
+        "epsilon_distribution": fig.plot_epsilon_distribution(c.main, out / "epsilon_distribution.png"),
+        "fixed_images_strength": fig.plot_fixed_images(c.main, out / "fixed_images_strength.png", images=images),
     }
     report = out / REPORT_MD
     atomic_write_text(report, markdown_report(c, figures))

@@ -107,9 +107,6 @@ class Group:
     def wall(self) -> float | None:
         return _mean([r.seconds["total"] for r in self.runs if "total" in r.seconds])
 
-    def per_epoch(self) -> float | None:
-        return _mean([r.seconds["train"] / r.epochs_done for r in self.runs if "train" in r.seconds and r.epochs_done])
-
 
 def estimate(groups: Sequence[Group], attacks: Sequence[str], reference: Group | None, reps: int) -> None:
     """Fill each group's IQM and, against ``reference`` (PGD-AT), its probability of improvement."""
