@@ -1,14 +1,19 @@
-"""Compare finished runs: ``report.md``, ``summary.json`` and PNG figures (paper Figs. 1, 4, 5), no W&B needed.
+"""Compare finished runs: ``report.md``, ``summary.json`` and PNG figures (paper Figs. 1, 4, 5; rliable's).
 
     python experiments/compare.py runs/digits                        # every run found below it
     python experiments/compare.py runs/digits/reinforce runs/digits/fixed --out reports/digits
-    python experiments/compare.py runs --strict                      # exit 2 if protocols differ
+    python experiments/compare.py runs --strict --wandb              # exit 2 if protocols differ; + offline W&B run
 
 Each DIR is a run directory or a folder holding some (searched for ``results.json``). Runs are
 labelled by agent (a fixed attack by the attack it played; differing settings are added to the
-label), aggregated over seeds (mean ± std of every final attack's accuracy, evaluate.py's rows
-included) and ranked by the headline robust accuracy; two or more fixed attacks form the search
-baseline (Fig. 3). ``--weights best`` reports each run's ``best.pt`` instead of its final weights.
+label) and aggregated over seeds with rliable (Agarwal et al., 2021), per final attack (clean, PGD,
+AutoAttack from evaluate.py when present): the IQM with its 95% stratified-bootstrap confidence
+interval, the worst seed, and the probability of improvement over PGD-AT (the ``agent=fixed`` runs
+at the threat model's attack) with its interval; beside them each agent's gradient computations
+per training image. Agents are ranked by the headline robust accuracy's IQM; fewer than 5 seeds
+are flagged (wide intervals); two or more fixed attacks form the search baseline (Fig. 3).
+``--weights best`` reports each run's ``best.pt`` instead of its final weights; ``--wandb`` also logs
+the table and figures as one offline W&B run (``wandb sync`` uploads it).
 
 Exit status: 0 done; 1 bad input (no runs found...); 2 with ``--strict`` when the runs' protocols
 differ (the report is written all the same). The work is done by :mod:`experiments.comparison`.

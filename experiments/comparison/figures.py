@@ -161,7 +161,8 @@ def plot_iqm(groups: Sequence[Group], titles: dict[str, str], path: Path) -> Pat
               for g in groups}
     fig, _ = plot_utils.plot_interval_estimates({k: v[0] for k, v in points.items()}, {k: v[1:] for k, v in points.items()},
                                                 [titles[a] for a in attacks], subfigure_width=4.0, row_height=0.5,
-                                                xlabel="accuracy (%): IQM over seeds, 95% CI")
+                                                xlabel="accuracy (%): IQM over seeds, 95% CI",
+                                                xlabel_y_coordinate=min(-0.1, -1.0 / len(groups)))  # below the ticks
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -180,7 +181,7 @@ def plot_improvement(groups: Sequence[Group], titles: dict[str, str], reference:
         plot_utils.plot_probability_of_improvement(
             {k: i.value for k, i in pairs.items()}, {k: [i.low, i.high] for k, i in pairs.items()}, pair_separator="|",
             ax=ax, xlabel=f"P(agent > PGD-AT), {titles[a]}", left_ylabel="agent", right_ylabel="PGD-AT",
-            ticklabelsize="small", labelsize="medium")
+            ticklabelsize="small", labelsize="medium", xticks=[0, 0.25, 0.5, 0.75, 1])
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
