@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 from experiments.comparison.ranking import Comparison, compare  # noqa: E402
 from experiments.comparison.report import markdown_table, table_rows, write_report  # noqa: E402
 from experiments.comparison.runs import WEIGHTS, CompareError  # noqa: E402
-from experiments.comparison.stats import BOOTSTRAP_REPS, attack_title  # noqa: E402
+from experiments.comparison.stats import BOOTSTRAP_REPS  # noqa: E402
 from experiments.config.errors import fail  # noqa: E402
 from experiments.config.schema import LoggerSettings  # noqa: E402
 from experiments.tracking.loggers import WandbTracker  # noqa: E402
@@ -67,14 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="compare.py", description="Compare finished LAS-AT runs: report.md + PNG figures, no W&B needed.")
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or folders holding them")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="report folder (default: <common folder of DIRs>/comparison)")
+    parser.add_argument("--out", type=Path, help="report folder (default: <common folder of DIRs>/comparison)")
     parser.add_argument("--images", type=int, default=8, help="fixed training images shown in Fig. 5 (default 8)")
     parser.add_argument("--weights", choices=sorted(WEIGHTS), default="final",
                         help="which weights of each run to report: final (default, the last epoch's) or best "
                              "(best.pt, selected on the held-out validation images)")
-    parser.add_argument("--strict", action="store_true",
-                        help=f"exit with status {EXIT_MISMATCH} when the runs' protocols differ")
+    parser.add_argument("--strict", action="store_true", help=f"exit {EXIT_MISMATCH} when the runs' protocols differ")
     parser.add_argument("--bootstrap-reps", type=int, default=BOOTSTRAP_REPS,
                         help=f"bootstrap repetitions per confidence interval (default {BOOTSTRAP_REPS})")
     parser.add_argument("--wandb", action="store_true",
@@ -98,11 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "comparable (details at the top of the report).\n")
     print(f"{len(c.runs)} runs in {len(c.groups)} groups; {WEIGHTS[c.weights]}.")
     print(markdown_table(table_rows(c, c.main, winners=c.winners)))
-    if c.few_seeds_note():
-        print(c.few_seeds_note())
-    if c.winners:
-        print(f"Best (IQM) {attack_title(c.headline, c.runs[0])} robust accuracy: "
-              + ", ".join(g.label for g in c.winners) + c.margin_note())
+    for line in (c.few_seeds_note(), c.verdict()):
+        if line:
+            print(line)
     if c.search:
         print(f"\nSearch baseline ({len(c.search)} fixed attack settings):")
         print(markdown_table(table_rows(c, c.search)))

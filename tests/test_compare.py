@@ -257,7 +257,7 @@ def test_iqm_interval_improvement_worst_seed_and_cost_are_rliables_numbers_on_th
     cells = row.split(" | ")
     assert f"{point['r,f'][0]:.2f} [{ci['r,f'][0, 0]:.2f}, {ci['r,f'][1, 0]:.2f}]" in cells
     assert "66.00" in cells and "112.0" in cells  # the worst seed, the gradients per image
-    assert "gradient computations per training image" in report
+    assert "Gradients/image: gradient computations per training image" in report
     assert "Fewer than 5 seeds" not in report + printed
     assert (tmp_path / "report" / "iqm.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "improvement.png").stat().st_size > 10_000

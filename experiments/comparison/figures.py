@@ -25,6 +25,12 @@ def _short(g: Group) -> str:
     return g.label + (f" ({g.role})" if g.role else "")
 
 
+def _save(fig: plt.Figure, path: Path, **kwargs: Any) -> Path:
+    fig.savefig(path, dpi=120, **kwargs)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
     panels = [("test_robust", "test, robust"), ("train_robust", "train subset, robust"), ("test_clean", "test, clean")]
     if any("val_robust" in (h.get("eval") or {}) for g in groups for r in g.runs for h in r.history):
@@ -48,24 +54,20 @@ def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
             std = np.array([np.std(per_epoch[e], ddof=1) if len(per_epoch[e]) > 1 else 0.0 for e in epochs])
             ax.plot(epochs, mean, marker="o", ms=3, color=colors[g.label], label=_short(g))
             ax.fill_between(epochs, mean - std, mean + std, color=colors[g.label], alpha=0.2, lw=0)
+        ax.set(xlabel="epoch", ylabel="accuracy (%)")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-        ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(f"Per-epoch accuracy, mean ± std over seeds; robust = {ref.per_epoch_attack}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _grid_panels(n: int) -> tuple[plt.Figure, list[Any]]:
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
+    cols, rows = min(n, 3), math.ceil(n / min(n, 3))
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, layout="constrained")
-    flat = [ax for row in axes for ax in row]
+    flat = list(axes.flat)
     for ax in flat[n:]:
         ax.set_visible(False)
     return fig, flat[:n]
@@ -95,18 +97,14 @@ def plot_epsilon_distribution(groups: Sequence[Group], path: Path) -> Path | Non
         im = ax.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
                        extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, len(values) - 0.5))
         ax.plot(epochs, (share * np.arange(len(values))[:, None]).sum(0), color="white", lw=1.2)
-        ax.set_yticks(range(len(values)))
-        ax.set_yticklabels([format_eps(v) for v in values], fontsize=7)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("epsilon")
+        ax.set_yticks(range(len(values)), [format_eps(v) for v in values], fontsize=7)
+        ax.set(xlabel="epoch", ylabel="epsilon")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_title(f"{_short(g)}, {len(g.runs)} seed(s)", fontsize=8)
     if im is not None:
         fig.colorbar(im, ax=axes, fraction=0.025, label="share of training images")
     fig.suptitle("Chosen epsilon per epoch (paper Fig. 4)", fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, bbox_inches="tight")
 
 
 def _fixed_images(run: Run) -> list[tuple[int, dict[str, Any]]]:
@@ -136,20 +134,15 @@ def plot_fixed_images(groups: Sequence[Group], path: Path, *, images: int = 8) -
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", ms=3, lw=1, color=plt.get_cmap("tab10")(k % 10), label=f"image {image}")
-        ax.set_yticks(values)
-        ax.set_yticklabels([format_eps(v) for v in values], fontsize=7)
-        ax.set_ylim(values[0] - 0.5 * spacing, values[-1] + 0.5 * spacing)
-        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("chosen epsilon")
+        ax.set_yticks(values, [format_eps(v) for v in values], fontsize=7)
+        ax.set(ylim=(values[0] - 0.5 * spacing, values[-1] + 0.5 * spacing), xlim=(min(epochs) - 0.5, max(epochs) + 0.5),
+               xlabel="epoch", ylabel="chosen epsilon")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.set_title(f"{_short(g)}, seed {run.seed}", fontsize=8)
         ax.legend(fontsize=6, ncol=2, loc="best")
     fig.suptitle("Epsilon chosen for fixed training images over epochs (paper Fig. 5)", fontsize=10)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_iqm(groups: Sequence[Group], titles: dict[str, str], path: Path) -> Path | None:
@@ -163,9 +156,7 @@ def plot_iqm(groups: Sequence[Group], titles: dict[str, str], path: Path) -> Pat
                                                 [titles[a] for a in attacks], subfigure_width=4.0, row_height=0.5,
                                                 xlabel="accuracy (%): IQM over seeds, 95% CI",
                                                 xlabel_y_coordinate=min(-0.1, -1.0 / len(groups)))  # below the ticks
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, bbox_inches="tight")
 
 
 def plot_improvement(groups: Sequence[Group], titles: dict[str, str], reference: Group | None,
@@ -183,6 +174,4 @@ def plot_improvement(groups: Sequence[Group], titles: dict[str, str], reference:
             ax=ax, xlabel=f"P(agent > PGD-AT), {titles[a]}", left_ylabel="agent", right_ylabel="PGD-AT",
             ticklabelsize="small", labelsize="medium", xticks=[0, 0.25, 0.5, 0.75, 1])
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, bbox_inches="tight")

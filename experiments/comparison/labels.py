@@ -126,7 +126,7 @@ def check_protocol(runs: Sequence[Run]) -> tuple[list[str], list[str]]:
                    f"{r.final[name].get('n_images')} images" for r in have})
         if len(have) < len(runs):
             notes.append(f"{attack_title(name, have[0])} was evaluated on {len(have)} of {len(runs)} runs; "
-                         f"its column averages those only.")
+                         f"its columns use those only.")
     devices = {str(r.config.get("device", "?")) for r in runs}
     if len(devices) > 1:
         notes.append(f"Runs ran on different devices ({', '.join(sorted(devices))}): times are not comparable.")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from experiments.comparison.labels import assign_labels, check_protocol, default_fixed_attack
 from experiments.comparison.runs import CompareError, Run, find_runs, load_run
-from experiments.comparison.stats import (BOOTSTRAP_REPS, FEW_SEEDS, Group, attack_order, estimate, group_runs,
-                                          headline_attack, rank_key)
+from experiments.comparison.stats import (BOOTSTRAP_REPS, FEW_SEEDS, Group, attack_order, attack_title, estimate,
+                                          group_runs, headline_attack, rank_key)
 from experiments.runfolder.runfiles import RESULTS_FILE
 
 
@@ -26,26 +26,33 @@ class Comparison:
     headline: str | None
     warnings: list[str]
     notes: list[str]
-    unfinished: list[Path]
     sources: list[str]
     weights: str = "final"
     reference: Group | None = None  # PGD-AT: the agent=fixed group playing the threat model's attack
     reps: int = BOOTSTRAP_REPS
 
-    def margin_note(self) -> str:
-        """A caveat when the runner-up's IQM lies within the winner's 95% confidence interval."""
+    def verdict(self) -> str:
+        """The winner line ("" without a ranking), with a caveat when the runner-up's IQM lies within
+        the winner's 95% confidence interval."""
+        if not self.winners:
+            return ""
         others = [g for g in self.main if g not in self.winners and self.headline in g.iqm]
-        if self.winners and others and others[0].iqm[self.headline].value >= self.winners[0].iqm[self.headline].low:
-            return f" (the runner-up `{others[0].label}` lies within the winner's 95% confidence interval: not a clear win)"
-        return ""
+        close = others and others[0].iqm[self.headline].value >= self.winners[0].iqm[self.headline].low
+        return (f"Best {self.titles[self.headline]} robust accuracy (IQM): "
+                + ", ".join(f"`{g.label}`" for g in self.winners)
+                + (f" (the runner-up `{others[0].label}` lies within the winner's 95% confidence interval: not a "
+                   f"clear win)." if close else "."))
 
     def few_seeds_note(self) -> str:
         """One line naming the agents with fewer than :data:`FEW_SEEDS` seeds ("" when none)."""
         few = [f"`{g.label}` ({len(g.runs)})" for g in self.groups if len(g.runs) < FEW_SEEDS]
-        if not few:
-            return ""
         return (f"Fewer than {FEW_SEEDS} seeds for {', '.join(few)}: a bootstrap over so few runs is unreliable and "
-                f"its intervals are wide; rliable's authors recommend more runs.")
+                f"its intervals are wide; rliable's authors recommend more runs." if few else "")
+
+    @property
+    def titles(self) -> dict[str, str]:
+        """Attack name -> its title (e.g. ``pgd20`` -> ``PGD-20``), in the table's order."""
+        return {a: attack_title(a, next(r for r in self.runs if a in r.final)) for a in self.attacks}
 
     @property
     def winners(self) -> list[Group]:
@@ -121,6 +128,9 @@ def compare(paths: Sequence[str | Path], weights: str = "final", reps: int = BOO
     warnings, notes = check_protocol(runs)
     groups, dup_notes = group_runs(runs)
     notes += skipped + dup_notes + [n for r in runs for n in r.notes]
+    if unfinished:
+        notes.append(f"{len(unfinished)} unfinished run folder(s) (a checkpoint, no results yet) were skipped, "
+                     f"e.g. {unfinished[0]}")
     for r in runs:
         if r.is_fixed and r.fixed_attack is None:
             notes.append(f"{r.path}: a fixed agent whose recorded choices hold more than one value; "
@@ -131,5 +141,5 @@ def compare(paths: Sequence[str | Path], weights: str = "final", reps: int = BOO
     estimate(groups, attacks, reference, reps)
     groups.sort(key=rank_key(headline))
     main, search = pick_main_rows(groups, headline)
-    return Comparison(runs, groups, main, search, attacks, headline, warnings, notes, unfinished,
-                      [str(p) for p in paths], weights, reference, reps)
+    return Comparison(runs, groups, main, search, attacks, headline, warnings, notes, [str(p) for p in paths], weights,
+                      reference, reps)

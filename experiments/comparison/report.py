@@ -11,7 +11,7 @@ from evaluation.attacks import format_eps
 from experiments.comparison.labels import protocol_of
 from experiments.comparison.ranking import Comparison
 from experiments.comparison.runs import WEIGHTS
-from experiments.comparison.stats import BOOTSTRAP_SEED, CONFIDENCE, Group, Interval, attack_title
+from experiments.comparison.stats import BOOTSTRAP_SEED, CONFIDENCE, Group, Interval
 from experiments.runfolder.runfiles import REPORT_MD, SUMMARY_FILE, SUMMARY_FORMAT
 from las_env.files import atomic_write_text, write_json
 
@@ -30,15 +30,10 @@ def markdown_table(rows: Sequence[Sequence[str]]) -> str:
                      + ["| " + " | ".join(r) + " |" for r in rows[1:]])
 
 
-def titles(c: Comparison) -> dict[str, str]:
-    """Attack name -> its title (e.g. ``pgd20`` -> ``PGD-20``), in the table's order."""
-    return {a: attack_title(a, next(r for r in c.runs if a in r.final)) for a in c.attacks}
-
-
 def table_rows(c: Comparison, groups: Sequence[Group], *, winners: Sequence[Group] = ()) -> list[list[str]]:
     """Header, then a row per group: per attack IQM [95% CI], the worst seed, P(> PGD-AT) [95% CI]; cost, time."""
     head = ["Agent", "Seeds"]
-    for a, title in titles(c).items():
+    for a, title in c.titles.items():
         head += [f"{title}{' *' if a == c.headline else ''} IQM [95% CI] (%)", f"{title} worst (%)"]
         head += [f"{title} P(> PGD-AT) [95% CI]"] if c.reference else []
     rows = [head + ["Gradients/image", "Wall time (s)"]]
@@ -55,32 +50,27 @@ def table_rows(c: Comparison, groups: Sequence[Group], *, winners: Sequence[Grou
 
 
 def _protocol_lines(c: Comparison) -> list[str]:
-    ref = c.runs[0]
-    p = protocol_of(ref)
+    p = protocol_of(c.runs[0])
     lines = [f"- Weights: {WEIGHTS[c.weights]} of each run",
              f"- Data: {p['data set']}; model {p['model']}; {p['training budget']}",
-             f"- Threat model: {ref.threat}",
+             f"- Threat model: {c.runs[0].threat}",
              f"- Strategy space (column: values): {p['strategy grid']}"]
     for a in c.attacks:
         have = [r for r in c.runs if a in r.final]
-        row = have[0].final[a]
-        n_images = sorted({int(r.final[a].get("n_images", 0)) for r in have})
-        where = " (from experiments/evaluate.py)" if any(a in r.posthoc for r in have) else ""
-        lines.append(f"- `{a}`: {row.get('label', a)}, eps {format_eps(float(row.get('epsilon', 0)))}, "
-                     f"first {'/'.join(map(str, n_images))} test images{where}")
+        row, n_images = have[0].final[a], sorted({int(r.final[a].get("n_images", 0)) for r in have})
+        lines.append(f"- `{a}`: {row.get('label', a)}, eps {format_eps(float(row.get('epsilon', 0)))}, first "
+                     f"{'/'.join(map(str, n_images))} test images"
+                     + (" (from experiments/evaluate.py)" if any(a in r.posthoc for r in have) else ""))
     if c.headline:
-        lines.append(f"- Ranking (* column): {attack_title(c.headline, c.runs[0])} robust accuracy, IQM over seeds "
+        lines.append(f"- Ranking (* column): {c.titles[c.headline]} robust accuracy, IQM over seeds "
                      f"(AutoAttack when every run has it, else the strongest PGD every run has)")
     lines.append(f"- Per-epoch curves: {p['per-epoch evaluation']}")
     reference = f"`{c.reference.label}`" if c.reference else "none among these runs"
-    lines += [f"- IQM: interquartile mean over seeds; [95% CI]: rliable's stratified percentile bootstrap "
-              f"({c.reps} repetitions, seed {BOOTSTRAP_SEED}); worst: the lowest seed; (n=k): a cell with fewer seeds "
-              f"than its row",
-              f"- P(> PGD-AT): rliable's probability that a seed of the agent scores above a seed of PGD-AT "
-              f"(agent=fixed at the threat model's attack: {reference}), 0.5 = no difference, with its 95% CI",
-              "- Gradients/image: gradient computations per training image over the whole training, mean over "
-              "seeds: the attack's PGD steps plus the reward probes' (results.json `cost`; - for runs from "
-              "before it was recorded)"]
+    lines += [f"- IQM [95% CI]: interquartile mean over seeds, rliable's stratified bootstrap ({c.reps} repetitions, "
+              f"seed {BOOTSTRAP_SEED}); worst: the lowest seed; (n=k): fewer seeds than the row; P(> PGD-AT): the "
+              f"probability that a seed beats a seed of PGD-AT ({reference}; 0.5: no difference)",
+              "- Gradients/image: gradient computations per training image over the whole training (the attack's "
+              "PGD steps plus the reward probes'), mean over seeds; - for runs from before results.json had `cost`"]
     return lines
 
 
@@ -94,31 +84,20 @@ def markdown_report(c: Comparison, figures: Mapping[str, Path | None]) -> str:
     out += ["## Protocol", ""] + _protocol_lines(c) + [""]
     out += ["## Results (test accuracy, IQM over seeds with 95% bootstrap CIs)", "",
             markdown_table(table_rows(c, c.main, winners=c.winners)), ""]
-    if c.few_seeds_note():
-        out += [f"**{c.few_seeds_note()}**", ""]
-    if c.winners:
-        names = ", ".join(f"`{g.label}`" for g in c.winners)
-        out += [f"Best {attack_title(c.headline, c.runs[0])} robust accuracy (IQM): {names}{c.margin_note()}.", ""]
+    for text in (f"**{c.few_seeds_note()}**" if c.few_seeds_note() else "", c.verdict()):
+        out += [text, ""] if text else []
     if c.search:
-        if c.headline:
-            text = (f"Every fixed (PGD-AT) attack that was run, ranked by the IQM of {attack_title(c.headline, c.runs[0])} "
-                    "robust accuracy. The best is picked on the same test images it is reported on, so its row "
-                    "above is an optimistic estimate of hand-tuning the fixed attack.")
-        else:
-            text = "Every fixed (PGD-AT) attack that was run (unranked: no robust attack was evaluated on every run)."
-        out += ["## Search baseline: fixed attack settings (paper Fig. 3)", "", text, "",
-                markdown_table(table_rows(c, c.search)), ""]
-    if c.notes or c.unfinished:
-        out += ["## Notes", ""] + [f"- {n}" for n in c.notes]
-        if c.unfinished:
-            out.append(f"- {len(c.unfinished)} unfinished run folder(s) (a checkpoint, no results yet) were "
-                       f"skipped, e.g. {c.unfinished[0]}")
-        out.append("")
+        text = (f"ranked by the IQM of {c.titles[c.headline]} robust accuracy. The best is picked on the "
+                "same test images it is reported on, so its row above is an optimistic estimate of hand-tuning the "
+                "fixed attack." if c.headline else "(unranked: no robust attack was evaluated on every run).")
+        out += ["## Search baseline: fixed attack settings (paper Fig. 3)", "",
+                f"Every fixed (PGD-AT) attack that was run, {text}", "", markdown_table(table_rows(c, c.search)), ""]
+    if c.notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in c.notes] + [""]
     out += ["## Figures", ""]
     captions = {
-        "iqm": "IQM over seeds with its 95% stratified-bootstrap CI, per agent and attack (rliable).",
-        "improvement": "Probability of improvement over PGD-AT with its 95% CI, per attack (rliable); 0.5: no "
-                       "difference.",
+        "iqm": "IQM over seeds and its 95% bootstrap CI, per agent and attack (rliable).",
+        "improvement": "Probability of improvement over PGD-AT and its 95% CI, per attack (rliable).",
         "robust_curves": "Per-epoch accuracy (mean ± std over seeds): test and train-subset robust, test clean "
                          "(paper Fig. 1; a gap between the robust curves is robust overfitting).",
         "epsilon_distribution": "Share of training images given each epsilon, per epoch, all seeds pooled; "
@@ -134,12 +113,6 @@ def markdown_report(c: Comparison, figures: Mapping[str, Path | None]) -> str:
         elif key == "fixed_images_strength":
             out += ["(No fixed-images figure (Fig. 5): no run of an agent that chooses records `fixed_images` "
                     "in its per-epoch history.)", ""]
-    runs = [[f"`{r.label}`", str(r.seed), *[_num(100 * r.final[a]["accuracy"] if a in r.final else None, 2)
-                                            for a in c.attacks],
-             _num(r.cost.get("gradients_per_image")), _num(r.seconds.get("total")), str(r.path)]
-            for g in c.groups for r in g.runs]
-    out += ["## Runs", "", markdown_table([["Agent", "Seed", *c.attacks, "Gradients/image", "Wall time (s)",
-                                            "Run directory"], *runs])]
     return "\n".join(out) + "\n"
 
 
@@ -169,8 +142,8 @@ def write_report(c: Comparison, out: Path, *, images: int = 8) -> dict[str, Path
     from experiments.comparison import figures as fig  # noqa: PLC0415 - matplotlib: only when a report is drawn
 
     figures = {
-        "iqm": fig.plot_iqm(c.main, titles(c), out / "iqm.png"),
-        "improvement": fig.plot_improvement(c.main, titles(c), c.reference, out / "improvement.png"),
+        "iqm": fig.plot_iqm(c.main, c.titles, out / "iqm.png"),
+        "improvement": fig.plot_improvement(c.main, c.titles, c.reference, out / "improvement.png"),
         "robust_curves": fig.plot_curves(c.main, out / "robust_curves.png"),
         "epsilon_distribution": fig.plot_epsilon_distribution(c.main, out / "epsilon_distribution.png"),
         "fixed_images_strength": fig.plot_fixed_images(c.main, out / "fixed_images_strength.png", images=images),

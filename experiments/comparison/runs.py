@@ -110,17 +110,12 @@ def _weights_fingerprint(path: Path) -> str | None:
     """The ``model_sha256`` that ``experiments/evaluate.py`` records for these weights."""
     try:
         import torch  # noqa: PLC0415
-        from torch import nn  # noqa: PLC0415
 
         from las_env.checkpoint import state_fingerprint  # noqa: PLC0415
 
-        state = torch.load(path, map_location="cpu", weights_only=True)
-
-        class _Weights(nn.Module):  # state_fingerprint hashes a module's state_dict items in order
-            def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # type: ignore[override]
-                return state
-
-        return state_fingerprint(_Weights())
+        weights = torch.nn.Module()  # state_fingerprint hashes a module's state_dict items, in order
+        weights.state_dict = lambda: torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[method-assign]
+        return state_fingerprint(weights)
     except Exception:  # noqa: BLE001 - an unreadable file just means no post-hoc rows
         return None
 

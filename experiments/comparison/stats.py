@@ -23,22 +23,15 @@ def attack_order(name: str) -> tuple[int, int, str]:
 
 
 def attack_title(name: str, run: Run) -> str:
-    label = str(run.final[name].get("label") or name)
-    return label.split(" (")[0]
+    return str(run.final[name].get("label") or name).split(" (")[0]
 
 
 def headline_attack(runs: Sequence[Run]) -> str | None:
     """The robust accuracy that ranks agents: AutoAttack when every run has it, else the PGD
     (CE) with the most steps every run has, else C&W, else any non-clean attack."""
     common = set.intersection(*(set(r.final) for r in runs)) - {"clean"}
-    if not common:
-        return None
-    if "autoattack" in common:
-        return "autoattack"
     pgd = [n for n in common if re.fullmatch(r"pgd\d+", n)]
-    if pgd:
-        return max(pgd, key=attack_order)
-    return max(common, key=attack_order)
+    return None if not common else "autoattack" if "autoattack" in common else max(pgd or common, key=attack_order)
 
 
 BOOTSTRAP_REPS = 2000  # per confidence interval (rliable's default for P(improvement)); --bootstrap-reps
