@@ -1,14 +1,19 @@
-"""Compare finished runs: ``report.md``, ``summary.json`` and PNG figures (paper Figs. 1, 4, 5), no W&B needed.
+"""Compare finished runs: ``report.md``, ``summary.json`` and PNG figures (paper Figs. 1, 4, 5; rliable's).
 
     python experiments/compare.py runs/digits                        # every run found below it
     python experiments/compare.py runs/digits/reinforce runs/digits/fixed --out reports/digits
-    python experiments/compare.py runs --strict                      # exit 2 if protocols differ
+    python experiments/compare.py runs --strict --wandb              # exit 2 if protocols differ; + offline W&B run
 
 Each DIR is a run directory or a folder holding some (searched for ``results.json``). Runs are
 labelled by agent (a fixed attack by the attack it played; differing settings are added to the
-label), aggregated over seeds (mean ± std of every final attack's accuracy, evaluate.py's rows
-included) and ranked by the headline robust accuracy; two or more fixed attacks form the search
-baseline (Fig. 3). ``--weights best`` reports each run's ``best.pt`` instead of its final weights.
+label) and aggregated over seeds with rliable (Agarwal et al., 2021), per final attack (clean, PGD,
+AutoAttack from evaluate.py when present): the IQM with its 95% stratified-bootstrap confidence
+interval, the worst seed, and the probability of improvement over PGD-AT (the ``agent=fixed`` runs
+at the threat model's attack) with its interval; beside them each agent's gradient computations
+per training image. Agents are ranked by the headline robust accuracy's IQM; fewer than 5 seeds
+are flagged (wide intervals); two or more fixed attacks form the search baseline (Fig. 3).
+``--weights best`` reports each run's ``best.pt`` instead of its final weights; ``--wandb`` also logs
+the table and figures as one offline W&B run (``wandb sync`` uploads it).
 
 Exit status: 0 done; 1 bad input (no runs found...); 2 with ``--strict`` when the runs' protocols
 differ (the report is written all the same). The work is done by :mod:`experiments.comparison`.
@@ -18,48 +23,63 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.comparison.ranking import compare  # noqa: E402
-from experiments.comparison.report import results_table, write_report  # noqa: E402
+from experiments.comparison.ranking import Comparison, compare  # noqa: E402
+from experiments.comparison.report import markdown_table, table_rows, write_report  # noqa: E402
 from experiments.comparison.runs import WEIGHTS, CompareError  # noqa: E402
-from experiments.comparison.stats import attack_title  # noqa: E402
+from experiments.comparison.stats import BOOTSTRAP_REPS  # noqa: E402
 from experiments.config.errors import fail  # noqa: E402
+from experiments.config.schema import LoggerSettings  # noqa: E402
+from experiments.tracking.loggers import WandbTracker  # noqa: E402
 
 EXIT_MISMATCH = 2
 
 
 def default_out(paths: Sequence[str | Path]) -> Path:
     """``<deepest common folder of the inputs>/comparison``."""
-    resolved = [Path(p).expanduser().resolve() for p in paths]
-    folders = [p.parent if p.is_file() else p for p in resolved]
-    common = Path(*Path(folders[0]).parts)
-    for f in folders[1:]:
-        while common not in (f, *f.parents):
-            common = common.parent
-    return common / "comparison"
+    folders = [p.parent if p.is_file() else p for p in (Path(q).expanduser().resolve() for q in paths)]
+    return Path(os.path.commonpath(folders)) / "comparison"
+
+
+def log_to_wandb(c: Comparison, files: Mapping[str, Path], out: Path) -> Path | None:
+    """One offline W&B run (job type "compare", under ``out``) holding the results table and the PNGs;
+    returns the folder for ``wandb sync``. Offline always: a report needs no account or network."""
+    import wandb  # noqa: PLC0415 - only with --wandb
+
+    settings = LoggerSettings(name="wandb", mode="offline", run_name=f"compare-{out.name}", tags=["compare"])
+    tracker = WandbTracker(settings, out, {"sources": c.sources, "weights": c.weights, "bootstrap_reps": c.reps},
+                           job_type="compare")
+    head, *rows = table_rows(c, c.main, winners=c.winners)
+    tracker.run.log({"results": wandb.Table(columns=head, data=rows),
+                     **{k: wandb.Image(str(v)) for k, v in files.items() if v.suffix == ".png"}})
+    tracker.finish()
+    return tracker.offline_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="compare.py", description="Compare finished LAS-AT runs: report.md + PNG figures, no W&B needed.")
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or folders holding them")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="report folder (default: <common folder of DIRs>/comparison)")
+    parser.add_argument("--out", type=Path, help="report folder (default: <common folder of DIRs>/comparison)")
     parser.add_argument("--images", type=int, default=8, help="fixed training images shown in Fig. 5 (default 8)")
     parser.add_argument("--weights", choices=sorted(WEIGHTS), default="final",
                         help="which weights of each run to report: final (default, the last epoch's) or best "
                              "(best.pt, selected on the held-out validation images)")
-    parser.add_argument("--strict", action="store_true",
-                        help=f"exit with status {EXIT_MISMATCH} when the runs' protocols differ")
+    parser.add_argument("--strict", action="store_true", help=f"exit {EXIT_MISMATCH} when the runs' protocols differ")
+    parser.add_argument("--bootstrap-reps", type=int, default=BOOTSTRAP_REPS,
+                        help=f"bootstrap repetitions per confidence interval (default {BOOTSTRAP_REPS})")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the table and figures as one offline W&B run (upload later with wandb sync)")
     args = parser.parse_args(argv)
     try:
-        c = compare(args.dirs, args.weights)
+        c = compare(args.dirs, args.weights, args.bootstrap_reps)
     except CompareError as exc:
         # The one error format of every command (experiments.config.errors); main() returns its status
         # instead of exiting so that callers (and tests) can run it in-process.
@@ -75,15 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("compare: WARNING: the runs do not share one protocol; their numbers are not directly "
                          "comparable (details at the top of the report).\n")
     print(f"{len(c.runs)} runs in {len(c.groups)} groups; {WEIGHTS[c.weights]}.")
-    print(results_table(c, c.main, winners=c.winners))
-    if c.winners:
-        print(f"Best mean {attack_title(c.headline, c.runs[0])} robust accuracy: "
-              + ", ".join(g.label for g in c.winners) + c.margin_note())
+    print(markdown_table(table_rows(c, c.main, winners=c.winners)))
+    for line in (c.few_seeds_note(), c.verdict()):
+        if line:
+            print(line)
     if c.search:
         print(f"\nSearch baseline ({len(c.search)} fixed attack settings):")
-        print(results_table(c, c.search))
+        print(markdown_table(table_rows(c, c.search)))
     print(f"\nReport: {files['report']}")
     print("Figures: " + (", ".join(str(v) for k, v in files.items() if k not in ("report", "summary")) or "none"))
+    if args.wandb:
+        print(f"W&B (offline): upload with  wandb sync {log_to_wandb(c, files, out)}")
     return EXIT_MISMATCH if (args.strict and c.warnings) else 0
 
 

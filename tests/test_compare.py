@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_run import TINY, cli, config
@@ -33,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 COMPARE = [sys.executable, str(REPO / "experiments" / "compare.py")]
 # The runner's tiny budget without agent.k (the fixed and random agents take no k).
 BASELINE_TINY = [a for a in TINY if not a.startswith("agent.k")] + ["data.epochs=2", "data.max_steps_per_epoch=3"]
+REPS = 100  # bootstrap repetitions: enough to test the numbers, fast
+FAST = ["--bootstrap-reps", str(REPS)]
 
 
 @pytest.fixture(scope="module")
@@ -63,28 +66,30 @@ def run_dirs(root: Path, agent: str) -> list[Path]:
     return sorted(p.parent for p in root.glob(f"digits/{agent}/*/results.json"))
 
 
-def test_report_has_every_agent_with_mean_and_std_over_seeds(runs, tmp_path, capsys):
-    assert compare_main([str(runs), "--out", str(tmp_path / "report")]) == 0
+def test_report_has_every_agent_with_iqm_and_confidence_intervals_over_seeds(runs, tmp_path, capsys):
+    assert compare_main([str(runs), "--out", str(tmp_path / "report"), *FAST]) == 0
     printed = capsys.readouterr()
     report = (tmp_path / "report" / "report.md").read_text()
     fixed = "fixed(eps=0.2,it=5,step=0.05)"  # the played attack, read from the recorded choices
     for label in (fixed, "random"):
         row = next(line for line in report.splitlines() if line.startswith(f"| `{label}`")
                    or line.startswith(f"| **`{label}`**"))
-        assert "2 (0,1)" in row and row.count("±") >= 3  # clean, PGD-5, wall time (and s/epoch)
+        assert "2 (0,1)" in row and row.count("[") == (4 if label == "random" else 2)  # IQMs (+ P(> PGD-AT))
+        assert row.split(" | ")[-2] == "-"  # these runs record no cost (Gradients/image)
         assert label in printed.out  # the table is printed too
     assert "← best" in report and "← best" in printed.out
     assert "PGD-5 *" in report  # the ranking column: the strongest attack every run has
     assert "first 64 test images" in report and "L-inf eps=0.2" in report  # the protocol is stated
     assert "WARNING" not in report and printed.err == ""
-    for png in ("robust_curves.png", "epsilon_distribution.png"):
+    assert "Fewer than 5 seeds" in report and "Fewer than 5 seeds" in printed.out
+    for png in ("robust_curves.png", "epsilon_distribution.png", "iqm.png", "improvement.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["headline_attack"] == "pgd5"
     assert {g["label"] for g in summary["groups"]} == {fixed, "random"}
     for g in summary["groups"]:
-        acc = g["accuracy"]["pgd5"]
-        assert acc["n"] == 2 and acc["mean"] == pytest.approx(sum(acc["values"]) / 2)
+        acc = g["accuracy"]["pgd5"]  # the IQM of 2 seeds trims nothing: their mean
+        assert acc["n"] == 2 and acc["iqm"]["value"] == pytest.approx(sum(acc["values"]) / 2)
 
 
 def test_fixed_attack_search_is_one_table_with_the_learned_agents(runs, tmp_path):
@@ -102,7 +107,7 @@ def test_fixed_attack_search_is_one_table_with_the_learned_agents(runs, tmp_path
                         row["accuracy"] = accuracy
             clone(src, tmp_path / "search" / f"eps{eps_index}" / src.name, edit)
 
-    c = compare([runs, tmp_path / "search"])
+    c = compare([runs, tmp_path / "search"], reps=REPS)
     assert sorted(g.label for g in c.search) == ["fixed(eps=0.1,it=5,step=0.05)", "fixed(eps=0.2,it=5,step=0.05)",
                                                  "fixed(eps=0.25,it=5,step=0.05)"]
     best, default = c.search[0], next(g for g in c.search if g.label == "fixed(eps=0.2,it=5,step=0.05)")
@@ -126,7 +131,7 @@ def test_fixed_runs_of_different_methods_are_not_one_search(runs, tmp_path):
             doc["config"]["method"] = {"name": "trades", "trades_beta": 6.0}
             doc["agent"] = doc["config"]["agent"]["name"] = "trades"
         clone(src, tmp_path / "trades" / src.name, edit)
-    c = compare([runs, tmp_path / "trades"])
+    c = compare([runs, tmp_path / "trades"], reps=REPS)
     assert c.search == []  # one fixed setting per method: nothing was searched
     assert {g.label for g in c.main} == {"fixed(eps=0.2,it=5,step=0.05)", "trades(eps=0.2,it=5,step=0.05)", "random"}
     assert all("search" not in g.role for g in c.main)
@@ -142,7 +147,7 @@ def test_protocol_mismatch_is_a_loud_warning(runs, tmp_path, capsys):
         doc["config"]["data"]["epochs"] = 9  # and trained longer
 
     clone(src, tmp_path / "odd" / "digits" / "random" / "small_cnn-seed5-00000000", other_protocol)
-    code = compare_main([str(runs), str(tmp_path / "odd"), "--out", str(tmp_path / "report"), "--strict"])
+    code = compare_main([str(runs), str(tmp_path / "odd"), "--out", str(tmp_path / "report"), "--strict", *FAST])
     assert code == EXIT_MISMATCH
     err = capsys.readouterr().err
     assert "compare: WARNING: Final evaluation 'pgd5' (eps, test images) differs" in err
@@ -150,7 +155,7 @@ def test_protocol_mismatch_is_a_loud_warning(runs, tmp_path, capsys):
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## ⚠ WARNING: the runs do not share one protocol" in report.split("## Protocol")[0]
     # Without --strict the report is written and the exit status is 0.
-    assert compare_main([str(runs), str(tmp_path / "odd"), "--out", str(tmp_path / "report2")]) == 0
+    assert compare_main([str(runs), str(tmp_path / "odd"), "--out", str(tmp_path / "report2"), *FAST]) == 0
 
 
 def test_runs_of_one_agent_with_other_settings_get_their_own_labels_and_duplicates_count_once(runs, tmp_path):
@@ -160,7 +165,7 @@ def test_runs_of_one_agent_with_other_settings_get_their_own_labels_and_duplicat
         clone(src, tmp_path / "lr" / src.name, edit)
     dup = run_dirs(runs, "fixed")[0]
     shutil.copytree(dup, tmp_path / "dup" / dup.name)  # the same run twice (e.g. copied folders)
-    c = compare([runs, tmp_path / "lr", tmp_path / "dup"])
+    c = compare([runs, tmp_path / "lr", tmp_path / "dup"], reps=REPS)
     labels = {g.label: len(g.runs) for g in c.groups}
     assert labels == {"fixed(eps=0.2,it=5,step=0.05)": 2, "random(data.optim.lr=0.05)": 2,
                       "random(data.optim.lr=0.2)": 2}
@@ -175,7 +180,7 @@ def test_fixed_images_figure_when_the_runs_record_them(runs, tmp_path):
                 h["fixed_images"] = {"index": [3, 14, 15], "epsilon": [0.1, None, 0.3],
                                      "iterations": [2, None, 8], "step_size": [0.05, None, 0.1]}
         clone(src, tmp_path / "fig5" / src.parent.name / src.name, edit)
-    files = write_report(compare([tmp_path / "fig5"]), tmp_path / "report")
+    files = write_report(compare([tmp_path / "fig5"], reps=REPS), tmp_path / "report")
     assert files["fixed_images_strength"].stat().st_size > 10_000
     assert "![fixed_images_strength](fixed_images_strength.png)" in files["report"].read_text()
 
@@ -193,13 +198,88 @@ def test_autoattack_from_evaluate_py_joins_the_table_when_it_scored_the_final_we
             "sanity_passed": True,
             "results": [{"name": "autoattack", "label": "AutoAttack (standard, official)", "accuracy": 0.1,
                          "n_images": 64, "epsilon": 0.2}]}))
-    c = compare([tmp_path / "aa"])
+    c = compare([tmp_path / "aa"], reps=REPS)
     assert "autoattack" in c.attacks and c.headline == "pgd5"  # not on every run: PGD still ranks
     (group,) = c.groups
-    assert group.accuracy("autoattack").values == [0.1]
+    assert group.scores("autoattack") == [0.1]
     assert any("other weights" in n for n in c.notes)
     report = markdown_report(c, {})
-    assert "AutoAttack (%)" in report and "10.00 (n=1)" in report and "(from experiments/evaluate.py)" in report
+    assert "AutoAttack IQM" in report and "10.00 [10.00, 10.00] (n=1)" in report and "(from experiments/evaluate.py)" in report
+
+
+PGD5 = {"fixed": [0.70, 0.69, 0.71, 0.62, 0.70], "random": [0.72, 0.66, 0.74, 0.73, 0.71]}  # per seed
+
+
+def arena(runs: Path, root: Path, seeds: int) -> Path:
+    """Clones of one fixed (PGD-AT) and one random run, one per seed, with the PGD-5 accuracies of
+    ``PGD5`` and the ``cost`` record of results.json."""
+    for agent, scores in PGD5.items():
+        for seed, accuracy in zip(range(seeds), scores):
+            def edit(doc, seed=seed, accuracy=accuracy):
+                doc["config"]["seed"] = seed
+                next(r for r in doc["final"] if r["name"] == "pgd5")["accuracy"] = accuracy
+                doc["cost"] = {"attack_gradients_per_image": 100.0 + seed, "probe_gradients_per_image": 10.0,
+                               "gradients_per_image": 110.0 + seed, "images": 1000}
+            clone(run_dirs(runs, agent)[0], root / "digits" / agent / f"small_cnn-seed{seed}-00000000", edit)
+    return root
+
+
+def test_iqm_interval_improvement_worst_seed_and_cost_are_rliables_numbers_on_the_per_seed_scores(runs, tmp_path,
+                                                                                                  capsys):
+    from rliable import library, metrics
+
+    root = arena(runs, tmp_path / "runs", seeds=5)
+    assert compare_main([str(root), "--out", str(tmp_path / "report"), *FAST]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    groups = {g["label"]: g for g in summary["groups"]}
+    fixed, random = groups[summary["pgd_at"]], groups["random"]
+    assert summary["pgd_at"].startswith("fixed(") and summary["bootstrap"]["reps"] == REPS
+    x, y = (np.array(PGD5[a])[:, None] for a in ("random", "fixed"))
+    np.random.seed(summary["bootstrap"]["seed"])  # rliable resamples with NumPy's global generator
+    point, ci = library.get_interval_estimates({"r": x}, lambda s: np.array([metrics.aggregate_iqm(s)]), reps=REPS)
+    assert random["accuracy"]["pgd5"]["iqm"] == pytest.approx({"value": point["r"][0], "low": ci["r"][0, 0],
+                                                               "high": ci["r"][1, 0]})
+    np.random.seed(summary["bootstrap"]["seed"])
+    point, ci = library.get_interval_estimates(
+        {"r,f": [x, y]}, lambda a, b: np.array([metrics.probability_of_improvement(a, b)]), reps=REPS)
+    gain = random["accuracy"]["pgd5"]["improvement_over_pgd_at"]
+    assert gain == pytest.approx({"value": point["r,f"][0], "low": ci["r,f"][0, 0], "high": ci["r,f"][1, 0]})
+    # ... and rliable's numbers against their definitions: the IQM of 5 seeds is the mean of the middle 3, the
+    # probability of improvement the share of (agent seed, PGD-AT seed) pairs it wins, ties counting half.
+    assert random["accuracy"]["pgd5"]["iqm"]["value"] == pytest.approx(np.mean(sorted(PGD5["random"])[1:4]))
+    pairs = [(a > b) + 0.5 * (a == b) for a in PGD5["random"] for b in PGD5["fixed"]]
+    assert gain["value"] == pytest.approx(np.mean(pairs))
+    assert fixed["accuracy"]["pgd5"]["improvement_over_pgd_at"] is None  # the reference itself
+    assert fixed["accuracy"]["pgd5"]["worst"] == min(PGD5["fixed"]) and random["gradients_per_image"] == 112.0
+    report = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in report.splitlines() if "`random`" in line and "5 (0,1,2,3,4)" in line)
+    cells = row.split(" | ")
+    assert f"{point['r,f'][0]:.2f} [{ci['r,f'][0, 0]:.2f}, {ci['r,f'][1, 0]:.2f}]" in cells
+    assert "66.00" in cells and "112.0" in cells  # the worst seed, the gradients per image
+    assert "Gradients/image: gradient computations per training image" in report
+    assert "Fewer than 5 seeds" not in report + printed
+    assert (tmp_path / "report" / "iqm.png").stat().st_size > 10_000
+    assert (tmp_path / "report" / "improvement.png").stat().st_size > 10_000
+
+
+def test_fewer_than_five_seeds_is_said_and_wandb_logs_the_table_and_figures_as_one_offline_run(runs, tmp_path,
+                                                                                                monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    root = arena(runs, tmp_path / "runs", seeds=3)
+    assert compare_main([str(root), "--out", str(tmp_path / "report"), "--wandb", *FAST]) == 0
+    printed = capsys.readouterr().out
+    note = next(line for line in printed.splitlines() if line.startswith("Fewer than 5 seeds"))
+    assert "`random` (3)" in note and "rliable" in note
+    assert note in (tmp_path / "report" / "report.md").read_text()
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["few_seeds"] == note
+    (offline,) = (tmp_path / "report" / "wandb").glob("offline-run-*")
+    assert f"wandb sync {offline}" in printed
+    (table,) = offline.rglob("results_*.table.json")
+    doc = json.loads(table.read_text())
+    assert "PGD-5 P(> PGD-AT) [95% CI]" in doc["columns"] and any("`random`" in row[0] for row in doc["data"])
+    assert len(list(offline.rglob("*.png"))) >= 2  # iqm.png, improvement.png (and the curves)
 
 
 def test_only_clean_accuracy_means_no_ranking(runs, tmp_path):
@@ -207,7 +287,7 @@ def test_only_clean_accuracy_means_no_ranking(runs, tmp_path):
         def edit(doc):
             doc["final"] = [r for r in doc["final"] if r["name"] == "clean"]
         clone(src, tmp_path / "clean" / src.name, edit)
-    c = compare([tmp_path / "clean"])
+    c = compare([tmp_path / "clean"], reps=REPS)
     assert c.headline is None and c.winners == []
     assert "← best" not in markdown_report(c, {})
 

@@ -1,4 +1,5 @@
-"""The comparison's figures: per-epoch curves (paper Fig. 1), chosen epsilon (Fig. 4), fixed images (Fig. 5)."""
+"""The comparison's figures: per-epoch curves (paper Fig. 1), chosen epsilon (Fig. 4), fixed images (Fig. 5),
+rliable's IQM intervals and probability of improvement. Imported when a report is drawn (matplotlib is slow to load)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from rliable import plot_utils  # noqa: E402
 
 from evaluation.attacks import format_eps  # noqa: E402
 from experiments.comparison.runs import Run  # noqa: E402
@@ -22,6 +23,12 @@ from experiments.comparison.stats import Group  # noqa: E402
 
 def _short(g: Group) -> str:
     return g.label + (f" ({g.role})" if g.role else "")
+
+
+def _save(fig: plt.Figure, path: Path, **kwargs: Any) -> Path:
+    fig.savefig(path, dpi=120, **kwargs)
+    plt.close(fig)
+    return path
 
 
 def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
@@ -47,24 +54,20 @@ def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
             std = np.array([np.std(per_epoch[e], ddof=1) if len(per_epoch[e]) > 1 else 0.0 for e in epochs])
             ax.plot(epochs, mean, marker="o", ms=3, color=colors[g.label], label=_short(g))
             ax.fill_between(epochs, mean - std, mean + std, color=colors[g.label], alpha=0.2, lw=0)
+        ax.set(xlabel="epoch", ylabel="accuracy (%)")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("accuracy (%)")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(f"Per-epoch accuracy, mean ± std over seeds; robust = {ref.per_epoch_attack}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _grid_panels(n: int) -> tuple[plt.Figure, list[Any]]:
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
+    cols, rows = min(n, 3), math.ceil(n / min(n, 3))
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, layout="constrained")
-    flat = [ax for row in axes for ax in row]
+    flat = list(axes.flat)
     for ax in flat[n:]:
         ax.set_visible(False)
     return fig, flat[:n]
@@ -94,18 +97,14 @@ def plot_epsilon_distribution(groups: Sequence[Group], path: Path) -> Path | Non
         im = ax.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
                        extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, len(values) - 0.5))
         ax.plot(epochs, (share * np.arange(len(values))[:, None]).sum(0), color="white", lw=1.2)
-        ax.set_yticks(range(len(values)))
-        ax.set_yticklabels([format_eps(v) for v in values], fontsize=7)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("epsilon")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_yticks(range(len(values)), [format_eps(v) for v in values], fontsize=7)
+        ax.set(xlabel="epoch", ylabel="epsilon")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_title(f"{_short(g)}, {len(g.runs)} seed(s)", fontsize=8)
     if im is not None:
         fig.colorbar(im, ax=axes, fraction=0.025, label="share of training images")
     fig.suptitle("Chosen epsilon per epoch (paper Fig. 4)", fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, bbox_inches="tight")
 
 
 def _fixed_images(run: Run) -> list[tuple[int, dict[str, Any]]]:
@@ -135,17 +134,44 @@ def plot_fixed_images(groups: Sequence[Group], path: Path, *, images: int = 8) -
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", ms=3, lw=1, color=plt.get_cmap("tab10")(k % 10), label=f"image {image}")
-        ax.set_yticks(values)
-        ax.set_yticklabels([format_eps(v) for v in values], fontsize=7)
-        ax.set_ylim(values[0] - 0.5 * spacing, values[-1] + 0.5 * spacing)
-        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("chosen epsilon")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_yticks(values, [format_eps(v) for v in values], fontsize=7)
+        ax.set(ylim=(values[0] - 0.5 * spacing, values[-1] + 0.5 * spacing), xlim=(min(epochs) - 0.5, max(epochs) + 0.5),
+               xlabel="epoch", ylabel="chosen epsilon")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.set_title(f"{_short(g)}, seed {run.seed}", fontsize=8)
         ax.legend(fontsize=6, ncol=2, loc="best")
     fig.suptitle("Epsilon chosen for fixed training images over epochs (paper Fig. 5)", fontsize=10)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_iqm(groups: Sequence[Group], titles: dict[str, str], path: Path) -> Path | None:
+    """rliable's interval-estimate plot: per attack (``titles``: name -> title), each agent's IQM and 95% CI."""
+    attacks = [a for a in titles if groups and all(a in g.iqm for g in groups)]
+    if not attacks:
+        return None
+    points = {_short(g): np.array([[100 * getattr(g.iqm[a], k) for a in attacks] for k in ("value", "low", "high")])
+              for g in groups}
+    fig, _ = plot_utils.plot_interval_estimates({k: v[0] for k, v in points.items()}, {k: v[1:] for k, v in points.items()},
+                                                [titles[a] for a in attacks], subfigure_width=4.0, row_height=0.5,
+                                                xlabel="accuracy (%): IQM over seeds, 95% CI",
+                                                xlabel_y_coordinate=min(-0.1, -1.0 / len(groups)))  # below the ticks
+    return _save(fig, path, bbox_inches="tight")
+
+
+def plot_improvement(groups: Sequence[Group], titles: dict[str, str], reference: Group | None,
+                     path: Path) -> Path | None:
+    """rliable's probability-of-improvement plot: per attack, P(agent > PGD-AT) with its 95% CI."""
+    groups = [g for g in groups if g.improvement]
+    attacks = [a for a in titles if groups and all(a in g.improvement for g in groups)]
+    if reference is None or not attacks:
+        return None
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5.5 * len(attacks), 0.5 * len(groups) + 1.5), squeeze=False)
+    for ax, a in zip(axes[0], attacks):
+        pairs = {f"{g.label}|{reference.label}": g.improvement[a] for g in groups}
+        plot_utils.plot_probability_of_improvement(
+            {k: i.value for k, i in pairs.items()}, {k: [i.low, i.high] for k, i in pairs.items()}, pair_separator="|",
+            ax=ax, xlabel=f"P(agent > PGD-AT), {titles[a]}", left_ylabel="agent", right_ylabel="PGD-AT",
+            ticklabelsize="small", labelsize="medium", xticks=[0, 0.25, 0.5, 0.75, 1])
+    fig.tight_layout()
+    return _save(fig, path, bbox_inches="tight")

@@ -74,14 +74,12 @@ def assign_labels(runs: Sequence[Run]) -> None:
 def default_fixed_attack(run: Run) -> tuple[float, int, float] | None:
     """The run's PGD-AT attack (``agent=fixed`` without overrides: its threat model), on the run's grid."""
     try:
-        dataset = run.dataset.lower().replace("_", "-")
-        threat = lookup(dataset).threat
-        iters = lookup(dataset).fixed_iterations
+        spec = lookup(run.dataset.lower().replace("_", "-"))
     except (KeyError, ValueError):
         return None
     recorded = run.config.get("data", {}).get("threat") or {}  # the run's data.threat (null: the data set's)
-    eps, step = recorded.get("epsilon") or threat.epsilon, recorded.get("step_size") or threat.step_size
-    i_eps, i_it, i_step = run.grid.index_of(epsilon=eps, iterations=iters, step_size=step)
+    eps, step = recorded.get("epsilon") or spec.threat.epsilon, recorded.get("step_size") or spec.threat.step_size
+    i_eps, i_it, i_step = run.grid.index_of(epsilon=eps, iterations=spec.fixed_iterations, step_size=step)
     return run.grid.value("epsilon", i_eps), run.grid.value("iterations", i_it), run.grid.value("step_size", i_step)
 
 
@@ -126,7 +124,7 @@ def check_protocol(runs: Sequence[Run]) -> tuple[list[str], list[str]]:
                    f"{r.final[name].get('n_images')} images" for r in have})
         if len(have) < len(runs):
             notes.append(f"{attack_title(name, have[0])} was evaluated on {len(have)} of {len(runs)} runs; "
-                         f"its column averages those only.")
+                         f"its columns use those only.")
     devices = {str(r.config.get("device", "?")) for r in runs}
     if len(devices) > 1:
         notes.append(f"Runs ran on different devices ({', '.join(sorted(devices))}): times are not comparable.")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from experiments.comparison.labels import assign_labels, check_protocol, default_fixed_attack
 from experiments.comparison.runs import CompareError, Run, find_runs, load_run
-from experiments.comparison.stats import Group, attack_order, group_runs, headline_attack, rank_key
+from experiments.comparison.stats import (BOOTSTRAP_REPS, FEW_SEEDS, Group, attack_order, attack_title, estimate,
+                                          group_runs, headline_attack, rank_key)
 from experiments.runfolder.runfiles import RESULTS_FILE
 
 
@@ -25,33 +26,40 @@ class Comparison:
     headline: str | None
     warnings: list[str]
     notes: list[str]
-    unfinished: list[Path]
     sources: list[str]
     weights: str = "final"
+    reference: Group | None = None  # PGD-AT: the agent=fixed group playing the threat model's attack
+    reps: int = BOOTSTRAP_REPS
 
-    def margin_note(self) -> str:
-        """A caveat when the winner's lead over the runner-up is within one std over seeds."""
-        if not self.headline or not self.winners:
+    def verdict(self) -> str:
+        """The winner line ("" without a ranking), with a caveat when the runner-up's IQM lies within
+        the winner's 95% confidence interval."""
+        if not self.winners:
             return ""
-        others = [g for g in self.main if g not in self.winners and not math.isnan(g.accuracy(self.headline).mean)]
-        if not others:
-            return ""
-        best, second = self.winners[0].accuracy(self.headline), others[0].accuracy(self.headline)
-        spread = max((s for s in (best.std, second.std) if not math.isnan(s)), default=math.nan)
-        if math.isnan(spread):
-            return f" (one seed for the winner or the runner-up `{others[0].label}`: no spread to judge the lead by)"
-        if best.mean - second.mean < spread:
-            return (f" (the lead over the runner-up `{others[0].label}`, {100 * (best.mean - second.mean):.2f} points, "
-                    f"is within one standard deviation over seeds: not a clear win)")
-        return ""
+        others = [g for g in self.main if g not in self.winners and self.headline in g.iqm]
+        close = others and others[0].iqm[self.headline].value >= self.winners[0].iqm[self.headline].low
+        return (f"Best {self.titles[self.headline]} robust accuracy (IQM): "
+                + ", ".join(f"`{g.label}`" for g in self.winners)
+                + (f" (the runner-up `{others[0].label}` lies within the winner's 95% confidence interval: not a "
+                   f"clear win)." if close else "."))
+
+    def few_seeds_note(self) -> str:
+        """One line naming the agents with fewer than :data:`FEW_SEEDS` seeds ("" when none)."""
+        few = [f"`{g.label}` ({len(g.runs)})" for g in self.groups if len(g.runs) < FEW_SEEDS]
+        return (f"Fewer than {FEW_SEEDS} seeds for {', '.join(few)}: a bootstrap over so few runs is unreliable and "
+                f"its intervals are wide; rliable's authors recommend more runs." if few else "")
+
+    @property
+    def titles(self) -> dict[str, str]:
+        """Attack name -> its title (e.g. ``pgd20`` -> ``PGD-20``), in the table's order."""
+        return {a: attack_title(a, next(r for r in self.runs if a in r.final)) for a in self.attacks}
 
     @property
     def winners(self) -> list[Group]:
-        if not self.headline:
-            return []
-        means = [(g, g.accuracy(self.headline).mean) for g in self.main]
-        best = max((m for _, m in means if not math.isnan(m)), default=math.nan)
-        return [g for g, m in means if not math.isnan(best) and math.isclose(m, best, abs_tol=1e-12)]
+        """The main rows with the highest headline IQM (ties included)."""
+        values = [(g, g.iqm[self.headline].value) for g in self.main if self.headline in g.iqm]
+        best = max((v for _, v in values), default=math.nan)
+        return [g for g, v in values if math.isclose(v, best, abs_tol=1e-12)]
 
 
 METHOD_TITLES = {"pgd_at": "PGD-AT", "trades": "TRADES", "awp": "AWP"}
@@ -93,7 +101,13 @@ def pick_main_rows(groups: Sequence[Group], headline: str | None) -> tuple[list[
     return sorted(main, key=rank_key(headline)), search
 
 
-def compare(paths: Sequence[str | Path], weights: str = "final") -> Comparison:
+def pgd_at_reference(groups: Sequence[Group]) -> Group | None:
+    """The PGD-AT group: ``agent=fixed`` trained with PGD-AT, playing its threat model's attack."""
+    return next((g for g in groups if g.is_fixed and method_of(g.runs[0]) == "pgd_at"
+                 and g.runs[0].fixed_attack == default_fixed_attack(g.runs[0])), None)
+
+
+def compare(paths: Sequence[str | Path], weights: str = "final", reps: int = BOOTSTRAP_REPS) -> Comparison:
     files, unfinished = find_runs(paths)
     if not files:
         where = ", ".join(str(p) for p in paths)
@@ -114,14 +128,18 @@ def compare(paths: Sequence[str | Path], weights: str = "final") -> Comparison:
     warnings, notes = check_protocol(runs)
     groups, dup_notes = group_runs(runs)
     notes += skipped + dup_notes + [n for r in runs for n in r.notes]
+    if unfinished:
+        notes.append(f"{len(unfinished)} unfinished run folder(s) (a checkpoint, no results yet) were skipped, "
+                     f"e.g. {unfinished[0]}")
     for r in runs:
         if r.is_fixed and r.fixed_attack is None:
             notes.append(f"{r.path}: a fixed agent whose recorded choices hold more than one value; "
                          f"labelled by its name only.")
     headline = headline_attack(runs)
-    groups.sort(key=rank_key(headline))
     attacks = sorted({n for r in runs for n in r.final}, key=attack_order)
-
+    reference = pgd_at_reference(groups)
+    estimate(groups, attacks, reference, reps)
+    groups.sort(key=rank_key(headline))
     main, search = pick_main_rows(groups, headline)
-    sources = [str(p) for p in paths]
-    return Comparison(runs, groups, main, search, attacks, headline, warnings, notes, unfinished, sources, weights)
+    return Comparison(runs, groups, main, search, attacks, headline, warnings, notes, [str(p) for p in paths], weights,
+                      reference, reps)

@@ -42,6 +42,7 @@ class Run:
     per_epoch_attack: str
     data_description: str
     grid: StrategySpace
+    cost: dict[str, float] = field(default_factory=dict)  # results.json "cost" (gradients per image); {} in older runs
     fixed_attack: tuple[float, int, float] | None = None  # (epsilon, iterations, step size) played
     posthoc: list[str] = field(default_factory=list)  # attack names read from evaluate.py reports
     notes: list[str] = field(default_factory=list)
@@ -59,32 +60,21 @@ class Run:
     def is_fixed(self) -> bool:
         return self.target.endswith(FIXED_TARGET_SUFFIX)
 
-    @property
-    def epochs_done(self) -> int:
-        return len(self.history)
-
 
 def find_runs(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
     """``results.json`` files under ``paths`` (each a run dir, a folder of them, or the file
     itself), and run folders holding a checkpoint but no results yet (unfinished)."""
-    found: dict[Path, None] = {}
+    found: dict[Path, None] = {}  # dicts: ordered and without repeats
     unfinished: dict[Path, None] = {}
     for raw in paths:
         p = Path(raw).expanduser()
         if not p.exists():
             raise CompareError(f"{p} does not exist. Pass run directories or folders holding them "
                                f"(runs/<data>/<agent>/<model>-seed<seed>-<hash>).")
-        if p.is_file():
-            candidates = [p] if p.name == RESULTS_FILE else []
-            checkpoints: list[Path] = []
-        else:
-            candidates = sorted(p.rglob(RESULTS_FILE))
-            checkpoints = sorted(p.rglob(CHECKPOINT))
-        for c in candidates:
-            found[c.resolve()] = None
-        for c in checkpoints:
-            if not (c.parent / RESULTS_FILE).is_file():
-                unfinished[c.parent.resolve()] = None
+        files = [p] if p.is_file() else sorted(p.rglob(RESULTS_FILE))
+        found.update(dict.fromkeys(f.resolve() for f in files if f.name == RESULTS_FILE))
+        checkpoints = sorted(p.rglob(CHECKPOINT)) if p.is_dir() else []
+        unfinished.update(dict.fromkeys(c.parent.resolve() for c in checkpoints if not (c.parent / RESULTS_FILE).is_file()))
     return list(found), list(unfinished)
 
 
@@ -92,11 +82,8 @@ def _posthoc_rows(run_dir: Path, eps: float, final: Mapping[str, Any]) -> tuple[
     """Rows of ``experiments/evaluate.py`` reports in ``run_dir`` for attacks the run's own final
     evaluation lacks (typically AutoAttack), when they describe the run's final weights at its
     threat model's eps. Returns (rows, notes)."""
-    reports = sorted(run_dir.glob(EVALUATION_GLOB))
-    if not reports:
-        return {}, []
-    weights = run_dir / WEIGHTS_FILE
-    fingerprint = _weights_fingerprint(weights) if weights.is_file() else None
+    reports, weights = sorted(run_dir.glob(EVALUATION_GLOB)), run_dir / WEIGHTS_FILE
+    fingerprint = _weights_fingerprint(weights) if reports and weights.is_file() else None
     rows: dict[str, dict] = {}
     notes: list[str] = []
     for path in reports:
@@ -104,10 +91,8 @@ def _posthoc_rows(run_dir: Path, eps: float, final: Mapping[str, Any]) -> tuple[
             doc = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if doc.get("format") != EVALUATION_FORMAT:
-            continue
         fp = doc.get("fingerprint") or {}
-        if not math.isclose(float(fp.get("eps", -1)), eps, rel_tol=1e-6):
+        if doc.get("format") != EVALUATION_FORMAT or not math.isclose(float(fp.get("eps", -1)), eps, rel_tol=1e-6):
             continue
         if fingerprint is None or fp.get("model_sha256") != fingerprint:
             notes.append(f"{path} evaluated other weights than the run's final ones: not used")
@@ -116,9 +101,7 @@ def _posthoc_rows(run_dir: Path, eps: float, final: Mapping[str, Any]) -> tuple[
             notes.append(f"{path}: its gradient-masking sanity check FAILED (see that report)")
         for row in doc.get("results", []):
             name = row.get("name")
-            if name in final:
-                continue
-            if name not in rows or row.get("n_images", 0) > rows[name].get("n_images", 0):
+            if name not in final and (name not in rows or row.get("n_images", 0) > rows[name].get("n_images", 0)):
                 rows[name] = {**row, "source": path.name}
     return rows, notes
 
@@ -127,17 +110,12 @@ def _weights_fingerprint(path: Path) -> str | None:
     """The ``model_sha256`` that ``experiments/evaluate.py`` records for these weights."""
     try:
         import torch  # noqa: PLC0415
-        from torch import nn  # noqa: PLC0415
 
         from las_env.checkpoint import state_fingerprint  # noqa: PLC0415
 
-        state = torch.load(path, map_location="cpu", weights_only=True)
-
-        class _Weights(nn.Module):  # state_fingerprint hashes a module's state_dict items in order
-            def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # type: ignore[override]
-                return state
-
-        return state_fingerprint(_Weights())
+        weights = torch.nn.Module()  # state_fingerprint hashes a module's state_dict items, in order
+        weights.state_dict = lambda: torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[method-assign]
+        return state_fingerprint(weights)
     except Exception:  # noqa: BLE001 - an unreadable file just means no post-hoc rows
         return None
 
@@ -199,6 +177,7 @@ def _run_of(path: Path, doc: dict[str, Any], weights: str) -> Run:
         per_epoch_attack=str(doc.get("per_epoch_attack", "")),
         data_description=str(doc.get("data", dataset)),
         grid=grid,
+        cost={k: float(v) for k, v in (doc.get("cost") or {}).items()},
     )
     if run.is_fixed:
         run.fixed_attack = played_attack(run.history, grid)

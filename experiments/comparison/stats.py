@@ -1,13 +1,15 @@
-"""Aggregation over seeds: attack order, the headline attack, groups of runs, mean ± std, ranking."""
+"""Aggregation over seeds with rliable (Agarwal et al., NeurIPS 2021: IQM, stratified-bootstrap confidence
+intervals, probability of improvement), attack order, the headline attack, groups of runs, ranking."""
 
 from __future__ import annotations
 
 import math
 import re
 import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from experiments.comparison.runs import Run
 
@@ -21,61 +23,63 @@ def attack_order(name: str) -> tuple[int, int, str]:
 
 
 def attack_title(name: str, run: Run) -> str:
-    label = str(run.final[name].get("label") or name)
-    return label.split(" (")[0]
+    return str(run.final[name].get("label") or name).split(" (")[0]
 
 
 def headline_attack(runs: Sequence[Run]) -> str | None:
     """The robust accuracy that ranks agents: AutoAttack when every run has it, else the PGD
     (CE) with the most steps every run has, else C&W, else any non-clean attack."""
     common = set.intersection(*(set(r.final) for r in runs)) - {"clean"}
-    if not common:
-        return None
-    if "autoattack" in common:
-        return "autoattack"
     pgd = [n for n in common if re.fullmatch(r"pgd\d+", n)]
-    if pgd:
-        return max(pgd, key=attack_order)
-    return max(common, key=attack_order)
+    return None if not common else "autoattack" if "autoattack" in common else max(pgd or common, key=attack_order)
 
 
-@dataclass
-class Stat:
-    values: list[float]
+BOOTSTRAP_REPS = 2000  # per confidence interval (rliable's default for P(improvement)); --bootstrap-reps
+BOOTSTRAP_SEED = 0  # the same runs give the same intervals: the report is reproducible
+CONFIDENCE = 0.95
+FEW_SEEDS = 5  # below this, bootstrap intervals are wide and unreliable (rliable's authors ask for more runs)
 
-    @property
-    def n(self) -> int:
-        return len(self.values)
 
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values) if self.values else math.nan
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its stratified-bootstrap confidence interval (rliable)."""
 
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
+    value: float
+    low: float
+    high: float
 
-    def pct(self, n_expected: int) -> str:
-        if not self.values:
-            return "-"
-        text = f"{100 * self.mean:.2f}" + (f" ± {100 * self.std:.2f}" if self.n > 1 else "")
-        return text + (f" (n={self.n})" if self.n != n_expected else "")
 
-    def seconds(self) -> str:
-        if not self.values:
-            return "-"
-        return f"{self.mean:.1f}" + (f" ± {self.std:.1f}" if self.n > 1 else "")
+def bootstrap(statistic: Callable[..., float], *scores: Sequence[float], reps: int) -> Interval:
+    """rliable's stratified percentile bootstrap of ``statistic`` over per-seed scores, as (seeds, tasks=1)
+    matrices. rliable resamples with NumPy's global generator (its ``random_state`` does not reach it), so
+    that generator is seeded here, per call, and restored after."""
+    from rliable import library  # noqa: PLC0415 - imports scipy and arch: only when a report is made
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": None if math.isnan(self.std) else self.std, "n": self.n,
-                "values": self.values}
+    matrices = [np.asarray(s, dtype=float)[:, None] for s in scores]
+    state = np.random.get_state()
+    np.random.seed(BOOTSTRAP_SEED)
+    try:
+        point, ci = library.get_interval_estimates({"x": matrices if len(matrices) > 1 else matrices[0]},
+                                                   lambda *m: np.array([statistic(*m)]), reps=reps,
+                                                   confidence_interval_size=CONFIDENCE)
+    finally:
+        np.random.set_state(state)
+    return Interval(float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0]))
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
 
 
 @dataclass(eq=False)
 class Group:
+    """The runs of one label (one per seed), with their estimates per attack (:func:`estimate`)."""
+
     label: str
     runs: list[Run]
     role: str = ""  # "", "default PGD-AT", "best fixed (search over N)"
+    iqm: dict[str, Interval] = field(default_factory=dict)  # attack -> IQM over seeds
+    improvement: dict[str, Interval] = field(default_factory=dict)  # attack -> P(this > PGD-AT)
 
     @property
     def seeds(self) -> list[int]:
@@ -85,14 +89,29 @@ class Group:
     def is_fixed(self) -> bool:
         return all(r.fixed_attack for r in self.runs)
 
-    def accuracy(self, attack: str) -> Stat:
-        return Stat([float(r.final[attack]["accuracy"]) for r in self.runs if attack in r.final])
+    def scores(self, attack: str) -> list[float]:
+        """The accuracy of each seed that has ``attack``."""
+        return [float(r.final[attack]["accuracy"]) for r in self.runs if attack in r.final]
 
-    def wall(self) -> Stat:
-        return Stat([r.seconds["total"] for r in self.runs if "total" in r.seconds])
+    def cost(self) -> float | None:
+        """Gradient computations per training image, mean over seeds (``None``: runs from before it was recorded)."""
+        return _mean([r.cost["gradients_per_image"] for r in self.runs if "gradients_per_image" in r.cost])
 
-    def per_epoch(self) -> Stat:
-        return Stat([r.seconds["train"] / r.epochs_done for r in self.runs if "train" in r.seconds and r.epochs_done])
+    def wall(self) -> float | None:
+        return _mean([r.seconds["total"] for r in self.runs if "total" in r.seconds])
+
+
+def estimate(groups: Sequence[Group], attacks: Sequence[str], reference: Group | None, reps: int) -> None:
+    """Fill each group's IQM and, against ``reference`` (PGD-AT), its probability of improvement."""
+    from rliable import metrics  # noqa: PLC0415
+
+    for g in groups:
+        for a in attacks:
+            if scores := g.scores(a):
+                g.iqm[a] = bootstrap(metrics.aggregate_iqm, scores, reps=reps)
+                if reference is not None and g is not reference and reference.scores(a):
+                    g.improvement[a] = bootstrap(metrics.probability_of_improvement, scores, reference.scores(a),
+                                                 reps=reps)
 
 
 def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
@@ -112,8 +131,6 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
     return list(groups.values()), notes
 
 
-def rank_key(headline: str | None):
-    def key(g: Group) -> float:
-        m = g.accuracy(headline).mean if headline else math.nan
-        return -m if not math.isnan(m) else math.inf
-    return key
+def rank_key(headline: str | None) -> Callable[[Group], float]:
+    """Sort key: the headline attack's IQM, highest first (groups without it last)."""
+    return lambda g: -g.iqm[headline].value if headline in g.iqm else math.inf

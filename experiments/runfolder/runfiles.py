@@ -5,7 +5,7 @@ from __future__ import annotations
 RESULTS_FORMAT = "las-at/results/v1"
 METRICS_FORMAT = "las-at/metrics/v1"
 EVALUATION_FORMAT = "las-at/evaluation/v1"  # experiments/evaluate.py's evaluation*.json
-SUMMARY_FORMAT = "las-at/comparison/v1"
+SUMMARY_FORMAT = "las-at/comparison/v2"  # v2: rliable statistics (IQM, CIs, P(improvement)), cost
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # the one before the latest (las_env.checkpoint.previous_path)

@@ -75,7 +75,7 @@ class WandbTracker(Tracker):
     the same W&B run without "steps must increase"."""
 
     def __init__(self, settings: LoggerSettings, run_dir: Path, config: Mapping[str, Any],
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, job_type: str = "train") -> None:
         # W&B mistakes our `agents` package for an LLM-agents library and advertises its Weave tracer.
         os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
         import wandb  # noqa: PLC0415 - only when W&B is asked for
@@ -101,7 +101,7 @@ class WandbTracker(Tracker):
                 mode=settings.mode,
                 id=run_id,
                 resume="allow",
-                job_type="train",
+                job_type=job_type,
                 # console="off": W&B would otherwise wrap stdout, which fights the progress bars.
                 settings=wandb.Settings(silent=True, console="off"),
             )
