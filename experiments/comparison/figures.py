@@ -14,11 +14,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from rliable import plot_utils  # noqa: E402
 
 from evaluation.attacks import format_eps  # noqa: E402
 from experiments.comparison.runs import Run  # noqa: E402
-from experiments.comparison.stats import Group  # noqa: E402
+from experiments.comparison.stats import Group, rliable  # noqa: E402
+
+plot_utils = rliable("plot_utils")
 
 
 def _short(g: Group) -> str:

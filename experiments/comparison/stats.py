@@ -3,9 +3,12 @@ intervals, probability of improvement), attack order, the headline attack, group
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import statistics
+import sys
+from types import ModuleType
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +43,18 @@ CONFIDENCE = 0.95
 FEW_SEEDS = 5  # below this, bootstrap intervals are wide and unreliable (rliable's authors ask for more runs)
 
 
+def rliable(module: str) -> ModuleType:
+    """``rliable.<module>``, imported on first use (it imports scipy and arch). rliable imports absl, whose log
+    handler binds ``sys.stderr`` as it is at that moment and closes that stream whenever logging is
+    reconfigured (Hydra does, at every run started later in the same process): bind it to the process's own
+    stderr, which absl never closes."""
+    found = importlib.import_module(f"rliable.{module}")
+    from absl import logging as absl_logging  # noqa: PLC0415
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+    return found
+
+
 @dataclass(frozen=True)
 class Interval:
     """A point estimate with its stratified-bootstrap confidence interval (rliable)."""
@@ -51,20 +66,21 @@ class Interval:
 
 def bootstrap(statistic: Callable[..., float], *scores: Sequence[float], reps: int) -> Interval:
     """rliable's stratified percentile bootstrap of ``statistic`` over per-seed scores, as (seeds, tasks=1)
-    matrices. rliable resamples with NumPy's global generator (its ``random_state`` does not reach it), so
-    that generator is seeded here, per call, and restored after."""
-    from rliable import library  # noqa: PLC0415 - imports scipy and arch: only when a report is made
-
+    matrices: what ``rliable.library.get_interval_estimates`` computes, without its ``absl`` log call (which
+    configures the root logger on a stream that may be closed later). rliable resamples with NumPy's global
+    generator (its ``random_state`` does not reach it), so that generator is seeded here and restored after."""
+    library = rliable("library")
     matrices = [np.asarray(s, dtype=float)[:, None] for s in scores]
+    func = lambda *m: np.array([statistic(*m)])  # noqa: E731 - rliable's metric shape: one value per task
     state = np.random.get_state()
     np.random.seed(BOOTSTRAP_SEED)
     try:
-        point, ci = library.get_interval_estimates({"x": matrices if len(matrices) > 1 else matrices[0]},
-                                                   lambda *m: np.array([statistic(*m)]), reps=reps,
-                                                   confidence_interval_size=CONFIDENCE)
+        sampler = (library.StratifiedIndependentBootstrap(*matrices) if len(matrices) > 1
+                   else library.StratifiedBootstrap(matrices[0]))
+        ci = sampler.conf_int(func, reps=reps, size=CONFIDENCE, method="percentile")
     finally:
         np.random.set_state(state)
-    return Interval(float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0]))
+    return Interval(float(func(*matrices)[0]), float(ci[0, 0]), float(ci[1, 0]))
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -103,8 +119,7 @@ class Group:
 
 def estimate(groups: Sequence[Group], attacks: Sequence[str], reference: Group | None, reps: int) -> None:
     """Fill each group's IQM and, against ``reference`` (PGD-AT), its probability of improvement."""
-    from rliable import metrics  # noqa: PLC0415
-
+    metrics = rliable("metrics")
     for g in groups:
         for a in attacks:
             if scores := g.scores(a):
