@@ -146,8 +146,10 @@ def last_json_line(text: str) -> dict[str, Any] | None:
 
 def cuda_tests_part(args: argparse.Namespace, junit: Path, budget: float) -> Part:
     # One process (-n 0): one GPU, and the workers pyproject.toml asks for would each collect every test again.
+    # Only tests/test_cuda.py holds cuda-marked tests (tests/test_gpu_suite.py checks): collecting every
+    # other test file too cost 5 s of imports.
     cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={junit}",
-           "tests/"]
+           "tests/test_cuda.py"]
     return Part("cuda_tests", cmd, budget)
 
 

@@ -59,6 +59,8 @@ def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 
 def _init_weights(module: nn.Module) -> None:
     """He initialisation for convolutions (fan-out, as in the ResNet/WRN papers), unit BN."""
+    if next(module.parameters()).is_meta:
+        return  # shapes only (a name check): nothing to fill, and normal_ on "meta" imports torch._dynamo (1.5 s)
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

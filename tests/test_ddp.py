@@ -6,6 +6,7 @@ joined by torchrun's environment variables, as in production.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -14,11 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from las_env.sharding import Shard
+from tests.conftest import main_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "ddp_worker.py"
@@ -53,6 +56,14 @@ def launch(scenario: str, world: int, out: Path, *args: str, timeout: float = 24
     return done
 
 
+def load_script(path: Path) -> ModuleType:
+    """A script as a module, its ``__main__`` block not run: its functions, called in this process."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _ok(results: list[subprocess.CompletedProcess]) -> None:
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
@@ -60,8 +71,10 @@ def _ok(results: list[subprocess.CompletedProcess]) -> None:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict:
+    """The reference: the worker's steps in this process (no torchrun variables here: one process)."""
     out = tmp_path_factory.mktemp("one")
-    _ok(launch("steps", 1, out))
+    ddp_worker = load_script(WORKER)
+    ddp_worker.steps(out, sync_bn=True, w_hat="this_step")
     return torch.load(out / "rank0.pt")
 
 
@@ -158,8 +171,8 @@ def test_torchrun_run_matches_one_process(tmp_path):
     within 3 images in 100, training means within 1% (on this machine they agree to 1e-6 and the
     accuracies exactly; the tolerance is for machines where a float-level weight difference
     flips an attack gradient's sign; see test_two_ranks_train_like_one_process)."""
-    single = subprocess.run([sys.executable, "experiments/run.py", *RUN_ARGS, f"run_root={tmp_path / 'one'}"],
-                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    # The one-process reference in this process (a start-up less); the ranks are real torchrun processes.
+    single = main_in_process("run", *RUN_ARGS, f"run_root={tmp_path / 'one'}", cwd=REPO)
     assert single.returncode == 0, single.stderr[-3000:]
     for extra in ("stop_after_epochs=1", "resume=true"):  # all ranks resume from rank 0's checkpoint
         multi = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "experiments/run.py", *RUN_ARGS,
@@ -187,11 +200,10 @@ def test_torchrun_run_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_overhead_benchmark_prints_its_figures():
-    proc = subprocess.run([sys.executable, "benchmarks/ddp_overhead.py", "--batch-size", "8", "--steps", "1",
-                           "--warmup", "1", "--repeats", "2"], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_ddp_overhead_benchmark_prints_its_figures(capsys):
+    # Its main() here (it starts its 1- and 2-process workers itself): the parent's start-up saved.
+    load_script(REPO / "benchmarks" / "ddp_overhead.py").main(["--batch-size", "8", "--steps", "1", "--warmup", "1",
+                                                                "--repeats", "2"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["step_s"]) == {"1", "2"} and all(v > 0 for v in out["step_s"].values())
     assert out["comm_s"] > 0 and out["grad_bytes"] == 4 * out["params"]

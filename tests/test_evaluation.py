@@ -32,6 +32,7 @@ from evaluation.autoattack import _load_state
 from las_env.attack import pgd
 from las_env.checkpoint import atomic_save, export_state_dict, load_plain_state_dict
 from las_env.models import build_model
+from tests.conftest import Ran, main_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 EPS, STEP = 0.2, 0.05  # the digits threat model (las_env.datasets.lookup("digits").threat)
@@ -277,9 +278,15 @@ def test_plain_state_dict_round_trip(trained, digits, tmp_path):
 
 
 def _cli(*args: str, cwd: Path, wandb_mode: str = "disabled") -> subprocess.CompletedProcess:
+    """A real ``python experiments/evaluate.py`` process (the W&B test: wandb's own process stays out of pytest's)."""
     env = {**os.environ, "WANDB_MODE": wandb_mode, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(REPO / "experiments" / "evaluate.py"), *args, "threads=1",
                            "progress=false"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _evaluate(*args: str, cwd: Path) -> Ran:
+    """The same command in this process: a Python and torch start-up less (tests/conftest.py)."""
+    return main_in_process("evaluate", *args, "threads=1", "progress=false", cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +301,7 @@ def run_dir(trained, tmp_path_factory) -> Path:
 
 
 def test_cli_evaluates_a_checkpoint_and_writes_reports(run_dir, tmp_path):
-    out = _cli(f"checkpoint={run_dir}", "attacks=[clean,fgsm,pgd10,pgd20]", "n=64", "sanity_n=32", cwd=tmp_path)
+    out = _evaluate(f"checkpoint={run_dir}", "attacks=[clean,fgsm,pgd10,pgd20]", "n=64", "sanity_n=32", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     report = json.loads((run_dir / "evaluation_n64.json").read_text())
     assert [r["name"] for r in report["results"]] == ["clean", "fgsm", "pgd10", "pgd20"]
@@ -306,7 +313,7 @@ def test_cli_evaluates_a_checkpoint_and_writes_reports(run_dir, tmp_path):
     assert not list(tmp_path.iterdir()), "nothing is written into the working directory"
 
     # A second evaluation on the same weights, images and eps adds its rows to the report.
-    out = _cli(f"checkpoint={run_dir / 'checkpoint.pt'}", "attacks=[pgd50]", "n=64", "sanity=false", cwd=tmp_path)
+    out = _evaluate(f"checkpoint={run_dir / 'checkpoint.pt'}", "attacks=[pgd50]", "n=64", "sanity=false", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     names = [r["name"] for r in json.loads((run_dir / "evaluation_n64.json").read_text())["results"]]
     assert names == ["clean", "fgsm", "pgd10", "pgd20", "pgd50"]
@@ -314,12 +321,12 @@ def test_cli_evaluates_a_checkpoint_and_writes_reports(run_dir, tmp_path):
 
 def test_cli_exports_and_evaluates_a_plain_state_dict(run_dir, trained, tmp_path):
     target = tmp_path / "export" / "target.pt"
-    out = _cli(f"checkpoint={run_dir}", f"export={target}", cwd=tmp_path)
+    out = _evaluate(f"checkpoint={run_dir}", f"export={target}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "custom_checkpoint" in out.stdout
     weights = torch.load(target, weights_only=True)
     assert weights.keys() == trained.state_dict().keys()
-    out = _cli(f"state_dict={target}", "model=small_cnn", "data=digits", "attacks=[clean]", "n=32", "sanity=false",
+    out = _evaluate(f"state_dict={target}", "model=small_cnn", "data=digits", "attacks=[clean]", "n=32", "sanity=false",
                cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert (target.parent / "evaluation_n32.md").is_file()
@@ -344,7 +351,7 @@ def test_cli_updates_the_logged_runs_summary_offline(run_dir, tmp_path):
 )
 def test_cli_rejects_bad_input_before_any_work(run_dir, tmp_path, args, message):
     base = [] if any(a.startswith("checkpoint=") for a in args) else [f"checkpoint={run_dir}"]
-    out = _cli(*base, *args, cwd=tmp_path)
+    out = _evaluate(*base, *args, cwd=tmp_path)
     assert out.returncode == 1
     assert out.stderr.startswith("las-at: error: ") and message in out.stderr
     assert "Traceback" not in out.stderr and not out.stdout

@@ -143,3 +143,10 @@ def test_smoke_without_cifar_is_digits_at_tiny_size_and_skipped_at_full_size(tmp
     assert part.status == "skipped" and "--prepare-data" in part.reason
     suite.finish_smoke(part, tmp_path / "runs", note)  # nothing ran: the section still names the preset
     assert part.status == "skipped" and part.result["preset"] == "cifar10_resnet18_lasat_k20"
+
+
+def test_only_test_cuda_holds_cuda_marked_tests():
+    # The suite's cuda_tests part collects tests/test_cuda.py alone; a cuda test elsewhere would never run there.
+    marker = "pytest.mark." + "cuda"  # spelled apart: this file does not carry the marker
+    marked = sorted(p.name for p in (REPO / "tests").glob("test_*.py") if marker in p.read_text())
+    assert marked == ["test_cuda.py"]
