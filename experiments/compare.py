@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "comparable (details at the top of the report).\n")
     print(f"{len(c.runs)} runs in {len(c.groups)} groups; {WEIGHTS[c.weights]}.")
     print(markdown_table(table_rows(c, c.main, winners=c.winners)))
-    for line in (c.few_seeds_note(), c.verdict()):
+    for line in (c.few_seeds_note(), c.verdict(), *c.drift_notes()):
         if line:
             print(line)
     if c.search:

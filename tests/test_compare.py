@@ -316,3 +316,26 @@ def test_sweep_then_compare_from_the_command_line(tmp_path):
     # With the loop recording fixed images, the random agent's Fig. 5 is drawn.
     history = json.loads(next((tmp_path / "runs").glob("digits/random/*/results.json")).read_text())["history"]
     assert (out / "fixed_images_strength.png").is_file() == ("fixed_images" in history[0])
+
+
+def test_drift_below_the_threat_model_is_named_only_when_the_run_also_falls_behind_pgd_at(runs, tmp_path):
+    """The arena's learner-stability check: a run is named when its last epoch's mean chosen epsilon is
+    below the threat model's AND its headline accuracy is below PGD-AT's IQM; either alone is not enough."""
+    fixed = run_dirs(runs, "fixed")
+    low = min(row["accuracy"] for d in fixed for row in json.loads((d / "results.json").read_text())["final"])
+
+    def played(epsilon: float, accuracy: float) -> Callable[[dict], None]:
+        def edit(doc: dict) -> None:
+            doc["history"][-1]["train"]["attack/epsilon"] = epsilon
+            for row in doc["final"]:
+                row["accuracy"] = accuracy if row["name"] != "clean" else row["accuracy"]
+        return edit
+
+    for seed, (eps, acc) in enumerate([(0.1, low / 2), (0.1, 1.0), (0.3, low / 2)]):  # only the first drifts AND lags
+        clone(run_dirs(runs, "random")[0], tmp_path / "drift" / "digits" / "random" / f"small_cnn-seed{seed}-0000000{seed}",
+              played(eps, acc))
+    for d in fixed:
+        shutil.copytree(d, tmp_path / "drift" / "digits" / "fixed" / d.name)
+    c = compare([str(tmp_path / "drift")], "final", REPS)
+    notes = c.drift_notes()
+    assert len(notes) == 1 and "seed 0:" in notes[0] and "0.1 < the threat model's 0.2" in notes[0], notes

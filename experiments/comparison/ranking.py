@@ -49,6 +49,25 @@ class Comparison:
         return (f"Fewer than {FEW_SEEDS} seeds for {', '.join(few)}: a bootstrap over so few runs is unreliable and "
                 f"its intervals are wide; rliable's authors recommend more runs." if few else "")
 
+    def drift_notes(self) -> list[str]:
+        """One line per run whose strategy drifted below the threat model and fell behind PGD-AT: its mean
+        chosen epsilon in the last epoch is below the evaluation's epsilon, and its headline robust accuracy
+        below PGD-AT's IQM (the learner-stability check of the arena)."""
+        if self.reference is None or self.headline not in self.reference.iqm:
+            return []
+        bar, title, lines = self.reference.iqm[self.headline].value, self.titles[self.headline], []
+        for g in self.main:
+            for r in g.runs:
+                chosen = (r.history[-1].get("train", {}) if r.history else {}).get("attack/epsilon")
+                row = r.final.get(self.headline, {})
+                if chosen is None or not row or g is self.reference:
+                    continue
+                if chosen < float(row["epsilon"]) * (1 - 1e-6) and row["accuracy"] < bar:
+                    lines.append(f"`{g.label}` seed {r.seed}: mean chosen epsilon in its last epoch {chosen:.4g} < the "
+                                 f"threat model's {float(row['epsilon']):.4g}, and {title} {100 * row['accuracy']:.2f}% < "
+                                 f"PGD-AT's IQM {100 * bar:.2f}%.")
+        return lines
+
     @property
     def titles(self) -> dict[str, str]:
         """Attack name -> its title (e.g. ``pgd20`` -> ``PGD-20``), in the table's order."""

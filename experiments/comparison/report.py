@@ -86,6 +86,9 @@ def markdown_report(c: Comparison, figures: Mapping[str, Path | None]) -> str:
             markdown_table(table_rows(c, c.main, winners=c.winners)), ""]
     for text in (f"**{c.few_seeds_note()}**" if c.few_seeds_note() else "", c.verdict()):
         out += [text, ""] if text else []
+    if c.drift_notes():
+        out += ["Strategies that drifted below the threat model and fell behind PGD-AT:", ""]
+        out += [f"- {line}" for line in c.drift_notes()] + [""]
     if c.search:
         text = (f"ranked by the IQM of {c.titles[c.headline]} robust accuracy. The best is picked on the "
                 "same test images it is reported on, so its row above is an optimistic estimate of hand-tuning the "
@@ -131,6 +134,7 @@ def summary_json(c: Comparison, figures: Mapping[str, Path | None]) -> dict[str,
     return {"format": SUMMARY_FORMAT, "weights": c.weights, "headline_attack": c.headline, "attacks": c.attacks,
             "bootstrap": {"reps": c.reps, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE},
             "pgd_at": c.reference.label if c.reference else None, "few_seeds": c.few_seeds_note() or None,
+            "drift": c.drift_notes(),
             "winners": [g.label for g in c.winners], "main": [g.label for g in c.main],
             "search": [g.label for g in c.search], "groups": [group(g) for g in c.groups],
             "warnings": c.warnings, "notes": c.notes,
