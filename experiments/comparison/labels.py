@@ -13,6 +13,7 @@ from evaluation.attacks import format_eps
 from experiments.comparison.runs import NON_LEARNING_TARGETS, Run
 from experiments.comparison.stats import attack_order, attack_title
 from las_env.datasets.registry import lookup
+from las_env.strategy_space import ATTACK_COLUMNS
 
 NOT_SETTINGS = ("seed", "run_root", "logger", "progress", "threads", "resume", "stop_after_epochs",
                 "log_every_steps", "hydra", "eval", "data.root", "data.threads", "agent.name", "agent.seed",
@@ -93,7 +94,8 @@ def protocol_of(run: Run) -> dict[str, str]:
         "model": str(run.config.get("model", {}).get("name", "?")),
         "threat model": run.threat,
         "training budget": f"{data.get('epochs', '?')} epochs x {steps} steps x batch {data.get('batch_size', '?')}",
-        "strategy grid": json.dumps({name: [round(v, 6) for v in values] for name, values in run.grid.values.items()}),
+        # The attack's columns only: a further column is one agent's or method's own choice (FAT's early_stop_tau).
+        "attack grid": json.dumps({name: [round(v, 6) for v in run.grid.values[name]] for name in ATTACK_COLUMNS}),
         "per-epoch evaluation": (f"{run.per_epoch_attack} on {first_eval.get('test_images', '?')} test / "
                                  f"{first_eval.get('train_images', '?')} train images"),
     }

@@ -54,7 +54,7 @@ def _protocol_lines(c: Comparison) -> list[str]:
     lines = [f"- Weights: {WEIGHTS[c.weights]} of each run",
              f"- Data: {p['data set']}; model {p['model']}; {p['training budget']}",
              f"- Threat model: {c.runs[0].threat}",
-             f"- Strategy space (column: values): {p['strategy grid']}"]
+             f"- Attack grid (column: values; an agent's further columns are its own): {p['attack grid']}"]
     for a in c.attacks:
         have = [r for r in c.runs if a in r.final]
         row, n_images = have[0].final[a], sorted({int(r.final[a].get("n_images", 0)) for r in have})
