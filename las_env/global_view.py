@@ -16,7 +16,7 @@ from torch import Tensor
 
 from las_env.reward import REWARD_TERMS
 from las_env.sharding import Shard
-from las_env.step_record import BATCH_MEANS, PER_IMAGE
+from las_env.step_record import BATCH_MEANS, COST_KEYS, PER_IMAGE
 
 
 class GlobalView:
@@ -76,8 +76,10 @@ class GlobalView:
         parts = [torch.empty_like(local) for _ in range(self.shard.world)]
         dist.all_gather(parts, local)
         full = torch.cat(parts, dim=1)
-        averaged = [k for k in BATCH_MEANS if k != "adv_accuracy"]  # adv_accuracy: of the gathered flags
-        means = torch.stack([info[k].float() for k in averaged])
+        # adv_accuracy: of the gathered flags; the attack cost (host floats per image of this rank's rows) too
+        averaged = [k for k in (*BATCH_MEANS, *COST_KEYS) if k != "adv_accuracy"]
+        device = self.env.game.device
+        means = torch.stack([torch.as_tensor(info[k], dtype=torch.float32, device=device) for k in averaged])
         dist.all_reduce(means)
         means /= self.shard.world
         out = dict(info)
