@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -54,7 +55,8 @@ def _protocol_lines(c: Comparison) -> list[str]:
     lines = [f"- Weights: {WEIGHTS[c.weights]} of each run",
              f"- Data: {p['data set']}; model {p['model']}; {p['training budget']}",
              f"- Threat model: {c.runs[0].threat}",
-             f"- Attack grid (column: values; an agent's further columns are its own): {p['attack grid']}"]
+             "- Strategy space (column: values): " + json.dumps({name: [round(v, 6) for v in values]
+                                                                for name, values in c.runs[0].grid.values.items()})]
     for a in c.attacks:
         have = [r for r in c.runs if a in r.final]
         row, n_images = have[0].final[a], sorted({int(r.final[a].get("n_images", 0)) for r in have})
