@@ -21,8 +21,7 @@ COST_KEYS = ("attack_gradients_per_image", "probe_gradients_per_image")
 attack and of the reward's probes and ``score`` calls); the run logs them as ``cost/<key>``."""
 BATCH_MEANS = ("adv_accuracy", "clean_accuracy", "probe_accuracy", "train_loss")
 """``info``'s batch means (0-d; NaN when not measured on this step)."""
-SCALARS = ("reward_computed", "lr", "epoch", "step", "attack_gradients_per_image", "probe_gradients_per_image",
-           "labels", "next_indices", "reward_next_step")
+SCALARS = ("reward_computed", "lr", "epoch", "step", *COST_KEYS, "labels", "next_indices", "reward_next_step")
 """``info``'s plain values (``labels``, ``next_indices`` and ``reward_next_step`` describe the NEW observation)."""
 
 

@@ -86,11 +86,12 @@ def markdown_report(c: Comparison, figures: Mapping[str, Path | None]) -> str:
     out += ["## Protocol", ""] + _protocol_lines(c) + [""]
     out += ["## Results (test accuracy, IQM over seeds with 95% bootstrap CIs)", "",
             markdown_table(table_rows(c, c.main, winners=c.winners)), ""]
-    for text in (f"**{c.few_seeds_note()}**" if c.few_seeds_note() else "", c.verdict()):
+    few, drift = c.few_seeds_note(), c.drift_notes()
+    for text in (f"**{few}**" if few else "", c.verdict()):
         out += [text, ""] if text else []
-    if c.drift_notes():
+    if drift:
         out += ["Strategies that drifted below the threat model and fell behind PGD-AT:", ""]
-        out += [f"- {line}" for line in c.drift_notes()] + [""]
+        out += [f"- {line}" for line in drift] + [""]
     if c.search:
         text = (f"ranked by the IQM of {c.titles[c.headline]} robust accuracy. The best is picked on the "
                 "same test images it is reported on, so its row above is an optimistic estimate of hand-tuning the "
