@@ -279,7 +279,7 @@ def smoke_part(args: argparse.Namespace, run_root: Path, budget: float) -> tuple
     if args.tiny:
         cmd += ["data.batch_size=8", "data.max_steps_per_epoch=2", "model.name=small_cnn", "agent.backbone=small_cnn",
                 "agent.k=2", "eval.test_subset=16", "eval.train_subset=16", "eval.final_n=16",
-                "eval.final_attacks=[clean,pgd10]", "threads=1"]
+                "eval.final_attacks=[clean,pgd10]", "selection.val_fraction=0.005", "threads=1"]
     part = Part("smoke", cmd, budget)
     if prepare_error:
         part.status, part.reason = "failed", prepare_error

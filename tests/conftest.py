@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import runpy
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -76,3 +78,11 @@ def main_in_process(command: str, *args: str, cwd: Path, env: dict[str, str] | N
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
     return Ran(code, out.getvalue(), err.getvalue(), time.process_time() - started)
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script as a module, its ``__main__`` block not run: its functions, called in this process."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_run import TINY, cli, config
+from test_run import TINY, config
 
 from experiments.comparison.ranking import compare, method_of
 from experiments.comparison.report import markdown_report, write_report
@@ -29,9 +27,8 @@ from experiments.training.loop import train
 from experiments.runfolder.rundir import run_subdir, settings_hash
 from experiments.runfolder.runfiles import EVALUATION_FORMAT
 from experiments.config.settings import settings_from_config
+from tests.conftest import main_in_process
 
-REPO = Path(__file__).resolve().parents[1]
-COMPARE = [sys.executable, str(REPO / "experiments" / "compare.py")]
 # The runner's tiny budget without agent.k (the fixed and random agents take no k).
 BASELINE_TINY = [a for a in TINY if not a.startswith("agent.k")] + ["data.epochs=2", "data.max_steps_per_epoch=3"]
 REPS = 100  # bootstrap repetitions: enough to test the numbers, fast
@@ -303,10 +300,11 @@ def test_no_runs_is_one_line_and_exit_1(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sweep_then_compare_from_the_command_line(tmp_path):
-    # The workflow: one multirun over agents and seeds, then the local report.
-    sweep = cli("-m", "agent=fixed,random", "seed=0,1", *BASELINE_TINY, cwd=tmp_path)
+    # The workflow: one multirun over agents and seeds, then the local report; both scripts run as
+    # __main__ in this process (tests/conftest.py); test_safety runs multiruns in real processes.
+    sweep = main_in_process("run", "-m", "agent=fixed,random", "seed=0,1", *BASELINE_TINY, cwd=tmp_path)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
-    proc = subprocess.run([*COMPARE, "runs/digits"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = main_in_process("compare", "runs/digits", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "runs" / "digits" / "comparison"  # default: <common folder>/comparison
     report = (out / "report.md").read_text()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_run import TINY, cli, config
+from tests.conftest import main_in_process
 
 from agents.base import Agent, AgentSpec
 from experiments.training.loop import train
@@ -104,5 +105,6 @@ def test_command_line_runs_the_example_from_any_directory(tmp_path):
     assert results["agent"] == "bandit"
     assert results["config"]["agent"]["_target_"] == TARGET
 
-    bad = cli("agent=custom", f"agent._target_={TARGET}", "+agent.explore=2", *RUNNER_TINY, cwd=tmp_path)
+    bad = main_in_process("run", "agent=custom", f"agent._target_={TARGET}", "+agent.explore=2", *RUNNER_TINY,
+                          cwd=tmp_path)  # in this process: a start-up less
     assert bad.returncode == 1 and "explore must be in [0, 1]" in bad.stderr and "Traceback" not in bad.stderr

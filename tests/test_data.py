@@ -61,6 +61,20 @@ def test_digits_split_is_stratified_and_complete(digits: ImageData) -> None:
     np.testing.assert_allclose(sums, np.sort(full.images.sum((1, 2)) / 16.0), rtol=0, atol=1e-4)
 
 
+def test_digits_stored_split_is_scikit_learns_split(digits: ImageData) -> None:
+    """The loader reads sklearn's CSV and ``digits_split.txt`` without importing sklearn: it must be the
+    same images, in the same order, as sklearn's own loader and ``train_test_split``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    full = load_digits()
+    images = (full.images / 16.0).astype(np.float32)[:, None]
+    x_tr, x_te, y_tr, y_te = train_test_split(images, full.target, test_size=0.25, random_state=0,
+                                              stratify=full.target)
+    for ours, theirs in ((digits.x_train, x_tr), (digits.x_test, x_te), (digits.y_train, y_tr), (digits.y_test, y_te)):
+        assert torch.equal(ours, torch.from_numpy(theirs).to(ours.dtype))
+
+
 def test_digits_is_deterministic(digits: ImageData) -> None:
     again = load_dataset("digits")
     assert torch.equal(again.x_train, digits.x_train) and torch.equal(again.y_test, digits.y_test)

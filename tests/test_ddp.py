@@ -6,7 +6,6 @@ joined by torchrun's environment variables, as in production.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,13 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 from las_env.sharding import Shard
-from tests.conftest import main_in_process
+from tests.conftest import load_script, main_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "ddp_worker.py"
@@ -56,14 +54,6 @@ def launch(scenario: str, world: int, out: Path, *args: str, timeout: float = 24
     return done
 
 
-def load_script(path: Path) -> ModuleType:
-    """A script as a module, its ``__main__`` block not run: its functions, called in this process."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _ok(results: list[subprocess.CompletedProcess]) -> None:
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
@@ -74,7 +64,7 @@ def one_process(tmp_path_factory) -> dict:
     """The reference: the worker's steps in this process (no torchrun variables here: one process)."""
     out = tmp_path_factory.mktemp("one")
     ddp_worker = load_script(WORKER)
-    ddp_worker.steps(out, sync_bn=True, w_hat="this_step")
+    ddp_worker.steps(out, per_rank_bn=False)
     return torch.load(out / "rank0.pt")
 
 
@@ -112,7 +102,7 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     return torch.isclose(got.float(), want.float(), rtol=1e-4, atol=1e-5)
 
 
-def test_two_ranks_train_like_one_process(tmp_path, one_process):
+def test_two_ranks_train_like_one_process_and_per_rank_batchnorm_does_not(tmp_path, one_process):
     """3 steps of a BatchNorm network on a global batch of 32 split 16 + 16, each step scored on a
     look-ahead copy (other actions) then played (augmentation, per-image attacks, pre-update and
     post-update probes every step).
@@ -121,7 +111,9 @@ def test_two_ranks_train_like_one_process(tmp_path, one_process):
     tolerance (the sums run in another order). After it, weights that differ in the 7th digit can
     flip the sign of a near-zero input gradient in a PGD step and change one image's adversarial
     example (PGD's sign is discontinuous; two GPUs' reductions do the same), so per-image values
-    are compared image by image: at least 90% of each step's images within float tolerance."""
+    are compared image by image: at least 90% of each step's images within float tolerance.
+    The same ranks then play the game with ``ddp.sync_batchnorm=false``, which normalises each shard
+    by itself: its weights differ from one process's (so the comparison above can fail)."""
     _ok(launch("steps", 2, tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for r in ranks:
@@ -137,13 +129,7 @@ def test_two_ranks_train_like_one_process(tmp_path, one_process):
                 assert torch.isclose(got[key], want[key], rtol=1e-2, atol=1e-2), key
     for k, v in ranks[0]["target"].items():  # DDP: every rank holds the same weights
         assert _close(ranks[1]["target"][k], v).all(), k
-
-
-@pytest.mark.slow
-def test_per_rank_batchnorm_is_not_one_process(tmp_path, one_process):
-    """ddp.sync_batchnorm=false normalises each shard by itself: the weights differ (the test above can fail)."""
-    _ok(launch("steps", 2, tmp_path, "--no-sync-bn"))
-    got = torch.load(tmp_path / "rank0.pt")["target_after_one"]
+    got = torch.load(tmp_path / "per-rank-bn-rank0.pt")["target_after_one"]
     diff = max((got[k].float() - v.float()).abs().max().item() for k, v in one_process["target_after_one"].items())
     assert diff > 1e-4
 
@@ -170,7 +156,7 @@ def test_torchrun_run_matches_one_process(tmp_path):
     files, and the metrics of one uninterrupted process within the stated tolerance: accuracies
     within 3 images in 100, training means within 1% (on this machine they agree to 1e-6 and the
     accuracies exactly; the tolerance is for machines where a float-level weight difference
-    flips an attack gradient's sign; see test_two_ranks_train_like_one_process)."""
+    flips an attack gradient's sign; see test_two_ranks_train_like_one_process_and_per_rank_batchnorm_does_not)."""
     # The one-process reference in this process (a start-up less); the ranks are real torchrun processes.
     single = main_in_process("run", *RUN_ARGS, f"run_root={tmp_path / 'one'}", cwd=REPO)
     assert single.returncode == 0, single.stderr[-3000:]

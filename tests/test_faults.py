@@ -1,13 +1,13 @@
 """The fault catalog: what a hostile but fair user meets, and that each failure is one paragraph.
 
-Every bad input runs through run.py's entry point (a few in a subprocess) and must: exit non-zero
+Every bad input runs through run.py's entry point (one case, and the divergence, in a subprocess) and must: exit non-zero
 within 30 s, print no traceback, name the key in one ``las-at: error:`` paragraph, and leave
 every file of an earlier run untouched. Each suggested fix is then followed, and must not give
 the same error. Then the run-time faults: divergence (lr=1e6), two runs in one folder, damaged
 checkpoints, stale temporary files; and the pieces behind them (strict JSON, the lock, the
 guard's gradient norm, file modes).
 
-Budgets are tiny (digits, a few steps); the subprocesses run a few at a time.
+Budgets are tiny (digits, a few steps).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -117,7 +116,7 @@ def _threads():
 #          None = the one the message itself suggests as "e.g. KEY=VALUE")
 CATALOG = {
     # Through run.py's entry point (the ones that used to end in a traceback or exit 0, plus one of
-    # each kind of check): two in a subprocess, the others in-process (tests/conftest.py).
+    # each kind of check): one in a subprocess, the others in-process (tests/conftest.py).
     "lr nan": (["data.optim.lr=nan"], "data.optim.lr", ["data.optim.lr=0.05"]),
     "alpha nan": (["reward.alpha=nan"], "reward.alpha", ["reward.alpha=4"]),
     "radius above the pixel range": (["data.grid.epsilons=[0.2,2.0]"], "data.grid.epsilons",
@@ -141,7 +140,7 @@ CATALOG = {
     "unknown on_nonfinite": (["on_nonfinite=maybe"], "on_nonfinite", ["on_nonfinite=skip"]),
     "negative eval seed": (["eval.seed=-1"], "eval.seed", ["eval.seed=0"]),  # eval.seed=abc: Hydra's, as batch size
 }
-IN_CLI = ["lr nan", "device tpu"]
+IN_CLI = ["lr nan"]
 IN_MAIN = list(CATALOG)[:6]  # run.py's whole entry point: IN_CLI in a subprocess, the rest in-process
 
 
@@ -151,9 +150,7 @@ def catalog(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("catalog")
     train(settings(cwd / "runs" / "earlier", "data.epochs=1"))
     before = snapshot(cwd / "runs")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(cli, *TINY, *CATALOG[name][0], cwd=cwd) for name in IN_CLI}
-        runs = {name: f.result() for name, f in futures.items()}
+    runs = {name: cli(*TINY, *CATALOG[name][0], cwd=cwd) for name in IN_CLI}
     runs |= {name: main_in_process("run", *TINY, *CATALOG[name][0], cwd=cwd) for name in IN_MAIN if name not in IN_CLI}
     return runs, before, cwd
 
@@ -352,8 +349,9 @@ def test_a_second_run_and_a_live_resume_are_refused_and_a_dead_owners_lock_is_ta
             assert first.poll() is None and time.time() < deadline, "the first run ended or never started"
             time.sleep(0.2)
         record = snapshot(run_dir / ".hydra")
-        again = cli(*args, cwd=tmp_path)
-        live_resume = main_in_process("run", *args, "resume=true", cwd=tmp_path)  # the same refusal, in-process
+        # In this process (a start-up less): the owner is the other process all the same.
+        again = main_in_process("run", *args, cwd=tmp_path)
+        live_resume = main_in_process("run", *args, "resume=true", cwd=tmp_path)
         assert snapshot(run_dir / ".hydra") == record  # Hydra's record of the live run is left alone
         for proc in (again, live_resume):
             assert proc.returncode == 1 and proc.cpu_s < LIMIT_S and "Traceback" not in proc.stderr
@@ -397,10 +395,8 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_resumes(tmp_path):
     assert load_checkpoint(prev)["meta"]["epochs_done"] == 1 and load_checkpoint(ckpt)["meta"]["epochs_done"] == 2
     ckpt.write_bytes(ckpt.read_bytes()[:5000])  # truncated
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        plain, evaluated = pool.map(lambda a: cli(*a[1:], cwd=tmp_path, tool=a[0]), [
-            (RUN, *TINY, "data.epochs=3", f"hydra.run.dir={run_dir}"),
-            (EVALUATE, f"checkpoint={tmp_path / 'notes.pt'}", "attacks=[clean]")])
+    plain = main_in_process("run", *TINY, "data.epochs=3", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    evaluated = main_in_process("evaluate", f"checkpoint={tmp_path / 'notes.pt'}", "attacks=[clean]", cwd=tmp_path)
     assert plain.returncode == 1 and plain.cpu_s < LIMIT_S and "Traceback" not in plain.stderr
     line = error_line(plain)
     assert str(ckpt) in line and "damaged" in line and "resume=true" in line
@@ -420,7 +416,7 @@ def test_damaged_checkpoint_without_a_previous_one_says_start_over_and_that_work
     ckpt = run_dir / "checkpoint.pt"
     assert not (run_dir / "checkpoint.prev.pt").exists()
     ckpt.write_bytes(b"")
-    proc = cli(*TINY, "data.epochs=1", "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = main_in_process("run", *TINY, "data.epochs=1", "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     line = error_line(proc)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "0 bytes; EOFError" in line
     assert f"delete {ckpt}" in line

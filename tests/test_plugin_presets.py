@@ -148,7 +148,7 @@ def cifar_root(tmp_path_factory) -> Path:
 SMOKE = ["data.epochs=1", "data.max_steps_per_epoch=2", "data.batch_size=8", "model=small_cnn",
          "agent.backbone=small_cnn", "eval.test_subset=16", "eval.train_subset=16", "eval.final_n=16",
          "eval.final_attacks=[clean]", "eval.autoattack=false", "eval.pgd_iterations=2", "progress=false",
-         "reward.probe_iterations=2", "threads=1"]
+         "reward.probe_iterations=2", "selection.val_fraction=0.01", "threads=1"]  # 52 validation images, not 516
 
 
 @pytest.mark.slow

@@ -196,7 +196,7 @@ BAD_INPUTS = {
     "missing data folder": (["data=cifar10", "data.root=does/not/exist"], "cifar-10-batches-py"),
     "unwritable output dir": (["run_root=not_a_dir.txt/runs"], "cannot be written"),
 }
-IN_CLI = ["unknown agent", "missing data folder"]
+IN_CLI = ["missing data folder"]  # one real process; the rest run.py's entry point in this one
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -266,21 +266,26 @@ def test_multirun_gives_each_run_its_own_folder_and_a_user_agent_runs_from_the_c
                 pass
     '''))
     tiny = [a for a in TINY if not a.startswith(("agent.k", "data.epochs"))] + ["data.epochs=1"]  # three trainings
-    multi = cli("-m", "agent=fixed,random", *tiny, cwd=tmp_path)
+    # The scripts run as __main__ in this process (tests/conftest.py): test_safety runs multiruns and
+    # test_custom_agent a user's agent in real processes.
+    multi = main_in_process("run", "-m", "agent=fixed,random", *tiny, cwd=tmp_path)
     assert multi.returncode == 0, multi.stderr[-3000:]
     dirs = sorted(p.parent for p in tmp_path.glob("runs/digits/*/*/metrics.json"))
     assert [d.parent.name for d in dirs] == ["fixed", "random"]
     assert len({d.name for d in dirs}) == 2
     assert len(list(tmp_path.glob("runs/multiruns/*/multirun.yaml"))) == 1  # the sweep's record, its own folder
 
-    user = cli("agent=custom", "agent._target_=my_agents.LargestEpsilon", "+agent.column_two=5", *tiny, cwd=tmp_path)
+    try:
+        user = main_in_process("run", "agent=custom", "agent._target_=my_agents.LargestEpsilon", "+agent.column_two=5",
+                               *tiny, cwd=tmp_path)
+    finally:
+        sys.modules.pop("my_agents", None)  # imported from tmp_path: no other test may find it
     assert user.returncode == 0, user.stderr[-3000:]
     assert "Robustness evaluation" in user.stdout and "PGD-5" in user.stdout
     (run_dir,) = tmp_path.glob("runs/digits/custom/*")
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
     assert all(h["choices"]["epsilon"][-1] == sum(h["choices"]["epsilon"]) for h in history)
 
-    # In-process from here: the same entry point, two Python start-ups less.
     again = main_in_process("run", "agent=fixed", *tiny, cwd=tmp_path)  # same settings as a multirun job: its folder
     assert again.returncode == 1 and "resume=true" in again.stderr and "Traceback" not in again.stderr
     resumed = main_in_process("run", "agent=fixed", *tiny, "resume=true", cwd=tmp_path)  # finished: re-prints the table

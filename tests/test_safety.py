@@ -100,7 +100,7 @@ def test_the_payload_is_live_when_loaded_the_unsafe_way(finished, tmp_path):
 
 
 def test_no_command_line_entry_runs_a_checkpoint_payload(finished, tmp_path):
-    """evaluate checkpoint=, run.py resume=true (their command lines), a plain re-run of a finished
+    """evaluate checkpoint= (its command line), run.py resume=true and a plain re-run of a finished
     command (run.py's entry point in-process), compare.py (its main, in-process)."""
     marker = tmp_path / "MARK"
     evil = poisoned_checkpoint(finished[0] / "checkpoint.pt", tmp_path / "evil.pt", marker)
@@ -111,14 +111,12 @@ def test_no_command_line_entry_runs_a_checkpoint_payload(finished, tmp_path):
     torch.save({"w": Payload(marker)}, compared / "target_state_dict.pt")  # compare reads it for post-hoc rows
     (compared / "evaluation.json").write_text('{"format": "las-at/evaluation/v1", "fingerprint": {"eps": 0.2}}')
     args = [*TINY, *ONE_EPOCH]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = {
-            "evaluate": pool.submit(cli, f"checkpoint={evil}", "attacks=[clean]", cwd=tmp_path, tool=EVALUATE),
-            "resume": pool.submit(cli, *args, f"hydra.run.dir={resumed}", "resume=true", cwd=tmp_path),
-        }
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the process runs while this one works
+        evaluated = pool.submit(cli, f"checkpoint={evil}", "attacks=[clean]", cwd=tmp_path, tool=EVALUATE)
         compared_rc = compare_main([str(compared), "--out", str(tmp_path / "report")])  # the command, in-process
-        done = {name: f.result() for name, f in runs.items()}
-    done["re-run"] = main_in_process("run", *args, f"hydra.run.dir={rerun}", cwd=tmp_path)
+        done = {"resume": main_in_process("run", *args, f"hydra.run.dir={resumed}", "resume=true", cwd=tmp_path),
+                "re-run": main_in_process("run", *args, f"hydra.run.dir={rerun}", cwd=tmp_path)}
+        done["evaluate"] = evaluated.result()
     assert not marker.exists()
     for name in ("evaluate", "resume", "re-run"):
         proc = done[name]

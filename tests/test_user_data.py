@@ -288,12 +288,11 @@ def test_two_epochs_on_an_npz_and_an_image_folder_through_run_py(tmp_path):
         assert ckpt["meta"]["in_channels"] == shape[0]
 
 
-@pytest.mark.slow  # a command-line start-up
 def test_bad_data_on_the_command_line_is_one_error_line_before_training(tmp_path):
     arrays = _arrays(n_train=8, n_test=4)
     arrays["y_train"] = arrays["y_train"] + 7
     bad = _npz(tmp_path / "bad.npz", **arrays, class_names=np.array(["a", "b", "c"]))
-    proc = _cli("data=npz", f"data.path={bad}", f"run_root={tmp_path / 'runs'}", *TINY, cwd=tmp_path)
+    proc = main_in_process("run", "data=npz", f"data.path={bad}", f"run_root={tmp_path / 'runs'}", *TINY, cwd=tmp_path)
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("las-at: error: ") and "labels span [0, 9], outside [0, 3)" in lines[-1]

@@ -3,7 +3,7 @@
 Each loader takes ``(root, download)`` (:data:`las_env.datasets.registry.Loader`); the records
 that name them are in :mod:`las_env.datasets.builtin`.
 
-- ``digits``: scikit-learn's 8x8 handwritten digits, shipped inside the wheel (offline).
+- ``digits``: scikit-learn's 8x8 handwritten digits, shipped inside its wheel (offline), read without importing it.
 - ``cifar10`` / ``cifar100``: the standard "python version" pickles under
   ``root/cifar-10-batches-py`` / ``root/cifar-100-python``, read directly (no md5 check,
   so folders written by ``shared/data/prepare_cifar.py`` are accepted).
@@ -18,6 +18,7 @@ how to obtain it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 GTSRB_URL = "https://benchmark.ini.rub.de/gtsrb_dataset.html"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+DIGITS_SPLIT = Path(__file__).with_name("digits_split.txt")  # sklearn train_test_split row indices
 
 
 def _images_from_uint8(x: np.ndarray) -> Tensor:
@@ -63,17 +65,25 @@ def _import_torchvision() -> ModuleType | None:
 
 
 def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # noqa: PLC0415
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    """scikit-learn's stratified 75/25 split of its 8x8 digits, from the CSV inside its wheel and the split's row
+    indices in ``digits_split.txt``: importing scikit-learn (and the pandas it pulls in) cost each process 1 s."""
+    spec = importlib.util.find_spec("sklearn")
+    folders = spec.submodule_search_locations if spec is not None else None
+    csv = Path(folders[0]) / "datasets" / "data" / "digits.csv.gz" if folders else None
+    if csv is not None and csv.is_file():
+        table = np.loadtxt(csv, delimiter=",")
+        pixels, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+    else:  # a scikit-learn that keeps the file elsewhere
+        from sklearn.datasets import load_digits  # noqa: PLC0415
 
-    bunch = load_digits()
+        bunch = load_digits()
+        pixels, target = bunch.images, bunch.target
     # The pixels are counts of set cells in 4x4 blocks, 0..16.
-    images = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
-    labels = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        images, labels, test_size=0.25, random_state=0, stratify=labels
-    )
-    return x_tr, y_tr, x_te, y_te
+    images = (pixels / 16.0).astype(np.float32)[:, None, :, :]
+    labels = target.astype(np.int64)
+    split = dict(line.split(" ", 1) for line in DIGITS_SPLIT.read_text().splitlines() if not line.startswith("#"))
+    train, test = (np.array(split[part].split(), dtype=np.int64) for part in ("train", "test"))
+    return images[train], labels[train], images[test], labels[test]
 
 
 def _load_digits() -> ImageData:
