@@ -16,16 +16,15 @@ from tqdm.auto import tqdm
 
 from agents.base import Agent, AgentSpec
 from experiments.training import distributed
-from experiments.training.epoch_eval import eval_subsets, evaluate_epoch, pgd_name
 from experiments.config.errors import ConfigError
-from experiments.training.faults import full_disk_stops, stop_on_interrupt
 from experiments.training.finish import RunResult, finish_run
-from experiments.training.guard import Context, TrainingDiverged, record_failure
+from experiments.training.guard import Context, TrainingDiverged, full_disk_stops, record_failure, stop_on_interrupt
 from experiments.tracking.loggers import Console, make_tracker
 from experiments.runfolder.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
 from experiments.runfolder.runfiles import CHECKPOINT, LOG_FILE, RESULTS_FORMAT
 from experiments.runfolder.runlock import RunLock
-from experiments.training.selection import TEST_SELECTION_WARNING, BestWeights, split_validation
+from experiments.training.selection import (TEST_SELECTION_WARNING, BestWeights, eval_subsets, evaluate_epoch,
+                                            pgd_name, split_validation)
 from experiments.config.settings import RunSettings
 from experiments.training.trainer import EpochTrainer, epoch_line, epoch_scalars
 from las_env.checkpoint import FORMAT, atomic_save, data_fingerprint

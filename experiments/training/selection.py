@@ -1,5 +1,6 @@
-"""Checkpoint selection without test leakage: the authors pick the epoch by its TEST accuracy (optimistic); here
-the best epoch on held-out TRAINING images (``select_on=val``) goes to ``best.pt`` (``test``: theirs, warned)."""
+"""The per-epoch evaluation (clean and PGD accuracy on fixed subsets) and checkpoint selection without test leakage:
+the authors pick the epoch by its TEST accuracy (optimistic); here the best epoch on held-out TRAINING images
+(``select_on=val``) goes to ``best.pt`` (``test``: theirs, warned)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,56 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evaluation import format_eps
 from experiments.config.errors import ConfigError
+from experiments.config.settings import RunSettings
 from experiments.runfolder.runfiles import BEST
+from experiments.training import distributed
 from las_env.checkpoint import atomic_save, read_torch_file
 from las_env.data import ImageData
+from las_env.datasets.registry import ThreatModel
 
 TEST_SELECTION_WARNING = (
     "WARNING: selection.select_on=test picks the best epoch by its TEST accuracy (the authors' choice) "
     "and the final report evaluates it on the same test images: its numbers are optimistically biased. "
     "Use select_on=val (the default) for an honest selection."
 )
+TRAIN_SUBSET_SEED = 20220601  # the same train-subset images for every run, whatever its seed
+
+
+def eval_subsets(data: ImageData, test_n: int | None, train_n: int | None) -> dict[str, tuple[Tensor, Tensor]]:
+    """The first ``test_n`` test images and ``train_n`` seeded training images (some sets are sorted by class)."""
+    n_test = min(test_n or data.x_test.shape[0], data.x_test.shape[0])
+    n_train_total = data.x_train.shape[0]
+    n_train = min(train_n or n_train_total, n_train_total)
+    g = torch.Generator().manual_seed(TRAIN_SUBSET_SEED)
+    idx = torch.randperm(n_train_total, generator=g)[:n_train].sort().values.to(data.x_train.device)
+    return {
+        "test": (data.x_test[:n_test], data.y_test[:n_test]),
+        "train": (data.x_train[idx], data.y_train[idx]),
+    }
+
+
+def evaluate_epoch(model: torch.nn.Module, subsets: Mapping[str, tuple[Tensor, Tensor]], threat: ThreatModel,
+                   settings: RunSettings) -> dict[str, float | int]:
+    """Clean and PGD-k accuracy of ``model`` on each subset (fractions, plus image counts)."""
+    ev = settings.eval
+    out: dict[str, float | int] = {}
+    for split, (x, y) in subsets.items():
+        r = distributed.robust_accuracy(model, x, y, threat.epsilon, threat.step_size, ev.pgd_iterations,
+                                        batch_size=ev.batch_size, seed=ev.seed,
+                                        early_stop=ev.early_stop)  # torchrun: split over ranks
+        out[f"{split}_clean"] = r.clean
+        out[f"{split}_robust"] = r.robust
+        out[f"{split}_images"] = int(x.shape[0])
+    return out
+
+
+def pgd_name(settings: RunSettings, threat: ThreatModel) -> str:
+    """The per-epoch attack, as reports name it."""
+    stop = ", early stop" if settings.eval.early_stop else ""
+    return (f"PGD-{settings.eval.pgd_iterations} (L-inf eps={format_eps(threat.epsilon)}, "
+            f"step {format_eps(threat.step_size)}{stop})")
 
 
 def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, tuple[Tensor, Tensor] | None]:

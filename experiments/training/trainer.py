@@ -1,4 +1,5 @@
-"""One epoch of the agent/env loop, its device-side step metrics and its console/tracker lines."""
+"""One epoch of the agent/env loop, its device-side step metrics, the fixed images' attacks (Fig. 5) and its
+console/tracker lines."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from agents.base import Agent
-from experiments.training.epoch_eval import FixedImageChoices
 from experiments.training.guard import SKIPPED, DivergenceGuard
 from experiments.tracking.loggers import Tracker
 from experiments.config.settings import RunSettings
@@ -114,6 +114,44 @@ def epoch_scalars(rec: Mapping[str, Any]) -> dict[str, float]:
     out["time/epoch_seconds"] = rec["seconds"]["train"] + rec["seconds"]["eval"]
     out["time/train_images_per_second"] = rec["images"] / max(rec["seconds"]["train"], 1e-9)
     return out
+
+
+class FixedImageChoices:
+    """The attack chosen for the first ``count`` training images each epoch, copied on the device by the step
+    that trains each (positions read once per epoch); an image in the dropped partial batch gets ``None``."""
+
+    def __init__(self, game, count: int = 8) -> None:
+        self.game = game
+        self.index = torch.arange(min(count, game.data.x_train.shape[0]), device=game.device)
+        self._where: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def start_epoch(self) -> None:
+        b, steps = self.game.config.batch_size, self.game.steps_per_epoch
+        position = torch.argsort(self.game.epoch_order)[self.index].tolist()  # once per epoch
+        by_step: dict[int, tuple[list[int], list[int]]] = {}
+        for k, pos in enumerate(position):
+            if pos // b < steps:
+                ks, slots = by_step.setdefault(pos // b, ([], []))
+                ks.append(k)
+                slots.append(pos % b)
+        device = self.game.device
+        self._where = {i: (torch.tensor(ks, device=device), torch.tensor(sl, device=device))
+                       for i, (ks, sl) in by_step.items()}
+        self._chosen = {n: torch.full((len(self.index),), math.nan, device=device)
+                        for n in ATTACK_COLUMNS}
+
+    def record(self, step_in_epoch: int, info: Mapping[str, Any]) -> None:
+        where = self._where.get(step_in_epoch)
+        if where is not None:
+            ks, slots = where
+            for name, values in self._chosen.items():
+                values[ks] = info[name][slots].float()
+
+    def result(self) -> dict[str, list]:
+        out: dict[str, list] = {"index": self.index.tolist()}
+        for name, values in self._chosen.items():
+            out[name] = [None if math.isnan(v) else round(v, 6) for v in values.tolist()]
+        return out
 
 
 @dataclass
