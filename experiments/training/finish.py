@@ -23,7 +23,6 @@ from las_env.data import ImageData
 from las_env.env import LASEnv
 from las_env.files import atomic_write_text, write_json
 from las_env.step_record import COST_KEYS
-from las_env.datasets.registry import ThreatModel
 
 
 @dataclass
@@ -41,11 +40,10 @@ class RunResult:
     wandb_offline_dir: Path | None = None
 
 
-def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, threat: ThreatModel,
-            loop: dict[str, Any], tracker: Tracker, console: Console, pgd: str, best: BestWeights,
-            before_writing: Callable[[], None] = lambda: None) -> RunResult:
+def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, loop: dict[str, Any], tracker: Tracker,
+               console: Console, pgd: str, best: BestWeights, before_writing: Callable[[], None]) -> RunResult:
     """Final evaluation (final and best weights), result files, plots, summary; ``before_writing`` goes first."""
-    run_dir, cfg, ev = settings.run_dir, settings.env, settings.eval
+    run_dir, cfg, ev, threat = settings.run_dir, settings.env, settings.eval, settings.env.threat
     model = env.game.target
     game_data = env.game.data
     n_total = game_data.x_test.shape[0]

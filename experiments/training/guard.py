@@ -16,7 +16,6 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -61,25 +60,17 @@ class TrainingDiverged(Exception):
         self.epoch, self.steps, self.first_step, self.bad = epoch, steps, first_step, bad
 
 
-@dataclass
-class Context:
-    """The run, as the failure message describes it (``loop`` is read when the message is written)."""
-
-    run_dir: Path
-    loop: Mapping[str, Any]
-    started_from: Path | None = None
-
-
 class DivergenceGuard:
-    """Watches one :class:`las_env.game.LASGame`'s target and the loop's step metrics."""
+    """Watches one :class:`las_env.game.LASGame`'s target and the loop's step metrics; with ``run_dir`` its
+    message says which checkpoint is kept (``started_from``: the ``init_from`` this run started from)."""
 
-    def __init__(self, game: Any, mode: str = "stop") -> None:
-        self.game, self.mode = game, mode
+    def __init__(self, game: Any, mode: str = "stop", run_dir: Path | None = None,
+                 started_from: Path | None = None) -> None:
+        self.game, self.mode, self.run_dir, self.started_from = game, mode, run_dir, started_from
         self._first_bad = torch.full((), -1, dtype=torch.long, device=game.device)
         self._grad_norm: Tensor | None = None
         self._skipped: Tensor | None = None
         self._window_start = game.step_index + 1
-        self.context: Context | None = None
         self._hooks = [game.trainer.optimizer.register_step_pre_hook(self._pre_step)]
         self._buffers: list[Tensor] = []
         self._saved: list[Tensor] = []
@@ -164,7 +155,7 @@ class DivergenceGuard:
         return out
 
     def _diverged(self, bad: dict[str, float], steps: tuple[int, int], first: int | None) -> TrainingDiverged:
-        game, ctx = self.game, self.context
+        game = self.game
         epoch = (steps[1] - 1) // game.steps_per_epoch + 1
         named = [f"{_watched(n)} ({n}) was {v}" for n, v in bad.items() if _watched(n)]
         agent = [n.split("/", 1)[1] for n in bad if not _watched(n)]
@@ -175,25 +166,25 @@ class DivergenceGuard:
         text = (f"Training diverged: in epoch {epoch}, by {where} of {game.total_steps}, "
                 f"{'; '.join(named)}. Training stopped at the first check after it (the step metrics are read "
                 f"every log_every_steps steps).")
-        if ctx is not None:
-            checkpoint, cfg = ctx.run_dir / CHECKPOINT, game.config
+        if self.run_dir is not None:
+            checkpoint, cfg = self.run_dir / CHECKPOINT, game.config
             causes = [f"a learning rate too high for this model (data.optim.lr={cfg.optim.lr:g}: try 10x lower)"]
             if cfg.precision == "fp16":
                 causes.append("fp16 overflow (precision=bf16 or fp32)")
             causes.append("attacks too strong or reward weights too large for the agent (data.grid, reward.alpha/"
                           "beta), or non-finite input data")
             text += f" Likely causes: {', '.join(causes)}."
-            done = int(ctx.loop.get("epochs_done", 0))
+            done = epoch - 1  # every earlier epoch was checkpointed
             if checkpoint.is_file():
                 text += (f" Nothing of epoch {epoch} was saved: the last finite checkpoint, {checkpoint} "
                          f"(epoch {done} of {cfg.epochs}), is intact.")
-            elif ctx.started_from is not None:
+            elif self.started_from is not None:
                 text += (f" This run had saved no checkpoint of its own yet; the one it started from "
-                         f"({ctx.started_from}, epoch {done}) is untouched.")
+                         f"({self.started_from}, epoch {done}) is untouched.")
             else:
                 text += " No epoch had finished, so there is no checkpoint to go back to."
             # resume keeps the recorded settings (it would diverge again); a fixed setting is a new run.
-            source = ctx.run_dir if checkpoint.is_file() else ctx.started_from
+            source = self.run_dir if checkpoint.is_file() else self.started_from
             text += (" results.json marks the run failed. Fix the setting and run the command again: a changed "
                      "setting gets a folder of its own (resume=true and resume=<dir> continue a run with its "
                      "recorded settings, and would diverge again).")

@@ -18,7 +18,7 @@ from agents.base import Agent, AgentSpec
 from experiments.training import distributed
 from experiments.config.errors import ConfigError
 from experiments.training.finish import RunResult, finish_run
-from experiments.training.guard import Context, TrainingDiverged, full_disk_stops, record_failure, stop_on_interrupt
+from experiments.training.guard import TrainingDiverged, full_disk_stops, record_failure, stop_on_interrupt
 from experiments.tracking.loggers import Console, make_tracker
 from experiments.runfolder.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
 from experiments.runfolder.runfiles import CHECKPOINT, LOG_FILE, RESULTS_FORMAT
@@ -167,8 +167,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
     if sel.select_on == "test":
         console.print(TEST_SELECTION_WARNING)
     env, agent, _ = build_game(settings, data)
-    threat = cfg.threat
-    pgd = pgd_name(settings, threat)
+    pgd = pgd_name(settings)
 
     obs, info = env.reset(seed=settings.seed)
     loop: dict[str, Any] = {"epochs_done": 0, "history": [], "rng": None, "seconds": {"train": 0.0, "eval": 0.0}}
@@ -199,7 +198,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
         console.print(
             f"LAS-AT training: {settings.agent_name} agent, {cfg.model} on {data.description}; {cfg.epochs} epochs "
             f"x {env.game.steps_per_epoch} steps of {cfg.batch_size} images, {reward}; threat model "
-            f"{threat.description}. Run directory: {run_dir}"
+            f"{cfg.threat.description}. Run directory: {run_dir}"
         )
 
     previous_wandb = None if started else (ckpt or {}).get("meta", {}).get("wandb")
@@ -209,28 +208,18 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
     best = BestWeights.from_dict(sel.select_on, loop.get("best"))
     history: list[dict[str, Any]] = loop["history"]
     ckpt_path = run_dir / CHECKPOINT
-    trainer = EpochTrainer(settings, env, agent, tracker, obs, info)
-    trainer.guard.context = Context(run_dir, loop, settings.init_from if started else None)
+    trainer = EpochTrainer(settings, env, agent, tracker, obs, info, settings.init_from if started else None)
     start = loop["epochs_done"]
     stop_at = cfg.epochs if settings.stop_after_epochs is None else min(cfg.epochs, start + settings.stop_after_epochs)
     epoch_bar = tqdm(total=cfg.epochs, initial=start, desc="epochs", unit="epoch",
                      disable=not settings.progress, dynamic_ncols=True)
     try:
         for epoch in range(start, stop_at):
-            done = trainer.epoch(epoch)
+            rec = trainer.epoch(epoch)
             t1 = time.perf_counter()
             evaluated = epoch + 1 == cfg.epochs or (epoch + 1) % settings.eval.every == 0
-            ev = evaluate_epoch(env.game.target, subsets, threat, settings) if evaluated else None
-            rec = {
-                "epoch": epoch + 1,
-                "steps": env.game.step_index,
-                "images": env.game.steps_per_epoch * cfg.batch_size,
-                "train": done.totals,
-                "eval": ev,
-                "choices": done.choices,
-                "fixed_images": done.fixed_images,
-                "seconds": {"train": done.seconds, "eval": time.perf_counter() - t1},
-            }
+            rec["eval"] = ev = evaluate_epoch(env.game.target, subsets, settings) if evaluated else None
+            rec["seconds"]["eval"] = time.perf_counter() - t1
             history.append(rec)
             with full_disk_stops(run_dir, f"the checkpoint of epoch {epoch + 1}", _checkpoint_bytes(ckpt_path, env)):
                 if lock is not None:  # rank 0 writes
@@ -277,7 +266,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
     try:
         with full_disk_stops(run_dir, "the final results (weights, results.json, metrics.json, plots)",
                              _checkpoint_bytes(ckpt_path, env) // 2):
-            return finish_run(settings, data, env, threat, loop, tracker, console, pgd, best,
+            return finish_run(settings, data, env, loop, tracker, console, pgd, best,
                               before_writing=lock.verify)
     except BaseException:
         tracker.finish()

@@ -21,7 +21,6 @@ from experiments.runfolder.runfiles import BEST
 from experiments.training import distributed
 from las_env.checkpoint import atomic_save, read_torch_file
 from las_env.data import ImageData
-from las_env.datasets.registry import ThreatModel
 
 TEST_SELECTION_WARNING = (
     "WARNING: selection.select_on=test picks the best epoch by its TEST accuracy (the authors' choice) "
@@ -44,10 +43,10 @@ def eval_subsets(data: ImageData, test_n: int | None, train_n: int | None) -> di
     }
 
 
-def evaluate_epoch(model: torch.nn.Module, subsets: Mapping[str, tuple[Tensor, Tensor]], threat: ThreatModel,
+def evaluate_epoch(model: torch.nn.Module, subsets: Mapping[str, tuple[Tensor, Tensor]],
                    settings: RunSettings) -> dict[str, float | int]:
     """Clean and PGD-k accuracy of ``model`` on each subset (fractions, plus image counts)."""
-    ev = settings.eval
+    ev, threat = settings.eval, settings.env.threat
     out: dict[str, float | int] = {}
     for split, (x, y) in subsets.items():
         r = distributed.robust_accuracy(model, x, y, threat.epsilon, threat.step_size, ev.pgd_iterations,
@@ -59,9 +58,9 @@ def evaluate_epoch(model: torch.nn.Module, subsets: Mapping[str, tuple[Tensor, T
     return out
 
 
-def pgd_name(settings: RunSettings, threat: ThreatModel) -> str:
+def pgd_name(settings: RunSettings) -> str:
     """The per-epoch attack, as reports name it."""
-    stop = ", early stop" if settings.eval.early_stop else ""
+    stop, threat = ", early stop" if settings.eval.early_stop else "", settings.env.threat
     return (f"PGD-{settings.eval.pgd_iterations} (L-inf eps={format_eps(threat.epsilon)}, "
             f"step {format_eps(threat.step_size)}{stop})")
 

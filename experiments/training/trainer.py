@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,21 +154,11 @@ class FixedImageChoices:
         return out
 
 
-@dataclass
-class _Epoch:
-    """What one epoch of training produced (host values; device work is finished)."""
-
-    totals: dict[str, float]
-    choices: dict[str, list[int]]
-    seconds: float
-    fixed_images: dict[str, list]
-
-
 class EpochTrainer:
     """Runs epochs of the agent/env loop; keeps the current observation and info between epochs."""
 
     def __init__(self, settings: RunSettings, env: LASEnv, agent: Agent, tracker: Tracker,
-                 obs: Tensor, info: dict[str, Any]) -> None:
+                 obs: Tensor, info: dict[str, Any], started_from: Path | None) -> None:
         self.settings, self.env, self.agent, self.tracker = settings, env, agent, tracker
         self.obs, self.info = obs, info
         self.meter = StepMeter()
@@ -179,10 +169,11 @@ class EpochTrainer:
         self.offsets = torch.tensor([sum(self.nvec[:j]) for j in range(len(self.nvec))], device=self.device)
         self.ones = torch.ones(settings.env.batch_size * len(self.nvec), dtype=torch.long, device=self.device)
         self.fixed_images = FixedImageChoices(env.game)
-        self.guard = DivergenceGuard(env.game, settings.on_nonfinite)
+        self.guard = DivergenceGuard(env.game, settings.on_nonfinite, settings.run_dir, started_from)
 
-    def epoch(self, index: int) -> _Epoch:
-        """Play epoch ``index`` (0-based); raises :class:`TrainingDiverged` on a non-finite value."""
+    def epoch(self, index: int) -> dict[str, Any]:
+        """Play epoch ``index`` (0-based): its record (``eval`` is the loop's to fill in); raises
+        :class:`TrainingDiverged` on a non-finite value."""
         env, agent, meter, every = self.env, self.agent, self.meter, self.settings.log_every_steps
         batch = self.settings.env.batch_size
         counts = torch.zeros(sum(self.nvec), dtype=torch.long, device=self.device)
@@ -219,4 +210,6 @@ class EpochTrainer:
         seconds = time.perf_counter() - t0
         flat, ends = counts.tolist(), [sum(self.nvec[:j + 1]) for j in range(len(self.nvec))]
         choices = {name: flat[end - n:end] for name, n, end in zip(self.columns, self.nvec, ends)}
-        return _Epoch(self.guard.epoch_totals(totals), choices, seconds, self.fixed_images.result())
+        return {"epoch": index + 1, "steps": env.game.step_index, "images": env.game.steps_per_epoch * batch,
+                "train": self.guard.epoch_totals(totals), "eval": None, "choices": choices,
+                "fixed_images": self.fixed_images.result(), "seconds": {"train": seconds, "eval": 0.0}}
