@@ -1,19 +1,22 @@
 """From a composed Hydra config to complete, frozen run settings (:func:`settings_from_config`) before
-anything is built; every bad value raises :class:`experiments.config.errors.ConfigError` naming its key."""
+anything is built (the agent's class imported and its keys checked before any data is loaded); every bad value
+raises :class:`experiments.config.errors.ConfigError` naming its key."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
-from experiments.config.agent_settings import AgentFactory, agent_factory
+from agents.base import Agent, AgentSpec
 from experiments.config.errors import ConfigError
 from experiments.config.schema import (NONFINITE_MODES, EvalSettings, LoggerSettings, RunConfig,
                                        SelectionSettings)
@@ -25,8 +28,70 @@ from las_env.strategy_space import StrategySpace
 from las_env.methods import MethodConfig
 from las_env.models import build_model
 from las_env.reward import RewardConfig
+from las_env.imports import import_object
 from las_env.optim import OptimConfig
 from las_env.validate import SettingError
+
+AgentFactory = Callable[[AgentSpec], Agent]
+"""Anything that builds an agent from the game's :class:`AgentSpec`."""
+
+AGENT_META_KEYS = ("name", "k", "needs_columns")  # display name; the env's k; grid columns the env must have
+
+
+def agent_factory(node: Mapping[str, Any] | DictConfig) -> AgentFactory:
+    """A factory for the agent of ``_target_`` and its keyword arguments, built once the spec is known."""
+    cfg = OmegaConf.create(node) if not isinstance(node, DictConfig) else node
+    try:
+        target = cfg._target_
+    except MissingMandatoryValue:
+        target = None
+    if not target:
+        raise ConfigError(
+            "agent=custom needs the class to build: add agent._target_=my_module.MyAgent (a class "
+            "implementing agents.base.Agent, importable from the current directory or PYTHONPATH)."
+        )
+    try:
+        cls = import_object(str(target))
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
+        raise ConfigError(
+            f"agent._target_={target} cannot be imported ({type(exc).__name__}: {exc}). Give a "
+            f"dotted path module.Class; the module must be importable from the current directory "
+            f"or PYTHONPATH."
+        ) from None
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+              if not k.startswith("_") and k not in AGENT_META_KEYS}
+    _check_signature(cls, str(target), kwargs)
+
+    def build(spec: AgentSpec) -> Agent:
+        # Hydra builds nested _target_ nodes (a policy class); the spec goes in as is (Hydra would make it a node).
+        from hydra.utils import instantiate  # noqa: PLC0415
+
+        return cls(spec=spec, **instantiate(OmegaConf.create(kwargs), _convert_="all"))
+
+    build.target = str(target)  # type: ignore[attr-defined]  # for records and messages
+    return build
+
+
+def _check_signature(cls: Any, target: str, kwargs: Mapping[str, Any]) -> None:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return  # not introspectable (C extension...): let the call itself complain
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    if "spec" not in params:
+        raise ConfigError(
+            f"agent._target_={target} does not take a `spec` argument: an agent is built as "
+            f"Class(spec=AgentSpec(...), **agent settings) (see agents/base.py)."
+        )
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        accepted = sorted(n for n in params if n != "spec" and params[n].kind is not inspect.Parameter.VAR_POSITIONAL)
+        raise ConfigError(
+            f"agent._target_={target} does not accept the setting(s) {unknown} (it accepts "
+            f"{accepted or 'none besides spec'}). A class of your own takes the keys of "
+            f"agent=custom (plus +agent.KEY=VALUE), not those of another agent's config."
+        )
 
 
 @dataclass
@@ -38,20 +103,21 @@ class RunSettings:
     env: LASConfig
     agent: AgentFactory
     agent_name: str
-    seed: int
+    config: dict[str, Any]
+    settings_hash: str | None
+    resume: bool
     eval: EvalSettings
     logger: LoggerSettings
-    resume: bool
+    selection: SelectionSettings
+    init_from: Path | None
+    seed: int
     stop_after_epochs: int | None
     progress: bool
     log_every_steps: int
     threads: int | None
-    selection: SelectionSettings
-    config: dict[str, Any]
-    settings_hash: str | None
     on_nonfinite: str
-    init_from: Path | None
     init_from_other_data: bool
+
 
 
 GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
@@ -217,24 +283,14 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
                               f"{' or null' if key in ('threads', 'stop_after_epochs') else ''}.")
     init_from = resolved["init_from"]
     return RunSettings(
-        run_dir=Path(run_dir),
-        env=env,
-        agent=factory,
-        agent_name=agent_name,
-        seed=resolved["seed"],
+        run_dir=Path(run_dir), env=env, agent=factory, agent_name=agent_name, config=resolved,
+        settings_hash=settings_hash, resume=bool(resolved["resume"]),
         eval=_build(EvalSettings, "eval", resolved["eval"]),
         logger=_logger(resolved, agent_name, str(resolved["model"]["name"])),
-        resume=bool(resolved["resume"]),
-        stop_after_epochs=resolved["stop_after_epochs"],
-        progress=resolved["progress"],
-        log_every_steps=resolved["log_every_steps"],
-        threads=resolved["threads"],
         selection=_build(SelectionSettings, "selection", resolved["selection"]),
-        config=resolved,
-        settings_hash=settings_hash,
-        on_nonfinite=resolved["on_nonfinite"],
         init_from=None if init_from in (None, "") else Path(_absolute(str(init_from))),
-        init_from_other_data=resolved["init_from_other_data"],
+        **{key: resolved[key] for key in ("seed", "stop_after_epochs", "progress", "log_every_steps", "threads",
+                                          "on_nonfinite", "init_from_other_data")},  # RunConfig's, as they are
     )
 
 
