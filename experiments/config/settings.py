@@ -30,7 +30,7 @@ from las_env.models import build_model
 from las_env.reward import RewardConfig
 from las_env.imports import import_object
 from las_env.optim import OptimConfig
-from las_env.validate import SettingError
+from las_env.validate import SettingError, check_whole
 
 AgentFactory = Callable[[AgentSpec], Agent]
 """Anything that builds an agent from the game's :class:`AgentSpec`."""
@@ -117,6 +117,14 @@ class RunSettings:
     threads: int | None
     on_nonfinite: str
     init_from_other_data: bool
+
+    def __post_init__(self) -> None:
+        for key, low in (("seed", 0), ("log_every_steps", 0), ("threads", 1), ("stop_after_epochs", 1)):
+            check_whole(key, getattr(self, key), low, allow_none=key in ("threads", "stop_after_epochs"))
+        if self.on_nonfinite not in NONFINITE_MODES:
+            raise SettingError("on_nonfinite", self.on_nonfinite, "must be stop (a non-finite loss, reward, gradient "
+                               "or weight ends the run) or skip (drop the updates of batches with a non-finite "
+                               "gradient).")
 
 
 
@@ -272,17 +280,8 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
     env = _game(resolved, record)
     resolved["data"]["name"] = record.name
     agent_name = str(resolved["agent"].get("name") or getattr(factory, "target", "agent").rsplit(".", 1)[-1])
-    if resolved["on_nonfinite"] not in NONFINITE_MODES:
-        raise ConfigError(f"on_nonfinite={resolved['on_nonfinite']!r} must be stop (a non-finite loss, reward, "
-                          f"gradient or weight ends the run) or skip (drop the updates of batches with a "
-                          f"non-finite gradient).")
-    for key, low in (("seed", 0), ("log_every_steps", 0), ("threads", 1), ("stop_after_epochs", 1)):
-        value = resolved[key]
-        if value is not None and value < low:
-            raise ConfigError(f"{key}={value} must be a whole number >= {low}"
-                              f"{' or null' if key in ('threads', 'stop_after_epochs') else ''}.")
     init_from = resolved["init_from"]
-    return RunSettings(
+    return _build(RunSettings, "", dict(
         run_dir=Path(run_dir), env=env, agent=factory, agent_name=agent_name, config=resolved,
         settings_hash=settings_hash, resume=bool(resolved["resume"]),
         eval=_build(EvalSettings, "eval", resolved["eval"]),
@@ -291,7 +290,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
         init_from=None if init_from in (None, "") else Path(_absolute(str(init_from))),
         **{key: resolved[key] for key in ("seed", "stop_after_epochs", "progress", "log_every_steps", "threads",
                                           "on_nonfinite", "init_from_other_data")},  # RunConfig's, as they are
-    )
+    ))
 
 
 def _resolve_default_model(*, _root_: DictConfig) -> str:

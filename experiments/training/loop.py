@@ -17,14 +17,13 @@ from tqdm.auto import tqdm
 from agents.base import Agent, AgentSpec
 from experiments.training import distributed
 from experiments.config.errors import ConfigError
-from experiments.training.finish import RunResult, finish_run
 from experiments.training.guard import TrainingDiverged, full_disk_stops, record_failure, stop_on_interrupt
 from experiments.tracking.loggers import Console, make_tracker
 from experiments.runfolder.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
 from experiments.runfolder.runfiles import CHECKPOINT, LOG_FILE, RESULTS_FORMAT
 from experiments.runfolder.runlock import RunLock
-from experiments.training.selection import (TEST_SELECTION_WARNING, BestWeights, eval_subsets, evaluate_epoch,
-                                            pgd_name, split_validation)
+from experiments.training.finish import (TEST_SELECTION_WARNING, BestWeights, RunResult, eval_subsets, evaluate_epoch,
+                                         finish_run, pgd_name, split_validation)
 from experiments.config.settings import RunSettings
 from experiments.training.trainer import EpochTrainer, epoch_line, epoch_scalars
 from las_env.checkpoint import FORMAT, atomic_save, data_fingerprint
