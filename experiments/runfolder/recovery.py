@@ -15,7 +15,7 @@ from las_env.checkpoint import (TRAINING_KEYS, CorruptCheckpointError, NotACheck
 from las_env.files import stale_temp_files
 
 
-def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> list[Path]:
+def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> None:
     """Delete the temporary files of the run's killed atomic writes (under the run lock: no live writer's)."""
     stale = stale_temp_files(run_dir, RUN_FILES, any_writer=True)
     size = 0
@@ -28,7 +28,6 @@ def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> list[
     if stale:
         say(f"Removed {len(stale)} temporary file(s) left by an interrupted write in {run_dir} "
             f"({size / 2**20:.1f} MiB): {', '.join(p.name for p in stale)}.")
-    return stale
 
 
 def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | None,

@@ -97,36 +97,30 @@ def check_agent(agent: Any, shard: Shard) -> None:
         )
 
 
-def split_for_eval(x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor, int, Shard | None]:
-    """``(x_r, y_r, batch_size_r, shard)``: this rank's rows of EACH batch when every batch splits evenly
-    (random starts drawn for the whole batch: exactly one process's numbers), else a contiguous block with
-    its own random starts (within random-start noise)."""
-    shard = process_shard()
-    if not shard.distributed:
-        return x, y, batch_size, None
-    n, w, r = x.shape[0], shard.world, shard.rank
-    if batch_size % w == 0 and (n % batch_size) % w == 0:
-        starts = range(0, n, batch_size)
-        blocks = [(s, (min(batch_size, n - s)) // w) for s in starts]
-        idx = torch.cat([torch.arange(s + r * m, s + (r + 1) * m) for s, m in blocks]).to(x.device)
-        return x[idx], y[idx], batch_size // w, shard
-    lo, hi = n * r // w, n * (r + 1) // w
-    return x[lo:hi], y[lo:hi], batch_size, None
-
-
 def robust_accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, eps: float, step: float, iterations: int, *,
                     batch_size: int, seed: int, early_stop: bool = False) -> CleanRobust:
-    """:func:`evaluation.robust_accuracy` of the whole set, each rank evaluating its share, counts summed."""
-    xr, yr, batch, shard = split_for_eval(x, y, batch_size)
-    r = evaluation.robust_accuracy(model, xr, yr, eps, step, iterations, batch_size=batch, seed=seed, shard=shard,
-                                   early_stop=early_stop)
-    n, m = x.shape[0], xr.shape[0]
+    """:func:`evaluation.robust_accuracy` of the whole set, each rank evaluating its share, counts summed: this
+    rank's rows of EACH batch when every batch splits evenly (random starts drawn for the whole batch: exactly one
+    process's numbers), else a contiguous block with its own random starts (within random-start noise)."""
+    shard = process_shard()
+    n, w, r = x.shape[0], shard.world, shard.rank
+    rows, batch, even = slice(None), batch_size, None
+    if shard.distributed and batch_size % w == 0 and (n % batch_size) % w == 0:
+        blocks = [(s, (min(batch_size, n - s)) // w) for s in range(0, n, batch_size)]
+        rows = torch.cat([torch.arange(s + r * m, s + (r + 1) * m) for s, m in blocks]).to(x.device)
+        batch, even = batch_size // w, shard
+    elif shard.distributed:
+        rows = slice(n * r // w, n * (r + 1) // w)
+    xr, yr = x[rows], y[rows]
+    result = evaluation.robust_accuracy(model, xr, yr, eps, step, iterations, batch_size=batch, seed=seed,
+                                        shard=even, early_stop=early_stop)
+    m = xr.shape[0]
     if m == n:
-        return r
-    counts = torch.tensor([round(r.clean * m), round(r.robust * m)], dtype=torch.float64, device=x.device)
+        return result
+    counts = torch.tensor([round(result.clean * m), round(result.robust * m)], dtype=torch.float64, device=x.device)
     dist.all_reduce(counts)  # m < n only under DDP
     clean, robust = counts.tolist()
-    return r._replace(clean=clean / n, robust=robust / n)
+    return result._replace(clean=clean / n, robust=robust / n)
 
 
 def localized(settings: Any) -> Any:

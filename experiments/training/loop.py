@@ -19,7 +19,8 @@ from experiments.training import distributed
 from experiments.config.errors import ConfigError
 from experiments.training.guard import TrainingDiverged, full_disk_stops, record_failure, stop_on_interrupt
 from experiments.tracking.loggers import Console, make_tracker
-from experiments.runfolder.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
+from experiments.runfolder.recovery import (check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from,
+                                            started_from)
 from experiments.runfolder.runfiles import CHECKPOINT, LOG_FILE, RESULTS_FORMAT
 from experiments.runfolder.runlock import RunLock
 from experiments.training.finish import (TEST_SELECTION_WARNING, BestWeights, RunResult, eval_subsets, evaluate_epoch,
@@ -137,10 +138,10 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)  # process-wide, as a run owns its process
     console = console or Console(run_dir / LOG_FILE)
-    if lock is not None and lock.took_over:
-        console.print(f"Took over the lock of an earlier run in this folder that is no longer running "
-                      f"(pid {lock.took_over.get('pid')}, started {lock.took_over.get('started')}).")
     if lock is not None:
+        if lock.took_over:
+            console.print(f"Took over the lock of an earlier run in this folder that is no longer running "
+                          f"(pid {lock.took_over.get('pid')}, started {lock.took_over.get('started')}).")
         remove_stale_temporaries(run_dir, console.print)
     ckpt = checkpoint_to_resume(run_dir, resume=settings.resume, settings_hash=settings.settings_hash,
                                 say=console.print)
