@@ -229,9 +229,6 @@ def _game(resolved: dict[str, Any], record: DatasetRecord) -> LASConfig:
         dataset=record.name,
         data_root=_absolute(str(data["path"] if record.needs_path else data["root"])),
         model=None if model == "auto" else _check_model(model),  # auto: by the loaded images' size
-        batch_size=data["batch_size"],
-        epochs=data["epochs"],
-        max_steps_per_epoch=data["max_steps_per_epoch"],
         optim=_build(OptimConfig, "data.optim", data["optim"]),
         reward=_build(RewardConfig, "reward", reward),
         reward_interval=agent.get("k"),  # None: no reward step (fixed, random)
@@ -240,16 +237,11 @@ def _game(resolved: dict[str, Any], record: DatasetRecord) -> LASConfig:
         threat=record.threat if (eps, step) == (record.threat.epsilon, record.threat.step_size) else
         ThreatModel(eps, step, f"L-inf eps={eps:g} (data.threat)"),
         method=_build(MethodConfig, "method", resolved["method"]),
-        augment=data["augment"],
-        augment_padding=data["augment_padding"],
         model_init=resolved["model"]["init"],
-        device=resolved["device"],
-        precision=resolved["precision"],
-        channels_last=resolved["channels_last"],
         sync_batchnorm=resolved["ddp"]["sync_batchnorm"],
-        attack_start=resolved["attack_start"],
-        attack_clip=resolved["attack_clip"],
-        last_batch=resolved["last_batch"],
+        **{key: data[key] for key in ("batch_size", "epochs", "max_steps_per_epoch", "augment", "augment_padding")},
+        **{key: resolved[key] for key in ("device", "precision", "channels_last", "attack_start", "attack_clip",
+                                          "last_batch")},  # LASConfig's own names, on top of the command line
     ))
 
 

@@ -241,6 +241,22 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
             if ev:
                 epoch_bar.set_postfix(test_clean=f"{ev['test_clean']:.3f}", test_pgd=f"{ev['test_robust']:.3f}",
                                       refresh=False)
+        epoch_bar.close()
+        if loop["epochs_done"] < cfg.epochs:
+            console.print(
+                f"Stopped after epoch {loop['epochs_done']} of {cfg.epochs} (stop_after_epochs="
+                f"{settings.stop_after_epochs}); the checkpoint is {ckpt_path}. Continue with the same command plus "
+                f"resume=true."
+            )
+            tracker.finish()
+            return RunResult(run_dir, False, loop["epochs_done"], history, seconds=dict(loop["seconds"]),
+                             files={"checkpoint": str(ckpt_path)}, wandb_offline_dir=tracker.offline_dir)
+        if lock is None:  # the final evaluation is rank 0's alone; the other ranks leave now
+            return RunResult(run_dir, True, loop["epochs_done"], history, seconds=dict(loop["seconds"]))
+        lock.verify()
+        with full_disk_stops(run_dir, "the final results (weights, results.json, metrics.json, plots)",
+                             _checkpoint_bytes(ckpt_path, env) // 2):
+            return finish_run(settings, data, env, loop, tracker, console, pgd, best, before_writing=lock.verify)
     except TrainingDiverged as exc:  # results.json and W&B say "failed"; the last checkpoint stays
         record_failure(exc, {"format": RESULTS_FORMAT, "run_dir": str(run_dir), "agent": settings.agent_name,
                              "history": history, "config": settings.config}, tracker, console)
@@ -250,27 +266,6 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
         raise
     finally:
         epoch_bar.close()
-
-    if loop["epochs_done"] < cfg.epochs:
-        console.print(
-            f"Stopped after epoch {loop['epochs_done']} of {cfg.epochs} (stop_after_epochs={settings.stop_after_epochs}); "
-            f"the checkpoint is {ckpt_path}. Continue with the same command plus resume=true."
-        )
-        tracker.finish()
-        return RunResult(run_dir, False, loop["epochs_done"], history, seconds=dict(loop["seconds"]),
-                         files={"checkpoint": str(ckpt_path)}, wandb_offline_dir=tracker.offline_dir)
-
-    if lock is None:  # the final evaluation is rank 0's alone; the other ranks leave now
-        return RunResult(run_dir, True, loop["epochs_done"], history, seconds=dict(loop["seconds"]))
-    lock.verify()
-    try:
-        with full_disk_stops(run_dir, "the final results (weights, results.json, metrics.json, plots)",
-                             _checkpoint_bytes(ckpt_path, env) // 2):
-            return finish_run(settings, data, env, loop, tracker, console, pgd, best,
-                              before_writing=lock.verify)
-    except BaseException:
-        tracker.finish()
-        raise
 
 
 def _check_data_fits(settings: RunSettings, data: ImageData, console: Console) -> None:
