@@ -16,8 +16,6 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 
 from experiments.config.errors import fail
 
-GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
-
 
 def _flat(text: object) -> str:
     return " ".join(str(text).split())
@@ -30,7 +28,7 @@ def hydra_message(exc: BaseException, program: str, conf_dir: Path, hints: dict[
         detail = _flat(str(exc).split("\nSee ")[0])
         return (f"The command line cannot be parsed ({detail}). Overrides are key=value, group=option, "
                 f"+new_key=value or ~key; quote a value with brackets, commas or spaces as a whole, e.g. "
-                f"'eval.final_attacks=[clean,pgd20]'. Grammar: {GRAMMAR_URL}")
+                f"'eval.final_attacks=[clean,pgd20]'. Grammar: https://hydra.cc/docs/advanced/override_grammar/basic/")
     if isinstance(exc, MissingConfigException):
         missing = str(exc.missing_cfg_file or "")
         group, _, option = missing.rpartition("/")

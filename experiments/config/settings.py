@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from agents.base import Agent, AgentSpec
 from experiments.config.errors import ConfigError
@@ -41,10 +40,7 @@ AGENT_META_KEYS = ("name", "k", "needs_columns")  # display name; the env's k; g
 def agent_factory(node: Mapping[str, Any] | DictConfig) -> AgentFactory:
     """A factory for the agent of ``_target_`` and its keyword arguments, built once the spec is known."""
     cfg = OmegaConf.create(node) if not isinstance(node, DictConfig) else node
-    try:
-        target = cfg._target_
-    except MissingMandatoryValue:
-        target = None
+    target = OmegaConf.select(cfg, "_target_", default=None)  # None also when missing (???)
     if not target:
         raise ConfigError(
             "agent=custom needs the class to build: add agent._target_=my_module.MyAgent (a class "
@@ -187,19 +183,15 @@ def dataset_record(data: Mapping[str, Any]) -> DatasetRecord:
 
 def fill_from_registry(data: dict[str, Any], record: DatasetRecord) -> None:
     """The data set's grid, optimiser and threat into a resolved ``data``'s ``null`` values (in place, so recorded)."""
-    grid = data["grid"]
-    for key in ("step_sizes", "iterations", "epsilons"):
-        if grid.get(key) is None:
-            grid[key] = list(getattr(record.grid, key))
-    if not grid.get("extra") and record.grid.extra:
-        grid["extra"] = {name: list(values) for name, values in record.grid.extra}
-    for f in fields(OptimConfig):
-        if data["optim"].get(f.name) is None:
-            value = getattr(record.optim, f.name)
-            data["optim"][f.name] = list(value) if isinstance(value, tuple) else value
-    threat = data["threat"]
-    threat["epsilon"] = record.threat.epsilon if threat.get("epsilon") is None else threat["epsilon"]
-    threat["step_size"] = record.threat.step_size if threat.get("step_size") is None else threat["step_size"]
+    for section, source, keys in (("grid", record.grid, ("step_sizes", "iterations", "epsilons")),
+                                  ("optim", record.optim, [f.name for f in fields(OptimConfig)]),
+                                  ("threat", record.threat, ("epsilon", "step_size"))):
+        for key in keys:
+            if data[section].get(key) is None:
+                value = getattr(source, key)
+                data[section][key] = list(value) if isinstance(value, tuple) else value
+    if not data["grid"].get("extra") and record.grid.extra:
+        data["grid"]["extra"] = {name: list(values) for name, values in record.grid.extra}
 
 
 def _check_model(name: str) -> str:
@@ -272,14 +264,13 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
     env = _game(resolved, record)
     resolved["data"]["name"] = record.name
     agent_name = str(resolved["agent"].get("name") or getattr(factory, "target", "agent").rsplit(".", 1)[-1])
-    init_from = resolved["init_from"]
     return _build(RunSettings, "", dict(
         run_dir=Path(run_dir), env=env, agent=factory, agent_name=agent_name, config=resolved,
         settings_hash=settings_hash, resume=bool(resolved["resume"]),
         eval=_build(EvalSettings, "eval", resolved["eval"]),
         logger=_logger(resolved, agent_name, str(resolved["model"]["name"])),
         selection=_build(SelectionSettings, "selection", resolved["selection"]),
-        init_from=None if init_from in (None, "") else Path(_absolute(str(init_from))),
+        init_from=Path(_absolute(str(resolved["init_from"]))) if resolved["init_from"] else None,
         **{key: resolved[key] for key in ("seed", "stop_after_epochs", "progress", "log_every_steps", "threads",
                                           "on_nonfinite", "init_from_other_data")},  # RunConfig's, as they are
     ))

@@ -30,9 +30,9 @@ def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> None:
             f"({size / 2**20:.1f} MiB): {', '.join(p.name for p in stale)}.")
 
 
-def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | None,
-                         say: Callable[[str], None]) -> dict[str, Any] | None:
+def checkpoint_to_resume(settings: Any, say: Callable[[str], None]) -> dict[str, Any] | None:
     """The checkpoint to resume from, or None; refused without ``resume``, of other settings, or unreadable."""
+    run_dir, resume, settings_hash = settings.run_dir, settings.resume, settings.settings_hash
     path = run_dir / CHECKPOINT
     prev = previous_path(path)
     if not path.is_file() and not prev.is_file():

@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def refuse_symlinks(run_dir: Path) -> None:
             f"what it points at stays as it is), or run in a fresh folder (change a setting, or set run_root).")
 
 
-class RunLock:
+class RunLock(AbstractContextManager):
     """A run folder's lock, held until :meth:`release`; ``took_over``: the stale record it replaced, or None."""
 
     def __init__(self, path: Path, fd: int, took_over: dict[str, Any] | None) -> None:
@@ -102,9 +103,6 @@ class RunLock:
         finally:
             os.close(self._fd)
             self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -18,9 +17,9 @@ from torch import Tensor
 import evaluation
 from evaluation import CleanRobust
 from experiments.config.errors import ConfigError
+from experiments.config.schema import RunConfig
 from las_env.sharding import Shard, process_shard
 
-DEFAULT_TIMEOUT_S = 900  # ddp_timeout_s: how long a collective waits for a silent rank
 EXIT_RANK_LOST = 3
 
 
@@ -34,7 +33,7 @@ def launched_world() -> int:
 
 
 @contextmanager
-def process_group(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Shard]:
+def process_group(device: str, timeout_s: float = RunConfig.ddp_timeout_s) -> Iterator[Shard]:
     """The job's process group under ``torchrun`` (NCCL on CUDA, gloo on CPU); a lost rank raises :class:`RankLost`."""
     if launched_world() <= 1 or dist.is_initialized():
         yield process_shard()
@@ -79,14 +78,6 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def check_batch(batch_size: int) -> None:
-    """The global batch must split into equal shards (before anything is built)."""
-    try:
-        process_shard().check_batch(batch_size)
-    except ValueError as exc:
-        raise ConfigError(f"data.batch_size={batch_size} is the global batch of all ranks, but {exc}") from None
-
-
 def check_agent(agent: Any, shard: Shard) -> None:
     """Agents whose learning is not replicated exactly (Stable-Baselines3's) are refused under DDP."""
     if shard.distributed and type(agent).__module__.startswith("agents.sb3"):
@@ -123,19 +114,11 @@ def robust_accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, eps: float, st
     return result._replace(clean=clean / n, robust=robust / n)
 
 
-def localized(settings: Any) -> Any:
-    """``settings`` with ``device=cuda`` pinned to this process's GPU (``cuda:LOCAL_RANK``) under a launcher."""
-    if settings.env.device != "cuda" or launched_world() <= 1:
-        return settings
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return replace(settings, env=replace(settings.env, device=device))
-
-
 def timeout_s(config: dict[str, Any] | None) -> float:
     """``ddp_timeout_s`` of the resolved config, checked."""
-    value = (config or {}).get("ddp_timeout_s", DEFAULT_TIMEOUT_S)
+    value = (config or {}).get("ddp_timeout_s", RunConfig.ddp_timeout_s)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"ddp_timeout_s={value!r} must be a number of seconds > 0 (how long a collective waits "
-                          f"for a silent rank before the job fails; default {DEFAULT_TIMEOUT_S}).")
+                          f"for a silent rank before the job fails; default {RunConfig.ddp_timeout_s:g}).")
     return float(value)
 

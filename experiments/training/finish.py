@@ -112,20 +112,16 @@ class BestWeights:
     epoch: int | None = None
     score: float = -math.inf
 
-    @property
-    def metric(self) -> str:
-        """The per-epoch evaluation key selection compares (robust accuracy on ``select_on``)."""
-        return f"{self.select_on}_robust"
-
     def update(self, epoch: int, evaluation: Mapping[str, Any] | None, model: torch.nn.Module, run_dir: Path) -> bool:
         """Record ``epoch`` if it beats the best so far (ties keep the earlier); whether ``best.pt`` was written."""
-        if self.select_on == "last" or not evaluation or self.metric not in evaluation:
+        metric = f"{self.select_on}_robust"  # the per-epoch PGD accuracy on the selection images
+        if self.select_on == "last" or not evaluation or metric not in evaluation:
             return False
-        score = float(evaluation[self.metric])
+        score = float(evaluation[metric])
         if score <= self.score:
             return False
         weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        atomic_save({"state_dict": weights, "epoch": epoch, "score": score, "metric": self.metric}, run_dir / BEST)
+        atomic_save({"state_dict": weights, "epoch": epoch, "score": score, "metric": metric}, run_dir / BEST)
         self.epoch, self.score = epoch, score
         return True
 
@@ -198,8 +194,7 @@ def finish_run(settings: RunSettings, data: ImageData, env: LASEnv, loop: dict[s
     results = final_evaluation(model, AUTOATTACK_STATE)
     best_model = best.load_into(model, run_dir)
     best_results = final_evaluation(best_model, AUTOATTACK_STATE_BEST) if best_model is not None else []
-    final_s = time.perf_counter() - t0
-    seconds = {**loop["seconds"], "final_eval": final_s}
+    seconds = {**loop["seconds"], "final_eval": time.perf_counter() - t0}
     seconds["total"] = sum(seconds.values())
     history = loop["history"]
 

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from experiments.config.errors import RunStopped
-from experiments.runfolder.runfiles import CHECKPOINT, RESULTS_FILE
+from experiments.config.settings import RunSettings
+from experiments.runfolder.runfiles import CHECKPOINT, RESULTS_FILE, RESULTS_FORMAT
 from las_env.files import write_json
 from las_env.reward import REWARD_TERMS
 
@@ -44,11 +45,8 @@ WATCHED = {
 
 def _watched(name: str) -> str | None:
     """What a non-finite ``name`` means in the message, or None when it does not stop the run."""
-    if name in WATCHED:
-        return WATCHED[name]
-    if name.startswith("reward/") and name.split("/", 1)[1] in REWARD_TERMS:
-        return f"the reward term {name.split('/', 1)[1]}"
-    return None
+    term = name.removeprefix("reward/")
+    return WATCHED.get(name) or (f"the reward term {term}" if term != name and term in REWARD_TERMS else None)
 
 
 class TrainingDiverged(Exception):
@@ -194,13 +192,15 @@ class DivergenceGuard:
         return TrainingDiverged(text, epoch=epoch, steps=steps, first_step=first, bad=bad)
 
 
-def record_failure(error: TrainingDiverged, results: dict[str, Any], tracker: Any, console: Any) -> None:
-    """Mark the run failed in ``results.json`` (``results``: the loop's fields of it), the tracker and ``log.txt``."""
-    doc = {**results, "status": "failed", "final": [],
+def record_failure(error: TrainingDiverged, settings: RunSettings, history: list[dict[str, Any]], tracker: Any,
+                   console: Any) -> None:
+    """Mark the run failed in ``results.json``, the tracker and ``log.txt``."""
+    doc = {"format": RESULTS_FORMAT, "run_dir": str(settings.run_dir), "agent": settings.agent_name,
+           "history": history, "config": settings.config, "status": "failed", "final": [],
            "failure": {"kind": "diverged", "message": str(error), "epoch": error.epoch,
                        "steps": list(error.steps), "first_nonfinite_step": error.first_step,
                        "quantities": {k: str(v) for k, v in error.bad.items()}}}
-    write_json(Path(results["run_dir"]) / RESULTS_FILE, doc, default=str)
+    write_json(settings.run_dir / RESULTS_FILE, doc, default=str)
     console.log(f"las-at: error: {error}")
     tracker.summary({"status": "failed", "failure": str(error)})
     tracker.finish(exit_code=1)

@@ -3,6 +3,7 @@ checkpointed each epoch; on CPU a run resumed at any epoch writes the same ``met
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from experiments.training.guard import TrainingDiverged, full_disk_stops, record
 from experiments.tracking.loggers import Console, make_tracker
 from experiments.runfolder.recovery import (check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from,
                                             started_from)
-from experiments.runfolder.runfiles import CHECKPOINT, LOG_FILE, RESULTS_FORMAT
+from experiments.runfolder.runfiles import CHECKPOINT, LOG_FILE
 from experiments.runfolder.runlock import RunLock
 from experiments.training.finish import (TEST_SELECTION_WARNING, BestWeights, RunResult, eval_subsets, evaluate_epoch,
                                          finish_run, pgd_name, split_validation)
@@ -64,7 +65,10 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
     n_train = data.x_train.shape[0]
     if cfg.batch_size > n_train:
         raise ConfigError(f"data.batch_size={cfg.batch_size} exceeds the {n_train} training images of {data.name}.")
-    distributed.check_batch(cfg.batch_size)
+    try:
+        process_shard().check_batch(cfg.batch_size)  # the global batch splits into equal shards
+    except ValueError as exc:
+        raise ConfigError(f"data.batch_size={cfg.batch_size} is the global batch of all ranks, but {exc}") from None
     try:
         env = LASEnv(config=cfg, data=data, tensor_api=True)
     except ValueError as exc:
@@ -120,31 +124,30 @@ def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, finge
     return atomic_save(state, path, keep_previous=True)  # the one before stays as checkpoint.prev.pt
 
 
-def train(settings: RunSettings, *, data: ImageData | None = None, console: Console | None = None) -> RunResult:
+def train(settings: RunSettings, *, data: ImageData | None = None) -> RunResult:
     """Train, evaluate, checkpoint, log (holding the run lock); resume when asked. Raises :class:`ConfigError`
     (bad input, before training) or :class:`TrainingDiverged` (``results.json`` marks the run failed)."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    settings = distributed.localized(settings)
+    if settings.env.device == "cuda" and distributed.launched_world() > 1:  # this process's GPU: cuda:LOCAL_RANK
+        settings = replace(settings, env=replace(settings.env, device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"))
     with distributed.process_group(settings.env.device, distributed.timeout_s(settings.config)):
         if process_shard().rank != 0:  # rank 0 alone holds the lock, writes and tracks; the others are quiet
             quiet = replace(settings, progress=False, logger=replace(settings.logger, name="none"))
             return _train(quiet, Console(quiet=True), data, None)
         with RunLock.acquire(settings.run_dir) as lock, stop_on_interrupt(settings.run_dir):
-            return _train(settings, console, data, lock)
+            return _train(settings, Console(settings.run_dir / LOG_FILE), data, lock)
 
 
-def _train(settings: RunSettings, console: Console | None, data: ImageData | None, lock: RunLock | None) -> RunResult:
+def _train(settings: RunSettings, console: Console, data: ImageData | None, lock: RunLock | None) -> RunResult:
     run_dir = settings.run_dir
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)  # process-wide, as a run owns its process
-    console = console or Console(run_dir / LOG_FILE)
     if lock is not None:
         if lock.took_over:
             console.print(f"Took over the lock of an earlier run in this folder that is no longer running "
                           f"(pid {lock.took_over.get('pid')}, started {lock.took_over.get('started')}).")
         remove_stale_temporaries(run_dir, console.print)
-    ckpt = checkpoint_to_resume(run_dir, resume=settings.resume, settings_hash=settings.settings_hash,
-                                say=console.print)
+    ckpt = checkpoint_to_resume(settings, console.print)
     started = ckpt is None and settings.init_from is not None
     if started:
         ckpt = start_from(settings)  # another run's checkpoint, this command's settings
@@ -258,8 +261,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
                              _checkpoint_bytes(ckpt_path, env) // 2):
             return finish_run(settings, data, env, loop, tracker, console, pgd, best, before_writing=lock.verify)
     except TrainingDiverged as exc:  # results.json and W&B say "failed"; the last checkpoint stays
-        record_failure(exc, {"format": RESULTS_FORMAT, "run_dir": str(run_dir), "agent": settings.agent_name,
-                             "history": history, "config": settings.config}, tracker, console)
+        record_failure(exc, settings, history, tracker, console)
         raise
     except BaseException:
         tracker.finish()  # flush what W&B has; the checkpoint of the last finished epoch is on disk

@@ -164,7 +164,6 @@ class EpochTrainer:
         self.meter = StepMeter()
         self.device = torch.device(settings.env.device)
         self.nvec = list(env.space.nvec)
-        self.columns = env.space.columns
         # Chosen settings are counted in one flat vector: [column 0's values | column 1's | ...].
         self.offsets = torch.tensor([sum(self.nvec[:j]) for j in range(len(self.nvec))], device=self.device)
         self.ones = torch.ones(settings.env.batch_size * len(self.nvec), dtype=torch.long, device=self.device)
@@ -209,7 +208,7 @@ class EpochTrainer:
         _absorb(totals, self.guard.flush(meter))  # also waits for the device: the timing below is honest
         seconds = time.perf_counter() - t0
         flat, ends = counts.tolist(), [sum(self.nvec[:j + 1]) for j in range(len(self.nvec))]
-        choices = {name: flat[end - n:end] for name, n, end in zip(self.columns, self.nvec, ends)}
+        choices = {name: flat[end - n:end] for name, n, end in zip(self.env.space.columns, self.nvec, ends)}
         return {"epoch": index + 1, "steps": env.game.step_index, "images": env.game.steps_per_epoch * batch,
                 "train": self.guard.epoch_totals(totals), "eval": None, "choices": choices,
                 "fixed_images": self.fixed_images.result(), "seconds": {"train": seconds, "eval": 0.0}}
