@@ -35,7 +35,6 @@ from experiments.config.cli import hydra_entry  # noqa: E402
 from experiments.training.distributed import EXIT_RANK_LOST, RankLost  # noqa: E402
 from experiments.config.errors import ConfigError, fail  # noqa: E402
 from experiments.training.guard import TrainingDiverged  # noqa: E402
-from experiments.training.finish import RunResult  # noqa: E402
 from experiments.training.loop import train  # noqa: E402
 from experiments.runfolder.rundir import resume_target, settings_hash  # noqa: E402
 from experiments.config.settings import settings_from_config  # noqa: E402
@@ -70,19 +69,6 @@ def recorded_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
     return saved
 
 
-def run(cfg: DictConfig) -> RunResult:
-    """Validate ``cfg``, then train in the folder Hydra made for this run."""
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    target = resume_target(cfg.get("resume"))
-    if target is not None:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise ConfigError("resume=<run_dir> names one run; in a multirun use resume=true (each job finds its own).")
-        cfg = recorded_config(target, cfg)
-    settings = settings_from_config(cfg, run_dir, settings_hash=settings_hash(cfg))
-    return train(settings)
-
-
 def _discard_if_empty(run_dir: Path) -> None:
     """Bad input: remove the folder Hydra made for this run if nothing but Hydra's record is in it."""
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
@@ -96,10 +82,19 @@ def _discard_if_empty(run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    """Validate ``cfg``, then train in the folder Hydra made for this run; a failure is one paragraph."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run(cfg)
+        target = resume_target(cfg.get("resume"))
+        if target is not None:
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                raise ConfigError("resume=<run_dir> names one run; in a multirun use resume=true (each job finds "
+                                  "its own).")
+            cfg = recorded_config(target, cfg)
+        train(settings_from_config(cfg, run_dir, settings_hash=settings_hash(cfg)))
     except ConfigError as exc:
-        _discard_if_empty(Path(HydraConfig.get().runtime.output_dir))
+        _discard_if_empty(run_dir)
         fail(str(exc))
     except TrainingDiverged as exc:
         fail(str(exc), code=EXIT_DIVERGED)

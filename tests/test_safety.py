@@ -135,7 +135,7 @@ def test_init_from_and_selection_refuse_a_payload(finished, tmp_path):
         train(settings(tmp_path / "b", *ONE_EPOCH, init_from=source))
     never_advises_deleting(str(caught.value))
     # best.pt of a run being finished (selection): refused in one paragraph, nothing run.
-    from experiments.training.selection import BestWeights
+    from experiments.training.finish import BestWeights
     from las_env.models import build_model
 
     folder = copy_run(finished, "selection")

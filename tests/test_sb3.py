@@ -270,7 +270,7 @@ def test_unknown_algorithms_are_refused():
 def test_agent_configs_build_through_the_runners_factory(name):
     from omegaconf import OmegaConf
 
-    from experiments.config.agent_settings import agent_factory
+    from experiments.config.settings import agent_factory
 
     cfg = OmegaConf.load(REPO / "experiments" / "conf" / "agent" / f"{name}.yaml")
     assert cfg._target_ == "agents.sb3.SB3Agent" and cfg.algo == name and cfg.name == name

@@ -1,4 +1,4 @@
-"""Checkpoint selection without test leakage (experiments/training/selection.py): the stratified,
+"""Checkpoint selection without test leakage (experiments/training/finish.py): the stratified,
 seeded validation split, the best-epoch bookkeeping, and a tiny run that keeps and reports both
 the final and the best-on-validation weights."""
 
@@ -17,7 +17,7 @@ from experiments.comparison.runs import WEIGHTS
 from experiments.config.errors import ConfigError
 from experiments.training.loop import train
 from experiments.runfolder.rundir import settings_hash
-from experiments.training.selection import BEST, BestWeights, split_validation
+from experiments.training.finish import BEST, BestWeights, split_validation
 from experiments.config.schema import SelectionSettings
 from las_env.validate import SettingError
 from experiments.config.settings import settings_from_config

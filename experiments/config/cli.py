@@ -7,25 +7,14 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
 from experiments.config.errors import fail
-
-GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
-
-
-def _raised_inside(tb: TracebackType | None, code: Any) -> bool:
-    """Whether a frame running ``code`` (the task function's) is on the traceback."""
-    while tb is not None:
-        if tb.tb_frame.f_code is code:
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def _flat(text: object) -> str:
@@ -39,7 +28,7 @@ def hydra_message(exc: BaseException, program: str, conf_dir: Path, hints: dict[
         detail = _flat(str(exc).split("\nSee ")[0])
         return (f"The command line cannot be parsed ({detail}). Overrides are key=value, group=option, "
                 f"+new_key=value or ~key; quote a value with brackets, commas or spaces as a whole, e.g. "
-                f"'eval.final_attacks=[clean,pgd20]'. Grammar: {GRAMMAR_URL}")
+                f"'eval.final_attacks=[clean,pgd20]'. Grammar: https://hydra.cc/docs/advanced/override_grammar/basic/")
     if isinstance(exc, MissingConfigException):
         missing = str(exc.missing_cfg_file or "")
         group, _, option = missing.rpartition("/")
@@ -86,8 +75,8 @@ def hydra_entry(main: Callable[[], Any], *, conf_dir: Path, hints: dict[str, str
     try:
         main()
     except Exception as exc:  # noqa: BLE001 - each is either reported here or re-raised untouched
-        if _raised_inside(exc.__traceback__, task_code):
-            raise
+        if any(frame.f_code is task_code for frame, _ in traceback.walk_tb(exc.__traceback__)):
+            raise  # raised inside the task function
         fail(hydra_message(exc, program, conf_dir, hints))  # Hydra's own status 1, the commands' "bad input"
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -149,7 +149,7 @@ class LoggerSettings:
 
 @dataclass
 class SelectionSettings:
-    """``selection``: how the reported best weights are chosen (``experiments/training/selection.py``)."""
+    """``selection``: how the reported best weights are chosen (``experiments/training/finish.py``)."""
 
     val_fraction: float = 0.1  # training images held out for validation (stratified); 0 = none
     split_seed: int = 0  # which images (the same for every run, whatever its seed)

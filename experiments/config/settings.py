@@ -1,11 +1,13 @@
 """From a composed Hydra config to complete, frozen run settings (:func:`settings_from_config`) before
-anything is built; every bad value raises :class:`experiments.config.errors.ConfigError` naming its key."""
+anything is built (the agent's class imported and its keys checked before any data is loaded); every bad value
+raises :class:`experiments.config.errors.ConfigError` naming its key."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.config.agent_settings import AgentFactory, agent_factory
+from agents.base import Agent, AgentSpec
 from experiments.config.errors import ConfigError
 from experiments.config.schema import (NONFINITE_MODES, EvalSettings, LoggerSettings, RunConfig,
                                        SelectionSettings)
@@ -25,8 +27,67 @@ from las_env.strategy_space import StrategySpace
 from las_env.methods import MethodConfig
 from las_env.models import build_model
 from las_env.reward import RewardConfig
+from las_env.imports import import_object
 from las_env.optim import OptimConfig
-from las_env.validate import SettingError
+from las_env.validate import SettingError, check_whole
+
+AgentFactory = Callable[[AgentSpec], Agent]
+"""Anything that builds an agent from the game's :class:`AgentSpec`."""
+
+AGENT_META_KEYS = ("name", "k", "needs_columns")  # display name; the env's k; grid columns the env must have
+
+
+def agent_factory(node: Mapping[str, Any] | DictConfig) -> AgentFactory:
+    """A factory for the agent of ``_target_`` and its keyword arguments, built once the spec is known."""
+    cfg = OmegaConf.create(node) if not isinstance(node, DictConfig) else node
+    target = OmegaConf.select(cfg, "_target_", default=None)  # None also when missing (???)
+    if not target:
+        raise ConfigError(
+            "agent=custom needs the class to build: add agent._target_=my_module.MyAgent (a class "
+            "implementing agents.base.Agent, importable from the current directory or PYTHONPATH)."
+        )
+    try:
+        cls = import_object(str(target))
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
+        raise ConfigError(
+            f"agent._target_={target} cannot be imported ({type(exc).__name__}: {exc}). Give a "
+            f"dotted path module.Class; the module must be importable from the current directory "
+            f"or PYTHONPATH."
+        ) from None
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+              if not k.startswith("_") and k not in AGENT_META_KEYS}
+    _check_signature(cls, str(target), kwargs)
+
+    def build(spec: AgentSpec) -> Agent:
+        # Hydra builds nested _target_ nodes (a policy class); the spec goes in as is (Hydra would make it a node).
+        from hydra.utils import instantiate  # noqa: PLC0415
+
+        return cls(spec=spec, **instantiate(OmegaConf.create(kwargs), _convert_="all"))
+
+    build.target = str(target)  # type: ignore[attr-defined]  # for records and messages
+    return build
+
+
+def _check_signature(cls: Any, target: str, kwargs: Mapping[str, Any]) -> None:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return  # not introspectable (C extension...): let the call itself complain
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    if "spec" not in params:
+        raise ConfigError(
+            f"agent._target_={target} does not take a `spec` argument: an agent is built as "
+            f"Class(spec=AgentSpec(...), **agent settings) (see agents/base.py)."
+        )
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        accepted = sorted(n for n in params if n != "spec" and params[n].kind is not inspect.Parameter.VAR_POSITIONAL)
+        raise ConfigError(
+            f"agent._target_={target} does not accept the setting(s) {unknown} (it accepts "
+            f"{accepted or 'none besides spec'}). A class of your own takes the keys of "
+            f"agent=custom (plus +agent.KEY=VALUE), not those of another agent's config."
+        )
 
 
 @dataclass
@@ -38,20 +99,29 @@ class RunSettings:
     env: LASConfig
     agent: AgentFactory
     agent_name: str
-    seed: int
+    config: dict[str, Any]
+    settings_hash: str | None
+    resume: bool
     eval: EvalSettings
     logger: LoggerSettings
-    resume: bool
+    selection: SelectionSettings
+    init_from: Path | None
+    seed: int
     stop_after_epochs: int | None
     progress: bool
     log_every_steps: int
     threads: int | None
-    selection: SelectionSettings
-    config: dict[str, Any]
-    settings_hash: str | None
     on_nonfinite: str
-    init_from: Path | None
     init_from_other_data: bool
+
+    def __post_init__(self) -> None:
+        for key, low in (("seed", 0), ("log_every_steps", 0), ("threads", 1), ("stop_after_epochs", 1)):
+            check_whole(key, getattr(self, key), low, allow_none=key in ("threads", "stop_after_epochs"))
+        if self.on_nonfinite not in NONFINITE_MODES:
+            raise SettingError("on_nonfinite", self.on_nonfinite, "must be stop (a non-finite loss, reward, gradient "
+                               "or weight ends the run) or skip (drop the updates of batches with a non-finite "
+                               "gradient).")
+
 
 
 GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
@@ -113,19 +183,15 @@ def dataset_record(data: Mapping[str, Any]) -> DatasetRecord:
 
 def fill_from_registry(data: dict[str, Any], record: DatasetRecord) -> None:
     """The data set's grid, optimiser and threat into a resolved ``data``'s ``null`` values (in place, so recorded)."""
-    grid = data["grid"]
-    for key in ("step_sizes", "iterations", "epsilons"):
-        if grid.get(key) is None:
-            grid[key] = list(getattr(record.grid, key))
-    if not grid.get("extra") and record.grid.extra:
-        grid["extra"] = {name: list(values) for name, values in record.grid.extra}
-    for f in fields(OptimConfig):
-        if data["optim"].get(f.name) is None:
-            value = getattr(record.optim, f.name)
-            data["optim"][f.name] = list(value) if isinstance(value, tuple) else value
-    threat = data["threat"]
-    threat["epsilon"] = record.threat.epsilon if threat.get("epsilon") is None else threat["epsilon"]
-    threat["step_size"] = record.threat.step_size if threat.get("step_size") is None else threat["step_size"]
+    for section, source, keys in (("grid", record.grid, ("step_sizes", "iterations", "epsilons")),
+                                  ("optim", record.optim, [f.name for f in fields(OptimConfig)]),
+                                  ("threat", record.threat, ("epsilon", "step_size"))):
+        for key in keys:
+            if data[section].get(key) is None:
+                value = getattr(source, key)
+                data[section][key] = list(value) if isinstance(value, tuple) else value
+    if not data["grid"].get("extra") and record.grid.extra:
+        data["grid"]["extra"] = {name: list(values) for name, values in record.grid.extra}
 
 
 def _check_model(name: str) -> str:
@@ -155,9 +221,6 @@ def _game(resolved: dict[str, Any], record: DatasetRecord) -> LASConfig:
         dataset=record.name,
         data_root=_absolute(str(data["path"] if record.needs_path else data["root"])),
         model=None if model == "auto" else _check_model(model),  # auto: by the loaded images' size
-        batch_size=data["batch_size"],
-        epochs=data["epochs"],
-        max_steps_per_epoch=data["max_steps_per_epoch"],
         optim=_build(OptimConfig, "data.optim", data["optim"]),
         reward=_build(RewardConfig, "reward", reward),
         reward_interval=agent.get("k"),  # None: no reward step (fixed, random)
@@ -166,16 +229,11 @@ def _game(resolved: dict[str, Any], record: DatasetRecord) -> LASConfig:
         threat=record.threat if (eps, step) == (record.threat.epsilon, record.threat.step_size) else
         ThreatModel(eps, step, f"L-inf eps={eps:g} (data.threat)"),
         method=_build(MethodConfig, "method", resolved["method"]),
-        augment=data["augment"],
-        augment_padding=data["augment_padding"],
         model_init=resolved["model"]["init"],
-        device=resolved["device"],
-        precision=resolved["precision"],
-        channels_last=resolved["channels_last"],
         sync_batchnorm=resolved["ddp"]["sync_batchnorm"],
-        attack_start=resolved["attack_start"],
-        attack_clip=resolved["attack_clip"],
-        last_batch=resolved["last_batch"],
+        **{key: data[key] for key in ("batch_size", "epochs", "max_steps_per_epoch", "augment", "augment_padding")},
+        **{key: resolved[key] for key in ("device", "precision", "channels_last", "attack_start", "attack_clip",
+                                          "last_batch")},  # LASConfig's own names, on top of the command line
     ))
 
 
@@ -206,36 +264,16 @@ def settings_from_config(cfg: DictConfig, run_dir: str | Path, *, settings_hash:
     env = _game(resolved, record)
     resolved["data"]["name"] = record.name
     agent_name = str(resolved["agent"].get("name") or getattr(factory, "target", "agent").rsplit(".", 1)[-1])
-    if resolved["on_nonfinite"] not in NONFINITE_MODES:
-        raise ConfigError(f"on_nonfinite={resolved['on_nonfinite']!r} must be stop (a non-finite loss, reward, "
-                          f"gradient or weight ends the run) or skip (drop the updates of batches with a "
-                          f"non-finite gradient).")
-    for key, low in (("seed", 0), ("log_every_steps", 0), ("threads", 1), ("stop_after_epochs", 1)):
-        value = resolved[key]
-        if value is not None and value < low:
-            raise ConfigError(f"{key}={value} must be a whole number >= {low}"
-                              f"{' or null' if key in ('threads', 'stop_after_epochs') else ''}.")
-    init_from = resolved["init_from"]
-    return RunSettings(
-        run_dir=Path(run_dir),
-        env=env,
-        agent=factory,
-        agent_name=agent_name,
-        seed=resolved["seed"],
+    return _build(RunSettings, "", dict(
+        run_dir=Path(run_dir), env=env, agent=factory, agent_name=agent_name, config=resolved,
+        settings_hash=settings_hash, resume=bool(resolved["resume"]),
         eval=_build(EvalSettings, "eval", resolved["eval"]),
         logger=_logger(resolved, agent_name, str(resolved["model"]["name"])),
-        resume=bool(resolved["resume"]),
-        stop_after_epochs=resolved["stop_after_epochs"],
-        progress=resolved["progress"],
-        log_every_steps=resolved["log_every_steps"],
-        threads=resolved["threads"],
         selection=_build(SelectionSettings, "selection", resolved["selection"]),
-        config=resolved,
-        settings_hash=settings_hash,
-        on_nonfinite=resolved["on_nonfinite"],
-        init_from=None if init_from in (None, "") else Path(_absolute(str(init_from))),
-        init_from_other_data=resolved["init_from_other_data"],
-    )
+        init_from=Path(_absolute(str(resolved["init_from"]))) if resolved["init_from"] else None,
+        **{key: resolved[key] for key in ("seed", "stop_after_epochs", "progress", "log_every_steps", "threads",
+                                          "on_nonfinite", "init_from_other_data")},  # RunConfig's, as they are
+    ))
 
 
 def _resolve_default_model(*, _root_: DictConfig) -> str:

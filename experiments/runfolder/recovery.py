@@ -15,7 +15,7 @@ from las_env.checkpoint import (TRAINING_KEYS, CorruptCheckpointError, NotACheck
 from las_env.files import stale_temp_files
 
 
-def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> list[Path]:
+def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> None:
     """Delete the temporary files of the run's killed atomic writes (under the run lock: no live writer's)."""
     stale = stale_temp_files(run_dir, RUN_FILES, any_writer=True)
     size = 0
@@ -28,12 +28,11 @@ def remove_stale_temporaries(run_dir: Path, say: Callable[[str], None]) -> list[
     if stale:
         say(f"Removed {len(stale)} temporary file(s) left by an interrupted write in {run_dir} "
             f"({size / 2**20:.1f} MiB): {', '.join(p.name for p in stale)}.")
-    return stale
 
 
-def checkpoint_to_resume(run_dir: Path, *, resume: bool, settings_hash: str | None,
-                         say: Callable[[str], None]) -> dict[str, Any] | None:
+def checkpoint_to_resume(settings: Any, say: Callable[[str], None]) -> dict[str, Any] | None:
     """The checkpoint to resume from, or None; refused without ``resume``, of other settings, or unreadable."""
+    run_dir, resume, settings_hash = settings.run_dir, settings.resume, settings.settings_hash
     path = run_dir / CHECKPOINT
     prev = previous_path(path)
     if not path.is_file() and not prev.is_file():

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import experiments.config.settings  # noqa: F401 - registers model=default's resolver, las_default_model
@@ -105,9 +107,6 @@ def _resolve_hydra_subdir(*, _root_: DictConfig) -> str | None:
 
 def _resolve_sweep_suffix() -> str:
     # logger.group's "-sweep-<start time>" in a multirun (one W&B group per sweep); resolved in the job: never hashed.
-    from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
-    from hydra.types import RunMode  # noqa: PLC0415
-
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return f"-sweep-{SWEEP_ID}"
     return ""

@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -36,72 +37,44 @@ def refuse_symlinks(run_dir: Path) -> None:
             f"what it points at stays as it is), or run in a fresh folder (change a setting, or set run_root).")
 
 
-class RunLock:
+class RunLock(AbstractContextManager):
     """A run folder's lock, held until :meth:`release`; ``took_over``: the stale record it replaced, or None."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK_NAME
-        self._fd: int | None = None
-        self.took_over: dict[str, Any] | None = None
+    def __init__(self, path: Path, fd: int, took_over: dict[str, Any] | None) -> None:
+        self.path, self._fd, self.took_over = path, fd, took_over
 
     @classmethod
     def acquire(cls, run_dir: Path) -> RunLock:
         """Take the folder's lock or raise :class:`ConfigError` naming the live owner."""
-        lock = cls(run_dir)
-        lock.path.parent.mkdir(parents=True, exist_ok=True)
-        refuse_symlinks(lock.path.parent)
+        path = Path(run_dir) / LOCK_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_symlinks(path.parent)
         for _ in range(20):  # the file can be replaced between open and flock: retry on a new inode
             try:
-                fd = os.open(lock.path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:  # became a symlink since refuse_symlinks looked
-                    refuse_symlinks(lock.path.parent)
+                    refuse_symlinks(path.parent)
                 raise
             try:
-                held = lock._flock(fd)
+                held = _flock(fd)  # None: no flock on this file system, so the record decides
+                replaced = held is not False and not _is_file_of(fd, path)  # its owner removed it as we opened it
+                owner = _read(path)
+                if not replaced and (held is False or (held is None and owner and _alive_here(owner))):
+                    raise ConfigError(_refusal(path, owner))
             except BaseException:
                 os.close(fd)
                 raise
-            if not held:
-                owner = _read(fd)
-                os.close(fd)
-                raise ConfigError(_refusal(lock.path, owner))
-            if not _is_file_of(fd, lock.path):  # the previous owner removed the file as we opened it
+            if replaced:
                 os.close(fd)
                 continue
-            previous = _read(fd)
-            if previous and lock._flock_unsupported and _alive_here(previous):
-                os.close(fd)
-                raise ConfigError(_refusal(lock.path, previous))
-            if previous and not lock._flock_unsupported and previous.get("pid"):
-                lock.took_over = previous
-            lock._fd = fd
             record = {"pid": os.getpid(), "host": socket.gethostname(),
                       "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
             os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, (json.dumps(record) + "\n").encode())
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
             os.fsync(fd)
-            return lock
-        raise ConfigError(f"Could not take the run lock {lock.path}: it kept changing under us. Run the command again.")
-
-    def _flock(self, fd: int) -> bool:
-        """True when this process now holds the lock (or flock is unavailable)."""
-        self._flock_unsupported = fcntl is None
-        if fcntl is None:
-            return True
-        for _ in range(5):  # is_held() probes hold a shared lock for an instant: try again
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                time.sleep(0.02)
-            except OSError as exc:
-                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                    self._flock_unsupported = True
-                    return True
-                raise
-        return False
+            return cls(path, fd, owner if held and owner.get("pid") else None)
+        raise ConfigError(f"Could not take the run lock {path}: it kept changing under us. Run the command again.")
 
     def verify(self) -> None:
         """Raise :class:`RunStopped` unless the folder and the lock are still this run's (before it writes again)."""
@@ -109,7 +82,7 @@ class RunLock:
         run_dir = self.path.parent
         if _is_file_of(self._fd, self.path):
             return
-        owner = _read_path(self.path)
+        owner = _read(self.path)
         now = ("no longer exists" if not run_dir.is_dir() else
                f"lost its lock {self.path}" + (f", which now names process {owner.get('pid', '?')} on host "
                                                 f"{owner.get('host', '?')}" if owner else " (removed)"))
@@ -131,31 +104,43 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> RunLock:
-        return self
-
     def __exit__(self, *exc: object) -> None:
         self.release()
 
 
+def _flock(fd: int) -> bool | None:
+    """Take ``fd``'s exclusive flock: True, False while another process holds it, None without flock."""
+    if fcntl is None:
+        return None
+    for _ in range(5):  # is_held() probes hold a shared lock for an instant: try again
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.02)
+        except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                return None
+            raise
+    return False
+
+
 def is_held(run_dir: Path) -> bool:
     """Whether a live process holds ``run_dir``'s lock now (a probe: takes nothing)."""
-    path = Path(run_dir) / LOCK_NAME
-    if fcntl is None or not path.is_file():
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY | NO_FOLLOW)
+    except OSError:  # no lock file (or a symlink): nobody holds it
         return False
     try:
-        fd = os.open(path, os.O_RDONLY | NO_FOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     except OSError:
-        return False
+        pass
     finally:
         os.close(fd)  # closing drops the probe's shared lock, if it got one
+    return False
 
 
 def _is_file_of(fd: int, path: Path) -> bool:
@@ -166,25 +151,17 @@ def _is_file_of(fd: int, path: Path) -> bool:
         return False
 
 
-def _read(fd: int) -> dict[str, Any]:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        data = os.read(fd, 65536)
-        record = json.loads(data.decode() or "{}")
-        return record if isinstance(record, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _read_path(path: Path) -> dict[str, Any]:
+def _read(path: Path) -> dict[str, Any]:
+    """The owner's record in the lock file (a symlink not followed), or {} when there is none."""
     try:
         fd = os.open(path, os.O_RDONLY | NO_FOLLOW)
-    except OSError:
+        try:
+            record = json.loads(os.read(fd, 65536).decode() or "{}")
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
         return {}
-    try:
-        return _read(fd)
-    finally:
-        os.close(fd)
+    return record if isinstance(record, dict) else {}
 
 
 def _alive_here(record: dict[str, Any]) -> bool:
@@ -196,7 +173,7 @@ def _alive_here(record: dict[str, Any]) -> bool:
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError, OverflowError):
-        return True
+        pass
     return True
 
 

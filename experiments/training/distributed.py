@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -18,9 +17,9 @@ from torch import Tensor
 import evaluation
 from evaluation import CleanRobust
 from experiments.config.errors import ConfigError
+from experiments.config.schema import RunConfig
 from las_env.sharding import Shard, process_shard
 
-DEFAULT_TIMEOUT_S = 900  # ddp_timeout_s: how long a collective waits for a silent rank
 EXIT_RANK_LOST = 3
 
 
@@ -34,7 +33,7 @@ def launched_world() -> int:
 
 
 @contextmanager
-def process_group(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Shard]:
+def process_group(device: str, timeout_s: float = RunConfig.ddp_timeout_s) -> Iterator[Shard]:
     """The job's process group under ``torchrun`` (NCCL on CUDA, gloo on CPU); a lost rank raises :class:`RankLost`."""
     if launched_world() <= 1 or dist.is_initialized():
         yield process_shard()
@@ -79,14 +78,6 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def check_batch(batch_size: int) -> None:
-    """The global batch must split into equal shards (before anything is built)."""
-    try:
-        process_shard().check_batch(batch_size)
-    except ValueError as exc:
-        raise ConfigError(f"data.batch_size={batch_size} is the global batch of all ranks, but {exc}") from None
-
-
 def check_agent(agent: Any, shard: Shard) -> None:
     """Agents whose learning is not replicated exactly (Stable-Baselines3's) are refused under DDP."""
     if shard.distributed and type(agent).__module__.startswith("agents.sb3"):
@@ -97,51 +88,37 @@ def check_agent(agent: Any, shard: Shard) -> None:
         )
 
 
-def split_for_eval(x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor, int, Shard | None]:
-    """``(x_r, y_r, batch_size_r, shard)``: this rank's rows of EACH batch when every batch splits evenly
-    (random starts drawn for the whole batch: exactly one process's numbers), else a contiguous block with
-    its own random starts (within random-start noise)."""
-    shard = process_shard()
-    if not shard.distributed:
-        return x, y, batch_size, None
-    n, w, r = x.shape[0], shard.world, shard.rank
-    if batch_size % w == 0 and (n % batch_size) % w == 0:
-        starts = range(0, n, batch_size)
-        blocks = [(s, (min(batch_size, n - s)) // w) for s in starts]
-        idx = torch.cat([torch.arange(s + r * m, s + (r + 1) * m) for s, m in blocks]).to(x.device)
-        return x[idx], y[idx], batch_size // w, shard
-    lo, hi = n * r // w, n * (r + 1) // w
-    return x[lo:hi], y[lo:hi], batch_size, None
-
-
 def robust_accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, eps: float, step: float, iterations: int, *,
                     batch_size: int, seed: int, early_stop: bool = False) -> CleanRobust:
-    """:func:`evaluation.robust_accuracy` of the whole set, each rank evaluating its share, counts summed."""
-    xr, yr, batch, shard = split_for_eval(x, y, batch_size)
-    r = evaluation.robust_accuracy(model, xr, yr, eps, step, iterations, batch_size=batch, seed=seed, shard=shard,
-                                   early_stop=early_stop)
-    n, m = x.shape[0], xr.shape[0]
+    """:func:`evaluation.robust_accuracy` of the whole set, each rank evaluating its share, counts summed: this
+    rank's rows of EACH batch when every batch splits evenly (random starts drawn for the whole batch: exactly one
+    process's numbers), else a contiguous block with its own random starts (within random-start noise)."""
+    shard = process_shard()
+    n, w, r = x.shape[0], shard.world, shard.rank
+    rows, batch, even = slice(None), batch_size, None
+    if shard.distributed and batch_size % w == 0 and (n % batch_size) % w == 0:
+        blocks = [(s, (min(batch_size, n - s)) // w) for s in range(0, n, batch_size)]
+        rows = torch.cat([torch.arange(s + r * m, s + (r + 1) * m) for s, m in blocks]).to(x.device)
+        batch, even = batch_size // w, shard
+    elif shard.distributed:
+        rows = slice(n * r // w, n * (r + 1) // w)
+    xr, yr = x[rows], y[rows]
+    result = evaluation.robust_accuracy(model, xr, yr, eps, step, iterations, batch_size=batch, seed=seed,
+                                        shard=even, early_stop=early_stop)
+    m = xr.shape[0]
     if m == n:
-        return r
-    counts = torch.tensor([round(r.clean * m), round(r.robust * m)], dtype=torch.float64, device=x.device)
+        return result
+    counts = torch.tensor([round(result.clean * m), round(result.robust * m)], dtype=torch.float64, device=x.device)
     dist.all_reduce(counts)  # m < n only under DDP
     clean, robust = counts.tolist()
-    return r._replace(clean=clean / n, robust=robust / n)
-
-
-def localized(settings: Any) -> Any:
-    """``settings`` with ``device=cuda`` pinned to this process's GPU (``cuda:LOCAL_RANK``) under a launcher."""
-    if settings.env.device != "cuda" or launched_world() <= 1:
-        return settings
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return replace(settings, env=replace(settings.env, device=device))
+    return result._replace(clean=clean / n, robust=robust / n)
 
 
 def timeout_s(config: dict[str, Any] | None) -> float:
     """``ddp_timeout_s`` of the resolved config, checked."""
-    value = (config or {}).get("ddp_timeout_s", DEFAULT_TIMEOUT_S)
+    value = (config or {}).get("ddp_timeout_s", RunConfig.ddp_timeout_s)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"ddp_timeout_s={value!r} must be a number of seconds > 0 (how long a collective waits "
-                          f"for a silent rank before the job fails; default {DEFAULT_TIMEOUT_S}).")
+                          f"for a silent rank before the job fails; default {RunConfig.ddp_timeout_s:g}).")
     return float(value)
 

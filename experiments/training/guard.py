@@ -1,23 +1,35 @@
-"""Divergence detection: a non-finite loss, reward, gradient norm or weight stops the run. Read back with
-the loop's step-metric flushes (no extra sync), so a fault is caught before the epoch's checkpoint, which
-stays the last finite state. ``on_nonfinite=skip`` drops a batch whose gradient is not finite (gradient
-zeroed, BatchNorm statistics put back, counted); a non-finite reward, agent metric or weight still stops."""
+"""What stops a run mid-way, each in one paragraph saying what is kept. Divergence: a non-finite loss, reward,
+gradient norm or weight, read back with the loop's step-metric flushes (no extra sync), so it is caught before the
+epoch's checkpoint, which stays the last finite state; ``on_nonfinite=skip`` drops a batch whose gradient is not
+finite (gradient zeroed, BatchNorm statistics put back, counted), a non-finite reward, agent metric or weight still
+stops. A full disk while writing, Ctrl-C and SIGTERM (the atomic writes leave the last good checkpoint)."""
 
 from __future__ import annotations
 
+import errno
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+import os
+import shlex
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from experiments.runfolder.runfiles import CHECKPOINT, RESULTS_FILE
+from experiments.config.errors import RunStopped
+from experiments.config.settings import RunSettings
+from experiments.runfolder.runfiles import CHECKPOINT, RESULTS_FILE, RESULTS_FORMAT
 from las_env.files import write_json
 from las_env.reward import REWARD_TERMS
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 FIRST_BAD = "guard/first_nonfinite_step"
 SKIPPED = "guard/skipped_batches"
 GRAD_NORM = "guard/grad_norm"
@@ -33,11 +45,8 @@ WATCHED = {
 
 def _watched(name: str) -> str | None:
     """What a non-finite ``name`` means in the message, or None when it does not stop the run."""
-    if name in WATCHED:
-        return WATCHED[name]
-    if name.startswith("reward/") and name.split("/", 1)[1] in REWARD_TERMS:
-        return f"the reward term {name.split('/', 1)[1]}"
-    return None
+    term = name.removeprefix("reward/")
+    return WATCHED.get(name) or (f"the reward term {term}" if term != name and term in REWARD_TERMS else None)
 
 
 class TrainingDiverged(Exception):
@@ -49,25 +58,17 @@ class TrainingDiverged(Exception):
         self.epoch, self.steps, self.first_step, self.bad = epoch, steps, first_step, bad
 
 
-@dataclass
-class Context:
-    """The run, as the failure message describes it (``loop`` is read when the message is written)."""
-
-    run_dir: Path
-    loop: Mapping[str, Any]
-    started_from: Path | None = None
-
-
 class DivergenceGuard:
-    """Watches one :class:`las_env.game.LASGame`'s target and the loop's step metrics."""
+    """Watches one :class:`las_env.game.LASGame`'s target and the loop's step metrics; with ``run_dir`` its
+    message says which checkpoint is kept (``started_from``: the ``init_from`` this run started from)."""
 
-    def __init__(self, game: Any, mode: str = "stop") -> None:
-        self.game, self.mode = game, mode
+    def __init__(self, game: Any, mode: str = "stop", run_dir: Path | None = None,
+                 started_from: Path | None = None) -> None:
+        self.game, self.mode, self.run_dir, self.started_from = game, mode, run_dir, started_from
         self._first_bad = torch.full((), -1, dtype=torch.long, device=game.device)
         self._grad_norm: Tensor | None = None
         self._skipped: Tensor | None = None
         self._window_start = game.step_index + 1
-        self.context: Context | None = None
         self._hooks = [game.trainer.optimizer.register_step_pre_hook(self._pre_step)]
         self._buffers: list[Tensor] = []
         self._saved: list[Tensor] = []
@@ -152,7 +153,7 @@ class DivergenceGuard:
         return out
 
     def _diverged(self, bad: dict[str, float], steps: tuple[int, int], first: int | None) -> TrainingDiverged:
-        game, ctx = self.game, self.context
+        game = self.game
         epoch = (steps[1] - 1) // game.steps_per_epoch + 1
         named = [f"{_watched(n)} ({n}) was {v}" for n, v in bad.items() if _watched(n)]
         agent = [n.split("/", 1)[1] for n in bad if not _watched(n)]
@@ -163,25 +164,25 @@ class DivergenceGuard:
         text = (f"Training diverged: in epoch {epoch}, by {where} of {game.total_steps}, "
                 f"{'; '.join(named)}. Training stopped at the first check after it (the step metrics are read "
                 f"every log_every_steps steps).")
-        if ctx is not None:
-            checkpoint, cfg = ctx.run_dir / CHECKPOINT, game.config
+        if self.run_dir is not None:
+            checkpoint, cfg = self.run_dir / CHECKPOINT, game.config
             causes = [f"a learning rate too high for this model (data.optim.lr={cfg.optim.lr:g}: try 10x lower)"]
             if cfg.precision == "fp16":
                 causes.append("fp16 overflow (precision=bf16 or fp32)")
             causes.append("attacks too strong or reward weights too large for the agent (data.grid, reward.alpha/"
                           "beta), or non-finite input data")
             text += f" Likely causes: {', '.join(causes)}."
-            done = int(ctx.loop.get("epochs_done", 0))
+            done = epoch - 1  # every earlier epoch was checkpointed
             if checkpoint.is_file():
                 text += (f" Nothing of epoch {epoch} was saved: the last finite checkpoint, {checkpoint} "
                          f"(epoch {done} of {cfg.epochs}), is intact.")
-            elif ctx.started_from is not None:
+            elif self.started_from is not None:
                 text += (f" This run had saved no checkpoint of its own yet; the one it started from "
-                         f"({ctx.started_from}, epoch {done}) is untouched.")
+                         f"({self.started_from}, epoch {done}) is untouched.")
             else:
                 text += " No epoch had finished, so there is no checkpoint to go back to."
             # resume keeps the recorded settings (it would diverge again); a fixed setting is a new run.
-            source = ctx.run_dir if checkpoint.is_file() else ctx.started_from
+            source = self.run_dir if checkpoint.is_file() else self.started_from
             text += (" results.json marks the run failed. Fix the setting and run the command again: a changed "
                      "setting gets a folder of its own (resume=true and resume=<dir> continue a run with its "
                      "recorded settings, and would diverge again).")
@@ -191,13 +192,72 @@ class DivergenceGuard:
         return TrainingDiverged(text, epoch=epoch, steps=steps, first_step=first, bad=bad)
 
 
-def record_failure(error: TrainingDiverged, results: dict[str, Any], tracker: Any, console: Any) -> None:
-    """Mark the run failed in ``results.json`` (``results``: the loop's fields of it), the tracker and ``log.txt``."""
-    doc = {**results, "status": "failed", "final": [],
+def record_failure(error: TrainingDiverged, settings: RunSettings, history: list[dict[str, Any]], tracker: Any,
+                   console: Any) -> None:
+    """Mark the run failed in ``results.json``, the tracker and ``log.txt``."""
+    doc = {"format": RESULTS_FORMAT, "run_dir": str(settings.run_dir), "agent": settings.agent_name,
+           "history": history, "config": settings.config, "status": "failed", "final": [],
            "failure": {"kind": "diverged", "message": str(error), "epoch": error.epoch,
                        "steps": list(error.steps), "first_nonfinite_step": error.first_step,
                        "quantities": {k: str(v) for k, v in error.bad.items()}}}
-    write_json(Path(results["run_dir"]) / RESULTS_FILE, doc, default=str)
+    write_json(settings.run_dir / RESULTS_FILE, doc, default=str)
     console.log(f"las-at: error: {error}")
     tracker.summary({"status": "failed", "failure": str(error)})
     tracker.finish(exit_code=1)
+
+
+def resume_command() -> str:
+    """The command that continues this run: this command line plus ``resume=true``."""
+    argv = sys.argv
+    if argv and Path(argv[0]).name == "run.py":
+        args = [a for a in argv[1:] if not a.startswith("resume=")]
+        return shlex.join(["python", os.path.relpath(argv[0]), *args, "resume=true"])
+    return "the same command plus resume=true"
+
+
+@contextmanager
+def full_disk_stops(run_dir: Path, writing: str, needed: int) -> Iterator[None]:
+    """A full disk inside the block ends in one paragraph naming the folder, free and ``needed`` bytes."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        try:
+            free = shutil.disk_usage(run_dir).free
+        except OSError:
+            free = 0
+        ckpt = run_dir / CHECKPOINT
+        kept = (f"The last good checkpoint, {ckpt}, is kept unchanged" if ckpt.is_file()
+                else "No epoch had been saved yet, so nothing is kept")
+        raise RunStopped(
+            f"The disk holding {run_dir} is full ({os.strerror(exc.errno or errno.ENOSPC)}) while writing {writing}: "
+            f"{free / 2**20:.1f} MiB free, about {needed / 2**20:.1f} MiB needed. {kept} (writes are atomic: no "
+            f"file was left half written). Free that much space on this disk, or move the run folder to a larger "
+            f"one, then resume with `{resume_command()}`.") from None
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like Ctrl-C's ``KeyboardInterrupt``."""
+
+
+@contextmanager
+def stop_on_interrupt(run_dir: Path) -> Iterator[None]:
+    """Ctrl-C and SIGTERM (main thread only: where Python delivers signals) end in one paragraph naming the kept
+    checkpoint and the command that resumes."""
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated()
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        how = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"
+        ckpt = run_dir / CHECKPOINT
+        kept = (f"the checkpoint of the last finished epoch, {ckpt}, is kept" if ckpt.is_file()
+                else "no epoch had finished, so there is no checkpoint yet (resume=true then starts the run)")
+        raise RunStopped(f"Interrupted ({how}): {kept}. Resume with `{resume_command()}`.") from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)

@@ -3,6 +3,7 @@ checkpointed each epoch; on CPU a run resumed at any epoch writes the same ``met
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Mapping
@@ -16,16 +17,15 @@ from tqdm.auto import tqdm
 
 from agents.base import Agent, AgentSpec
 from experiments.training import distributed
-from experiments.training.epoch_eval import eval_subsets, evaluate_epoch, pgd_name
 from experiments.config.errors import ConfigError
-from experiments.training.faults import full_disk_stops, stop_on_interrupt
-from experiments.training.finish import RunResult, finish_run
-from experiments.training.guard import Context, TrainingDiverged, record_failure
+from experiments.training.guard import TrainingDiverged, full_disk_stops, record_failure, stop_on_interrupt
 from experiments.tracking.loggers import Console, make_tracker
-from experiments.runfolder.recovery import check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from, started_from
-from experiments.runfolder.runfiles import CHECKPOINT, LOG_FILE, RESULTS_FORMAT
+from experiments.runfolder.recovery import (check_same_data, checkpoint_to_resume, remove_stale_temporaries, start_from,
+                                            started_from)
+from experiments.runfolder.runfiles import CHECKPOINT, LOG_FILE
 from experiments.runfolder.runlock import RunLock
-from experiments.training.selection import TEST_SELECTION_WARNING, BestWeights, split_validation
+from experiments.training.finish import (TEST_SELECTION_WARNING, BestWeights, RunResult, eval_subsets, evaluate_epoch,
+                                         finish_run, pgd_name, split_validation)
 from experiments.config.settings import RunSettings
 from experiments.training.trainer import EpochTrainer, epoch_line, epoch_scalars
 from las_env.checkpoint import FORMAT, atomic_save, data_fingerprint
@@ -65,7 +65,10 @@ def build_game(settings: RunSettings, data: ImageData) -> tuple[LASEnv, Agent, A
     n_train = data.x_train.shape[0]
     if cfg.batch_size > n_train:
         raise ConfigError(f"data.batch_size={cfg.batch_size} exceeds the {n_train} training images of {data.name}.")
-    distributed.check_batch(cfg.batch_size)
+    try:
+        process_shard().check_batch(cfg.batch_size)  # the global batch splits into equal shards
+    except ValueError as exc:
+        raise ConfigError(f"data.batch_size={cfg.batch_size} is the global batch of all ranks, but {exc}") from None
     try:
         env = LASEnv(config=cfg, data=data, tensor_api=True)
     except ValueError as exc:
@@ -121,31 +124,30 @@ def save_checkpoint(path: Path, *, settings: RunSettings, data: ImageData, finge
     return atomic_save(state, path, keep_previous=True)  # the one before stays as checkpoint.prev.pt
 
 
-def train(settings: RunSettings, *, data: ImageData | None = None, console: Console | None = None) -> RunResult:
+def train(settings: RunSettings, *, data: ImageData | None = None) -> RunResult:
     """Train, evaluate, checkpoint, log (holding the run lock); resume when asked. Raises :class:`ConfigError`
     (bad input, before training) or :class:`TrainingDiverged` (``results.json`` marks the run failed)."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    settings = distributed.localized(settings)
+    if settings.env.device == "cuda" and distributed.launched_world() > 1:  # this process's GPU: cuda:LOCAL_RANK
+        settings = replace(settings, env=replace(settings.env, device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"))
     with distributed.process_group(settings.env.device, distributed.timeout_s(settings.config)):
         if process_shard().rank != 0:  # rank 0 alone holds the lock, writes and tracks; the others are quiet
             quiet = replace(settings, progress=False, logger=replace(settings.logger, name="none"))
             return _train(quiet, Console(quiet=True), data, None)
         with RunLock.acquire(settings.run_dir) as lock, stop_on_interrupt(settings.run_dir):
-            return _train(settings, console, data, lock)
+            return _train(settings, Console(settings.run_dir / LOG_FILE), data, lock)
 
 
-def _train(settings: RunSettings, console: Console | None, data: ImageData | None, lock: RunLock | None) -> RunResult:
+def _train(settings: RunSettings, console: Console, data: ImageData | None, lock: RunLock | None) -> RunResult:
     run_dir = settings.run_dir
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)  # process-wide, as a run owns its process
-    console = console or Console(run_dir / LOG_FILE)
-    if lock is not None and lock.took_over:
-        console.print(f"Took over the lock of an earlier run in this folder that is no longer running "
-                      f"(pid {lock.took_over.get('pid')}, started {lock.took_over.get('started')}).")
     if lock is not None:
+        if lock.took_over:
+            console.print(f"Took over the lock of an earlier run in this folder that is no longer running "
+                          f"(pid {lock.took_over.get('pid')}, started {lock.took_over.get('started')}).")
         remove_stale_temporaries(run_dir, console.print)
-    ckpt = checkpoint_to_resume(run_dir, resume=settings.resume, settings_hash=settings.settings_hash,
-                                say=console.print)
+    ckpt = checkpoint_to_resume(settings, console.print)
     started = ckpt is None and settings.init_from is not None
     if started:
         ckpt = start_from(settings)  # another run's checkpoint, this command's settings
@@ -168,8 +170,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
     if sel.select_on == "test":
         console.print(TEST_SELECTION_WARNING)
     env, agent, _ = build_game(settings, data)
-    threat = cfg.threat
-    pgd = pgd_name(settings, threat)
+    pgd = pgd_name(settings)
 
     obs, info = env.reset(seed=settings.seed)
     loop: dict[str, Any] = {"epochs_done": 0, "history": [], "rng": None, "seconds": {"train": 0.0, "eval": 0.0}}
@@ -200,7 +201,7 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
         console.print(
             f"LAS-AT training: {settings.agent_name} agent, {cfg.model} on {data.description}; {cfg.epochs} epochs "
             f"x {env.game.steps_per_epoch} steps of {cfg.batch_size} images, {reward}; threat model "
-            f"{threat.description}. Run directory: {run_dir}"
+            f"{cfg.threat.description}. Run directory: {run_dir}"
         )
 
     previous_wandb = None if started else (ckpt or {}).get("meta", {}).get("wandb")
@@ -210,28 +211,18 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
     best = BestWeights.from_dict(sel.select_on, loop.get("best"))
     history: list[dict[str, Any]] = loop["history"]
     ckpt_path = run_dir / CHECKPOINT
-    trainer = EpochTrainer(settings, env, agent, tracker, obs, info)
-    trainer.guard.context = Context(run_dir, loop, settings.init_from if started else None)
+    trainer = EpochTrainer(settings, env, agent, tracker, obs, info, settings.init_from if started else None)
     start = loop["epochs_done"]
     stop_at = cfg.epochs if settings.stop_after_epochs is None else min(cfg.epochs, start + settings.stop_after_epochs)
     epoch_bar = tqdm(total=cfg.epochs, initial=start, desc="epochs", unit="epoch",
                      disable=not settings.progress, dynamic_ncols=True)
     try:
         for epoch in range(start, stop_at):
-            done = trainer.epoch(epoch)
+            rec = trainer.epoch(epoch)
             t1 = time.perf_counter()
             evaluated = epoch + 1 == cfg.epochs or (epoch + 1) % settings.eval.every == 0
-            ev = evaluate_epoch(env.game.target, subsets, threat, settings) if evaluated else None
-            rec = {
-                "epoch": epoch + 1,
-                "steps": env.game.step_index,
-                "images": env.game.steps_per_epoch * cfg.batch_size,
-                "train": done.totals,
-                "eval": ev,
-                "choices": done.choices,
-                "fixed_images": done.fixed_images,
-                "seconds": {"train": done.seconds, "eval": time.perf_counter() - t1},
-            }
+            rec["eval"] = ev = evaluate_epoch(env.game.target, subsets, settings) if evaluated else None
+            rec["seconds"]["eval"] = time.perf_counter() - t1
             history.append(rec)
             with full_disk_stops(run_dir, f"the checkpoint of epoch {epoch + 1}", _checkpoint_bytes(ckpt_path, env)):
                 if lock is not None:  # rank 0 writes
@@ -253,36 +244,30 @@ def _train(settings: RunSettings, console: Console | None, data: ImageData | Non
             if ev:
                 epoch_bar.set_postfix(test_clean=f"{ev['test_clean']:.3f}", test_pgd=f"{ev['test_robust']:.3f}",
                                       refresh=False)
+        epoch_bar.close()
+        if loop["epochs_done"] < cfg.epochs:
+            console.print(
+                f"Stopped after epoch {loop['epochs_done']} of {cfg.epochs} (stop_after_epochs="
+                f"{settings.stop_after_epochs}); the checkpoint is {ckpt_path}. Continue with the same command plus "
+                f"resume=true."
+            )
+            tracker.finish()
+            return RunResult(run_dir, False, loop["epochs_done"], history, seconds=dict(loop["seconds"]),
+                             files={"checkpoint": str(ckpt_path)}, wandb_offline_dir=tracker.offline_dir)
+        if lock is None:  # the final evaluation is rank 0's alone; the other ranks leave now
+            return RunResult(run_dir, True, loop["epochs_done"], history, seconds=dict(loop["seconds"]))
+        lock.verify()
+        with full_disk_stops(run_dir, "the final results (weights, results.json, metrics.json, plots)",
+                             _checkpoint_bytes(ckpt_path, env) // 2):
+            return finish_run(settings, data, env, loop, tracker, console, pgd, best, before_writing=lock.verify)
     except TrainingDiverged as exc:  # results.json and W&B say "failed"; the last checkpoint stays
-        record_failure(exc, {"format": RESULTS_FORMAT, "run_dir": str(run_dir), "agent": settings.agent_name,
-                             "history": history, "config": settings.config}, tracker, console)
+        record_failure(exc, settings, history, tracker, console)
         raise
     except BaseException:
         tracker.finish()  # flush what W&B has; the checkpoint of the last finished epoch is on disk
         raise
     finally:
         epoch_bar.close()
-
-    if loop["epochs_done"] < cfg.epochs:
-        console.print(
-            f"Stopped after epoch {loop['epochs_done']} of {cfg.epochs} (stop_after_epochs={settings.stop_after_epochs}); "
-            f"the checkpoint is {ckpt_path}. Continue with the same command plus resume=true."
-        )
-        tracker.finish()
-        return RunResult(run_dir, False, loop["epochs_done"], history, seconds=dict(loop["seconds"]),
-                         files={"checkpoint": str(ckpt_path)}, wandb_offline_dir=tracker.offline_dir)
-
-    if lock is None:  # the final evaluation is rank 0's alone; the other ranks leave now
-        return RunResult(run_dir, True, loop["epochs_done"], history, seconds=dict(loop["seconds"]))
-    lock.verify()
-    try:
-        with full_disk_stops(run_dir, "the final results (weights, results.json, metrics.json, plots)",
-                             _checkpoint_bytes(ckpt_path, env) // 2):
-            return finish_run(settings, data, env, threat, loop, tracker, console, pgd, best,
-                              before_writing=lock.verify)
-    except BaseException:
-        tracker.finish()
-        raise
 
 
 def _check_data_fits(settings: RunSettings, data: ImageData, console: Console) -> None:

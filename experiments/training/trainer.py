@@ -1,11 +1,12 @@
-"""One epoch of the agent/env loop, its device-side step metrics and its console/tracker lines."""
+"""One epoch of the agent/env loop, its device-side step metrics, the fixed images' attacks (Fig. 5) and its
+console/tracker lines."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from agents.base import Agent
-from experiments.training.epoch_eval import FixedImageChoices
 from experiments.training.guard import SKIPPED, DivergenceGuard
 from experiments.tracking.loggers import Tracker
 from experiments.config.settings import RunSettings
@@ -116,35 +116,63 @@ def epoch_scalars(rec: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-@dataclass
-class _Epoch:
-    """What one epoch of training produced (host values; device work is finished)."""
+class FixedImageChoices:
+    """The attack chosen for the first ``count`` training images each epoch, copied on the device by the step
+    that trains each (positions read once per epoch); an image in the dropped partial batch gets ``None``."""
 
-    totals: dict[str, float]
-    choices: dict[str, list[int]]
-    seconds: float
-    fixed_images: dict[str, list]
+    def __init__(self, game, count: int = 8) -> None:
+        self.game = game
+        self.index = torch.arange(min(count, game.data.x_train.shape[0]), device=game.device)
+        self._where: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def start_epoch(self) -> None:
+        b, steps = self.game.config.batch_size, self.game.steps_per_epoch
+        position = torch.argsort(self.game.epoch_order)[self.index].tolist()  # once per epoch
+        by_step: dict[int, tuple[list[int], list[int]]] = {}
+        for k, pos in enumerate(position):
+            if pos // b < steps:
+                ks, slots = by_step.setdefault(pos // b, ([], []))
+                ks.append(k)
+                slots.append(pos % b)
+        device = self.game.device
+        self._where = {i: (torch.tensor(ks, device=device), torch.tensor(sl, device=device))
+                       for i, (ks, sl) in by_step.items()}
+        self._chosen = {n: torch.full((len(self.index),), math.nan, device=device)
+                        for n in ATTACK_COLUMNS}
+
+    def record(self, step_in_epoch: int, info: Mapping[str, Any]) -> None:
+        where = self._where.get(step_in_epoch)
+        if where is not None:
+            ks, slots = where
+            for name, values in self._chosen.items():
+                values[ks] = info[name][slots].float()
+
+    def result(self) -> dict[str, list]:
+        out: dict[str, list] = {"index": self.index.tolist()}
+        for name, values in self._chosen.items():
+            out[name] = [None if math.isnan(v) else round(v, 6) for v in values.tolist()]
+        return out
 
 
 class EpochTrainer:
     """Runs epochs of the agent/env loop; keeps the current observation and info between epochs."""
 
     def __init__(self, settings: RunSettings, env: LASEnv, agent: Agent, tracker: Tracker,
-                 obs: Tensor, info: dict[str, Any]) -> None:
+                 obs: Tensor, info: dict[str, Any], started_from: Path | None) -> None:
         self.settings, self.env, self.agent, self.tracker = settings, env, agent, tracker
         self.obs, self.info = obs, info
         self.meter = StepMeter()
         self.device = torch.device(settings.env.device)
         self.nvec = list(env.space.nvec)
-        self.columns = env.space.columns
         # Chosen settings are counted in one flat vector: [column 0's values | column 1's | ...].
         self.offsets = torch.tensor([sum(self.nvec[:j]) for j in range(len(self.nvec))], device=self.device)
         self.ones = torch.ones(settings.env.batch_size * len(self.nvec), dtype=torch.long, device=self.device)
         self.fixed_images = FixedImageChoices(env.game)
-        self.guard = DivergenceGuard(env.game, settings.on_nonfinite)
+        self.guard = DivergenceGuard(env.game, settings.on_nonfinite, settings.run_dir, started_from)
 
-    def epoch(self, index: int) -> _Epoch:
-        """Play epoch ``index`` (0-based); raises :class:`TrainingDiverged` on a non-finite value."""
+    def epoch(self, index: int) -> dict[str, Any]:
+        """Play epoch ``index`` (0-based): its record (``eval`` is the loop's to fill in); raises
+        :class:`TrainingDiverged` on a non-finite value."""
         env, agent, meter, every = self.env, self.agent, self.meter, self.settings.log_every_steps
         batch = self.settings.env.batch_size
         counts = torch.zeros(sum(self.nvec), dtype=torch.long, device=self.device)
@@ -180,5 +208,7 @@ class EpochTrainer:
         _absorb(totals, self.guard.flush(meter))  # also waits for the device: the timing below is honest
         seconds = time.perf_counter() - t0
         flat, ends = counts.tolist(), [sum(self.nvec[:j + 1]) for j in range(len(self.nvec))]
-        choices = {name: flat[end - n:end] for name, n, end in zip(self.columns, self.nvec, ends)}
-        return _Epoch(self.guard.epoch_totals(totals), choices, seconds, self.fixed_images.result())
+        choices = {name: flat[end - n:end] for name, n, end in zip(self.env.space.columns, self.nvec, ends)}
+        return {"epoch": index + 1, "steps": env.game.step_index, "images": env.game.steps_per_epoch * batch,
+                "train": self.guard.epoch_totals(totals), "eval": None, "choices": choices,
+                "fixed_images": self.fixed_images.result(), "seconds": {"train": seconds, "eval": 0.0}}
