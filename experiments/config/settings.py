@@ -123,7 +123,6 @@ class RunSettings:
                                "gradient).")
 
 
-
 GAME_KEYS = {"batch_size": "data.batch_size", "epochs": "data.epochs", "max_steps_per_epoch": "data.max_steps_per_epoch",
              "reward_interval": "agent.k", "grid.extra": "data.grid.extra", "augment": "data.augment",
              "threat.epsilon": "data.threat.epsilon", "threat.step_size": "data.threat.step_size",
