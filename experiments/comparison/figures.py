@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 
 from evaluation.attacks import format_eps  # noqa: E402
 from experiments.comparison.runs import Run  # noqa: E402
-from experiments.comparison.stats import Group, rliable  # noqa: E402
+from experiments.comparison.ranking import Group, rliable  # noqa: E402
 
 plot_utils = rliable("plot_utils")
 
@@ -38,7 +38,6 @@ def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
         panels.insert(0, ("val_robust", "validation (held out; selects best.pt), robust"))
     if not any(h.get("eval") for g in groups for r in g.runs for h in r.history):
         return None
-    ref = next(r for g in groups for r in g.runs)
     colors = {g.label: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
@@ -60,7 +59,7 @@ def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Per-epoch accuracy, mean ± std over seeds; robust = {ref.per_epoch_attack}", fontsize=10)
+    fig.suptitle(f"Per-epoch accuracy, mean ± std over seeds; robust = {groups[0].runs[0].per_epoch_attack}", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
