@@ -27,8 +27,8 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 
 from experiments.comparison.ranking import BOOTSTRAP_REPS, Comparison, compare  # noqa: E402
 from experiments.comparison.report import markdown_table, table_rows, write_report  # noqa: E402
-from experiments.comparison.runs import WEIGHTS, CompareError  # noqa: E402
-from experiments.config.errors import fail  # noqa: E402
+from experiments.comparison.runs import WEIGHTS  # noqa: E402
+from experiments.config.errors import ConfigError, fail  # noqa: E402
 from experiments.config.schema import LoggerSettings  # noqa: E402
 from experiments.tracking.loggers import WandbTracker  # noqa: E402
 
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         c = compare(args.dirs, args.weights, args.bootstrap_reps)
-    except CompareError as exc:
+    except ConfigError as exc:
         # The one error format of every command (experiments.config.errors); main() returns its status
         # instead of exiting so that callers (and tests) can run it in-process.
         with contextlib.suppress(SystemExit):

@@ -20,19 +20,17 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.config.errors import fail
 from experiments.evaluation_job.job import execute, prepare
-from experiments.evaluation_job.settings import parse_settings
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # Bad input ends here, before any evaluation; errors during the evaluation keep their traceback.
     try:
-        settings = parse_settings(cfg)
-        job = prepare(settings)
+        job = prepare(OmegaConf.to_object(cfg))  # the checked Settings (evaluate_schema): a bad value raises ValueError
     except (ValueError, FileNotFoundError, ImportError) as exc:
         fail(str(exc))
     if job is None:

@@ -27,8 +27,7 @@ from test_faults import EVALUATE, REPO, RUN, TINY, cli, error_line, settings
 from experiments.compare import main as compare_main
 from experiments.comparison.ranking import compare
 from experiments.config.errors import ConfigError, RunStopped
-from experiments.evaluation_job.settings import Settings
-from experiments.evaluation_job.job import prepare
+from experiments.evaluation_job.job import Settings, prepare
 from experiments.training.loop import train
 from experiments.runfolder.runlock import RunLock
 from las_env.checkpoint import (FORMAT, CorruptCheckpointError, NotACheckpointError, load_checkpoint,

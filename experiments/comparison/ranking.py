@@ -16,8 +16,8 @@ from types import ModuleType
 
 import numpy as np
 
-from experiments.comparison.runs import (CompareError, Run, assign_labels, check_protocol, default_fixed_attack,
-                                         find_runs, load_run)
+from experiments.comparison.runs import Run, assign_labels, check_protocol, default_fixed_attack, find_runs, load_run
+from experiments.config.errors import ConfigError
 from experiments.runfolder.runfiles import RESULTS_FILE
 
 
@@ -27,14 +27,6 @@ def attack_order(name: str) -> tuple[int, int, str]:
     if m:
         return (2 if m.group(1) == "pgd" else 3), int(m.group(2)), name
     return {"clean": 0, "fgsm": 1, "cw": 3, "autoattack": 5}.get(name, 4), 0, name
-
-
-def headline_attack(runs: Sequence[Run]) -> str | None:
-    """The robust accuracy that ranks agents: AutoAttack when every run has it, else the PGD
-    (CE) with the most steps every run has, else C&W, else any non-clean attack."""
-    common = set.intersection(*(set(r.final) for r in runs)) - {"clean"}
-    pgd = [n for n in common if re.fullmatch(r"pgd\d+", n)]
-    return None if not common else "autoattack" if "autoattack" in common else max(pgd or common, key=attack_order)
 
 
 BOOTSTRAP_REPS = 2000  # per confidence interval (rliable's default for P(improvement)); --bootstrap-reps
@@ -98,10 +90,6 @@ class Group:
     improvement: dict[str, Interval] = field(default_factory=dict)  # attack -> P(this > PGD-AT)
 
     @property
-    def seeds(self) -> list[int]:
-        return [r.seed for r in self.runs]
-
-    @property
     def is_fixed(self) -> bool:
         return all(r.fixed_attack for r in self.runs)
 
@@ -115,35 +103,6 @@ class Group:
 
     def wall(self) -> float | None:
         return _mean([r.seconds["total"] for r in self.runs if "total" in r.seconds])
-
-
-def estimate(groups: Sequence[Group], attacks: Sequence[str], reference: Group | None, reps: int) -> None:
-    """Fill each group's IQM and, against ``reference`` (PGD-AT), its probability of improvement."""
-    metrics = rliable("metrics")
-    for g in groups:
-        for a in attacks:
-            if scores := g.scores(a):
-                g.iqm[a] = bootstrap(metrics.aggregate_iqm, scores, reps=reps)
-                if reference is not None and g is not reference and reference.scores(a):
-                    g.improvement[a] = bootstrap(metrics.probability_of_improvement, scores, reference.scores(a),
-                                                 reps=reps)
-
-
-def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
-    """Groups by label (in first-seen order); a second run with the same label and seed (e.g.
-    ``agent=fixed`` and a search run spelling out the same attack) is dropped with a note."""
-    groups: dict[str, Group] = {}
-    notes: list[str] = []
-    for r in runs:
-        g = groups.setdefault(r.label, Group(r.label, []))
-        same = [o for o in g.runs if o.seed == r.seed]
-        if same:
-            notes.append(f"{r.path} repeats {r.label} seed {r.seed} of {same[0].path}: counted once (the first).")
-            continue
-        g.runs.append(r)
-    for g in groups.values():
-        g.runs.sort(key=lambda r: r.seed)
-    return list(groups.values()), notes
 
 
 def rank_key(headline: str | None) -> Callable[[Group], float]:
@@ -252,35 +211,40 @@ def pick_main_rows(groups: Sequence[Group], headline: str | None) -> tuple[list[
     return sorted(main, key=rank_key(headline)), search
 
 
-def pgd_at_reference(groups: Sequence[Group]) -> Group | None:
-    """The PGD-AT group: ``agent=fixed`` trained with PGD-AT, playing its threat model's attack."""
-    return next((g for g in groups if g.is_fixed and method_of(g.runs[0]) == "pgd_at"
-                 and g.runs[0].fixed_attack == default_fixed_attack(g.runs[0])), None)
-
-
 def compare(paths: Sequence[str | Path], weights: str = "final", reps: int = BOOTSTRAP_REPS) -> Comparison:
+    """The runs under ``paths`` read, labelled, checked, grouped, estimated and ranked; :class:`ConfigError` if none."""
     files, unfinished = find_runs(paths)
     if not files:
         where = ", ".join(str(p) for p in paths)
         hint = f" ({len(unfinished)} unfinished run folder(s) hold only a checkpoint)" if unfinished else ""
-        raise CompareError(f"No finished runs ({RESULTS_FILE}) found under {where}{hint}. Pass the folders "
-                           f"experiments/run.py printed, or their run_root.")
+        raise ConfigError(f"No finished runs ({RESULTS_FILE}) found under {where}{hint}. Pass the folders "
+                          f"experiments/run.py printed, or their run_root.")
     runs: list[Run] = []
     skipped: list[str] = []
     for f in files:
         try:
             runs.append(load_run(f, weights))
-        except CompareError as exc:  # e.g. another tool's results.json in the tree
+        except ConfigError as exc:  # e.g. another tool's results.json in the tree
             skipped.append(f"skipped: {exc}")
     if not runs:
-        raise CompareError(f"None of the {len(files)} {RESULTS_FILE} files found could be read: {skipped[0]}")
+        raise ConfigError(f"None of the {len(files)} {RESULTS_FILE} files found could be read: {skipped[0]}")
     runs.sort(key=lambda r: (r.agent, str(r.path)))
     assign_labels(runs)
     names = sorted({n for r in runs for n in r.final}, key=attack_order)
     attacks = {a: str(next(r for r in runs if a in r.final).final[a].get("label") or a).split(" (")[0] for a in names}
     warnings, notes = check_protocol(runs, attacks)
-    groups, dup_notes = group_runs(runs)
-    notes += skipped + dup_notes + [n for r in runs for n in r.notes]
+    notes += skipped
+    groups: dict[str, Group] = {}
+    for r in runs:  # by label, in first-seen order
+        g = groups.setdefault(r.label, Group(r.label, []))
+        same = [o for o in g.runs if o.seed == r.seed]
+        if same:  # e.g. agent=fixed and a search run spelling out the same attack
+            notes.append(f"{r.path} repeats {r.label} seed {r.seed} of {same[0].path}: counted once (the first).")
+            continue
+        g.runs.append(r)
+    for g in groups.values():
+        g.runs.sort(key=lambda r: r.seed)
+    notes += [n for r in runs for n in r.notes]
     if unfinished:
         notes.append(f"{len(unfinished)} unfinished run folder(s) (a checkpoint, no results yet) were skipped, "
                      f"e.g. {unfinished[0]}")
@@ -288,10 +252,23 @@ def compare(paths: Sequence[str | Path], weights: str = "final", reps: int = BOO
         if r.is_fixed and r.fixed_attack is None:
             notes.append(f"{r.path}: a fixed agent whose recorded choices hold more than one value; "
                          f"labelled by its name only.")
-    headline = headline_attack(runs)
-    reference = pgd_at_reference(groups)
-    estimate(groups, attacks, reference, reps)
-    groups.sort(key=rank_key(headline))
-    main, search = pick_main_rows(groups, headline)
-    return Comparison(runs, groups, main, search, attacks, headline, warnings, notes, [str(p) for p in paths], weights,
+    # The robust accuracy that ranks agents: AutoAttack when every run has it, else the PGD (CE) with the most
+    # steps every run has, else C&W, else any non-clean attack.
+    common = set.intersection(*(set(r.final) for r in runs)) - {"clean"}
+    pgd = [n for n in common if re.fullmatch(r"pgd\d+", n)]
+    headline = None if not common else "autoattack" if "autoattack" in common else max(pgd or common, key=attack_order)
+    # PGD-AT: agent=fixed trained with PGD-AT, playing its threat model's attack.
+    reference = next((g for g in groups.values() if g.is_fixed and method_of(g.runs[0]) == "pgd_at"
+                      and g.runs[0].fixed_attack == default_fixed_attack(g.runs[0])), None)
+    metrics = rliable("metrics")
+    for g in groups.values():  # its IQM and, against PGD-AT, its probability of improvement per attack
+        for a in attacks:
+            if scores := g.scores(a):
+                g.iqm[a] = bootstrap(metrics.aggregate_iqm, scores, reps=reps)
+                if reference is not None and g is not reference and reference.scores(a):
+                    g.improvement[a] = bootstrap(metrics.probability_of_improvement, scores, reference.scores(a),
+                                                 reps=reps)
+    ranked = sorted(groups.values(), key=rank_key(headline))
+    main, search = pick_main_rows(ranked, headline)
+    return Comparison(runs, ranked, main, search, attacks, headline, warnings, notes, [str(p) for p in paths], weights,
                       reference, reps)

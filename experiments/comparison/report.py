@@ -38,7 +38,7 @@ def table_rows(c: Comparison, groups: Sequence[Group], *, winners: Sequence[Grou
     rows = [head + ["Gradients/image", "Wall time (s)"]]
     for g in groups:
         label = (f"**`{g.label}`**" if g in winners else f"`{g.label}`") + (f" ({g.role})" if g.role else "")
-        cells = [label + (" **← best**" if g in winners else ""), f"{len(g.runs)} ({','.join(map(str, g.seeds))})"]
+        cells = [label + (" **← best**" if g in winners else ""), f"{len(g.runs)} ({','.join(str(r.seed) for r in g.runs)})"]
         for a in c.attacks:
             scores = g.scores(a)
             fewer = f" (n={len(scores)})" if 0 < len(scores) < len(g.runs) else ""
@@ -128,7 +128,7 @@ def summary_json(c: Comparison, figures: Mapping[str, Path | None]) -> dict[str,
                 "iqm": iqm and asdict(iqm), "improvement_over_pgd_at": gain and asdict(gain)}
 
     def group(g: Group) -> dict[str, Any]:
-        return {"label": g.label, "role": g.role, "seeds": g.seeds, "runs": [str(r.path) for r in g.runs],
+        return {"label": g.label, "role": g.role, "seeds": [r.seed for r in g.runs], "runs": [str(r.path) for r in g.runs],
                 "accuracy": {a: accuracy(g, a) for a in c.attacks}, "gradients_per_image": g.cost(),
                 "wall_seconds": g.wall()}
 

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from experiments.runfolder.runfiles import (CHECKPOINT, EVALUATION_FORMAT, EVALUATION_GLOB, RESULTS_FILE, RESULTS_FORMAT,
-                                  WEIGHTS_FILE)
 from evaluation.attacks import format_eps
+from experiments.config.errors import ConfigError
+from experiments.runfolder.runfiles import (CHECKPOINT, EVALUATION_FORMAT, EVALUATION_GLOB, RESULTS_FILE,
+                                            RESULTS_FORMAT, WEIGHTS_FILE)
 from las_env.datasets.registry import lookup
 from las_env.strategy_space import ATTACK_COLUMNS, StrategySpace
 
@@ -26,10 +27,6 @@ WEIGHTS = {"final": "final (last-epoch) weights",
 """Which rows of ``results.json`` a comparison reads (``--weights``), and how the report names them."""
 FIXED_TARGET_SUFFIX = "FixedAgent"
 NON_LEARNING_TARGETS = ("FixedAgent", "RandomAgent")  # their training ignores the reward settings
-
-
-class CompareError(ValueError):
-    """Bad input; its message is the one paragraph the user sees."""
 
 
 @dataclass(eq=False)
@@ -53,10 +50,6 @@ class Run:
     label: str = ""
 
     @property
-    def dataset(self) -> str:
-        return str(self.config.get("data", {}).get("name", "?"))
-
-    @property
     def target(self) -> str:
         return str(self.config.get("agent", {}).get("_target_", ""))
 
@@ -73,8 +66,8 @@ def find_runs(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
     for raw in paths:
         p = Path(raw).expanduser()
         if not p.exists():
-            raise CompareError(f"{p} does not exist. Pass run directories or folders holding them "
-                               f"(runs/<data>/<agent>/<model>-seed<seed>-<hash>).")
+            raise ConfigError(f"{p} does not exist. Pass run directories or folders holding them "
+                              f"(runs/<data>/<agent>/<model>-seed<seed>-<hash>).")
         files = [p] if p.is_file() else sorted(p.rglob(RESULTS_FILE))
         found.update(dict.fromkeys(f.resolve() for f in files if f.name == RESULTS_FILE))
         checkpoints = sorted(p.rglob(CHECKPOINT)) if p.is_dir() else []
@@ -143,20 +136,20 @@ def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategySpace) -> 
 
 
 def load_run(path: Path, weights: str = "final") -> Run:
-    """The run whose ``results.json`` is ``path``; :class:`CompareError` when it is not JSON, not a run's
+    """The run whose ``results.json`` is ``path``; :class:`ConfigError` when it is not JSON, not a run's
     results file, or malformed (``compare`` then skips it with a note)."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CompareError(f"{path} cannot be read as JSON ({exc}).") from None
+        raise ConfigError(f"{path} cannot be read as JSON ({exc}).") from None
     if not isinstance(doc, dict) or doc.get("format") != RESULTS_FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise CompareError(f"{path} is not a run's results file (format {found!r}, expected {RESULTS_FORMAT!r}).")
+        raise ConfigError(f"{path} is not a run's results file (format {found!r}, expected {RESULTS_FORMAT!r}).")
     try:
         return _run_of(path, doc, weights)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
-        raise CompareError(f"{path} is malformed ({type(exc).__name__}: {exc}): a results file edited by hand or "
-                           f"cut short; re-create it with the run's command plus resume=true.") from None
+        raise ConfigError(f"{path} is malformed ({type(exc).__name__}: {exc}): a results file edited by hand or "
+                          f"cut short; re-create it with the run's command plus resume=true.") from None
 
 
 def _run_of(path: Path, doc: dict[str, Any], weights: str) -> Run:
@@ -165,8 +158,8 @@ def _run_of(path: Path, doc: dict[str, Any], weights: str) -> Run:
     dataset, per_epoch_attack = str(data.get("name", "?")), str(doc.get("per_epoch_attack", ""))
     final = {r["name"]: r for r in doc.get(weights) or []}
     if not final:
-        raise CompareError(f"{path} holds no results for its {WEIGHTS[weights]} (a run without a validation split, "
-                           f"or from before best.pt existed); compare with --weights final.")
+        raise ConfigError(f"{path} holds no results for its {WEIGHTS[weights]} (a run without a validation split, "
+                          f"or from before best.pt existed); compare with --weights final.")
     threat_eps = [r["epsilon"] for r in final.values() if r.get("epsilon")]
     grid = StrategySpace.from_config(data["grid"]) if data.get("grid") else lookup(dataset).grid
     first_eval = next((h["eval"] for h in history if h.get("eval")), {}) or {}
@@ -197,11 +190,10 @@ def _run_of(path: Path, doc: dict[str, Any], weights: str) -> Run:
     return run
 
 
-NOT_SETTINGS = ("seed", "run_root", "logger", "progress", "threads", "resume", "stop_after_epochs",
-                "log_every_steps", "hydra", "eval", "data.root", "data.threads", "agent.name", "agent.seed",
-                "agent.verbose")
-"""Config keys (dotted prefixes) that never split labels: how a run was run, the seed (aggregated
-over), the evaluation (checked as protocol instead)."""
+# Config keys (dotted prefixes) that never split labels: how a run was run, the seed (aggregated over), the
+# evaluation (checked as protocol instead).
+NOT_SETTINGS = ("seed", "run_root", "logger", "progress", "threads", "resume", "stop_after_epochs", "log_every_steps",
+                "hydra", "eval", "data.root", "data.threads", "agent.name", "agent.seed", "agent.verbose")
 
 FIXED_ATTACK_KEYS = ("agent.step_size", "agent.iterations", "agent.epsilon", "data.fixed_attack")
 
@@ -257,7 +249,7 @@ def assign_labels(runs: Sequence[Run]) -> None:
 def default_fixed_attack(run: Run) -> tuple[float, int, float] | None:
     """The run's PGD-AT attack (``agent=fixed`` without overrides: its threat model), on the run's grid."""
     try:
-        spec = lookup(run.dataset.lower().replace("_", "-"))
+        spec = lookup(str(run.config.get("data", {}).get("name", "?")).lower().replace("_", "-"))
     except (KeyError, ValueError):
         return None
     recorded = run.config.get("data", {}).get("threat") or {}  # the run's data.threat (null: the data set's)

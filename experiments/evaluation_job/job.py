@@ -1,4 +1,6 @@
-"""One evaluation job: load the target (from a LAS-AT checkpoint or a plain ``state_dict``) and the images (or
+"""``experiments/evaluate.py``'s work. Its schema (:class:`Settings`): each key's type and default once
+(``conf/evaluate.yaml`` only picks the groups); Hydra checks the types while composing, ``__post_init__`` the values,
+before any work. The job: load the target (from a LAS-AT checkpoint or a plain ``state_dict``) and the images (or
 export the weights), attack, check, write the reports (rows merged with an earlier report of the same weights,
 images and eps) and the W&B summary."""
 
@@ -8,17 +10,18 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from hydra.core.config_store import ConfigStore
 from torch import nn
 
-from evaluation import (AttackResult, Check, attack_spec, default_step, evaluate, format_eps, format_table,
-                        import_autoattack, sanity_checks)
-from experiments.evaluation_job.settings import Settings
+from evaluation import (DEFAULT_ATTACKS, AttackResult, attack_spec, default_step, evaluate, format_eps,
+                        format_table, import_autoattack, sanity_checks)
+from experiments.config.schema import WANDB_MODES
 from experiments.runfolder.runfiles import AUTOATTACK_STATE, CHECKPOINT, EVALUATION_FORMAT, EVALUATION_STEM
 from las_env.checkpoint import (NotACheckpointError, export_state_dict, load_checkpoint, load_plain_state_dict,
                                 require_keys, state_fingerprint)
@@ -27,9 +30,88 @@ from las_env.datasets import load_dataset
 from las_env.datasets.registry import lookup
 from las_env.files import atomic_write_text, stale_temp_files, write_json
 from las_env.models import build_model
+from las_env.validate import check_device, check_number, check_whole
 
 EXIT_SANITY = 3  # a sanity check failed (the reports are written all the same)
 META_KEYS = ("dataset", "model", "in_channels", "num_classes")  # what rebuilds the network from ``meta``
+
+
+def _epsilon(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:  # accept "8/255" as well as 0.0314
+        numerator, _, denominator = value.partition("/") if isinstance(value, str) else (value, "", 1)
+        eps = float(numerator) / float(denominator or 1)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"eps must be a number such as 0.0314 or 8/255, got {value!r}.") from None
+    return check_number("eps", eps, 0, shown=value)
+
+
+@dataclass
+class Settings:
+    """``experiments/evaluate.py``'s settings; after ``__post_init__``, ``model`` and ``data`` are names and
+    ``attacks`` canonical names."""
+
+    checkpoint: Optional[str] = None  # a run directory or its checkpoint.pt (LAS-AT format)
+    state_dict: Optional[str] = None  # or: a plain state_dict file, with model= and data= naming what it is
+    model: Any = None  # the training runner's groups (model=resnet18, data=cifar10...), with state_dict= only
+    data: Any = None
+    data_root: Optional[str] = None  # null: the checkpoint's data_root (state_dict=: the data group's root)
+    attacks: Any = field(default_factory=lambda: list(DEFAULT_ATTACKS))  # or "all"; pgd<k>/cw<k> for other k
+    n: Optional[int] = None  # first n test images (RobustBench order); null = all
+    n_per_attack: dict[str, Optional[int]] = field(default_factory=lambda: {"autoattack": None})  # overrides of n
+    eps: Any = None  # L-inf radius in pixels (0.0314 or 8/255); null = the data set's threat model
+    restarts: int = 1  # PGD/C&W random restarts (per-image worst case)
+    batch_size: int = 256  # images per pass (and per resumable AutoAttack chunk)
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1...
+    threads: Optional[int] = None  # torch CPU threads; null = torch's default (1 was ~3x faster for small_cnn on 2 cores)
+    seed: int = 0  # seeds PGD random starts and AutoAttack
+    sanity: bool = True  # run the gradient-masking sanity checks
+    sanity_n: int = 200  # images the eps=0 / huge-eps probes use
+    sanity_max_gap: float = 0.15  # PGD/C&W more than this above AutoAttack is reported as gradient masking
+    fail_on_sanity: bool = True  # exit with status 3 when a sanity check fails (results are still written)
+    export: Optional[str] = None  # write the target as a plain state_dict (RobustBench convention) and exit
+    out_dir: Optional[str] = None  # where reports go; null = the checkpoint's (or state_dict's) folder
+    progress: bool = True  # tqdm bars per attack
+    wandb_mode: Optional[str] = None  # null: the mode the run was logged with (default offline); WANDB_MODE wins
+
+    def __post_init__(self) -> None:
+        model, data = self.model or {}, self.data or {}
+        if (self.checkpoint is None) == (self.state_dict is None):
+            raise ValueError("Say what to evaluate: checkpoint=RUN_DIR_OR_CHECKPOINT_PT (a LAS-AT run), or "
+                             "state_dict=FILE model=ARCH data=DATASET (a plain state_dict), not both.")
+        if self.checkpoint is not None and (model.get("name") or data):
+            raise ValueError("model= and data= describe a plain state_dict; a checkpoint names its own architecture "
+                             "and data set (use data_root= to read the data from another folder).")
+        if self.state_dict is not None and (model.get("name") is None or data.get("name") is None):
+            raise ValueError("A plain state_dict needs its architecture and data set: state_dict=FILE model=ARCH "
+                             "data=DATASET (e.g. model=resnet18 data=cifar10).")
+        # model= and data= select the training runner's groups: their names (and root) are what counts here.
+        self.model, self.data = model.get("name"), data.get("name")
+        self.data_root = self.data_root or data.get("root")
+        attacks = list(DEFAULT_ATTACKS) if self.attacks == "all" else self.attacks
+        attacks = [attacks] if isinstance(attacks, str) else attacks
+        if not isinstance(attacks, list):
+            raise ValueError(f"attacks must be a list such as [clean,pgd20,autoattack] or 'all', got {attacks!r}.")
+        self.attacks = [attack_spec(str(a)).name for a in attacks]
+        if len(set(self.attacks)) != len(self.attacks):
+            raise ValueError(f"attacks lists an attack twice: {self.attacks}.")
+        if not self.attacks and self.export is None:
+            raise ValueError("attacks is empty: name at least one attack (or use export=PATH).")
+        self.n_per_attack = {attack_spec(str(key)).name: check_whole(f"n_per_attack.{key}", value)
+                             for key, value in self.n_per_attack.items() if value is not None}
+        if self.wandb_mode not in (None, *WANDB_MODES):
+            raise ValueError(f"wandb_mode must be null, offline, online or disabled, got {self.wandb_mode!r}.")
+        for key in ("n", "threads"):
+            check_whole(key, getattr(self, key), allow_none=True)
+        for key in ("restarts", "batch_size", "sanity_n"):
+            check_whole(key, getattr(self, key))
+        self.eps = _epsilon(self.eps)
+        self.device = check_device("device", self.device)
+        check_number("sanity_max_gap", self.sanity_max_gap, 0, 1, meaning="(a fraction: 0.15 = 15 points)")
+
+
+ConfigStore.instance().store(name="evaluate_schema", node=Settings)
 
 
 def _order(name: str) -> tuple[int, int]:
@@ -101,25 +183,6 @@ class Job:
     data_text: str
 
 
-def _load_checkpoint_target(source: Path) -> tuple[nn.Module, dict[str, Any], float | None]:
-    """The network a LAS-AT checkpoint holds, its ``meta``, and the run's ``data.threat`` epsilon (``None``: the
-    data set's)."""
-    ckpt = load_checkpoint(source)  # safe: weights_only, refuses anything but tensors and plain values
-    require_keys(ckpt, source, ("meta", "target"))
-    meta = dict(ckpt["meta"] or {})
-    require_keys({f"meta.{k}": v for k, v in meta.items()}, source, [f"meta.{k}" for k in META_KEYS])
-    try:
-        model = build_model(meta["model"], int(meta["in_channels"]), int(meta["num_classes"]))
-        model.load_state_dict(ckpt["target"], strict=True)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise NotACheckpointError(source, f"its target weights do not fit the {meta['model']} its metadata names "
-                                  f"({type(exc).__name__}: {first_line})") from None
-    threat = ((ckpt.get("config") or {}).get("data") or {}).get("threat") or {}
-    recorded = threat.get("step_size") is not None and threat.get("epsilon") is not None  # else from before data.threat
-    return model, meta, float(threat["epsilon"]) if recorded else None
-
-
 def prepare(s: Settings) -> Job | None:
     """Load the target (and data); perform ``export``. ``None`` when there is nothing to evaluate."""
     if s.threads is not None:
@@ -127,9 +190,22 @@ def prepare(s: Settings) -> Job | None:
     data: ImageData | None = None
     if s.checkpoint is not None:
         source = Path(s.checkpoint) / CHECKPOINT if Path(s.checkpoint).is_dir() else Path(s.checkpoint)
-        model, meta, threat_eps = _load_checkpoint_target(source)
-        name, dataset, classes = meta["model"], meta["dataset"], int(meta["num_classes"])
-        root = s.data_root or meta.get("data_root") or "data"
+        ckpt = load_checkpoint(source)  # safe: weights_only, refuses anything but tensors and plain values
+        require_keys(ckpt, source, ("meta", "target"))
+        meta = dict(ckpt["meta"] or {})
+        require_keys({f"meta.{k}": v for k, v in meta.items()}, source, [f"meta.{k}" for k in META_KEYS])
+        name, dataset, root = meta["model"], meta["dataset"], s.data_root or meta.get("data_root") or "data"
+        try:
+            classes = int(meta["num_classes"])
+            model = build_model(name, int(meta["in_channels"]), classes)
+            model.load_state_dict(ckpt["target"], strict=True)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise NotACheckpointError(source, f"its target weights do not fit the {name} its metadata names "
+                                      f"({type(exc).__name__}: {first_line})") from None
+        threat = ((ckpt.get("config") or {}).get("data") or {}).get("threat") or {}
+        recorded = threat.get("step_size") is not None and threat.get("epsilon") is not None  # else from before it
+        threat_eps = float(threat["epsilon"]) if recorded else None  # the run's data.threat (None: the data set's)
     else:
         source = Path(str(s.state_dict))
         if not source.is_file():
@@ -171,26 +247,16 @@ def execute(job: Job) -> int:
     for stale in stale_temp_files(out_dir):  # of killed evaluations (their pid is gone); never a live writer's
         if stale.name.startswith("." + EVALUATION_STEM):
             stale.unlink(missing_ok=True)
-    short = job.data_text.split(" (")[0]
-    results = evaluate(
-        job.model, job.x, job.y, s.attacks, job.eps, batch_size=s.batch_size, device=s.device,
-        restarts=s.restarts, seed=s.seed, n_per_attack=s.n_per_attack,
-        autoattack_state=out_dir / f"{stem}.{AUTOATTACK_STATE}", progress=s.progress,
-        data_description=short, log=print,
-    )
-    fingerprint = {
-        "model_sha256": state_fingerprint(job.model),
-        "images_sha256": state_fingerprint([job.x, job.y]),
-        "dataset": job.dataset,
-        "n_images": int(job.x.shape[0]),
-        "eps": job.eps,
-    }
+    results = evaluate(job.model, job.x, job.y, s.attacks, job.eps, batch_size=s.batch_size, device=s.device,
+                       restarts=s.restarts, seed=s.seed, n_per_attack=s.n_per_attack,
+                       autoattack_state=out_dir / f"{stem}.{AUTOATTACK_STATE}", progress=s.progress,
+                       data_description=job.data_text.split(" (")[0], log=print)
+    fingerprint = {"model_sha256": state_fingerprint(job.model), "images_sha256": state_fingerprint([job.x, job.y]),
+                   "dataset": job.dataset, "n_images": int(job.x.shape[0]), "eps": job.eps}
     json_path = out_dir / f"{stem}.json"
     results = merge_previous(json_path, fingerprint, results)
-    checks: list[Check] = []
-    if s.sanity:
-        checks = sanity_checks(results, job.model, job.x, job.y, job.eps, batch_size=s.batch_size,
-                               device=s.device, subset=s.sanity_n, max_gap=s.sanity_max_gap, seed=s.seed)
+    checks = sanity_checks(results, job.model, job.x, job.y, job.eps, batch_size=s.batch_size, device=s.device,
+                           subset=s.sanity_n, max_gap=s.sanity_max_gap, seed=s.seed) if s.sanity else []
     model_text = f"{job.name} from {job.source} (weights sha256 {fingerprint['model_sha256']})"
     table = format_table(results, checks, job.data_text, model_description=model_text, n_total=job.n_total)
     if not s.sanity:
@@ -213,11 +279,8 @@ def execute(job: Job) -> int:
     md = out_dir / f"{stem}.md"
     atomic_write_text(md, table)
     write_json(json_path, payload, indent=2)
-    print()
-    print(table)
-    print(f"Wrote {md} and {json_path}")
-    prefix = "eval" + stem.removeprefix(EVALUATION_STEM)
-    print(update_wandb(job, results, prefix))
+    print(f"\n{table}\nWrote {md} and {json_path}")
+    print(update_wandb(job, results, prefix="eval" + stem.removeprefix(EVALUATION_STEM)))
     if failed:
         lines = [f"SANITY CHECK FAILED: {c.title}: {c.detail}" for c in failed]
         lines.append(f"The robust accuracies above may overstate the model's robustness; see {md}.")

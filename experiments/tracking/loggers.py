@@ -101,8 +101,7 @@ class WandbTracker(Tracker):
                 f"W&B could not start in mode {settings.mode!r} ({type(exc).__name__}: {exc}). "
                 f"Use logger.mode=offline (no account or network needed) or logger=none."
             ) from None
-        self.mode = settings.mode
-        self.log_checkpoints = settings.log_checkpoint
+        self.mode, self.log_checkpoints = settings.mode, settings.log_checkpoint
         self.info = {"id": run_id, "project": settings.project, "group": settings.group,
                      "mode": settings.mode, "dir": str(run_dir)}
         if self.mode == "offline":
