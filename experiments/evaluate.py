@@ -1,12 +1,10 @@
 """Evaluate a saved target network: clean, FGSM, PGD-10/20/50, C&W-inf, official AutoAttack.
 
-    python experiments/evaluate.py checkpoint=runs/demo
     python experiments/evaluate.py checkpoint=runs/demo attacks=[clean,pgd20] n=1000
-    python experiments/evaluate.py checkpoint=runs/demo n_per_attack.autoattack=500
     python experiments/evaluate.py state_dict=weights.pt model=resnet18 data=cifar10
-    python experiments/evaluate.py checkpoint=runs/demo export=runs/demo/target_state_dict.pt
 
-Options and report names: ``experiments/conf/evaluate.yaml``; the work: :mod:`experiments.evaluation_job`.
+More examples (AutoAttack on fewer images, export), options and report names: ``experiments/conf/evaluate.yaml``;
+the work: :mod:`experiments.evaluation_job.job`.
 Exit status: 0 done; 1 bad input (one paragraph, nothing evaluated); 3 a sanity check failed (results
 written all the same; ``fail_on_sanity=false`` turns this off).
 """

@@ -54,7 +54,8 @@ def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Per-epoch accuracy, mean ± std over seeds; robust = {groups[0].runs[0].per_epoch_attack}", fontsize=10)
+    fig.suptitle(f"Per-epoch accuracy, mean ± std over seeds; robust = {groups[0].runs[0].per_epoch_attack}",
+                 fontsize=10)
     fig.tight_layout()
     return save(fig, path)
 

@@ -38,7 +38,8 @@ def table_rows(c: Comparison, groups: Sequence[Group], *, winners: Sequence[Grou
     rows = [head + ["Gradients/image", "Wall time (s)"]]
     for g in groups:
         label = (f"**`{g.label}`**" if g in winners else f"`{g.label}`") + (f" ({g.role})" if g.role else "")
-        cells = [label + (" **← best**" if g in winners else ""), f"{len(g.runs)} ({','.join(str(r.seed) for r in g.runs)})"]
+        seeds = ",".join(str(r.seed) for r in g.runs)
+        cells = [label + (" **← best**" if g in winners else ""), f"{len(g.runs)} ({seeds})"]
         for a in c.attacks:
             scores = g.scores(a)
             fewer = f" (n={len(scores)})" if 0 < len(scores) < len(g.runs) else ""
@@ -128,9 +129,9 @@ def summary_json(c: Comparison, figures: Mapping[str, Path | None]) -> dict[str,
                 "iqm": iqm and asdict(iqm), "improvement_over_pgd_at": gain and asdict(gain)}
 
     def group(g: Group) -> dict[str, Any]:
-        return {"label": g.label, "role": g.role, "seeds": [r.seed for r in g.runs], "runs": [str(r.path) for r in g.runs],
-                "accuracy": {a: accuracy(g, a) for a in c.attacks}, "gradients_per_image": g.cost(),
-                "wall_seconds": g.wall()}
+        return {"label": g.label, "role": g.role, "seeds": [r.seed for r in g.runs],
+                "runs": [str(r.path) for r in g.runs], "accuracy": {a: accuracy(g, a) for a in c.attacks},
+                "gradients_per_image": g.cost(), "wall_seconds": g.wall()}
 
     return {"format": SUMMARY_FORMAT, "weights": c.weights, "headline_attack": c.headline, "attacks": list(c.attacks),
             "bootstrap": {"reps": c.reps, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE},

@@ -282,9 +282,8 @@ def execute(job: Job) -> int:
     print(f"\n{table}\nWrote {md} and {json_path}")
     print(update_wandb(job, results, prefix="eval" + stem.removeprefix(EVALUATION_STEM)))
     if failed:
-        lines = [f"SANITY CHECK FAILED: {c.title}: {c.detail}" for c in failed]
-        lines.append(f"The robust accuracies above may overstate the model's robustness; see {md}.")
-        print("\n".join(lines), file=sys.stderr)
+        print(*[f"SANITY CHECK FAILED: {c.title}: {c.detail}" for c in failed],
+              f"The robust accuracies above may overstate the model's robustness; see {md}.", sep="\n", file=sys.stderr)
         if s.fail_on_sanity:
             return EXIT_SANITY
     return 0
