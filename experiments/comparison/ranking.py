@@ -81,7 +81,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 @dataclass(eq=False)
 class Group:
-    """The runs of one label (one per seed), with their estimates per attack (:func:`estimate`)."""
+    """The runs of one label (one per seed), with their estimates per attack (filled by :func:`compare`)."""
 
     label: str
     runs: list[Run]

@@ -203,9 +203,10 @@ def prepare(s: Settings) -> Job | None:
             first_line = (str(exc).strip().splitlines() or [""])[0][:200]
             raise NotACheckpointError(source, f"its target weights do not fit the {name} its metadata names "
                                       f"({type(exc).__name__}: {first_line})") from None
+        # The run's data.threat; a run from before data.threat (or with its nulls) used the data set's.
         threat = ((ckpt.get("config") or {}).get("data") or {}).get("threat") or {}
-        recorded = threat.get("step_size") is not None and threat.get("epsilon") is not None  # else from before it
-        threat_eps = float(threat["epsilon"]) if recorded else None  # the run's data.threat (None: the data set's)
+        recorded = threat.get("step_size") is not None and threat.get("epsilon") is not None
+        threat_eps = float(threat["epsilon"]) if recorded else None
     else:
         source = Path(str(s.state_dict))
         if not source.is_file():
