@@ -44,7 +44,7 @@ def _epsilon(value: Any) -> float | None:
         eps = float(numerator) / float(denominator or 1)
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"eps must be a number such as 0.0314 or 8/255, got {value!r}.") from None
-    return check_number("eps", eps, 0, shown=value)
+    return check_number("eps", eps, 0, shown=value, meaning="(the L-inf radius in pixels, e.g. 8/255)")
 
 
 @dataclass
