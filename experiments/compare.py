@@ -4,19 +4,13 @@
     python experiments/compare.py runs/digits/reinforce runs/digits/fixed --out reports/digits
     python experiments/compare.py runs --strict --wandb              # exit 2 if protocols differ; + offline W&B run
 
-Each DIR is a run directory or a folder holding some (searched for ``results.json``). Runs are
-labelled by agent (a fixed attack by the attack it played; differing settings are added to the
-label) and aggregated over seeds with rliable (Agarwal et al., 2021), per final attack (clean, PGD,
-AutoAttack from evaluate.py when present): the IQM with its 95% stratified-bootstrap confidence
-interval, the worst seed, and the probability of improvement over PGD-AT (the ``agent=fixed`` runs
-at the threat model's attack) with its interval; beside them each agent's gradient computations
-per training image. Agents are ranked by the headline robust accuracy's IQM; fewer than 5 seeds
-are flagged (wide intervals); two or more fixed attacks form the search baseline (Fig. 3).
-``--weights best`` reports each run's ``best.pt`` instead of its final weights; ``--wandb`` also logs
-the table and figures as one offline W&B run (``wandb sync`` uploads it).
+Each DIR is a run directory or a folder holding some (searched for ``results.json``). Runs are labelled by
+agent (a fixed attack by the attack it played, plus the settings that differ), aggregated over seeds with
+rliable per final attack and ranked by the headline robust accuracy's IQM; docs/evaluation.md says what each
+column and figure is. The work is done by :mod:`experiments.comparison`.
 
 Exit status: 0 done; 1 bad input (no runs found...); 2 with ``--strict`` when the runs' protocols
-differ (the report is written all the same). The work is done by :mod:`experiments.comparison`.
+differ (the report is written all the same).
 """
 
 from __future__ import annotations
@@ -31,21 +25,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.comparison.ranking import Comparison, compare  # noqa: E402
+from experiments.comparison.ranking import BOOTSTRAP_REPS, Comparison, compare  # noqa: E402
 from experiments.comparison.report import markdown_table, table_rows, write_report  # noqa: E402
-from experiments.comparison.runs import WEIGHTS, CompareError  # noqa: E402
-from experiments.comparison.stats import BOOTSTRAP_REPS  # noqa: E402
-from experiments.config.errors import fail  # noqa: E402
+from experiments.comparison.runs import WEIGHTS  # noqa: E402
+from experiments.config.errors import ConfigError, fail  # noqa: E402
 from experiments.config.schema import LoggerSettings  # noqa: E402
 from experiments.tracking.loggers import WandbTracker  # noqa: E402
 
 EXIT_MISMATCH = 2
-
-
-def default_out(paths: Sequence[str | Path]) -> Path:
-    """``<deepest common folder of the inputs>/comparison``."""
-    folders = [p.parent if p.is_file() else p for p in (Path(q).expanduser().resolve() for q in paths)]
-    return Path(os.path.commonpath(folders)) / "comparison"
 
 
 def log_to_wandb(c: Comparison, files: Mapping[str, Path], out: Path) -> Path | None:
@@ -80,13 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         c = compare(args.dirs, args.weights, args.bootstrap_reps)
-    except CompareError as exc:
+    except ConfigError as exc:
         # The one error format of every command (experiments.config.errors); main() returns its status
         # instead of exiting so that callers (and tests) can run it in-process.
         with contextlib.suppress(SystemExit):
             fail(str(exc))
         return 1
-    out = args.out if args.out is not None else default_out(args.dirs)
+    folders = [p.parent if p.is_file() else p for p in (Path(q).expanduser().resolve() for q in args.dirs)]
+    out = args.out or Path(os.path.commonpath(folders)) / "comparison"  # default: the inputs' deepest common folder
     files = write_report(c, out, images=args.images)
 
     for w in c.warnings:

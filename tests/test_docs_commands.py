@@ -105,7 +105,7 @@ def _sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 
 def _evaluate_py(args: list[str]) -> None:
-    import experiments.evaluation_job.settings  # noqa: F401, PLC0415 - registers evaluate_schema, as evaluate.py does
+    import experiments.evaluation_job.job  # noqa: F401, PLC0415 - registers evaluate_schema, as evaluate.py does
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         compose("evaluate", overrides=args)
 

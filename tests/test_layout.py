@@ -26,7 +26,7 @@ EXPERIMENTS_MAY_IMPORT = {
     "runfolder": {"config", "runfolder"},
     "tracking": {"config", "tracking"},
     "training": {"config", "runfolder", "tracking", "training"},
-    "comparison": {"config", "runfolder", "comparison"},
+    "comparison": {"config", "runfolder", "tracking", "comparison"},
     "evaluation_job": {"config", "runfolder", "evaluation_job"},
 }
 EXPERIMENTS_MAX_LINES = 4375

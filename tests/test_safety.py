@@ -27,8 +27,7 @@ from test_faults import EVALUATE, REPO, RUN, TINY, cli, error_line, settings
 from experiments.compare import main as compare_main
 from experiments.comparison.ranking import compare
 from experiments.config.errors import ConfigError, RunStopped
-from experiments.evaluation_job.settings import Settings
-from experiments.evaluation_job.target import load_target
+from experiments.evaluation_job.job import Settings, prepare
 from experiments.training.loop import train
 from experiments.runfolder.runlock import RunLock
 from las_env.checkpoint import (FORMAT, CorruptCheckpointError, NotACheckpointError, load_checkpoint,
@@ -222,7 +221,7 @@ def test_a_file_that_is_not_a_checkpoint_is_called_that_and_nothing_advises_dele
             train(settings(tmp_path / "x", *ONE_EPOCH, init_from=path))
         never_advises_deleting(str(caught.value))
     with pytest.raises(NotACheckpointError):
-        load_target(evaluating(run_dir / "results.json"))
+        prepare(evaluating(run_dir / "results.json"))
     # A damaged copy outside a run folder: "copy it again", never "delete".
     cut = tmp_path / "copy.pt"
     cut.write_bytes((run_dir / "checkpoint.pt").read_bytes()[:5000])
@@ -254,7 +253,7 @@ def test_a_checkpoint_missing_keys_is_one_paragraph(finished, tmp_path):
     del ckpt["meta"]["num_classes"]
     torch.save(ckpt, tmp_path / "c.pt")
     with pytest.raises(NotACheckpointError, match=r"lacks \['meta.num_classes'\]"):
-        load_target(evaluating(tmp_path / "c.pt"))
+        prepare(evaluating(tmp_path / "c.pt"))
 
 
 def test_compare_skips_a_malformed_results_json_with_a_note_and_compares_the_rest(finished, tmp_path):

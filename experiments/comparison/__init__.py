@@ -1,1 +1,1 @@
-"""Comparing finished runs, one module per job (``experiments/compare.py`` is the command line)."""
+"""Comparing finished runs (imports config, runfolder, tracking's plots); ``compare.py`` is the command line."""

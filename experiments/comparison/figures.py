@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 
 from evaluation.attacks import format_eps  # noqa: E402
 from experiments.comparison.runs import Run  # noqa: E402
-from experiments.comparison.stats import Group, rliable  # noqa: E402
+from experiments.comparison.ranking import Group, rliable  # noqa: E402
+from experiments.tracking.plots import save, share_heatmap  # noqa: E402
 
 plot_utils = rliable("plot_utils")
 
@@ -26,19 +27,12 @@ def _short(g: Group) -> str:
     return g.label + (f" ({g.role})" if g.role else "")
 
 
-def _save(fig: plt.Figure, path: Path, **kwargs: Any) -> Path:
-    fig.savefig(path, dpi=120, **kwargs)
-    plt.close(fig)
-    return path
-
-
 def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
     panels = [("test_robust", "test, robust"), ("train_robust", "train subset, robust"), ("test_clean", "test, clean")]
     if any("val_robust" in (h.get("eval") or {}) for g in groups for r in g.runs for h in r.history):
         panels.insert(0, ("val_robust", "validation (held out; selects best.pt), robust"))
     if not any(h.get("eval") for g in groups for r in g.runs for h in r.history):
         return None
-    ref = next(r for g in groups for r in g.runs)
     colors = {g.label: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
@@ -60,9 +54,10 @@ def plot_curves(groups: Sequence[Group], path: Path) -> Path | None:
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Per-epoch accuracy, mean ± std over seeds; robust = {ref.per_epoch_attack}", fontsize=10)
+    fig.suptitle(f"Per-epoch accuracy, mean ± std over seeds; robust = {groups[0].runs[0].per_epoch_attack}",
+                 fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _grid_panels(n: int) -> tuple[plt.Figure, list[Any]]:
@@ -93,19 +88,13 @@ def plot_epsilon_distribution(groups: Sequence[Group], path: Path) -> Path | Non
         if not epochs:
             ax.set_visible(False)
             continue
-        counts = np.stack([per_epoch[e] for e in epochs], axis=1)  # (values, epochs)
-        share = counts / np.maximum(counts.sum(0, keepdims=True), 1)
-        im = ax.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
-                       extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, len(values) - 0.5))
-        ax.plot(epochs, (share * np.arange(len(values))[:, None]).sum(0), color="white", lw=1.2)
-        ax.set_yticks(range(len(values)), [format_eps(v) for v in values], fontsize=7)
-        ax.set(xlabel="epoch", ylabel="epsilon")
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        im = share_heatmap(ax, np.stack([per_epoch[e] for e in epochs], axis=1), epochs, values)
+        ax.set_ylabel("epsilon")
         ax.set_title(f"{_short(g)}, {len(g.runs)} seed(s)", fontsize=8)
     if im is not None:
         fig.colorbar(im, ax=axes, fraction=0.025, label="share of training images")
     fig.suptitle("Chosen epsilon per epoch (paper Fig. 4)", fontsize=10)
-    return _save(fig, path, bbox_inches="tight")
+    return save(fig, path, bbox_inches="tight")
 
 
 def _fixed_images(run: Run) -> list[tuple[int, dict[str, Any]]]:
@@ -143,7 +132,7 @@ def plot_fixed_images(groups: Sequence[Group], path: Path, *, images: int = 8) -
         ax.set_title(f"{_short(g)}, seed {run.seed}", fontsize=8)
         ax.legend(fontsize=6, ncol=2, loc="best")
     fig.suptitle("Epsilon chosen for fixed training images over epochs (paper Fig. 5)", fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_iqm(groups: Sequence[Group], titles: dict[str, str], path: Path) -> Path | None:
@@ -157,7 +146,7 @@ def plot_iqm(groups: Sequence[Group], titles: dict[str, str], path: Path) -> Pat
                                                 [titles[a] for a in attacks], subfigure_width=4.0, row_height=0.5,
                                                 xlabel="accuracy (%): IQM over seeds, 95% CI",
                                                 xlabel_y_coordinate=min(-0.1, -1.0 / len(groups)))  # below the ticks
-    return _save(fig, path, bbox_inches="tight")
+    return save(fig, path, bbox_inches="tight")
 
 
 def plot_improvement(groups: Sequence[Group], titles: dict[str, str], reference: Group | None,
@@ -175,4 +164,4 @@ def plot_improvement(groups: Sequence[Group], titles: dict[str, str], reference:
             ax=ax, xlabel=f"P(agent > PGD-AT), {titles[a]}", left_ylabel="agent", right_ylabel="PGD-AT",
             ticklabelsize="small", labelsize="medium", xticks=[0, 0.25, 0.5, 0.75, 1])
     fig.tight_layout()
-    return _save(fig, path, bbox_inches="tight")
+    return save(fig, path, bbox_inches="tight")

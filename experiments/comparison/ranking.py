@@ -1,17 +1,113 @@
-"""The comparison: runs read, labelled, checked for one protocol, grouped, ranked; the search baseline."""
+"""The comparison: runs read, labelled, checked for one protocol, grouped, aggregated over seeds with rliable
+(Agarwal et al., NeurIPS 2021: IQM, stratified-bootstrap confidence intervals, probability of improvement),
+ranked by the headline attack; the search baseline."""
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
-from experiments.comparison.labels import assign_labels, check_protocol, default_fixed_attack
-from experiments.comparison.runs import CompareError, Run, find_runs, load_run
-from experiments.comparison.stats import (BOOTSTRAP_REPS, FEW_SEEDS, Group, attack_order, attack_title, estimate,
-                                          group_runs, headline_attack, rank_key)
+import numpy as np
+
+from experiments.comparison.runs import Run, assign_labels, check_protocol, default_fixed_attack, find_runs, load_run
+from experiments.config.errors import ConfigError
 from experiments.runfolder.runfiles import RESULTS_FILE
+
+
+def attack_order(name: str) -> tuple[int, int, str]:
+    """clean, fgsm, pgd by steps, cw by steps, autoattack, others: weakest to strongest."""
+    m = re.fullmatch(r"(pgd|cw)(\d+)", name)
+    if m:
+        return (2 if m.group(1) == "pgd" else 3), int(m.group(2)), name
+    return {"clean": 0, "fgsm": 1, "cw": 3, "autoattack": 5}.get(name, 4), 0, name
+
+
+BOOTSTRAP_REPS = 2000  # per confidence interval (rliable's default for P(improvement)); --bootstrap-reps
+BOOTSTRAP_SEED = 0  # the same runs give the same intervals: the report is reproducible
+CONFIDENCE = 0.95
+FEW_SEEDS = 5  # below this, bootstrap intervals are wide and unreliable (rliable's authors ask for more runs)
+
+
+def rliable(module: str) -> ModuleType:
+    """``rliable.<module>``, imported on first use (it imports scipy and arch). rliable imports absl, whose log
+    handler binds ``sys.stderr`` as it is at that moment and closes that stream whenever logging is
+    reconfigured (Hydra does, at every run started later in the same process): bind it to the process's own
+    stderr, which absl never closes."""
+    found = importlib.import_module(f"rliable.{module}")
+    from absl import logging as absl_logging  # noqa: PLC0415
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+    return found
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its stratified-bootstrap confidence interval (rliable)."""
+
+    value: float
+    low: float
+    high: float
+
+
+def bootstrap(statistic: Callable[..., float], *scores: Sequence[float], reps: int) -> Interval:
+    """rliable's stratified percentile bootstrap of ``statistic`` over per-seed scores, as (seeds, tasks=1)
+    matrices: what ``rliable.library.get_interval_estimates`` computes, without its ``absl`` log call (which
+    configures the root logger on a stream that may be closed later). rliable resamples with NumPy's global
+    generator (its ``random_state`` does not reach it), so that generator is seeded here and restored after."""
+    library = rliable("library")
+    matrices = [np.asarray(s, dtype=float)[:, None] for s in scores]
+    func = lambda *m: np.array([statistic(*m)])  # noqa: E731 - rliable's metric shape: one value per task
+    state = np.random.get_state()
+    np.random.seed(BOOTSTRAP_SEED)
+    try:
+        sampler = (library.StratifiedIndependentBootstrap(*matrices) if len(matrices) > 1
+                   else library.StratifiedBootstrap(matrices[0]))
+        ci = sampler.conf_int(func, reps=reps, size=CONFIDENCE, method="percentile")
+    finally:
+        np.random.set_state(state)
+    return Interval(float(func(*matrices)[0]), float(ci[0, 0]), float(ci[1, 0]))
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+@dataclass(eq=False)
+class Group:
+    """The runs of one label (one per seed), with their estimates per attack (filled by :func:`compare`)."""
+
+    label: str
+    runs: list[Run]
+    role: str = ""  # "", "default PGD-AT", "best fixed (search over N)"
+    iqm: dict[str, Interval] = field(default_factory=dict)  # attack -> IQM over seeds
+    improvement: dict[str, Interval] = field(default_factory=dict)  # attack -> P(this > PGD-AT)
+
+    @property
+    def is_fixed(self) -> bool:
+        return all(r.fixed_attack for r in self.runs)
+
+    def scores(self, attack: str) -> list[float]:
+        """The accuracy of each seed that has ``attack``."""
+        return [float(r.final[attack]["accuracy"]) for r in self.runs if attack in r.final]
+
+    def cost(self) -> float | None:
+        """Gradient computations per training image, mean over seeds (``None``: runs from before it was recorded)."""
+        return _mean([r.cost["gradients_per_image"] for r in self.runs if "gradients_per_image" in r.cost])
+
+    def wall(self) -> float | None:
+        return _mean([r.seconds["total"] for r in self.runs if "total" in r.seconds])
+
+
+def rank_key(headline: str | None) -> Callable[[Group], float]:
+    """Sort key: the headline attack's IQM, highest first (groups without it last)."""
+    return lambda g: -g.iqm[headline].value if headline in g.iqm else math.inf
 
 
 @dataclass
@@ -22,7 +118,7 @@ class Comparison:
     groups: list[Group]  # every group, ranked
     main: list[Group]  # the main table's rows (learned agents, default PGD-AT, best fixed)
     search: list[Group]  # fixed attack settings, ranked, when two or more were run
-    attacks: list[str]
+    attacks: dict[str, str]  # attack name -> its title (``pgd20`` -> ``PGD-20``), in the table's order
     headline: str | None
     warnings: list[str]
     notes: list[str]
@@ -38,7 +134,7 @@ class Comparison:
             return ""
         others = [g for g in self.main if g not in self.winners and self.headline in g.iqm]
         close = others and others[0].iqm[self.headline].value >= self.winners[0].iqm[self.headline].low
-        return (f"Best {self.titles[self.headline]} robust accuracy (IQM): "
+        return (f"Best {self.attacks[self.headline]} robust accuracy (IQM): "
                 + ", ".join(f"`{g.label}`" for g in self.winners)
                 + (f" (the runner-up `{others[0].label}` lies within the winner's 95% confidence interval: not a "
                    f"clear win)." if close else "."))
@@ -55,7 +151,7 @@ class Comparison:
         below PGD-AT's IQM (the learner-stability check of the arena)."""
         if self.reference is None or self.headline not in self.reference.iqm:
             return []
-        bar, title, lines = self.reference.iqm[self.headline].value, self.titles[self.headline], []
+        bar, title, lines = self.reference.iqm[self.headline].value, self.attacks[self.headline], []
         for g in self.main:
             for r in g.runs:
                 chosen = (r.history[-1].get("train", {}) if r.history else {}).get("attack/epsilon")
@@ -67,11 +163,6 @@ class Comparison:
                                  f"threat model's {float(row['epsilon']):.4g}, and {title} {100 * row['accuracy']:.2f}% < "
                                  f"PGD-AT's IQM {100 * bar:.2f}%.")
         return lines
-
-    @property
-    def titles(self) -> dict[str, str]:
-        """Attack name -> its title (e.g. ``pgd20`` -> ``PGD-20``), in the table's order."""
-        return {a: attack_title(a, next(r for r in self.runs if a in r.final)) for a in self.attacks}
 
     @property
     def winners(self) -> list[Group]:
@@ -120,33 +211,40 @@ def pick_main_rows(groups: Sequence[Group], headline: str | None) -> tuple[list[
     return sorted(main, key=rank_key(headline)), search
 
 
-def pgd_at_reference(groups: Sequence[Group]) -> Group | None:
-    """The PGD-AT group: ``agent=fixed`` trained with PGD-AT, playing its threat model's attack."""
-    return next((g for g in groups if g.is_fixed and method_of(g.runs[0]) == "pgd_at"
-                 and g.runs[0].fixed_attack == default_fixed_attack(g.runs[0])), None)
-
-
 def compare(paths: Sequence[str | Path], weights: str = "final", reps: int = BOOTSTRAP_REPS) -> Comparison:
+    """The runs under ``paths`` read, labelled, checked, grouped, estimated and ranked; :class:`ConfigError` if none."""
     files, unfinished = find_runs(paths)
     if not files:
         where = ", ".join(str(p) for p in paths)
         hint = f" ({len(unfinished)} unfinished run folder(s) hold only a checkpoint)" if unfinished else ""
-        raise CompareError(f"No finished runs ({RESULTS_FILE}) found under {where}{hint}. Pass the folders "
-                           f"experiments/run.py printed, or their run_root.")
+        raise ConfigError(f"No finished runs ({RESULTS_FILE}) found under {where}{hint}. Pass the folders "
+                          f"experiments/run.py printed, or their run_root.")
     runs: list[Run] = []
     skipped: list[str] = []
     for f in files:
         try:
             runs.append(load_run(f, weights))
-        except CompareError as exc:  # e.g. another tool's results.json in the tree
+        except ConfigError as exc:  # e.g. another tool's results.json in the tree
             skipped.append(f"skipped: {exc}")
     if not runs:
-        raise CompareError(f"None of the {len(files)} {RESULTS_FILE} files found could be read: {skipped[0]}")
+        raise ConfigError(f"None of the {len(files)} {RESULTS_FILE} files found could be read: {skipped[0]}")
     runs.sort(key=lambda r: (r.agent, str(r.path)))
     assign_labels(runs)
-    warnings, notes = check_protocol(runs)
-    groups, dup_notes = group_runs(runs)
-    notes += skipped + dup_notes + [n for r in runs for n in r.notes]
+    names = sorted({n for r in runs for n in r.final}, key=attack_order)
+    attacks = {a: str(next(r for r in runs if a in r.final).final[a].get("label") or a).split(" (")[0] for a in names}
+    warnings, notes = check_protocol(runs, attacks)
+    notes += skipped
+    groups: dict[str, Group] = {}
+    for r in runs:  # by label, in first-seen order
+        g = groups.setdefault(r.label, Group(r.label, []))
+        same = [o for o in g.runs if o.seed == r.seed]
+        if same:  # e.g. agent=fixed and a search run spelling out the same attack
+            notes.append(f"{r.path} repeats {r.label} seed {r.seed} of {same[0].path}: counted once (the first).")
+            continue
+        g.runs.append(r)
+    for g in groups.values():
+        g.runs.sort(key=lambda r: r.seed)
+    notes += [n for r in runs for n in r.notes]
     if unfinished:
         notes.append(f"{len(unfinished)} unfinished run folder(s) (a checkpoint, no results yet) were skipped, "
                      f"e.g. {unfinished[0]}")
@@ -154,11 +252,23 @@ def compare(paths: Sequence[str | Path], weights: str = "final", reps: int = BOO
         if r.is_fixed and r.fixed_attack is None:
             notes.append(f"{r.path}: a fixed agent whose recorded choices hold more than one value; "
                          f"labelled by its name only.")
-    headline = headline_attack(runs)
-    attacks = sorted({n for r in runs for n in r.final}, key=attack_order)
-    reference = pgd_at_reference(groups)
-    estimate(groups, attacks, reference, reps)
-    groups.sort(key=rank_key(headline))
-    main, search = pick_main_rows(groups, headline)
-    return Comparison(runs, groups, main, search, attacks, headline, warnings, notes, [str(p) for p in paths], weights,
+    # The robust accuracy that ranks agents: AutoAttack when every run has it, else the PGD (CE) with the most
+    # steps every run has, else C&W, else any non-clean attack.
+    common = set.intersection(*(set(r.final) for r in runs)) - {"clean"}
+    pgd = [n for n in common if re.fullmatch(r"pgd\d+", n)]
+    headline = None if not common else "autoattack" if "autoattack" in common else max(pgd or common, key=attack_order)
+    # PGD-AT: agent=fixed trained with PGD-AT, playing its threat model's attack.
+    reference = next((g for g in groups.values() if g.is_fixed and method_of(g.runs[0]) == "pgd_at"
+                      and g.runs[0].fixed_attack == default_fixed_attack(g.runs[0])), None)
+    metrics = rliable("metrics")
+    for g in groups.values():  # its IQM and, against PGD-AT, its probability of improvement per attack
+        for a in attacks:
+            if scores := g.scores(a):
+                g.iqm[a] = bootstrap(metrics.aggregate_iqm, scores, reps=reps)
+                if reference is not None and g is not reference and reference.scores(a):
+                    g.improvement[a] = bootstrap(metrics.probability_of_improvement, scores, reference.scores(a),
+                                                 reps=reps)
+    ranked = sorted(groups.values(), key=rank_key(headline))
+    main, search = pick_main_rows(ranked, headline)
+    return Comparison(runs, ranked, main, search, attacks, headline, warnings, notes, [str(p) for p in paths], weights,
                       reference, reps)

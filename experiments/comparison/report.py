@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.attacks import format_eps
-from experiments.comparison.labels import protocol_of
-from experiments.comparison.ranking import Comparison
+from experiments.comparison.ranking import BOOTSTRAP_SEED, CONFIDENCE, Comparison, Group, Interval
 from experiments.comparison.runs import WEIGHTS
-from experiments.comparison.stats import BOOTSTRAP_SEED, CONFIDENCE, Group, Interval
 from experiments.runfolder.runfiles import REPORT_MD, SUMMARY_FILE, SUMMARY_FORMAT
 from las_env.files import atomic_write_text, write_json
 
@@ -34,13 +32,14 @@ def markdown_table(rows: Sequence[Sequence[str]]) -> str:
 def table_rows(c: Comparison, groups: Sequence[Group], *, winners: Sequence[Group] = ()) -> list[list[str]]:
     """Header, then a row per group: per attack IQM [95% CI], the worst seed, P(> PGD-AT) [95% CI]; cost, time."""
     head = ["Agent", "Seeds"]
-    for a, title in c.titles.items():
+    for a, title in c.attacks.items():
         head += [f"{title}{' *' if a == c.headline else ''} IQM [95% CI] (%)", f"{title} worst (%)"]
         head += [f"{title} P(> PGD-AT) [95% CI]"] if c.reference else []
     rows = [head + ["Gradients/image", "Wall time (s)"]]
     for g in groups:
         label = (f"**`{g.label}`**" if g in winners else f"`{g.label}`") + (f" ({g.role})" if g.role else "")
-        cells = [label + (" **← best**" if g in winners else ""), f"{len(g.runs)} ({','.join(map(str, g.seeds))})"]
+        seeds = ",".join(str(r.seed) for r in g.runs)
+        cells = [label + (" **← best**" if g in winners else ""), f"{len(g.runs)} ({seeds})"]
         for a in c.attacks:
             scores = g.scores(a)
             fewer = f" (n={len(scores)})" if 0 < len(scores) < len(g.runs) else ""
@@ -51,10 +50,10 @@ def table_rows(c: Comparison, groups: Sequence[Group], *, winners: Sequence[Grou
 
 
 def _protocol_lines(c: Comparison) -> list[str]:
-    p = protocol_of(c.runs[0])
+    p = c.runs[0].protocol
     lines = [f"- Weights: {WEIGHTS[c.weights]} of each run",
              f"- Data: {p['data set']}; model {p['model']}; {p['training budget']}",
-             f"- Threat model: {c.runs[0].threat}",
+             f"- Threat model: {p['threat model']}",
              "- Strategy space (column: values): " + json.dumps({name: [round(v, 6) for v in values]
                                                                 for name, values in c.runs[0].grid.values.items()})]
     for a in c.attacks:
@@ -64,7 +63,7 @@ def _protocol_lines(c: Comparison) -> list[str]:
                      f"{'/'.join(map(str, n_images))} test images"
                      + (" (from experiments/evaluate.py)" if any(a in r.posthoc for r in have) else ""))
     if c.headline:
-        lines.append(f"- Ranking (* column): {c.titles[c.headline]} robust accuracy, IQM over seeds "
+        lines.append(f"- Ranking (* column): {c.attacks[c.headline]} robust accuracy, IQM over seeds "
                      f"(AutoAttack when every run has it, else the strongest PGD every run has)")
     lines.append(f"- Per-epoch curves: {p['per-epoch evaluation']}")
     reference = f"`{c.reference.label}`" if c.reference else "none among these runs"
@@ -93,7 +92,7 @@ def markdown_report(c: Comparison, figures: Mapping[str, Path | None]) -> str:
         out += ["Strategies that drifted below the threat model and fell behind PGD-AT:", ""]
         out += [f"- {line}" for line in drift] + [""]
     if c.search:
-        text = (f"ranked by the IQM of {c.titles[c.headline]} robust accuracy. The best is picked on the "
+        text = (f"ranked by the IQM of {c.attacks[c.headline]} robust accuracy. The best is picked on the "
                 "same test images it is reported on, so its row above is an optimistic estimate of hand-tuning the "
                 "fixed attack." if c.headline else "(unranked: no robust attack was evaluated on every run).")
         out += ["## Search baseline: fixed attack settings (paper Fig. 3)", "",
@@ -130,11 +129,11 @@ def summary_json(c: Comparison, figures: Mapping[str, Path | None]) -> dict[str,
                 "iqm": iqm and asdict(iqm), "improvement_over_pgd_at": gain and asdict(gain)}
 
     def group(g: Group) -> dict[str, Any]:
-        return {"label": g.label, "role": g.role, "seeds": g.seeds, "runs": [str(r.path) for r in g.runs],
-                "accuracy": {a: accuracy(g, a) for a in c.attacks}, "gradients_per_image": g.cost(),
-                "wall_seconds": g.wall()}
+        return {"label": g.label, "role": g.role, "seeds": [r.seed for r in g.runs],
+                "runs": [str(r.path) for r in g.runs], "accuracy": {a: accuracy(g, a) for a in c.attacks},
+                "gradients_per_image": g.cost(), "wall_seconds": g.wall()}
 
-    return {"format": SUMMARY_FORMAT, "weights": c.weights, "headline_attack": c.headline, "attacks": c.attacks,
+    return {"format": SUMMARY_FORMAT, "weights": c.weights, "headline_attack": c.headline, "attacks": list(c.attacks),
             "bootstrap": {"reps": c.reps, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE},
             "pgd_at": c.reference.label if c.reference else None, "few_seeds": c.few_seeds_note() or None,
             "drift": c.drift_notes(),
@@ -149,8 +148,8 @@ def write_report(c: Comparison, out: Path, *, images: int = 8) -> dict[str, Path
     from experiments.comparison import figures as fig  # noqa: PLC0415 - matplotlib: only when a report is drawn
 
     figures = {
-        "iqm": fig.plot_iqm(c.main, c.titles, out / "iqm.png"),
-        "improvement": fig.plot_improvement(c.main, c.titles, c.reference, out / "improvement.png"),
+        "iqm": fig.plot_iqm(c.main, c.attacks, out / "iqm.png"),
+        "improvement": fig.plot_improvement(c.main, c.attacks, c.reference, out / "improvement.png"),
         "robust_curves": fig.plot_curves(c.main, out / "robust_curves.png"),
         "epsilon_distribution": fig.plot_epsilon_distribution(c.main, out / "epsilon_distribution.png"),
         "fixed_images_strength": fig.plot_fixed_images(c.main, out / "fixed_images_strength.png", images=images),

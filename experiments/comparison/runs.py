@@ -1,9 +1,13 @@
-"""Finding and reading finished runs: ``results.json``, plus ``evaluation*.json`` of the same weights."""
+"""Finding and reading finished runs (``results.json``, plus ``evaluation*.json`` of the same weights), and what
+sets them apart: a label per run (the agent's name, the attack a fixed agent played, the settings that differ)
+and the protocol (what must be equal for their numbers to be comparable)."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from experiments.runfolder.runfiles import (CHECKPOINT, EVALUATION_FORMAT, EVALUATION_GLOB, RESULTS_FILE, RESULTS_FORMAT,
-                                  WEIGHTS_FILE)
+from evaluation.attacks import format_eps
+from experiments.config.errors import ConfigError
+from experiments.runfolder.runfiles import (CHECKPOINT, EVALUATION_FORMAT, EVALUATION_GLOB, RESULTS_FILE,
+                                            RESULTS_FORMAT, WEIGHTS_FILE)
 from las_env.datasets.registry import lookup
 from las_env.strategy_space import ATTACK_COLUMNS, StrategySpace
 
@@ -21,10 +27,6 @@ WEIGHTS = {"final": "final (last-epoch) weights",
 """Which rows of ``results.json`` a comparison reads (``--weights``), and how the report names them."""
 FIXED_TARGET_SUFFIX = "FixedAgent"
 NON_LEARNING_TARGETS = ("FixedAgent", "RandomAgent")  # their training ignores the reward settings
-
-
-class CompareError(ValueError):
-    """Bad input; its message is the one paragraph the user sees."""
 
 
 @dataclass(eq=False)
@@ -38,19 +40,14 @@ class Run:
     final: dict[str, dict[str, Any]]  # attack name -> row (accuracy, n_images, epsilon, label)
     history: list[dict[str, Any]]
     seconds: dict[str, float]
-    threat: str
     per_epoch_attack: str
-    data_description: str
     grid: StrategySpace
+    protocol: dict[str, str]  # what must be equal for the runs' numbers to be comparable, as readable strings
     cost: dict[str, float] = field(default_factory=dict)  # results.json "cost" (gradients per image); {} in older runs
     fixed_attack: tuple[float, int, float] | None = None  # (epsilon, iterations, step size) played
     posthoc: list[str] = field(default_factory=list)  # attack names read from evaluate.py reports
     notes: list[str] = field(default_factory=list)
     label: str = ""
-
-    @property
-    def dataset(self) -> str:
-        return str(self.config.get("data", {}).get("name", "?"))
 
     @property
     def target(self) -> str:
@@ -69,8 +66,8 @@ def find_runs(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
     for raw in paths:
         p = Path(raw).expanduser()
         if not p.exists():
-            raise CompareError(f"{p} does not exist. Pass run directories or folders holding them "
-                               f"(runs/<data>/<agent>/<model>-seed<seed>-<hash>).")
+            raise ConfigError(f"{p} does not exist. Pass run directories or folders holding them "
+                              f"(runs/<data>/<agent>/<model>-seed<seed>-<hash>).")
         files = [p] if p.is_file() else sorted(p.rglob(RESULTS_FILE))
         found.update(dict.fromkeys(f.resolve() for f in files if f.name == RESULTS_FILE))
         checkpoints = sorted(p.rglob(CHECKPOINT)) if p.is_dir() else []
@@ -139,46 +136,48 @@ def played_attack(history: Sequence[Mapping[str, Any]], grid: StrategySpace) -> 
 
 
 def load_run(path: Path, weights: str = "final") -> Run:
-    """The run whose ``results.json`` is ``path``; :class:`CompareError` when it is not JSON, not a run's
+    """The run whose ``results.json`` is ``path``; :class:`ConfigError` when it is not JSON, not a run's
     results file, or malformed (``compare`` then skips it with a note)."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CompareError(f"{path} cannot be read as JSON ({exc}).") from None
+        raise ConfigError(f"{path} cannot be read as JSON ({exc}).") from None
     if not isinstance(doc, dict) or doc.get("format") != RESULTS_FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise CompareError(f"{path} is not a run's results file (format {found!r}, expected {RESULTS_FORMAT!r}).")
+        raise ConfigError(f"{path} is not a run's results file (format {found!r}, expected {RESULTS_FORMAT!r}).")
     try:
         return _run_of(path, doc, weights)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
-        raise CompareError(f"{path} is malformed ({type(exc).__name__}: {exc}): a results file edited by hand or "
-                           f"cut short; re-create it with the run's command plus resume=true.") from None
+        raise ConfigError(f"{path} is malformed ({type(exc).__name__}: {exc}): a results file edited by hand or "
+                          f"cut short; re-create it with the run's command plus resume=true.") from None
 
 
 def _run_of(path: Path, doc: dict[str, Any], weights: str) -> Run:
     config = doc.get("config") or {}
-    dataset = str(config.get("data", {}).get("name", "?"))
+    data, history = config.get("data") or {}, list(doc.get("history") or [])
+    dataset, per_epoch_attack = str(data.get("name", "?")), str(doc.get("per_epoch_attack", ""))
     final = {r["name"]: r for r in doc.get(weights) or []}
     if not final:
-        raise CompareError(f"{path} holds no results for its {WEIGHTS[weights]} (a run without a validation split, "
-                           f"or from before best.pt existed); compare with --weights final.")
+        raise ConfigError(f"{path} holds no results for its {WEIGHTS[weights]} (a run without a validation split, "
+                          f"or from before best.pt existed); compare with --weights final.")
     threat_eps = [r["epsilon"] for r in final.values() if r.get("epsilon")]
-    grid_config = (config.get("data") or {}).get("grid")
-    grid = StrategySpace.from_config(grid_config) if grid_config else lookup(dataset).grid
-    run = Run(
-        path=path.parent,
-        agent=str(doc.get("agent") or config.get("agent", {}).get("name") or "agent"),
-        seed=int(config.get("seed", 0)),
-        config=config,
-        final=final,
-        history=list(doc.get("history") or []),
-        seconds={k: float(v) for k, v in (doc.get("seconds") or {}).items()},
-        threat=str(doc.get("threat_model", "")),
-        per_epoch_attack=str(doc.get("per_epoch_attack", "")),
-        data_description=str(doc.get("data", dataset)),
-        grid=grid,
-        cost={k: float(v) for k, v in (doc.get("cost") or {}).items()},
-    )
+    grid = StrategySpace.from_config(data["grid"]) if data.get("grid") else lookup(dataset).grid
+    first_eval = next((h["eval"] for h in history if h.get("eval")), {}) or {}
+    protocol = {
+        "data set": str(doc.get("data", dataset)),
+        "model": str(config.get("model", {}).get("name", "?")),
+        "threat model": str(doc.get("threat_model", "")),
+        "training budget": (f"{data.get('epochs', '?')} epochs x {history[0]['steps'] if history else '?'} steps x "
+                            f"batch {data.get('batch_size', '?')}"),
+        # The attack's columns only: a further column is one agent's or method's own choice (FAT's early_stop_tau).
+        "attack grid": json.dumps({name: [round(v, 6) for v in grid.values[name]] for name in ATTACK_COLUMNS}),
+        "per-epoch evaluation": (f"{per_epoch_attack} on {first_eval.get('test_images', '?')} test / "
+                                 f"{first_eval.get('train_images', '?')} train images"),
+    }
+    run = Run(path=path.parent, agent=str(doc.get("agent") or config.get("agent", {}).get("name") or "agent"),
+              seed=int(config.get("seed", 0)), config=config, final=final, history=history,
+              seconds={k: float(v) for k, v in (doc.get("seconds") or {}).items()}, per_epoch_attack=per_epoch_attack,
+              grid=grid, protocol=protocol, cost={k: float(v) for k, v in (doc.get("cost") or {}).items()})
     if run.is_fixed:
         run.fixed_attack = played_attack(run.history, grid)
     if weights == "best" and (doc.get("selection") or {}).get("select_on") == "test":
@@ -189,3 +188,101 @@ def _run_of(path: Path, doc: dict[str, Any], weights: str) -> Run:
         run.final.update(extra)
         run.posthoc = sorted(extra)
     return run
+
+
+# Config keys (dotted prefixes) that never split labels: how a run was run, the seed (aggregated over), the
+# evaluation (checked as protocol instead).
+NOT_SETTINGS = ("seed", "run_root", "logger", "progress", "threads", "resume", "stop_after_epochs", "log_every_steps",
+                "hydra", "eval", "data.root", "data.threads", "agent.name", "agent.seed", "agent.verbose")
+
+FIXED_ATTACK_KEYS = ("agent.step_size", "agent.iterations", "agent.epsilon", "data.fixed_attack")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v, sort_keys=True) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def _settings(run: Run) -> dict[str, Any]:
+    """The settings that make runs of one agent different experiments (not the seed)."""
+    skip = list(NOT_SETTINGS)
+    if run.is_fixed:
+        skip += FIXED_ATTACK_KEYS  # the attack actually played stands for these
+    if run.target.endswith(NON_LEARNING_TARGETS):
+        skip.append("reward")  # never learns: its training does not depend on the reward
+    return {k: v for k, v in _flatten(run.config).items() if not any(k == p or k.startswith(p + ".") for p in skip)}
+
+
+def _fmt_value(key: str, v: Any) -> str:
+    if isinstance(v, float):
+        return format_eps(v) if re.search(r"eps|step_size", key) else f"{v:.4g}"
+    return str(v)
+
+
+def assign_labels(runs: Sequence[Run]) -> None:
+    """Set ``run.label``: the agent name, the played attack for fixed agents, and the settings
+    that differ between runs of the same agent name."""
+    by_name: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        by_name[r.agent].append(r)
+    for name, group in by_name.items():
+        settings = [_settings(r) for r in group]
+        keys = sorted(set().union(*settings))
+        differing = [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
+        for r, s in zip(group, settings):
+            base = name
+            if r.fixed_attack:
+                eps, iters, step = r.fixed_attack
+                base = f"{name}(eps={format_eps(eps)},it={iters},step={format_eps(step)})"
+            if differing:
+                extra = ",".join(f"{k.removeprefix('agent.')}={_fmt_value(k, s.get(k))}" for k in differing)
+                base = f"{base}[{extra}]" if r.fixed_attack else f"{name}({extra})"
+            r.label = base
+
+
+def default_fixed_attack(run: Run) -> tuple[float, int, float] | None:
+    """The run's PGD-AT attack (``agent=fixed`` without overrides: its threat model), on the run's grid."""
+    try:
+        spec = lookup(str(run.config.get("data", {}).get("name", "?")).lower().replace("_", "-"))
+    except (KeyError, ValueError):
+        return None
+    recorded = run.config.get("data", {}).get("threat") or {}  # the run's data.threat (null: the data set's)
+    eps, step = recorded.get("epsilon") or spec.threat.epsilon, recorded.get("step_size") or spec.threat.step_size
+    i_eps, i_it, i_step = run.grid.index_of(epsilon=eps, iterations=spec.fixed_iterations, step_size=step)
+    return run.grid.value("epsilon", i_eps), run.grid.value("iterations", i_it), run.grid.value("step_size", i_step)
+
+
+def check_protocol(runs: Sequence[Run], attacks: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """(warnings, notes): warnings where the runs' protocols differ (numbers not comparable), notes for softer
+    differences (an attack evaluated on some runs only, devices); ``attacks``: name -> title, in order."""
+    warnings: list[str] = []
+    notes: list[str] = []
+
+    def differ(what: str, values: Mapping[Run, str]) -> None:
+        by_value: dict[str, list[Run]] = defaultdict(list)
+        for r, v in values.items():
+            by_value[v].append(r)
+        if len(by_value) > 1:
+            parts = [f"{v!s} ({len(rs)} run{'s' * (len(rs) > 1)}, e.g. {rs[0].path})" for v, rs in by_value.items()]
+            warnings.append(f"{what} differs between runs: " + "; ".join(parts))
+
+    for key in runs[0].protocol:
+        differ(key.capitalize(), {r: r.protocol[key] for r in runs})
+    for name, title in attacks.items():
+        have = [r for r in runs if name in r.final]
+        differ(f"Final evaluation {name!r} (eps, test images)",
+               {r: f"eps {format_eps(float(r.final[name].get('epsilon', 0)))}, "
+                   f"{r.final[name].get('n_images')} images" for r in have})
+        if len(have) < len(runs):
+            notes.append(f"{title} was evaluated on {len(have)} of {len(runs)} runs; "
+                         f"its columns use those only.")
+    devices = {str(r.config.get("device", "?")) for r in runs}
+    if len(devices) > 1:
+        notes.append(f"Runs ran on different devices ({', '.join(sorted(devices))}): times are not comparable.")
+    return warnings, notes

@@ -91,27 +91,17 @@ class WandbTracker(Tracker):
             sys.stderr.flush()
         try:
             self.run = wandb.init(
-                project=settings.project,
-                entity=settings.entity,
-                group=settings.group,
-                name=settings.run_name,
-                tags=list(settings.tags),
-                config=dict(config),
-                dir=str(run_dir),
-                mode=settings.mode,
-                id=run_id,
-                resume="allow",
-                job_type=job_type,
+                project=settings.project, entity=settings.entity, group=settings.group, name=settings.run_name,
+                tags=list(settings.tags), config=dict(config), dir=str(run_dir), mode=settings.mode, id=run_id,
+                resume="allow", job_type=job_type,
                 # console="off": W&B would otherwise wrap stdout, which fights the progress bars.
-                settings=wandb.Settings(silent=True, console="off"),
-            )
+                settings=wandb.Settings(silent=True, console="off"))
         except Exception as exc:  # noqa: BLE001 - report any W&B start failure as bad input
             raise ConfigError(
                 f"W&B could not start in mode {settings.mode!r} ({type(exc).__name__}: {exc}). "
                 f"Use logger.mode=offline (no account or network needed) or logger=none."
             ) from None
-        self.mode = settings.mode
-        self.log_checkpoints = settings.log_checkpoint
+        self.mode, self.log_checkpoints = settings.mode, settings.log_checkpoint
         self.info = {"id": run_id, "project": settings.project, "group": settings.group,
                      "mode": settings.mode, "dir": str(run_dir)}
         if self.mode == "offline":

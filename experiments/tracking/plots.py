@@ -15,6 +15,27 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from evaluation.attacks import format_eps  # noqa: E402
 
+
+def save(fig: plt.Figure, path: Path, **kwargs: Any) -> Path:
+    """Write ``fig`` to ``path`` as a PNG and close it."""
+    fig.savefig(path, dpi=120, **kwargs)
+    plt.close(fig)
+    return path
+
+
+def share_heatmap(ax: Any, counts: np.ndarray, epochs: Sequence[int], values: Sequence[float]) -> Any:
+    """Each epoch's share of training images per grid value (``counts``: values x epochs), with the mean choice
+    (index space) as a white line to read the trend at a glance; returns the image, for a colour bar."""
+    share = counts / np.maximum(counts.sum(0, keepdims=True), 1)
+    image = ax.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
+                      extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, len(values) - 0.5))
+    ax.plot(epochs, (share * np.arange(len(values))[:, None]).sum(0), color="white", lw=1.2)
+    ax.set_yticks(range(len(values)), [format_eps(v) for v in values], fontsize=7)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return image
+
+
 CHOICE_TITLES = {"epsilon": "epsilon", "iterations": "PGD iterations", "step_size": "step size",
                  "trades_beta": "TRADES beta"}
 
@@ -40,17 +61,13 @@ def plot_accuracy(history: Sequence[Mapping[str, Any]], path: Path, *, title: st
             n = ev[0].get(key.split("_")[0] + "_images")
             ax.plot(epochs, [100 * e[key] for e in ev], ls, color=color, marker="o", ms=3,
                     label=f"{label} ({n} images)" if n else label)
-    ax.set_xlabel("epoch")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_choices(history: Sequence[Mapping[str, Any]], grid_values: Mapping[str, Sequence[float]],
@@ -65,20 +82,8 @@ def plot_choices(history: Sequence[Mapping[str, Any]], grid_values: Mapping[str,
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         counts = np.array([h["choices"][name] for h in rows], dtype=float).T  # (values, epochs)
-        share = counts / np.maximum(counts.sum(0, keepdims=True), 1)
-        values = list(grid_values[name])
-        im = ax.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
-                       extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, len(values) - 0.5))
-        ax.set_yticks(range(len(values)))
-        ax.set_yticklabels([format_eps(v) for v in values], fontsize=7)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        image = share_heatmap(ax, counts, epochs, grid_values[name])
         ax.set_title(f"chosen {CHOICE_TITLES.get(name, name)}", fontsize=10)
-        # The mean choice as a line over the heatmap (index space), to read the trend at a glance.
-        idx = np.arange(len(values))[:, None]
-        ax.plot(epochs, (share * idx).sum(0), color="white", lw=1.2, label="mean")
-    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.025, label="share of training images")
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.025, label="share of training images")
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save(fig, path, bbox_inches="tight")
