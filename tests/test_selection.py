@@ -14,7 +14,6 @@ from hydra import compose, initialize_config_dir
 from experiments.comparison.ranking import compare
 from experiments.comparison.report import markdown_report
 from experiments.comparison.runs import WEIGHTS
-from experiments.config.errors import ConfigError
 from experiments.training.loop import train
 from experiments.runfolder.rundir import settings_hash
 from experiments.training.finish import BEST, BestWeights, split_validation
