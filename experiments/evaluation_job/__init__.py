@@ -1,1 +1,1 @@
-"""``experiments/evaluate.py``'s work (``job.py``): its settings, the target to evaluate, the job and its reports."""
+"""``experiments/evaluate.py``'s work (``job.py``): its settings, target, job and reports (imports config, runfolder)."""
