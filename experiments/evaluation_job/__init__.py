@@ -1,1 +1,1 @@
-"""``experiments/evaluate.py``'s work (``job.py``): its settings, target, job and reports (imports config, runfolder)."""
+"""``experiments/evaluate.py``'s work (``job.py``): its settings, target, job, reports (imports config, runfolder)."""
