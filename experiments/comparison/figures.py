@@ -130,7 +130,10 @@ def plot_fixed_images(groups: Sequence[Group], path: Path, *, images: int = 8) -
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.set_title(f"{_short(g)}, seed {run.seed}", fontsize=8)
-        ax.legend(fontsize=6, ncol=2, loc="best")
+        if ax.lines:
+            ax.legend(fontsize=6, ncol=2, loc="best")
+        else:  # e.g. one short epoch: the tracked images fell in the dropped partial batch
+            ax.text(0.5, 0.5, "no tracked image was trained on", ha="center", transform=ax.transAxes, fontsize=8)
     fig.suptitle("Epsilon chosen for fixed training images over epochs (paper Fig. 5)", fontsize=10)
     return save(fig, path)
 
