@@ -4,6 +4,7 @@ rank dies. The game's side (shards, the agent's global view) is ``las_env``'s.""
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +63,9 @@ def process_group(device: str, timeout_s: float = RunConfig.ddp_timeout_s) -> It
         ) from None
     finally:
         dist.destroy_process_group()
+        # Reference cycles can keep the group's gloo objects alive past it; destroyed at interpreter exit they
+        # abort the process ("terminate called without an active exception", exit -6: 1 two-rank run in 4 here).
+        gc.collect()
 
 
 def _is_comm_error(exc: BaseException) -> bool:
