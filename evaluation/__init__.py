@@ -14,7 +14,8 @@ The package sits above ``las_env`` (it imports the game's PGD and checkpoint I/O
 reverse); plain ``state_dict`` I/O lives in :mod:`las_env.checkpoint`.
 """
 
-from evaluation.attacks import ATTACKS, DEFAULT_ATTACKS, AttackSpec, attack_spec, default_step, format_eps
+from evaluation.attacks import (ATTACKS, DEFAULT_ATTACKS, AttackSpec, attack_order, attack_spec, default_step,
+                                format_eps)
 from evaluation.autoattack import AUTOATTACK_COMPONENTS, import_autoattack
 from evaluation.records import AttackResult, Check, CleanRobust, pack_flags, unpack_flags
 from evaluation.report import format_table
@@ -30,6 +31,7 @@ __all__ = [
     "AttackSpec",
     "Check",
     "CleanRobust",
+    "attack_order",
     "attack_spec",
     "default_step",
     "evaluate",

@@ -88,6 +88,17 @@ def attack_spec(name: str) -> AttackSpec:
     )
 
 
+def attack_order(name: str) -> tuple[int, int, str]:
+    """Sort key, weakest to strongest as a reader expects: clean, FGSM, PGD by steps, C&W by steps, then a name
+    this project does not know (another tool's results), AutoAttack."""
+    try:
+        spec = attack_spec(name)
+    except ValueError:
+        return 4, 0, str(name)
+    rank = {"clean": 0, "fgsm": 1, "pgd": 2 if spec.loss == "ce" else 3, "autoattack": 5}[spec.kind]
+    return rank, spec.iterations, spec.name
+
+
 def default_step(eps: float) -> float:
     """PGD step size of the evaluation: ``eps / 4`` (2/255 for 8/255, 0.05 for digits' 0.2)."""
     return eps / 4

@@ -21,6 +21,7 @@ from torch import nn
 from evaluation import (
     ATTACKS,
     AttackResult,
+    attack_order,
     attack_spec,
     evaluate,
     evaluate_attack,
@@ -106,6 +107,12 @@ def test_registry_names_and_parsing():
     for bad in ("pgd", "pgd0", "apgd", "autoatack"):
         with pytest.raises(ValueError, match="Unknown attack"):
             attack_spec(bad)
+
+
+def test_attack_order_runs_weakest_to_strongest_with_unknown_names_before_autoattack():
+    names = ["autoattack", "square", "cw50", "pgd100", "clean", "pgd20", "fgsm", "PGD10", "cw"]
+    assert sorted(names, key=attack_order) == ["clean", "fgsm", "PGD10", "pgd20", "pgd100", "cw", "cw50", "square",
+                                               "autoattack"]
 
 
 def test_every_attack_runs_and_results_are_consistent(results):

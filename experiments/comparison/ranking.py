@@ -16,17 +16,10 @@ from types import ModuleType
 
 import numpy as np
 
+from evaluation import attack_order
 from experiments.comparison.runs import Run, assign_labels, check_protocol, default_fixed_attack, find_runs, load_run
 from experiments.config.errors import ConfigError
 from experiments.runfolder.runfiles import RESULTS_FILE
-
-
-def attack_order(name: str) -> tuple[int, int, str]:
-    """clean, fgsm, pgd by steps, cw by steps, autoattack, others: weakest to strongest."""
-    m = re.fullmatch(r"(pgd|cw)(\d+)", name)
-    if m:
-        return (2 if m.group(1) == "pgd" else 3), int(m.group(2)), name
-    return {"clean": 0, "fgsm": 1, "cw": 3, "autoattack": 5}.get(name, 4), 0, name
 
 
 BOOTSTRAP_REPS = 2000  # per confidence interval (rliable's default for P(improvement)); --bootstrap-reps

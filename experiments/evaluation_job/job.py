@@ -19,7 +19,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from torch import nn
 
-from evaluation import (DEFAULT_ATTACKS, AttackResult, attack_spec, default_step, evaluate, format_eps,
+from evaluation import (DEFAULT_ATTACKS, AttackResult, attack_order, attack_spec, default_step, evaluate, format_eps,
                         format_table, import_autoattack, sanity_checks)
 from experiments.config.schema import WANDB_MODES
 from experiments.runfolder.runfiles import AUTOATTACK_STATE, CHECKPOINT, EVALUATION_FORMAT, EVALUATION_STEM
@@ -114,13 +114,6 @@ class Settings:
 ConfigStore.instance().store(name="evaluate_schema", node=Settings)
 
 
-def _order(name: str) -> tuple[int, int]:
-    # clean, fgsm, pgd by steps, cw by steps, autoattack: weakest to strongest as a reader expects.
-    spec = attack_spec(name)
-    rank = {"clean": 0, "fgsm": 1, "pgd": 2 if spec.loss == "ce" else 3, "autoattack": 4}[spec.kind]
-    return rank, spec.iterations
-
-
 def merge_previous(path: Path, fingerprint: Mapping[str, Any], results: Sequence[AttackResult]) -> list[AttackResult]:
     """This run's rows plus the rows of an earlier report on the same weights, images and eps."""
     rows = {r.name: r for r in results}
@@ -134,7 +127,7 @@ def merge_previous(path: Path, fingerprint: Mapping[str, Any], results: Sequence
                 rows.setdefault(d["name"], AttackResult.from_dict(d))
         else:  # e.g. the checkpoint was overwritten by a later epoch: the old rows no longer apply
             print(f"note: {path} described other weights, images or eps; replacing it.")
-    return sorted(rows.values(), key=lambda r: _order(r.name))
+    return sorted(rows.values(), key=lambda r: attack_order(r.name))
 
 
 def update_wandb(job: Job, results: Sequence[AttackResult], prefix: str) -> str:
